@@ -1,0 +1,156 @@
+"""The canonical tables every adapter produces, and the row-level cleaning they share.
+
+Adapters only parse their format into raw columns; ``clean_interactions`` decides which rows
+survive, so that every source drops rows for the same reasons and counts them the same way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+INTERACTIONS_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("item_id", pa.string()), ("rating", pa.float64()), ("ts", pa.int64())]
+)
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("category", pa.string()),
+        ("categories", pa.list_(pa.string())),
+        ("title", pa.string()),
+        ("brand", pa.string()),
+    ]
+)
+UNKNOWN_CATEGORY = "unknown"
+
+# Reasons a row is dropped, in the order they are checked; a row counts under its first reason.
+DROP_REASONS = (
+    "missing_user_id",
+    "missing_item_id",
+    "bad_rating",
+    "rating_out_of_range",
+    "bad_timestamp",
+    "duplicate_user_item",
+)
+
+
+class InputError(ValueError):
+    """Input that cannot be used at all; the message names the file and what is wrong."""
+
+
+@dataclass
+class Ingested:
+    """What an adapter hands to the pipeline: canonical tables plus what was dropped and why."""
+
+    interactions: pa.Table
+    items: pa.Table
+    dropped: Counter = field(default_factory=Counter)
+    notes: dict = field(default_factory=dict)
+
+
+def require_columns(columns, needed, source: str) -> None:
+    """Fail with the file name and the missing column names."""
+    missing = [c for c in needed if c not in set(columns)]
+    if missing:
+        raise InputError(f"{source}: missing required column(s) {missing}; found {list(columns)}")
+
+
+def _missing_id(col: pd.Series) -> np.ndarray:
+    text = col.astype("string")
+    return (text.isna() | (text.str.strip() == "")).to_numpy(dtype=bool, na_value=True)
+
+
+def clean_interactions(
+    raw: pd.DataFrame, source: str, rating_min: float, rating_max: float
+) -> tuple[pa.Table, Counter]:
+    """Validate raw ``user_id, item_id, rating, ts`` columns (any dtype) into the canonical table.
+
+    Drops, counting each under the first reason that applies (``DROP_REASONS``): missing ids,
+    a rating that is not a number or lies outside ``[rating_min, rating_max]``, a timestamp that
+    is not an integer, and repeated (user, item) pairs, of which the latest rating is kept (the
+    user's current opinion; ties keep the later row of the file).
+    """
+    require_columns(raw.columns, ("user_id", "item_id", "rating", "ts"), source)
+    if len(raw) == 0:
+        raise InputError(f"{source}: no interaction rows")
+    dropped: Counter = Counter()
+    keep = np.ones(len(raw), dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        nonlocal keep
+        newly = mask & keep
+        if newly.any():
+            dropped[reason] += int(newly.sum())
+        keep &= ~mask
+
+    drop(_missing_id(raw["user_id"]), "missing_user_id")
+    drop(_missing_id(raw["item_id"]), "missing_item_id")
+    rating = pd.to_numeric(raw["rating"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    drop(~np.isfinite(rating), "bad_rating")
+    with np.errstate(invalid="ignore"):
+        drop((rating < rating_min) | (rating > rating_max), "rating_out_of_range")
+    ts = pd.to_numeric(raw["ts"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        drop(~np.isfinite(ts) | (ts != np.floor(ts)) | (ts < 0) | (ts > 2**62), "bad_timestamp")
+
+    df = pd.DataFrame(
+        {
+            "user_id": raw["user_id"].astype("string").str.strip().to_numpy()[keep],
+            "item_id": raw["item_id"].astype("string").str.strip().to_numpy()[keep],
+            "rating": rating[keep],
+            "ts": ts[keep].astype(np.int64),
+        }
+    )
+    # stable sort by time, so that keep="last" keeps the latest rating (later file row on ties)
+    df = df.sort_values("ts", kind="stable")
+    dup = df.duplicated(subset=["user_id", "item_id"], keep="last").to_numpy()
+    if dup.any():
+        dropped["duplicate_user_item"] += int(dup.sum())
+        df = df[~dup]
+    if len(df) == 0:
+        raise InputError(f"{source}: no valid interaction rows left; dropped {dict(dropped)}")
+    df = df.sort_index(kind="stable")  # back to file order
+    table = pa.Table.from_pandas(df, schema=INTERACTIONS_SCHEMA, preserve_index=False)
+    return table, dropped
+
+
+def build_items(item_ids, category, categories, titles=None, brands=None) -> pa.Table:
+    """Canonical items table. ``category`` is the one category the data rules use (None or
+    blank becomes ``unknown``); ``categories`` keeps every label the source gives."""
+    n = len(item_ids)
+    clean = [[str(c).strip() for c in (cs or []) if c is not None and str(c).strip()] for cs in categories]
+    primary = [str(c).strip() if c is not None and str(c).strip() else UNKNOWN_CATEGORY for c in category]
+    return pa.table(
+        {
+            "item_id": pa.array([str(i) for i in item_ids], pa.string()),
+            "category": pa.array(primary, pa.string()),
+            "categories": pa.array(clean, pa.list_(pa.string())),
+            "title": pa.array(list(titles) if titles is not None else [None] * n, pa.string()),
+            "brand": pa.array(list(brands) if brands is not None else [None] * n, pa.string()),
+        },
+        schema=ITEMS_SCHEMA,
+    )
+
+
+def align_items(interactions: pa.Table, items: pa.Table) -> tuple[pa.Table, dict]:
+    """Keep one row per item that occurs in the interactions; items with no metadata get
+    category ``unknown``. Returns the items and counts of what changed."""
+    seen = pd.unique(interactions.column("item_id").to_numpy(zero_copy_only=False))
+    df = items.to_pandas()
+    before = len(df)
+    df = df.drop_duplicates("item_id", keep="first")
+    notes = {"item_metadata_duplicates": before - len(df)}
+    present = df["item_id"].isin(set(seen))
+    notes["items_without_interactions"] = int((~present).sum())
+    df = df[present]
+    lacking = sorted(set(seen) - set(df["item_id"]))
+    notes["items_without_metadata"] = len(lacking)
+    if lacking:
+        extra = build_items(lacking, [None] * len(lacking), [[] for _ in lacking]).to_pandas()
+        df = pd.concat([df, extra], ignore_index=True)
+    df = df.sort_values("item_id", kind="stable")
+    return pa.Table.from_pandas(df, schema=ITEMS_SCHEMA, preserve_index=False), notes
