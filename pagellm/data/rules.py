@@ -1,0 +1,311 @@
+"""The data rules of PageLLM, one user at a time (paper sections 4.2.2-4.2.4 and 5.1.1).
+
+Pure Python/numpy with no Ray: the Ray Data pipeline and the single-process reference both
+call these functions, so the two are the same computation by construction. Every function
+states the invariant it guarantees; ``tests/test_rules.py`` checks each one.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+TRAIN, VAL, TEST = 0, 1, 2
+FAMILIES = ("np", "rk", "d", "rd")
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def chronological_order(items: Sequence[str], ts: Sequence[int]) -> np.ndarray:
+    """Indices sorting one user's interactions by time; equal times fall back to item id so
+    that the order (and hence the split) never depends on file order."""
+    return np.array(sorted(range(len(items)), key=lambda k: (ts[k], items[k])), dtype=np.int64)
+
+
+def split_user(
+    ratings: np.ndarray, fractions: Sequence[float], positive_threshold: float
+) -> tuple[Optional[np.ndarray], str]:
+    """Per-user chronological train/validation/test split (section 5.1.1).
+
+    ``ratings`` are in chronological order. Returns ``(labels, "")`` with labels TRAIN, VAL,
+    TEST, or ``(None, reason)`` if the user cannot be split.
+
+    Invariants: labels are non-decreasing in time (train, then validation, then test, each
+    contiguous); train is non-empty; validation and test each hold at least one positive
+    (r > positive_threshold). Nominal sizes are round(n * fraction) (at least 1) for
+    validation and test; when the newest interactions of a part hold no positive, the part
+    starts earlier, at the latest positive, so a part may grow but never lose its positive.
+    """
+    n = len(ratings)
+    if n < 3:
+        return None, "fewer_than_3_interactions"
+    positive = np.asarray(ratings) > positive_threshold
+    n_val = max(1, round_half_up(n * fractions[1]))
+    n_test = max(1, round_half_up(n * fractions[2]))
+    test_start = n - n_test
+    if not positive[test_start:].any():
+        earlier = np.flatnonzero(positive[:test_start])
+        if len(earlier) == 0:
+            return None, "no_positive_to_hold_out"
+        test_start = int(earlier[-1])
+    val_start = test_start - n_val
+    if val_start < 0 or not positive[val_start:test_start].any():
+        earlier = np.flatnonzero(positive[: max(val_start, 0)])
+        if len(earlier) == 0:
+            return None, "no_positive_for_validation"
+        val_start = int(earlier[-1])
+    if val_start < 1:
+        return None, "no_training_interactions"
+    labels = np.full(n, TRAIN, dtype=np.int8)
+    labels[val_start:test_start] = VAL
+    labels[test_start:] = TEST
+    return labels, ""
+
+
+@dataclass
+class ItemContext:
+    """Catalogue facts shared by all users, computed from training interactions only."""
+
+    category: Mapping[str, str]
+    popularity_score: Mapping[str, float]  # s_i, eq. 6: mean training rating of item i
+    mean_rating: float  # s_i for items with no training rating (held-out-only items)
+    # items of each category, most rated in training first (the d family draws from these)
+    by_category: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def s(self, item: str) -> float:
+        return self.popularity_score.get(item, self.mean_rating)
+
+
+def golden_order(items: Sequence[str], ratings: Sequence[float], ctx: ItemContext) -> list[int]:
+    """Indices in golden-rule order (section 4.2.3): rating descending, ties by s_i descending,
+    then by item id so the order is total."""
+    return sorted(range(len(items)), key=lambda k: (-ratings[k], -ctx.s(items[k]), items[k]))
+
+
+def category_cap(cap: float, k: int) -> int:
+    """Most items any one category may hold in a list of k items: ceil(lambda * k)."""
+    return max(1, math.ceil(cap * k - 1e-9))
+
+
+def golden_list(
+    ranked: Sequence[str], category: Mapping[str, str], cap: float, max_items: int
+) -> tuple[list[str], list[str]]:
+    """Golden list of section 4.2.3 from candidates already in golden-rule order.
+
+    Picks the longest K <= max_items for which the candidates, taken in order and skipping an
+    item whose category already holds ceil(cap * K) items, fill K slots. Returns
+    ``(golden, capped)`` where ``capped`` are the better-ranked candidates skipped by the cap.
+
+    Invariants: golden is a subsequence of ``ranked`` (so it keeps the golden-rule order and
+    has no repeats); no category holds more than ceil(cap * len(golden)) items; it is
+    non-empty whenever ``ranked`` is. What happens to capped items: they are left out of the
+    golden list and out of every pair (the paper filters "redundant items from over-represented
+    categories"); they stay in the user's training interactions, so meta pre-training still
+    sees them, and their number is reported in stats.json (``golden_items_capped``).
+    """
+    counts = Counter(category[i] for i in ranked)
+    for k in range(min(max_items, len(ranked)), 0, -1):
+        limit = category_cap(cap, k)
+        if sum(min(c, limit) for c in counts.values()) < k:
+            continue
+        golden, capped, held = [], [], Counter()
+        for item in ranked:
+            if len(golden) == k:
+                break
+            if held[category[item]] < limit:
+                held[category[item]] += 1
+                golden.append(item)
+            else:
+                capped.append(item)
+        return golden, capped
+    return [], []
+
+
+def category_entropy(items: Sequence[str], category: Mapping[str, str]) -> float:
+    """Shannon entropy (nats) of the category distribution of a list; 0 for an empty list."""
+    if not items:
+        return 0.0
+    p = np.array(list(Counter(category[i] for i in items).values()), dtype=float) / len(items)
+    return float(-(p * np.log(p)).sum())
+
+
+def non_preferred_list(disliked_ranked: Sequence[str], length: int) -> Optional[list[str]]:
+    """``np`` family: items this user rated below the negative threshold in training.
+
+    Takes up to ``length`` (the golden list's length) of them, in golden-rule order.
+    Invariants: non-empty; every item was rated < 3 (negative_threshold) by this user in
+    training; no repeats; no item of the golden list. Returns None for a user with no such
+    rating: that user gets no np pair (counted as ``np: no_disliked_items`` in stats.json).
+    """
+    if not disliked_ranked:
+        return None
+    return list(disliked_ranked[:length])
+
+
+def ranking_negative(
+    golden: Sequence[str], key: Mapping[str, tuple], swaps: int, rng: np.random.Generator
+) -> Optional[list[str]]:
+    """``rk`` family: the golden list after ``min(swaps, K-1)`` adjacent swaps at distinct
+    positions, preferring positions whose two items differ in golden-rule key (rating, s_i),
+    so the swap really breaks the order.
+
+    Invariants: same items, different order; the Kendall-tau distance to the golden list is
+    exactly the number of swaps (distinct adjacent transpositions never cancel). None if K < 2.
+    """
+    k = len(golden)
+    if k < 2:
+        return None
+    n_swaps = min(swaps, k - 1)
+    informative = [p for p in range(k - 1) if key[golden[p]] != key[golden[p + 1]]]
+    rest = [p for p in range(k - 1) if p not in set(informative)]
+    picks = list(rng.permutation(informative))[:n_swaps]
+    picks += list(rng.permutation(rest))[: n_swaps - len(picks)]
+    out = list(golden)
+    for p in picks:
+        out[p], out[p + 1] = out[p + 1], out[p]
+    return out
+
+
+def diversity_negative(
+    golden: Sequence[str], ctx: ItemContext, exclude: set, rng: np.random.Generator
+) -> tuple[Optional[list[str]], str]:
+    """``d`` family: the items outside the golden list's dominant category are replaced, in
+    place, by other items of that category (the page becomes homogeneous).
+
+    The dominant category is the golden list's most frequent one (ties: the best-ranked).
+    Replacements are drawn, without repeats, from that category's most-rated training items,
+    never from ``exclude`` (every item this user interacted with in any split, so no held-out
+    item leaks into training data). Invariants: same length; each replaced position now holds
+    an item of the dominant category that the user never interacted with; category entropy is
+    strictly lower than the golden list's. Returns ``(None, reason)`` when the golden list has a
+    single category or the category has no unused item.
+    """
+    cats = [ctx.category[i] for i in golden]
+    counts = Counter(cats)
+    if len(counts) < 2:
+        return None, "single_category_golden"
+    top = max(counts.values())
+    dominant = next(c for c in cats if counts[c] == top)
+    slots = [p for p, c in enumerate(cats) if c != dominant]
+    taken = set(golden) | exclude
+    pool = []
+    for item in ctx.by_category.get(dominant, ()):  # most-rated first; stop once choice is ample
+        if item not in taken:
+            pool.append(item)
+            if len(pool) >= 3 * len(slots) + 10:
+                break
+    if not pool:
+        return None, "no_unused_items_in_category"
+    chosen = rng.choice(len(pool), size=min(len(slots), len(pool)), replace=False)
+    out = list(golden)
+    for p, j in zip(slots, chosen):
+        out[p] = pool[j]
+    return out, ""
+
+
+def redundancy_negative(golden: Sequence[str], category: Mapping[str, str]) -> Optional[list[str]]:
+    """``rd`` family: the golden items regrouped so that same-category items are contiguous
+    (categories in order of first appearance, items in golden order within a category).
+
+    Invariants: same items, different order; every category occupies one contiguous run.
+    None when the golden list is already clustered that way (nothing to corrupt).
+    """
+    groups: dict[str, list[str]] = {}
+    for item in golden:
+        groups.setdefault(category[item], []).append(item)
+    out = [item for members in groups.values() for item in members]
+    return None if out == list(golden) else out
+
+
+def user_rng(seed: int, user_id: str) -> np.random.Generator:
+    """A generator that depends only on the seed and the user, so outputs do not depend on
+    how users are partitioned across workers."""
+    return np.random.default_rng([seed, zlib.crc32(user_id.encode())])
+
+
+@dataclass
+class UserRecords:
+    """Everything the pipeline writes for one user."""
+
+    prompt: list[str] = field(default_factory=list)
+    golden: list[str] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)
+    pairs: dict[str, list[str]] = field(default_factory=dict)  # family -> rejected list
+    skipped: dict[str, str] = field(default_factory=dict)  # family (or "ft") -> reason
+    val_prompt: list[str] = field(default_factory=list)
+    val_target: list[str] = field(default_factory=list)
+    test_prompt: list[str] = field(default_factory=list)
+    test_target: list[str] = field(default_factory=list)
+
+
+def build_user(
+    user_id: str,
+    items: Sequence[str],
+    ratings: np.ndarray,
+    labels: np.ndarray,
+    ctx: ItemContext,
+    cfg,
+) -> UserRecords:
+    """Prompt, golden list, the four negatives and the evaluation targets of one user.
+
+    ``items``/``ratings``/``labels`` are the user's interactions in chronological order with
+    their split labels; ``cfg`` is a DataConfig. Training data (prompt, golden list, pairs)
+    reads TRAIN interactions only. The prompt is the newest training positives before the
+    newest ``golden_fraction`` of them (at most prompt_max_items); the golden candidates are
+    all training positives not in the prompt (section 4.2.3, step 1).
+    """
+    ratings = np.asarray(ratings, dtype=float)
+    labels = np.asarray(labels)
+    positive = ratings > cfg.positive_threshold
+    train_pos = [items[k] for k in np.flatnonzero((labels == TRAIN) & positive)]
+    out = UserRecords()
+
+    if train_pos:
+        n_target = min(cfg.golden_max_items, max(1, math.ceil(cfg.golden_fraction * len(train_pos))))
+        cut = len(train_pos) - n_target
+        out.prompt = train_pos[max(0, cut - cfg.prompt_max_items) : cut]
+        in_prompt = set(out.prompt)
+        cand = [k for k in np.flatnonzero((labels == TRAIN) & positive) if items[k] not in in_prompt]
+        order = golden_order([items[k] for k in cand], [ratings[k] for k in cand], ctx)
+        ranked = [items[cand[j]] for j in order]
+        out.golden, out.capped = golden_list(ranked, ctx.category, cfg.category_cap, cfg.golden_max_items)
+    else:
+        out.skipped["ft"] = "no_training_positives"
+
+    if out.golden:
+        rng = user_rng(cfg.seed, user_id)
+        rating_of = {items[k]: ratings[k] for k in np.flatnonzero(labels == TRAIN)}
+        disliked = [items[k] for k in np.flatnonzero((labels == TRAIN) & (ratings < cfg.negative_threshold))]
+        disliked = [disliked[j] for j in golden_order(disliked, [rating_of[i] for i in disliked], ctx)]
+        key = {i: (rating_of[i], ctx.s(i)) for i in out.golden}
+        candidates = {
+            "np": (non_preferred_list(disliked, len(out.golden)), "no_disliked_items"),
+            "rk": (ranking_negative(out.golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
+            "d": diversity_negative(out.golden, ctx, set(items), rng),
+            "rd": (redundancy_negative(out.golden, ctx.category), "golden_already_clustered"),
+        }
+        for family, (rejected, reason) in candidates.items():
+            if rejected is None:
+                out.skipped[family] = reason
+            else:
+                out.pairs[family] = rejected
+    else:
+        for family in FAMILIES:
+            out.skipped[family] = "no_golden_list"
+
+    # evaluation: held-out positives in golden-rule order (no cap), with the prompt the model
+    # would see at that time (validation: training history; test: training + validation)
+    for split, prompt_attr, target_attr in ((VAL, "val_prompt", "val_target"), (TEST, "test_prompt", "test_target")):
+        seen = np.flatnonzero((labels < split) & positive)
+        setattr(out, prompt_attr, [items[k] for k in seen[-cfg.prompt_max_items :]])
+        held = np.flatnonzero((labels == split) & positive)
+        order = golden_order([items[k] for k in held], [ratings[k] for k in held], ctx)
+        setattr(out, target_attr, [items[held[j]] for j in order])
+    return out

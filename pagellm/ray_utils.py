@@ -1,0 +1,20 @@
+"""Starting or joining Ray, the same way for every stage."""
+
+from __future__ import annotations
+
+import os
+
+from pagellm.config import RayConfig
+
+
+def init_ray(ray_cfg: RayConfig) -> None:
+    """Join the cluster when one is given (``ray job submit`` sets RAY_ADDRESS), else start a
+    local Ray with the configured CPUs. A no-op when Ray is already up (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard)
