@@ -37,32 +37,30 @@ def split_user(
     ``ratings`` are in chronological order. Returns ``(labels, "")`` with labels TRAIN, VAL,
     TEST, or ``(None, reason)`` if the user cannot be split.
 
-    Invariants: labels are non-decreasing in time (train, then validation, then test, each
-    contiguous); train is non-empty; validation and test each hold at least one positive
-    (r > positive_threshold). Nominal sizes are round(n * fraction) (at least 1) for
-    validation and test; when the newest interactions of a part hold no positive, the part
-    starts earlier, at the latest positive, so a part may grow but never lose its positive.
+    Nominal sizes are round(n * fraction), at least 1, for validation and test. When the
+    newest interactions of a part hold no positive, the part starts earlier, at the latest
+    positive; if that leaves no training interaction, the tightest split is used: test from
+    the last positive, validation from the one before. Invariants: labels are non-decreasing
+    in time (train, validation, test, each contiguous); train is non-empty; validation and
+    test each hold at least one positive (r > positive_threshold). A user is kept exactly when
+    such a split exists: >= 3 interactions and >= 2 positives after the first interaction.
     """
     n = len(ratings)
     if n < 3:
         return None, "fewer_than_3_interactions"
     positive = np.asarray(ratings) > positive_threshold
-    n_val = max(1, round_half_up(n * fractions[1]))
-    n_test = max(1, round_half_up(n * fractions[2]))
-    test_start = n - n_test
+    pos = np.flatnonzero(positive)
+    if (pos >= 1).sum() < 2:
+        return None, "fewer_than_2_positives_to_hold_out"
+    test_start = n - max(1, round_half_up(n * fractions[2]))
     if not positive[test_start:].any():
-        earlier = np.flatnonzero(positive[:test_start])
-        if len(earlier) == 0:
-            return None, "no_positive_to_hold_out"
-        test_start = int(earlier[-1])
-    val_start = test_start - n_val
+        test_start = int(pos[-1])
+    val_start = test_start - max(1, round_half_up(n * fractions[1]))
     if val_start < 0 or not positive[val_start:test_start].any():
-        earlier = np.flatnonzero(positive[: max(val_start, 0)])
-        if len(earlier) == 0:
-            return None, "no_positive_for_validation"
-        val_start = int(earlier[-1])
-    if val_start < 1:
-        return None, "no_training_interactions"
+        before = pos[pos < max(val_start, 0)]
+        val_start = int(before[-1]) if len(before) else -1
+    if val_start < 1:  # no room for training: fall back to the tightest valid split
+        test_start, val_start = int(pos[-1]), int(pos[-2])
     labels = np.full(n, TRAIN, dtype=np.int8)
     labels[val_start:test_start] = VAL
     labels[test_start:] = TEST
