@@ -409,7 +409,7 @@ def table_rows(results: dict) -> list[list[str]]:
             rows.append([
                 fmt_size(int(size)), engine, f"{r['wall_s']:.1f}", f"{r['users_per_s']:,.0f}",
                 f"{r['pairs_per_s']:,.0f}",
-                *(f"{s.get(k, 0):.1f}" for k in STEP_NAMES), f"{r['other_s']:.1f}",
+                *(f"{s.get(k, 0):.1f}" for k in STEP_NAMES), f"{max(r['other_s'], 0.0):.1f}",
                 f"{r['cores_busy']:.2f}",
                 f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}",
                 f"{ratio:.2f}x" if (ratio and engine == 'ray') else "",

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.category_cap=0.3")
 
     p = sub.add_parser("data", help="build splits, golden lists, preference pairs and eval targets")
-    p.add_argument("--dataset", required=True, help="KIND:PATH, e.g. amazon2014:../shared/data/amazon2014-musical-instruments")
+    p.add_argument("--dataset", help="KIND:PATH, e.g. amazon2014:../shared/data/amazon2014-musical-instruments (default: data.dataset of the config)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--engine", choices=("ray", "local"), default="ray", help="Ray Data (default) or one process")
     common(p)

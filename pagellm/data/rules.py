@@ -99,7 +99,8 @@ def golden_list(
 
     Picks the longest K <= max_items for which the candidates, taken in order and skipping an
     item whose category already holds ceil(cap * K) items, fill K slots. Returns
-    ``(golden, capped)`` where ``capped`` are the better-ranked candidates skipped by the cap.
+    ``(golden, capped)`` where ``capped`` are the items of the uncapped list (the first
+    max_items candidates) that the cap removed, by skipping them or by shortening the list.
 
     Invariants: golden is a subsequence of ``ranked`` (so it keeps the golden-rule order and
     has no repeats); no category holds more than ceil(cap * len(golden)) items; it is
@@ -113,16 +114,15 @@ def golden_list(
         limit = category_cap(cap, k)
         if sum(min(c, limit) for c in counts.values()) < k:
             continue
-        golden, capped, held = [], [], Counter()
+        golden, held = [], Counter()
         for item in ranked:
             if len(golden) == k:
                 break
             if held[category[item]] < limit:
                 held[category[item]] += 1
                 golden.append(item)
-            else:
-                capped.append(item)
-        return golden, capped
+        chosen = set(golden)
+        return golden, [i for i in ranked[: min(max_items, len(ranked))] if i not in chosen]
     return [], []
 
 

@@ -1,0 +1,62 @@
+"""Typed config: paper defaults, YAML files, dotted overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagellm.config import ConfigError, PageLLMConfig, load_config
+from tests.conftest import REPO
+
+
+def test_paper_defaults():
+    cfg = load_config()
+    assert cfg.data.positive_threshold == 3.0 and cfg.data.split == [0.8, 0.1, 0.1]
+    assert cfg.data.category_cap == 0.4
+    assert (cfg.sft.meta_epochs, cfg.sft.meta_lr, cfg.sft.batch_size) == (3, 5e-5, 32)
+    assert (cfg.sft.ft_epochs, cfg.sft.ft_lr) == (10, 2e-5)
+    assert (cfg.reward.epochs, cfg.reward.lr, cfg.reward.batch_size) == (5, 1e-5, 64)
+    assert (cfg.ppo.clip, cfg.ppo.lr, cfg.ppo.batch_size, cfg.ppo.kl_beta) == (0.2, 1e-5, 64, 0.1)
+
+
+def test_default_yaml_matches_dataclasses():
+    assert load_config(REPO / "configs" / "default.yaml") == PageLLMConfig()
+
+
+@pytest.mark.parametrize("name", ["amazon2014.yaml", "movielens.yaml"])
+def test_dataset_configs_load(name):
+    assert ":" in load_config(REPO / "configs" / name).data.dataset
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  category_cap: 0.3\n  rk_swaps: 3\n")
+    cfg = load_config(path, ["data.rk_swaps=4", "ppo.kl_beta=0.05"])
+    assert (cfg.data.category_cap, cfg.data.rk_swaps, cfg.ppo.kl_beta) == (0.3, 4, 0.05)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.no_such_key=1", "data.no_such_key"),
+        ("nosection.x=1", "nosection"),
+        ("data.category_cap=abc", "data.category_cap"),
+        ("data.rk_swaps=1.5", "data.rk_swaps"),
+        ("data.category_cap=1.5", "data.category_cap"),
+        ("data.split=[0.5,0.5]", "data.split"),
+        ("data.golden_fraction=0", "data.golden_fraction"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_bad_yaml_key_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  categroy_cap: 0.3\n")
+    with pytest.raises(ConfigError, match=r"data\.categroy_cap.*bad\.yaml|bad\.yaml.*data\.categroy_cap"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["data.category_cap"])
