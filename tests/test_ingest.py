@@ -132,6 +132,16 @@ def test_ratings_csv_with_and_without_header(tmp_path, cfg):
     }
 
 
+def test_headerless_user_first_dump_is_recognised(tmp_path, cfg):
+    # McAuley's ratings-only dumps put the reviewer first; ASINs are always 10 characters
+    ratings = write(tmp_path / "ratings.csv", "A2IBPI20UZIR0U,1384719342,5.0,1393545600\n")
+    meta = write(tmp_path / "m.json", '{"asin": "1384719342", "categories": [["Music", "Picks"]]}\n')
+    ing = load_dataset(f"amazon2014:{ratings},{meta}", cfg)
+    assert ing.interactions.to_pylist() == [
+        {"user_id": "A2IBPI20UZIR0U", "item_id": "1384719342", "rating": 5.0, "ts": 1393545600}
+    ]
+
+
 def test_explicit_ratings_meta_pair_and_header_order(tmp_path, cfg):
     # a header may order the columns differently; names, not positions, decide
     ratings = write(tmp_path / "ratings.csv", "reviewerID,unixReviewTime,asin,overall\nu1,5,A1,4\n")
@@ -174,7 +184,7 @@ def test_amazon2018_gzip(tmp_path, cfg):
     items = items_by_id(ing)
     assert items["P1"]["category"] == "Guitars" and items["P1"]["title"] == "Guitar"
     assert items["P1"]["categories"] == ["Instruments", "Guitars"]
-    assert items["P2"]["title"] == '<span class="a">junk</span>' and items["P2"]["brand"] == ""
+    assert items["P2"]["title"] == '<span class="a">junk</span>' and items["P2"]["brand"] is None  # blank means missing
     assert items["P3"]["category"] == UNKNOWN_CATEGORY
     assert ing.notes["item_metadata_duplicates"] == 1 and ing.notes["items_without_metadata"] == 1
     pair = load_dataset(f"amazon2018:{tmp_path / 'Music.json.gz'},{tmp_path / 'meta_Music.json.gz'}", cfg)

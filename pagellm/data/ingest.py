@@ -319,6 +319,16 @@ def _amazon_files(arg: str, rating_suffixes: tuple[str, ...]) -> tuple[Path, Pat
     return ratings[0], meta[0]
 
 
+def _headerless_order(fields: list[str]) -> tuple[str, ...]:
+    """Column order of a headerless ratings CSV. The 5-core CSVs put the item first; McAuley's
+    ratings-only dumps put the user first. ASINs are always 10 characters and reviewer ids
+    longer, so the first line tells which."""
+    first, second = fields[0].strip(), fields[1].strip()
+    if len(first) > 10 and len(second) == 10:
+        return ("reviewerID", "asin", "overall", "unixReviewTime")
+    return AMAZON_CSV_ORDER
+
+
 def _amazon_ratings(path: Path) -> tuple[pd.DataFrame, Counter]:
     """Ratings CSV (``asin, reviewerID, overall, unixReviewTime``, header optional) or review
     JSON lines, by file name."""
@@ -331,7 +341,7 @@ def _amazon_ratings(path: Path) -> tuple[pd.DataFrame, Counter]:
         fields = next(csv.reader([first]))
         has_header = len(fields) < 3 or not _is_number(fields[2])
         raw, malformed = _read_csv(
-            path, names=None if has_header else AMAZON_CSV_ORDER, keep=AMAZON_FIELDS.values()
+            path, names=None if has_header else _headerless_order(fields), keep=AMAZON_FIELDS.values()
         )
         raw = raw.rename(columns={f: c for c, f in AMAZON_FIELDS.items()})
     return raw[list(RAW)], Counter({"malformed_line": malformed} if malformed else {})

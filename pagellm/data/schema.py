@@ -118,19 +118,26 @@ def clean_interactions(
     return table, dropped
 
 
+def _text(value) -> str | None:
+    """A stripped string, or None for None, NaN and blanks."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
 def build_items(item_ids, category, categories, titles=None, brands=None) -> pa.Table:
-    """Canonical items table. ``category`` is the one category the data rules use (None or
-    blank becomes ``unknown``); ``categories`` keeps every label the source gives."""
+    """Canonical items table. ``category`` is the one category the data rules use (missing
+    becomes ``unknown``); ``categories`` keeps every label the source gives."""
     n = len(item_ids)
-    clean = [[str(c).strip() for c in (cs or []) if c is not None and str(c).strip()] for cs in categories]
-    primary = [str(c).strip() if c is not None and str(c).strip() else UNKNOWN_CATEGORY for c in category]
+    labels = [[t for t in map(_text, cs if cs is not None else []) if t] for cs in categories]
     return pa.table(
         {
             "item_id": pa.array([str(i) for i in item_ids], pa.string()),
-            "category": pa.array(primary, pa.string()),
-            "categories": pa.array(clean, pa.list_(pa.string())),
-            "title": pa.array(list(titles) if titles is not None else [None] * n, pa.string()),
-            "brand": pa.array(list(brands) if brands is not None else [None] * n, pa.string()),
+            "category": pa.array([_text(c) or UNKNOWN_CATEGORY for c in category], pa.string()),
+            "categories": pa.array(labels, pa.list_(pa.string())),
+            "title": pa.array([_text(t) for t in titles] if titles is not None else [None] * n, pa.string()),
+            "brand": pa.array([_text(b) for b in brands] if brands is not None else [None] * n, pa.string()),
         },
         schema=ITEMS_SCHEMA,
     )
