@@ -53,6 +53,10 @@ class DataConfig:
     # Share of a user's training positives (the newest ones) kept out of the training prompt so
     # that a golden list can be built from them. Not given by the paper.
     golden_fraction: float = 0.5
+    # More fine-tuning windows per user: each fraction holds back that share of the training
+    # positives as another (prompt, golden list) row of ft/ (pairs use golden_fraction only).
+    # The paper has one instance per user ([]); a small model trained from scratch needs more.
+    extra_ft_fractions: list[float] = field(default_factory=list)
     # Longest golden list K (and longest negative list).
     golden_max_items: int = 20
     # lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3).
@@ -79,6 +83,8 @@ class DataConfig:
             raise ConfigError(f"data.category_cap must be in (0, 1], got {self.category_cap}")
         if not 0.0 < self.golden_fraction < 1.0:
             raise ConfigError(f"data.golden_fraction must be in (0, 1), got {self.golden_fraction}")
+        if any(not 0.0 < f < 1.0 for f in self.extra_ft_fractions):
+            raise ConfigError(f"data.extra_ft_fractions must lie in (0, 1), got {self.extra_ft_fractions}")
         if self.rating_min >= self.rating_max:
             raise ConfigError(
                 f"data.rating_min ({self.rating_min}) must be below data.rating_max ({self.rating_max})"
@@ -93,6 +99,56 @@ class DataConfig:
             raise ConfigError(f"data.columns lacks a mapping for {sorted(missing)}")
 
 
+def _default_lora_targets() -> list[str]:
+    return ["c_attn"]
+
+
+@dataclass
+class ModelConfig:
+    """The policy backbone (section 5.1.4: GPT-2, max sequence length 1,024)."""
+
+    # A pretrained model name or local path (e.g. a saved GPT-2); None or "" builds the embedded
+    # small GPT-2 from the fields below, with a BPE tokenizer trained on the catalogue text.
+    name_or_path: Optional[str] = None
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    max_seq_len: int = 1024
+    bpe_vocab_size: int = 2000  # embedded tokenizer only
+    # LoRA through peft: rank 0 trains the full model; > 0 freezes the base and trains adapters
+    # on lora_targets plus the new user/item token embeddings.
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=_default_lora_targets)
+
+
+@dataclass
+class TrainConfig:
+    """The one training path of every supervised stage: Ray Train TorchTrainer + DeepSpeed."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    deepspeed: bool = True  # False: plain DDP through ray.train.torch.prepare_model
+    zero_stage: int = 1
+    bf16: bool = True  # only on GPU; CPU trains in fp32
+    max_failures: int = 2  # worker deaths survived by resuming from the latest checkpoint
+    log_every_steps: int = 10
+    wandb_mode: str = "offline"  # "online" once the user has configured wandb
+    wandb_project: str = "pagellm"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(
+                f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}: checkpoints save the full "
+                "module from rank 0, which ZeRO-3 partitions away"
+            )
+        if self.num_workers < 1:
+            raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
+
+
 @dataclass
 class SFTConfig:
     """Supervised stages (section 4.3; values from section 5.1.4)."""
@@ -102,6 +158,9 @@ class SFTConfig:
     batch_size: int = 32
     ft_epochs: int = 10  # golden-list (ground-truth) fine-tuning epochs
     ft_lr: float = 2e-5
+    rating_loss_weight: float = 1.0  # L_rating + w * ... : eq. 7 and eq. 8 are summed
+    max_meta_tokens: int = 128  # meta prompts are cut to this many tokens
+    valid_page_max_items: int = 20  # greedy decoding length for valid_page_rate
 
 
 @dataclass
@@ -112,6 +171,10 @@ class RewardConfig:
     lr: float = 1e-5
     batch_size: int = 64
     early_stopping: bool = True  # on validation log-likelihood
+    patience: int = 1  # epochs without improvement before stopping
+    # Pairs are split by user: this share of users is validation (early stopping) and the
+    # same share is test (the reported pairwise accuracy).
+    holdout_fraction: float = 0.1
 
 
 @dataclass
@@ -137,22 +200,30 @@ class RayConfig:
 @dataclass
 class PageLLMConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PageLLMConfig:
-    """Defaults, then the YAML file at ``path``, then dotted ``key=value`` overrides."""
+EMBEDDED_PROFILE = Path(__file__).parent / "configs" / "embedded.yaml"
+
+
+def load_config(
+    path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None
+) -> PageLLMConfig:
+    """Defaults, then the YAML file(s) at ``path`` in order, then dotted ``key=value`` overrides."""
     where = "defaults"
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     try:
         merged = OmegaConf.structured(PageLLMConfig)
-        if path is not None:
-            where = str(path)
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for one in paths:
+            where = str(one)
+            if not Path(one).is_file():
+                raise ConfigError(f"config file {one} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(one))
         if overrides:
             bad = [o for o in overrides if "=" not in o or o.startswith("=")]
             if bad:

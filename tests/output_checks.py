@@ -54,7 +54,7 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
 
     held_out = {u: every["val"].get(u, set()) | every["test"].get(u, set()) for u in users}
     golden_of = {}
-    for u, prompt, golden in ft[["user_id", "prompt_items", "golden"]].itertuples(index=False):
+    for u, prompt, golden, window in ft[["user_id", "prompt_items", "golden", "window"]].itertuples(index=False):
         prompt, golden = list(prompt), list(golden)
         assert len(golden) == len(set(golden)) > 0
         assert set(prompt) <= pos["train"][u] and set(golden) <= pos["train"][u] - set(prompt)
@@ -63,8 +63,11 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
         assert max(Counter(category[i] for i in golden).values()) <= limit, (u, golden)
         ratings = [rating[(u, i)] for i in golden]
         assert ratings == sorted(ratings, reverse=True), "golden list sorted by rating"
-        golden_of[u] = (prompt, golden)
-    assert ft.user_id.is_unique
+        if window == "main":
+            golden_of[u] = (prompt, golden)
+    main = ft[ft.window == "main"]
+    assert main.user_id.is_unique and set(ft.user_id) == set(main.user_id)
+    assert not ft.assign(p=ft.prompt_items.map(tuple), g=ft.golden.map(tuple)).duplicated(["user_id", "p", "g"]).any()
 
     for u, family, prompt, chosen, rejected in pairs[["user_id", "family", "prompt_items", "chosen", "rejected"]].itertuples(index=False):
         prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
@@ -92,4 +95,4 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
             assert set(target) == pos[s][u] and len(target) == len(set(target))
             seen = pos["train"].get(u, set()) | (pos["val"].get(u, set()) if s == "test" else set())
             assert set(prompt) <= seen and not set(prompt) & set(target)
-    return {"users": len(users), "ft": len(ft), "pairs": Counter(pairs.family)}
+    return {"users": len(users), "ft": len(ft), "ft_users": len(main), "pairs": Counter(pairs.family)}

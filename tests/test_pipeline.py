@@ -28,10 +28,11 @@ FILES = [
 @pytest.mark.parametrize(
     "spec,min_users",
     [(f"amazon2014:{AMAZON}", 1000), (f"movielens:{MOVIELENS}", 500), ("synthetic:20000", 500)],
+
     ids=["amazon2014", "movielens", "synthetic"],
 )
 def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users):
-    cfg = load_config(overrides=[f"data.dataset={spec}"])
+    cfg = load_config(overrides=[f"data.dataset={spec}", "data.extra_ft_fractions=[0.25,0.75]"])
     stats = build_dataset(cfg, tmp_path, engine="ray")
     for name in FILES:
         assert (tmp_path / name).exists(), name
@@ -43,6 +44,7 @@ def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users):
     assert stats["users_kept"] + sum(stats["users_dropped"].values()) == stats["users"]
     checked = check_outputs(tmp_path, cfg.data)
     assert checked["users"] == stats["users_kept"]
+    assert checked["ft"] == stats["ft_rows"] > checked["ft_users"] == stats["ft_users"]
     assert dict(checked["pairs"]) == stats["pairs_by_family"]
     assert set(stats["seconds"]) == {"ingest", "split", "item_stats", "build", "write"}
 

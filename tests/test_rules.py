@@ -211,13 +211,17 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
         mean_rating=4.0,
         by_category={c: [i for i in catalogue if category[i] == c] for c in "ABC"},
     )
-    cfg = DataConfig(prompt_max_items=prompt_max, golden_fraction=golden_fraction)
+    cfg = DataConfig(prompt_max_items=prompt_max, golden_fraction=golden_fraction, extra_ft_fractions=[0.2, 0.9])
     rec = rules.build_user("u1", items, ratings, labels, ctx, cfg)
     train_pos = {i for i, r, l in zip(items, ratings, labels) if l == TRAIN and r > 3}
     held_out = {i for i, l in zip(items, labels) if l != TRAIN}
     assert set(rec.prompt) <= train_pos and len(rec.prompt) <= prompt_max
     assert set(rec.golden) <= train_pos - set(rec.prompt)
     assert bool(rec.golden) == bool(train_pos)
+    windows = [(rec.prompt, rec.golden), *rec.extra_ft]
+    assert len({(tuple(p), tuple(g)) for p, g in windows}) == len(windows)
+    for prompt, golden in rec.extra_ft:
+        assert golden and set(prompt) <= train_pos and set(golden) <= train_pos - set(prompt)
     for family, rejected in rec.pairs.items():
         assert not set(rejected) & held_out, family
     assert set(rec.pairs) | {f for f in rec.skipped if f != "ft"} == set(rules.FAMILIES)

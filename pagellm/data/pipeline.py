@@ -57,25 +57,42 @@ SPLIT_NAMES = {rules.TRAIN: "train", rules.VAL: "val", rules.TEST: "test"}
 # ---------------------------------------------------------------- per-batch functions (no Ray)
 
 
+def sort_by_user(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Interactions sorted by user, time and item, and the row where each user starts."""
+    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
+    users = table.column("user_id").combine_chunks()
+    changed = pc.not_equal(users.slice(1), users.slice(0, len(users) - 1)).to_numpy(zero_copy_only=False)
+    return table, np.r_[0, np.flatnonzero(changed) + 1].astype(np.int64)
+
+
 def split_users(table: pa.Table, data_cfg: DataConfig) -> pa.Table:
     """Canonical interactions of whole users -> one row per user (USERS_SCHEMA), the user's
-    interactions in chronological order with their split labels."""
-    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
-    users = table.column("user_id").to_numpy(zero_copy_only=False)
-    items = table.column("item_id").to_pylist()
+    interactions in chronological order with their split labels. Only ``rules.split_user``
+    runs per user; the list columns are zero-copy views of the sorted table."""
+    table, starts = sort_by_user(table)
+    offsets = pa.array(np.r_[starts, table.num_rows].astype(np.int32))
     ratings = table.column("rating").to_numpy()
-    ts = table.column("ts").to_numpy()
-    starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1, len(users)]
-    out = {name: [] for name in USERS_SCHEMA.names}
-    for lo, hi in zip(starts[:-1], starts[1:]):
-        labels, reason = rules.split_user(ratings[lo:hi], data_cfg.split, data_cfg.positive_threshold)
-        out["user_id"].append(users[lo])
-        out["items"].append(items[lo:hi])
-        out["ratings"].append(ratings[lo:hi])
-        out["ts"].append(ts[lo:hi])
-        out["labels"].append(labels if labels is not None else np.full(hi - lo, -1, np.int8))
-        out["dropped"].append(reason)
-    return pa.table(out, schema=USERS_SCHEMA)
+    labels = np.empty(table.num_rows, dtype=np.int8)
+    dropped = []
+    for lo, hi in zip(starts, np.r_[starts[1:], table.num_rows]):
+        user_labels, reason = rules.split_user(ratings[lo:hi], data_cfg.split, data_cfg.positive_threshold)
+        labels[lo:hi] = -1 if user_labels is None else user_labels
+        dropped.append(reason)
+
+    def nested(values) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, values)
+
+    return pa.table(
+        [
+            pc.take(table.column("user_id"), pa.array(starts)),
+            nested(table.column("item_id").combine_chunks()),
+            nested(pa.array(ratings)),
+            nested(table.column("ts").combine_chunks()),
+            nested(pa.array(labels)),
+            pa.array(dropped, pa.string()),
+        ],
+        schema=USERS_SCHEMA,
+    )
 
 
 def train_rating_sums(users: pa.Table) -> pa.Table:
@@ -129,7 +146,9 @@ def build_records(users: pa.Table, ctx: rules.ItemContext, data_cfg: DataConfig)
             continue
         rec = rules.build_user(user, items, np.asarray(ratings), np.asarray(labels), ctx, data_cfg)
         if rec.golden:
-            add(user, "ft", rec.prompt, rec.golden)
+            add(user, "ft", rec.prompt, rec.golden, family="main")
+        for prompt, golden in rec.extra_ft:
+            add(user, "ft", prompt, golden, family="extra")
         if rec.capped:
             add(user, "capped", rec.prompt, rec.capped)
         for family, rejected in rec.pairs.items():
@@ -146,10 +165,8 @@ def build_records(users: pa.Table, ctx: rules.ItemContext, data_cfg: DataConfig)
 
 def user_blocks(interactions: pa.Table, users_per_block: int) -> list[pa.Table]:
     """Interactions sorted by user and time, cut into zero-copy slices of whole users."""
-    table = interactions.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
-    users = table.column("user_id").to_numpy(zero_copy_only=False)
-    starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
-    cuts = np.r_[starts[::users_per_block], len(users)]
+    table, starts = sort_by_user(interactions)
+    cuts = np.r_[starts[::users_per_block], table.num_rows]
     return [table.slice(lo, hi - lo) for lo, hi in zip(cuts[:-1], cuts[1:])]
 
 
@@ -172,9 +189,10 @@ def run_ray(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa
     users_ds = blocks.map_batches(split_users, fn_args=(data_cfg,), batch_size=None, batch_format="pyarrow").materialize()
     timings["split"] = time.perf_counter() - t
 
+    # the users come to the driver anyway (split files); s_i is a vectorised reduction there
     t = time.perf_counter()
-    sums = users_ds.map_batches(train_rating_sums, batch_size=None, batch_format="pyarrow")
-    ctx = item_context(ingested.items, ray.get(sums.to_arrow_refs()))
+    users = pa.concat_tables(ray.get(users_ds.to_arrow_refs()))
+    ctx = item_context(ingested.items, [train_rating_sums(users)])
     timings["item_stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -184,7 +202,6 @@ def run_ray(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa
     )
     records = pa.concat_tables(ray.get(records_ds.to_arrow_refs()))
     timings["build"] = time.perf_counter() - t
-    users = pa.concat_tables(ray.get(users_ds.to_arrow_refs()))
     return users, records
 
 
@@ -223,7 +240,7 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     """Layout under ``out``:
     interactions.parquet, items.parquet   canonical tables after cleaning
     split/{train,val,test}.parquet         canonical interactions of kept users, per split
-    ft/part-*.parquet                      user_id, prompt_items, golden
+    ft/part-*.parquet                      user_id, prompt_items, golden, window
     pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected
     eval/{val,test}.parquet                user_id, prompt_items, target
     Returns counts for stats.json.
@@ -246,8 +263,9 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
         _write(part, out / "split" / f"{name}.parquet")
         split_rows[name] = part.num_rows
 
-    ft = _of_kind(records, "ft").select(["user_id", "prompt_items", "chosen"]).rename_columns(
-        ["user_id", "prompt_items", "golden"]
+    # window: "main" (golden_fraction; the pairs use it) or "extra" (extra_ft_fractions)
+    ft = _of_kind(records, "ft").select(["user_id", "prompt_items", "chosen", "family"]).rename_columns(
+        ["user_id", "prompt_items", "golden", "window"]
     )
     pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected"])
     for name, table in (("ft", ft), ("pairs", pairs)):
@@ -267,6 +285,7 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     return {
         "split_rows": split_rows,
         "ft_rows": ft.num_rows,
+        "ft_users": pc.count_distinct(ft.column("user_id")).as_py(),
         "pairs_by_family": dict(Counter(pairs.column("family").to_pylist())),
         "pairs_skipped": dict(sorted(skipped.items())),
         "golden_items_capped": int(pc.sum(pc.list_value_length(capped)).as_py() or 0),

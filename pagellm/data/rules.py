@@ -235,6 +235,7 @@ class UserRecords:
     prompt: list[str] = field(default_factory=list)
     golden: list[str] = field(default_factory=list)
     capped: list[str] = field(default_factory=list)
+    extra_ft: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (prompt, golden)
     pairs: dict[str, list[str]] = field(default_factory=dict)  # family -> rejected list
     skipped: dict[str, str] = field(default_factory=dict)  # family (or "ft") -> reason
     val_prompt: list[str] = field(default_factory=list)
@@ -257,7 +258,8 @@ def build_user(
     their split labels; ``cfg`` is a DataConfig. Training data (prompt, golden list, pairs)
     reads TRAIN interactions only. The prompt is the newest training positives before the
     newest ``golden_fraction`` of them (at most prompt_max_items); the golden candidates are
-    all training positives not in the prompt (section 4.2.3, step 1).
+    all training positives not in the prompt (section 4.2.3, step 1). ``extra_ft_fractions``
+    add more (prompt, golden list) windows of the same user for fine-tuning only.
     """
     ratings = np.asarray(ratings, dtype=float)
     labels = np.asarray(labels)
@@ -265,15 +267,26 @@ def build_user(
     train_pos = [items[k] for k in np.flatnonzero((labels == TRAIN) & positive)]
     out = UserRecords()
 
-    if train_pos:
-        n_target = min(cfg.golden_max_items, max(1, math.ceil(cfg.golden_fraction * len(train_pos))))
+    def window(fraction: float) -> tuple[list[str], list[str], list[str]]:
+        """(prompt, golden, capped) when the newest ``fraction`` of P is held back."""
+        n_target = min(cfg.golden_max_items, max(1, math.ceil(fraction * len(train_pos))))
         cut = len(train_pos) - n_target
-        out.prompt = train_pos[max(0, cut - cfg.prompt_max_items) : cut]
-        in_prompt = set(out.prompt)
-        cand = [k for k in np.flatnonzero((labels == TRAIN) & positive) if items[k] not in in_prompt]
+        prompt = train_pos[max(0, cut - cfg.prompt_max_items) : cut]
+        in_prompt = set(prompt)
+        cand = [k for k in pos_idx if items[k] not in in_prompt]
         order = golden_order([items[k] for k in cand], [ratings[k] for k in cand], ctx)
-        ranked = [items[cand[j]] for j in order]
-        out.golden, out.capped = golden_list(ranked, ctx.category, cfg.category_cap, cfg.golden_max_items)
+        golden, capped = golden_list([items[cand[j]] for j in order], ctx.category, cfg.category_cap, cfg.golden_max_items)
+        return prompt, golden, capped
+
+    pos_idx = np.flatnonzero((labels == TRAIN) & positive)
+    if train_pos:
+        out.prompt, out.golden, out.capped = window(cfg.golden_fraction)
+        seen = {(tuple(out.prompt), tuple(out.golden))}
+        for fraction in cfg.extra_ft_fractions:
+            prompt, golden, _ = window(fraction)
+            if (tuple(prompt), tuple(golden)) not in seen:
+                seen.add((tuple(prompt), tuple(golden)))
+                out.extra_ft.append((prompt, golden))
     else:
         out.skipped["ft"] = "no_training_positives"
 
