@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pagellm.config import ConfigError, PageLLMConfig, load_config
+from pagellm.config import EMBEDDED_PROFILE, ConfigError, PageLLMConfig, load_config
 from pagellm.data.schema import InputError
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -41,15 +41,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The main job on the embedded default (synthetic marketplace unless overridden)."""
-    from pagellm.data.pipeline import build_dataset
+def cmd_sft(args: argparse.Namespace) -> int:
+    from pagellm.sft import run_sft
 
+    metrics = run_sft(_config(args), args.data, args.out)
+    print(f"sft: valid_page_rate {metrics['valid_page_rate']:.3f}; reference policy in {args.out} (metrics.json, loss_curves.png)")
+    return 0
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    from pagellm.reward import run_reward
+
+    metrics = run_reward(_config(args), args.data, args.sft, args.out)
+    acc = metrics["accuracy"]
+    print("reward: held-out pairwise accuracy " + ", ".join(f"{k} {v['all']:.3f}" for k, v in acc.items()) + f"; heads in {args.out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
+    (the packaged embedded profile), data -> SFT -> reward heads."""
+    from pagellm.data.pipeline import build_dataset
+    from pagellm.reward import run_reward
+    from pagellm.sft import run_sft
+
+    if not args.config:
+        args.config = [str(EMBEDDED_PROFILE)]
     cfg = _config(args)
     out = Path(args.out)
     stats = build_dataset(cfg, out / "data", engine="ray")
     _print_data_summary(stats, out / "data")
-    summary = {"data": str(out / "data"), "stats": stats}
+    sft = run_sft(cfg, out / "data", out / "sft")
+    print(f"sft: valid_page_rate {sft['valid_page_rate']:.3f} -> {out / 'sft'}")
+    reward = run_reward(cfg, out / "data", out / "sft", out / "reward")
+    print("reward accuracy (held-out pairs): " + json.dumps({k: v["all"] for k, v in reward["accuracy"].items()}))
+    summary = {"data": str(out / "data"), "sft": str(out / "sft"), "reward": str(out / "reward"), "stats": stats, "sft_metrics": sft, "reward_metrics": reward}
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"run summary: {out / 'run.json'}")
     return 0
@@ -60,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config file (see configs/)")
+        p.add_argument("--config", action="append", help="YAML config file (see configs/); repeat to layer several")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.category_cap=0.3")
 
     p = sub.add_parser("data", help="build splits, golden lists, preference pairs and eval targets")
@@ -70,7 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("run", help="the whole chain on the embedded default (currently: the data stage)")
+    p = sub.add_parser("sft", help="meta pre-training + golden-list fine-tuning -> reference policy")
+    p.add_argument("--data", required=True, help="output directory of `pagellm data`")
+    p.add_argument("--out", required=True, help="SFT_DIR (loads with from_pretrained)")
+    common(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("reward", help="coarse and fine reward heads (Bradley-Terry on the pairs)")
+    p.add_argument("--data", required=True, help="output directory of `pagellm data`")
+    p.add_argument("--sft", required=True, help="SFT_DIR of `pagellm sft`")
+    p.add_argument("--out", required=True, help="REWARD_DIR")
+    common(p)
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")
     p.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run directory (default {DEFAULT_RUN_DIR})")
     common(p)

@@ -1,0 +1,192 @@
+"""Models: the policy LM (GPT-2 family), its rating head, and the two reward models.
+
+Every model saves in Hugging Face format (safetensors) so a stage's output directory loads with
+``from_pretrained``; heads are small extra safetensors files next to the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from pagellm.config import ModelConfig
+
+RATING_HEAD_FILE = "rating_head.safetensors"
+REWARD_HEAD_FILE = "reward_head.safetensors"
+REWARD_META_FILE = "reward_head.json"
+
+
+def p5_init_new_embeddings(model: PreTrainedModel, first_new: int, generator: torch.Generator | None = None) -> None:
+    """P5 (paper 4.2.1): rows from ``first_new`` on ~ N(0, var of the existing rows)."""
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        std = weight[:first_new].float().std().item()
+        new = torch.randn(weight.shape[0] - first_new, weight.shape[1], generator=generator) * std
+        weight[first_new:] = new.to(weight.dtype)
+
+
+def build_lm(model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0) -> PreTrainedModel:
+    """The policy LM with the user/item tokens: a pretrained model (name or local path) with
+    resized embeddings, or the embedded small GPT-2; optional LoRA (base frozen)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if model_cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=model_cfg.max_seq_len,
+            n_embd=model_cfg.n_embd,
+            n_layer=model_cfg.n_layer,
+            n_head=model_cfg.n_head,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    p5_init_new_embeddings(model, base_size, gen)
+    if model_cfg.lora_rank > 0:
+        model = apply_lora(model, model_cfg, list(range(base_size, len(tokenizer))))
+    return model
+
+
+def apply_lora(model: PreTrainedModel, model_cfg: ModelConfig, new_token_ids: list[int]):
+    """peft LoRA on ``lora_targets``; the base is frozen but the new user/item token rows train
+    (they start random, so freezing them would leave the model unable to name items)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=model_cfg.lora_rank,
+        lora_alpha=model_cfg.lora_alpha,
+        lora_dropout=model_cfg.lora_dropout,
+        target_modules=list(model_cfg.lora_targets),
+        fan_in_fan_out=True,  # GPT-2 uses Conv1D
+        trainable_token_indices=new_token_ids,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def unwrap_lm(model) -> PreTrainedModel:
+    """A plain HF model: LoRA adapters merged in, so the result loads with from_pretrained."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (right padding)."""
+    return attention_mask.long().sum(dim=1) - 1
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token negative log-likelihoods over labelled positions, and their count."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return nll, (shift_labels != -100).sum()
+
+
+class PolicyWithRatingHead(nn.Module):
+    """The LM plus the rating regression head of meta pre-training (eq. 7-8).
+
+    Rows with ``labels`` train next-token prediction (eq. 8) on their labelled tokens; rows with
+    a finite ``rating`` regress the score read from the hidden state of their last token
+    (the prompt "user_u item_i") onto r_ui (eq. 7). The loss is their sum.
+    """
+
+    def __init__(self, lm: PreTrainedModel, rating_loss_weight: float = 1.0):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.n_embd if hasattr(lm.config, "n_embd") else lm.config.hidden_size
+        self.rating_head = nn.Linear(hidden, 1)
+        self.rating_loss_weight = rating_loss_weight
+
+    def forward(self, input_ids, attention_mask, labels, rating):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        nll, n_tokens = token_nll(out.logits, labels)
+        lm_loss = nll / n_tokens.clamp(min=1)
+        rated = torch.isfinite(rating)
+        hidden = out.hidden_states[-1][torch.arange(len(input_ids)), last_token_index(attention_mask)]
+        pred = self.rating_head(hidden).squeeze(-1)
+        sq_err = ((pred - rating.nan_to_num(0.0)) ** 2) * rated
+        rating_loss = sq_err.sum() / rated.sum().clamp(min=1)
+        loss = lm_loss + self.rating_loss_weight * rating_loss
+        return loss, {"lm_loss": lm_loss.detach(), "rating_mse": rating_loss.detach()}
+
+    def save_heads(self, directory: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.rating_head.state_dict().items()}, str(directory / RATING_HEAD_FILE))
+
+
+class PolicyLM(nn.Module):
+    """Golden-list fine-tuning (eq. 9): next-token loss on the target tokens only."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
+        nll, n_tokens = token_nll(out.logits, labels)
+        loss = nll / n_tokens.clamp(min=1)
+        return loss, {"lm_loss": loss.detach()}
+
+
+class RewardModel(nn.Module):
+    """A GPT-2 backbone with a scalar head.
+
+    coarse (eq. 10): R_c = head(h at the last token of [prompt || list]), the pooled final state.
+    fine (eq. 13):   R_f = mean over the list's item positions of head(h_t), one score per item.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, kind: str):
+        super().__init__()
+        if kind not in ("coarse", "fine"):
+            raise ValueError(f"reward kind must be 'coarse' or 'fine', got {kind!r}")
+        self.backbone, self.kind = backbone, kind
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+
+    def item_scores(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1)  # a score at every position
+
+    def score(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
+        scores = self.item_scores(input_ids, attention_mask)
+        if self.kind == "coarse":
+            return scores[torch.arange(len(input_ids)), last_token_index(attention_mask)]
+        item_mask = item_mask.float()
+        return (scores * item_mask).sum(1) / item_mask.sum(1).clamp(min=1)
+
+    def forward(self, input_ids, attention_mask, item_mask, n_pairs=None):
+        """Bradley-Terry (eq. 11 / eq. 14): rows [0, n) are chosen lists, rows [n, 2n) the
+        rejected lists of the same pairs."""
+        r = self.score(input_ids, attention_mask, item_mask)
+        n = len(r) // 2
+        margin = r[:n] - r[n:]
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"bt_loss": loss.detach(), "accuracy": (margin > 0).float().mean().detach()}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(directory / REWARD_HEAD_FILE))
+        (directory / REWARD_META_FILE).write_text(json.dumps({"kind": self.kind}))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "RewardModel":
+        directory = Path(directory)
+        kind = json.loads((directory / REWARD_META_FILE).read_text())["kind"]
+        model = cls(AutoModel.from_pretrained(directory), kind)
+        model.head.load_state_dict(load_file(str(directory / REWARD_HEAD_FILE)))
+        return model
+
+    @classmethod
+    def from_policy(cls, policy_dir: str | Path, kind: str) -> "RewardModel":
+        """Backbone initialised from the SFT policy (its LM head is dropped)."""
+        return cls(AutoModel.from_pretrained(policy_dir), kind)

@@ -1,0 +1,261 @@
+"""Supervised stages (paper 4.3): meta pre-training, then golden-list fine-tuning.
+
+Reads the data stage's Parquet outputs (training interactions only), builds the vocabulary,
+trains on Ray Train + DeepSpeed (``pagellm.train.loop``) and writes SFT_DIR: a Hugging Face
+model directory (the reference policy) with its tokenizer, plus metrics.json, the JSONL
+training logs and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from pagellm.config import PageLLMConfig
+from pagellm.data.schema import UNKNOWN_CATEGORY, InputError
+from pagellm.model.modeling import PolicyLM, PolicyWithRatingHead, build_lm, unwrap_lm
+from pagellm.model.prompts import PromptCodec
+from pagellm.model.vocab import Vocab, build_tokenizer
+from pagellm.train.loop import FitSpec, fit, pad_batch, read_log
+
+log = logging.getLogger(__name__)
+META_DIR, SFT_LOGS = "meta", "logs"
+
+
+# ------------------------------------------------------------------------------- data -> rows
+
+
+def _held_out(key: str, fraction: float, salt: str) -> bool:
+    return zlib.crc32(f"{salt}:{key}".encode()) % 10_000 < fraction * 10_000
+
+
+def meta_rows(vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens: int, seed: int) -> pd.DataFrame:
+    """Meta prompts of the four patterns (paper 4.3.1) plus rating-regression rows.
+
+    (a) item content: item token, title, brand, category;
+    (b) first-order user-item relations: "user rated item N stars" (the data has no review text);
+    (c) second-order co-occurrence: two items sharing a category or a brand;
+    (d) interaction sequences: a user's training items in time order.
+    Rating rows ("user_u item_i" -> r_ui, eq. 7) carry no next-token labels.
+    All built from the items table and *training* interactions only.
+    """
+    rng = np.random.default_rng(seed)
+    text = vocab.text_ids
+    rows: list[tuple[list[int], bool, float, str]] = []  # ids, lm?, rating, pattern
+
+    def lm(ids, pattern):
+        rows.append((ids[:max_tokens], True, float("nan"), pattern))
+
+    for item, title, brand, category in items[["item_id", "title", "brand", "category"]].itertuples(index=False):
+        words = f" title: {title or ''} brand: {brand or ''} category: {category}"
+        lm([vocab.item_token[item], *text(words)], "a")
+    for user, item, rating in train[["user_id", "item_id", "rating"]].itertuples(index=False):
+        u, i = vocab.user_token[user], vocab.item_token[item]
+        lm([u, *text(" rated"), i, *text(f" {rating:g} stars")], "b")
+        rows.append(([u, i], False, float(rating), "rating"))
+    for key in ("category", "brand"):
+        groups = items[items[key].notna() & (items[key] != UNKNOWN_CATEGORY)].groupby(key).item_id.agg(list)
+        for value, members in groups.items():
+            if len(members) < 2:
+                continue
+            for item in members:
+                other = members[rng.integers(len(members))]
+                if other != item:
+                    lm([vocab.item_token[item], *text(" and"), vocab.item_token[other], *text(f" share {key}: {value}")], "c")
+    for user, seq in train.sort_values(["user_id", "ts"]).groupby("user_id").item_id:
+        lm([vocab.user_token[user], *text(" history:"), *vocab.items_to_ids(list(seq))], "d")
+    ids, is_lm, rating, pattern = zip(*rows)
+    return pd.DataFrame(
+        {
+            "input_ids": [np.asarray(x, np.int64) for x in ids],
+            "labels": [np.asarray(x if m else [-100] * len(x), np.int64) for x, m in zip(ids, is_lm)],
+            "rating": np.asarray(rating, np.float32),
+            "pattern": pattern,
+        }
+    )
+
+
+def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
+    """(prompt || page) rows with the next-token loss on the page tokens only (eq. 9)."""
+    ids, labels = [], []
+    for user, prompt_items, page in zip(users, prompts, pages):
+        prompt, target = codec.prompt(user, list(prompt_items)), codec.target(list(page))
+        ids.append(np.asarray(prompt + target, np.int64))
+        labels.append(np.asarray([-100] * len(prompt) + target, np.int64))
+    return pd.DataFrame({"input_ids": ids, "labels": labels})
+
+
+def collate_lm(pad_id: int):
+    def collate(batch: dict) -> dict:
+        ids = batch["input_ids"]
+        out = {
+            "input_ids": pad_batch(ids, pad_id),
+            "attention_mask": pad_batch([np.ones(len(x)) for x in ids], 0),
+            "labels": pad_batch(batch["labels"], -100),
+        }
+        if "rating" in batch:
+            out["rating"] = torch.as_tensor(np.asarray(batch["rating"], np.float32))
+        return out
+
+    return collate
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy_pages(model, codec: PromptCodec, users, prompts, max_items: int, batch_size: int = 64) -> list:
+    """Unconstrained greedy pages (any token may be generated), parsed back to items."""
+    model.eval()
+    pad = codec.vocab.pad_id
+    parsed = []
+    for lo in range(0, len(users), batch_size):
+        batch = [codec.prompt(u, list(p)) for u, p in zip(users[lo : lo + batch_size], prompts[lo : lo + batch_size])]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_items + 1, do_sample=False,
+            pad_token_id=pad, eos_token_id=codec.vocab.eos_id,
+        )
+        parsed.extend(codec.parse(row[width:].tolist()) for row in out)
+    return parsed
+
+
+def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
+    """Training loss per step and validation loss per epoch, one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5), squeeze=False)
+    for ax, (stage, records) in zip(axes[0], logs.items()):
+        steps = [r for r in records if "loss" in r and "step" in r]
+        epochs = [r for r in records if "valid_loss" in r]
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train (step)", lw=1)
+        ax.plot([r["step"] for r in epochs], [r["valid_loss"] for r in epochs], "o-", label="validation (epoch)")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+def read_data_dir(data_dir: Path) -> dict[str, pd.DataFrame]:
+    data_dir = Path(data_dir)
+    missing = [p for p in ("items.parquet", "split/train.parquet", "ft", "eval/val.parquet") if not (data_dir / p).exists()]
+    if missing:
+        raise InputError(f"{data_dir} is not a data-stage output (missing {missing}); run `pagellm data` first")
+    return {
+        "items": pq.read_table(data_dir / "items.parquet").to_pandas(),
+        "train": pq.read_table(data_dir / "split" / "train.parquet").to_pandas(),
+        "ft": pq.read_table(data_dir / "ft").to_pandas(),
+        "val": pq.read_table(data_dir / "eval" / "val.parquet").to_pandas(),
+    }
+
+
+def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
+    """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy."""
+    import ray.data
+
+    from pagellm.ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    out, data = Path(out_dir), read_data_dir(Path(data_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
+    tokenizer = build_tokenizer(cfg.model.name_or_path, pq.read_table(Path(data_dir) / "items.parquet"), users, cfg.model.bpe_vocab_size)
+    vocab = Vocab.from_tokenizer(tokenizer)
+    codec = PromptCodec(vocab)
+    model_cfg, sft_cfg, train_cfg = cfg.model, cfg.sft, cfg.train
+    base_size = vocab.base_size
+
+    # meta pre-training: 5% of meta rows (by hash) monitor validation loss
+    meta = meta_rows(vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed)
+    held = np.array([_held_out(str(k), 0.05, "meta") for k in range(len(meta))])
+    log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
+    rating_weight = sft_cfg.rating_loss_weight
+
+    def build_meta():
+        return PolicyWithRatingHead(build_lm(model_cfg, tokenizer, base_size, train_cfg.seed), rating_weight)
+
+    def export_meta(module, directory: Path):
+        unwrap_lm(module.lm).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        module.save_heads(directory)
+
+    meta_cols = ["input_ids", "labels", "rating"]
+    meta_metrics = fit(
+        FitSpec("meta", sft_cfg.meta_epochs, sft_cfg.meta_lr, sft_cfg.batch_size, build_meta, collate_lm(vocab.pad_id), export_meta),
+        {"train": ray.data.from_pandas(meta[~held][meta_cols]), "valid": ray.data.from_pandas(meta[held][meta_cols])},
+        train_cfg, out / SFT_LOGS, out / META_DIR,
+    )
+
+    # golden-list fine-tuning from the meta checkpoint; validation = next page of val users
+    meta_dir = (out / META_DIR).resolve()
+    ft = page_rows(codec, data["ft"].user_id, data["ft"].prompt_items, data["ft"].golden)
+    val = data["val"]
+    ft_valid = page_rows(codec, val.user_id, val.prompt_items, val.target)
+
+    def build_ft():
+        from transformers import AutoModelForCausalLM
+
+        from pagellm.model.modeling import apply_lora
+
+        lm = AutoModelForCausalLM.from_pretrained(meta_dir)
+        if model_cfg.lora_rank > 0:
+            lm = apply_lora(lm, model_cfg, list(range(base_size, len(tokenizer))))
+        return PolicyLM(lm)
+
+    def export_policy(module, directory: Path):
+        unwrap_lm(module.lm).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    ft_metrics = fit(
+        FitSpec("golden_ft", sft_cfg.ft_epochs, sft_cfg.ft_lr, sft_cfg.batch_size, build_ft, collate_lm(vocab.pad_id), export_policy),
+        {"train": ray.data.from_pandas(ft), "valid": ray.data.from_pandas(ft_valid)},
+        train_cfg, out / SFT_LOGS, out / "policy_tmp",
+    )
+    # SFT_DIR itself is the reference policy (loads with from_pretrained)
+    for f in (out / "policy_tmp").iterdir():
+        f.replace(out / f.name)
+    (out / "policy_tmp").rmdir()
+
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    pages = greedy_pages(policy, codec, list(val.user_id), list(val.prompt_items), sft_cfg.valid_page_max_items)
+    logs = {stage: read_log(out / SFT_LOGS / f"{stage}.jsonl") for stage in ("meta", "golden_ft")}
+    plot_losses(logs, out / "loss_curves.png")
+    metrics = {
+        "meta": {k: v for k, v in meta_metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))},
+        "golden_ft": {k: v for k, v in ft_metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))},
+        "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
+        "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
+        "valid_page_rate": float(np.mean([p.valid for p in pages])) if pages else 0.0,
+        "valid_pages_checked": len(pages),
+        "invalid_page_reasons": {
+            "no_items": sum(not p.items for p in pages),
+            "non_item_tokens": sum(bool(p.invalid_tokens) for p in pages),
+            "repeated_items": sum(bool(p.repeated_items) for p in pages),
+            "no_eos": sum(not p.ended for p in pages),
+        },
+        "vocab": {"base": base_size, "users": len(vocab.user_token), "items": len(vocab.item_token), "total": len(tokenizer)},
+        "meta_rows": meta.pattern.value_counts().to_dict(),
+        "ft_rows": len(ft),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    return metrics

@@ -1,0 +1,308 @@
+"""The one training path of the supervised stages: Ray Train ``TorchTrainer`` + DeepSpeed.
+
+Every stage (meta pre-training, golden-list fine-tuning, each reward head) describes itself as a
+``FitSpec`` (how to build the model, how to batch rows, epochs, learning rate); ``fit`` runs it
+on N Ray Train workers. DeepSpeed wraps the model with a client ``torch.optim.AdamW`` (so CPUs
+train over gloo without JIT-compiled optimizers; bf16 on GPU) or, with ``train.deepspeed=false``,
+plain DDP. Each epoch ends in a checkpoint reported through ``ray.train.report``: the whole
+module as safetensors, each rank's optimizer shard (loaded back with ``weights_only=True``), the
+trainer state and a Hugging Face export. After a worker dies Ray Train restarts the group
+(``FailureConfig``) and the loop resumes from the latest checkpoint, step count included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagellm.config import TrainConfig
+
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "module.safetensors"
+EXPORT_DIR = "export"
+
+
+@dataclass
+class FitSpec:
+    """One training run. The callables run inside Ray Train workers (they are pickled)."""
+
+    stage: str
+    epochs: int
+    lr: float
+    batch_size: int  # global: split evenly across workers
+    build_model: Callable[[], torch.nn.Module]
+    collate: Callable[[dict], dict]  # a numpy batch of rows -> model keyword tensors
+    export: Callable[[torch.nn.Module, Path], None]  # write the HF-format artefact
+    early_stopping: bool = False
+    patience: int = 1
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _deepspeed_config(train_cfg: TrainConfig, micro_batch: int, on_gpu: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": train_cfg.zero_stage},
+        "bf16": {"enabled": bool(train_cfg.bf16 and on_gpu)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """Safetensors of a module's state; tied weights (GPT-2's lm_head = wte) are stored once.
+    DeepSpeed keeps parameters as views of flat buffers, so tensors are copied out first."""
+    tensors, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(path))
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    """Inverse of ``save_module``: every parameter must be restored (tied ones through their twin)."""
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    state = module.state_dict()
+    untied = [k for k in missing if not any(state[k].data_ptr() == state[o].data_ptr() for o in state if o not in missing)]
+    if untied or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {untied}, unexpected {unexpected})")
+
+
+def load_optimizer_state(path: Path, device) -> dict:
+    """``torch.load(weights_only=True)``, allowing only the three plain DeepSpeed types that a
+    ZeRO optimizer's state holds (a loss scaler, the stage enum, parameter slice addresses)."""
+    allowed = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed = [LossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:
+        pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker body: build, (resume,) train epochs, validate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    spec: FitSpec = config["spec"]
+    train_cfg: TrainConfig = config["train"]
+    log_path = Path(config["log_path"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(train_cfg.seed + rank)
+    torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    micro_batch = max(1, spec.batch_size // world)
+
+    module = spec.build_model()
+    # Weights are restored before DeepSpeed copies them into its fp32 partitions; the
+    # optimizer state (which includes those partitions) after.
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    state = {"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
+    if resume_dir:
+        load_module(module, resume_dir / WEIGHTS_FILE)
+        state = json.loads((resume_dir / STATE_FILE).read_text())
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=spec.lr)
+    engine = None
+    if train_cfg.deepspeed:
+        import deepspeed
+
+        module.to(device)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=_deepspeed_config(train_cfg, micro_batch, device.type == "cuda"),
+            dist_init_required=False,
+        )
+        forward = engine
+    else:
+        forward = ray.train.torch.prepare_model(module)
+    if resume_dir:
+        opt_file = resume_dir / f"optim_rank{rank}.pt"
+        if opt_file.exists():  # same number of workers as the run that saved it
+            saved = load_optimizer_state(opt_file, device)
+            # a ZeRO optimizer takes the saved states of all data-parallel ranks, read by rank
+            optimizer.load_state_dict({rank: saved} if engine is not None and train_cfg.zero_stage > 0 else saved)
+        if rank == 0:
+            _log(log_path, {"stage": spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]})
+
+    wandb_run = None
+    if rank == 0:
+        import wandb
+
+        wandb_run = wandb.init(
+            project=train_cfg.wandb_project, mode=train_cfg.wandb_mode, name=spec.stage,
+            dir=str(log_path.parent), config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr}, reinit="create_new",
+        )
+
+    def run_batches(split: str, train: bool):
+        shard = ray.train.get_dataset_shard(split)
+        totals, n_rows = {}, 0
+        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy"):
+            inputs = {k: v.to(device) for k, v in spec.collate(batch).items()}
+            rows = len(next(iter(batch.values())))
+            if train:
+                loss, metrics = forward(**inputs)
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    optimizer.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+                    optimizer.step()
+                state["step"] += 1
+                if rank == 0 and state["step"] % train_cfg.log_every_steps == 0:
+                    record = {"stage": spec.stage, "epoch": state["epoch"], "step": state["step"], "loss": loss.item()}
+                    record.update({k: float(v) for k, v in metrics.items()})
+                    _log(log_path, record)
+                    wandb_run.log(record, step=state["step"])
+            else:
+                with torch.no_grad():
+                    loss, metrics = forward(**inputs)
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * rows
+            n_rows += rows
+        keys = sorted(totals)
+        sums = _all_reduce_sum([totals[k] for k in keys] + [n_rows], device)
+        return {k: s / max(sums[-1], 1) for k, s in zip(keys, sums[:-1])}
+
+    while state["epoch"] < spec.epochs:
+        started = time.perf_counter()
+        module.train()
+        train_metrics = run_batches("train", train=True)
+        module.eval()
+        valid_metrics = run_batches("valid", train=False)
+        state["epoch"] += 1
+        improved = valid_metrics.get("loss", math.inf) < state["best_valid_loss"]
+        if improved:
+            state.update(best_valid_loss=valid_metrics["loss"], best_epoch=state["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        stop = spec.early_stopping and state["bad_epochs"] >= spec.patience
+        metrics = {
+            "stage": spec.stage, "epoch": state["epoch"], "step": state["step"],
+            **{f"train_{k}": v for k, v in train_metrics.items()},
+            **{f"valid_{k}": v for k, v in valid_metrics.items()},
+            "epoch_seconds": time.perf_counter() - started, "improved": improved, "stopped_early": stop,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            torch.save(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
+            if rank == 0:
+                save_module(module, tmp / WEIGHTS_FILE)
+                (tmp / STATE_FILE).write_text(json.dumps(state))
+                spec.export(module, tmp / EXPORT_DIR)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        if rank == 0:  # logged once the checkpoint is persisted
+            _log(log_path, metrics)
+            wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state["step"])
+        if stop:
+            break
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+def fit(
+    spec: FitSpec,
+    datasets: dict,
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """Train ``spec`` on Ray Train and copy the chosen epoch's HF export to ``out_dir``.
+
+    ``datasets`` holds Ray Datasets "train" and "valid". With early stopping the best epoch
+    (lowest validation loss) is exported, otherwise the last. Re-running with the same
+    ``run_dir`` resumes from its latest checkpoint. Returns the chosen epoch's metrics.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / f"{spec.stage}.jsonl"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "train": train_cfg, "log_path": str(log_path)},
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=train_cfg.use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=spec.stage,
+            storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    chosen = None
+    for ckpt, metrics in _checkpoints(result):
+        if chosen is None or (spec.early_stopping and metrics["valid_loss"] < chosen[1]["valid_loss"]):
+            chosen = (ckpt, metrics)
+        elif not spec.early_stopping and metrics["epoch"] >= chosen[1]["epoch"]:
+            chosen = (ckpt, metrics)
+    ckpt, metrics = chosen
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    with ckpt.as_directory() as d:
+        shutil.copytree(Path(d) / EXPORT_DIR, out_dir)
+    return metrics
+
+
+def _checkpoints(result) -> list:
+    pairs = list(getattr(result, "best_checkpoints", None) or [])
+    if not pairs and result.checkpoint is not None:
+        pairs = [(result.checkpoint, result.metrics)]
+    return pairs
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).exists() else []
+
+
+def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:
+    """Right-pad a sequence of 1-d arrays into a [rows, longest] tensor."""
+    longest = max((len(r) for r in rows), default=1)
+    out = np.full((len(rows), max(longest, 1)), pad_value, dtype=np.int64 if dtype == torch.long else np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.as_tensor(out, dtype=dtype)

@@ -1,0 +1,647 @@
+"""The model layer on tiny real objects: vocabulary, P5 init, prompts, losses, LoRA, reward
+models, and the supervised/reward row builders. No Ray, no mocks; the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from pagellm.config import ModelConfig
+from pagellm.data.schema import build_items
+from pagellm.model.modeling import (
+    PolicyLM,
+    PolicyWithRatingHead,
+    RewardModel,
+    build_lm,
+    p5_init_new_embeddings,
+    token_nll,
+    unwrap_lm,
+)
+from pagellm.model.prompts import ParsedPage, PromptCodec
+from pagellm.model.vocab import EOS, Vocab, build_tokenizer, train_bpe_tokenizer
+from pagellm.reward import collate_pairs, encode_list, pair_rows, pairwise_accuracy
+from pagellm.sft import collate_lm, greedy_pages, meta_rows, page_rows
+
+torch.set_num_threads(1)
+
+BPE = 300
+AWKWARD_ITEMS = ["A 1", "x|y", "42", "b", "user_3", "4"]
+FILLER_ITEMS = [f"p{k:02d}" for k in range(40)]  # enough new rows to estimate a std
+ITEMS = AWKWARD_ITEMS + FILLER_ITEMS
+USERS = ["u1", "u 2", "42", "x|y", "item_9", "val_only"]
+WORDS = ["red electric guitar", "blue drum kit", "tube amp", "nylon strings", "guitar strap", "drum sticks"]
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(n_layer=1, n_head=2, n_embd=32, max_seq_len=64, bpe_vocab_size=BPE, **kw)
+
+
+def make_items(ids=ITEMS):
+    n = len(ids)
+    cats = [["guitars", "drums", "amps"][k % 3] for k in range(n)]
+    return build_items(
+        ids,
+        cats,
+        [[c, "music"] for c in cats],
+        [WORDS[k % len(WORDS)] for k in range(n)],
+        [["fender", "yamaha", None][k % 3] for k in range(n)],
+    )
+
+
+@pytest.fixture(scope="module")
+def items():
+    return make_items()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(items):
+    return build_tokenizer(None, items, USERS, BPE)
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer):
+    return Vocab.from_tokenizer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def codec(vocab):
+    return PromptCodec(vocab)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tokenizer, vocab):
+    """A saved plain policy (what SFT_DIR holds)."""
+    d = tmp_path_factory.mktemp("policy")
+    build_lm(tiny_cfg(), tokenizer, vocab.base_size, seed=1).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+# ------------------------------------------------------------------------------ 1. vocabulary
+
+
+def test_every_id_has_exactly_one_token_and_round_trips(tmp_path, tokenizer, vocab):
+    assert set(vocab.user_token) == set(USERS) and set(vocab.item_token) == set(ITEMS)
+    for prefix, mapping in (("user_", vocab.user_token), ("item_", vocab.item_token)):
+        assert len(set(mapping.values())) == len(mapping)  # injective
+        for entity, tid in mapping.items():
+            assert tokenizer.convert_ids_to_tokens(tid) == f"{prefix}{entity}"
+            # the token string encodes to that one id, spaces and punctuation included
+            assert tokenizer(f"{prefix}{entity}", add_special_tokens=False).input_ids == [tid]
+    assert vocab.token_item == {t: i for i, t in vocab.item_token.items()}
+    # user "42" and item "42" are different tokens
+    assert vocab.user_token["42"] != vocab.item_token["42"]
+
+    tokenizer.save_pretrained(tmp_path)
+    again = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    assert again.user_token == vocab.user_token
+    assert again.item_token == vocab.item_token
+    assert again.token_item == vocab.token_item
+    assert again.base_size == vocab.base_size
+    assert (again.eos_id, again.pad_id) == (vocab.eos_id, vocab.pad_id)
+
+
+def test_user_then_item_tokens_are_contiguous_blocks(tokenizer, vocab):
+    base, n_users, n_items = vocab.base_size, len(USERS), len(ITEMS)
+    assert sorted(vocab.user_token.values()) == list(range(base, base + n_users))
+    assert sorted(vocab.item_token.values()) == list(range(base + n_users, base + n_users + n_items))
+    assert len(tokenizer) == base + n_users + n_items
+    assert vocab.item_id_range == (base + n_users, len(tokenizer))
+    # sorted id order inside each block
+    assert [vocab.user_token[u] for u in sorted(USERS)] == sorted(vocab.user_token.values())
+    assert [vocab.item_token[i] for i in sorted(ITEMS)] == sorted(vocab.item_token.values())
+    assert vocab.pad_id == vocab.eos_id < base
+
+
+def test_embedded_bpe_is_trained_locally_on_catalogue_words(monkeypatch, items):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    tok = build_tokenizer(None, items, USERS, BPE)
+    vocab = Vocab.from_tokenizer(tok)
+    assert vocab.base_size <= BPE
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
+    for word in (" guitar", " drum", " strings", "fender"):
+        ids = vocab.text_ids(word)
+        assert len(ids) < len(word), (word, ids)  # merges were learned from the catalogue
+        assert all(i < vocab.base_size for i in ids)
+        assert tok.decode(ids) == word
+
+
+def test_pretrained_tokenizer_path_gets_entity_tokens_on_top(tmp_path, items):
+    base_tok = train_bpe_tokenizer(["red electric guitar", "blue drum kit"], BPE)
+    base_tok.save_pretrained(tmp_path)
+    base_len = len(base_tok)
+    tok = build_tokenizer(str(tmp_path), items, USERS, bpe_vocab_size=10_000)  # bpe size unused here
+    vocab = Vocab.from_tokenizer(tok)
+    assert vocab.base_size == base_len
+    assert len(tok) == base_len + len(USERS) + len(ITEMS)
+    assert tok("electric guitar", add_special_tokens=False).input_ids == base_tok(
+        "electric guitar", add_special_tokens=False
+    ).input_ids
+    assert sorted(vocab.item_token.values()) == list(range(base_len + len(USERS), len(tok)))
+
+
+# ------------------------------------------------------------------------------ 2. P5 init
+
+
+def _check_p5(weight: torch.Tensor, base: int):
+    new, old = weight[base:].detach().float(), weight[:base].detach().float()
+    std_old = old.std().item()
+    assert abs(new.mean().item()) < 0.15 * std_old
+    assert abs(new.std().item() - std_old) < 0.2 * std_old
+    dist = torch.cdist(new, new) + torch.eye(len(new)) * 1e9
+    assert dist.min().item() > 1e-3 * std_old  # every new row is its own draw
+
+
+def test_p5_init_on_embedded_model(tokenizer, vocab):
+    model = build_lm(tiny_cfg(), tokenizer, vocab.base_size)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tokenizer)
+    _check_p5(weight, vocab.base_size)
+    assert torch.equal(model.get_output_embeddings().weight, weight)  # tied head sees the same rows
+    # deterministic per seed, different across seeds
+    assert torch.equal(build_lm(tiny_cfg(), tokenizer, vocab.base_size).get_input_embeddings().weight, weight)
+    other = build_lm(tiny_cfg(), tokenizer, vocab.base_size, seed=5).get_input_embeddings().weight
+    assert not torch.equal(other[vocab.base_size :], weight[vocab.base_size :])
+
+
+def test_p5_init_scales_with_base_rows():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=120, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:100] *= 25.0  # base std 0.5 instead of 0.02
+    before = model.get_input_embeddings().weight[:100].clone()
+    p5_init_new_embeddings(model, 100, torch.Generator().manual_seed(0))
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(weight[:100], before)
+    _check_p5(weight, 100)
+
+
+def test_p5_init_from_pretrained_path(tmp_path, items):
+    base_tok = train_bpe_tokenizer(["red electric guitar", "blue drum kit", "tube amp"], BPE)
+    base_len = len(base_tok)
+    pretrained = GPT2LMHeadModel(
+        GPT2Config(vocab_size=base_len, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    )
+    pretrained.save_pretrained(tmp_path)
+    base_tok.save_pretrained(tmp_path)
+    tok = build_tokenizer(str(tmp_path), items, USERS, BPE)
+    vocab = Vocab.from_tokenizer(tok)
+    assert vocab.base_size == base_len
+
+    model = build_lm(tiny_cfg(name_or_path=str(tmp_path)), tok, vocab.base_size)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape == (len(tok), 32)
+    assert model.get_output_embeddings().weight.shape[0] == len(tok)
+    assert model.config.vocab_size == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert torch.equal(weight[:base_len], pretrained.get_input_embeddings().weight)
+    _check_p5(weight, base_len)
+    # the other pretrained weights are untouched
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, pretrained.transformer.h[0].attn.c_attn.weight)
+
+
+# ------------------------------------------------------------------------------ 3. prompts
+
+
+def test_prompt_and_target_layout(codec, vocab):
+    history = ["x|y", "A 1", "42"]
+    prompt = codec.prompt("u 2", history)
+    h, p = vocab.text_ids(" history:"), vocab.text_ids(" page:")
+    assert h and p
+    assert prompt == [vocab.user_token["u 2"], *h, *(vocab.item_token[i] for i in history), *p]
+    assert vocab.tokenizer.decode(h) == " history:" and vocab.tokenizer.decode(p) == " page:"
+    assert not set(h + p) & set(vocab.token_item)  # template words are not item tokens
+    # an unseen user gets no user token, the rest is the same
+    assert codec.prompt("never seen", history) == prompt[1:]
+    assert codec.prompt(None, []) == h + p
+    target = codec.target(["b", "4"])
+    assert target == [vocab.item_token["b"], vocab.item_token["4"], vocab.eos_id]
+
+
+def test_parse_reports_every_defect(codec, vocab):
+    t, eos = vocab.item_token, vocab.eos_id
+    ok = codec.parse([t["A 1"], t["x|y"], eos])
+    assert ok == ParsedPage(items=["A 1", "x|y"], ended=True) and ok.valid
+
+    text_token, user_token = vocab.text_ids(" page:")[0], vocab.user_token["u1"]
+    bad = codec.parse([t["b"], text_token, user_token, eos])
+    assert bad.items == ["b"] and bad.invalid_tokens == [text_token, user_token] and bad.ended
+    assert not bad.valid
+
+    rep = codec.parse([t["b"], t["42"], t["b"], eos])
+    assert rep.items == ["b", "42"] and rep.repeated_items == ["b"] and not rep.valid
+
+    open_ = codec.parse([t["b"], t["42"]])
+    assert open_.items == ["b", "42"] and not open_.ended and not open_.valid
+
+    empty = codec.parse([eos])
+    assert empty.ended and not empty.items and not empty.valid
+    assert not codec.parse([]).valid
+
+    # stops at the first EOS: what follows (pad, junk, items) is ignored
+    first = codec.parse(np.array([t["4"], eos, t["b"], text_token, eos], dtype=np.int64))
+    assert first == ParsedPage(items=["4"], ended=True) and first.valid
+
+
+# ------------------------------------------------------------------------------ 4. losses
+
+
+def test_token_nll_matches_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, 3, -100, 1], [2, -100, 4, 0]])
+    nll, count = token_nll(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    # label at position t is predicted from logits at t-1; the first label never counts
+    expected = -(logp[0, 0, 3] + logp[0, 2, 1] + logp[1, 1, 4] + logp[1, 2, 0])
+    assert count.item() == 4
+    assert torch.allclose(nll, expected, atol=1e-5)
+    # logits at positions whose next label is ignored do not matter
+    changed = logits.clone()
+    changed[0, 1] += 7.0
+    changed[1, 0] -= 3.0
+    changed[:, -1] = 100.0  # the last position predicts nothing
+    assert torch.allclose(token_nll(changed, labels)[0], nll, atol=1e-5)
+    all_masked = token_nll(logits, torch.full_like(labels, -100))
+    assert all_masked[0].item() == 0.0 and all_masked[1].item() == 0
+
+
+def _page_batch(codec, vocab):
+    users = ["u1", "u 2", "never seen"]
+    prompts = [["A 1", "b"], ["42"], ["x|y", "4", "p01"]]
+    pages = [["x|y", "42"], ["A 1", "b", "x|y"], ["p02"]]
+    rows = page_rows(codec, users, prompts, pages)
+    prompt_lens = [len(codec.prompt(u, p)) for u, p in zip(users, prompts)]
+    for row_ids, row_labels, n in zip(rows.input_ids, rows.labels, prompt_lens):
+        assert (row_labels[:n] == -100).all() and (row_labels[n:] == row_ids[n:]).all()
+        assert row_ids[-1] == vocab.eos_id
+    batch = collate_lm(vocab.pad_id)({"input_ids": list(rows.input_ids), "labels": list(rows.labels)})
+    return batch, prompt_lens
+
+
+def test_policy_lm_loss_counts_only_target_tokens(codec, vocab, tokenizer):
+    batch, prompt_lens = _page_batch(codec, vocab)
+    lm = build_lm(tiny_cfg(), tokenizer, vocab.base_size).eval()
+    policy = PolicyLM(lm)
+    with torch.no_grad():
+        loss, _ = policy(**batch)
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # by hand: mean -log p over target tokens, each predicted from the previous position
+    logp = torch.log_softmax(logits, -1)
+    terms = []
+    for r, n in enumerate(prompt_lens):
+        length = int(batch["attention_mask"][r].sum())
+        for t in range(n, length):
+            terms.append(-logp[r, t - 1, batch["input_ids"][r, t]])
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+    # unmasking the prompt changes the loss
+    full = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        unmasked, _ = policy(batch["input_ids"], batch["attention_mask"], full)
+    assert not torch.allclose(unmasked, loss, atol=1e-4)
+
+    # perturbing the logits of prompt positions (all but the last prompt token) changes nothing;
+    # perturbing the last prompt position (it predicts the first page item) does
+    def perturb(upto_offset):
+        def hook(module, inputs, output):
+            out = output.clone()
+            for r, n in enumerate(prompt_lens):
+                out[r, : n - 1 + upto_offset] += torch.randn_like(out[r, : n - 1 + upto_offset]) * 5
+            return out
+
+        return lm.lm_head.register_forward_hook(hook)
+
+    for offset, same in ((0, True), (1, False)):
+        handle = perturb(offset)
+        try:
+            with torch.no_grad():
+                changed, _ = policy(**batch)
+        finally:
+            handle.remove()
+        assert torch.allclose(changed, loss, atol=1e-5) == same
+
+
+@pytest.fixture(scope="module")
+def meta_data(items, vocab):
+    """A small items table and training interactions (the tokenizer knows more users/items)."""
+    items_df = items.to_pandas()
+    items_df = items_df[items_df.item_id != "p39"].reset_index(drop=True)  # a token with no metadata
+    train = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", "u 2", "u 2", "42", "x|y", "item_9"],
+            "item_id": ["A 1", "x|y", "42", "b", "A 1", "user_3", "4", "p01"],
+            "rating": [5.0, 3.5, 1.0, 4.0, 2.0, 4.5, 3.0, 5.0],
+            "ts": [10, 20, 30, 50, 40, 1, 2, 3],
+        }
+    )
+    return items_df, train
+
+
+def test_rating_head_losses_are_separated(vocab, tokenizer, meta_data):
+    items_df, train = meta_data
+    rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=0)
+    lm_rows = rows[rows.pattern != "rating"].iloc[:6]
+    rating_rows = rows[rows.pattern == "rating"].iloc[:4]
+    mixed = pd.concat([lm_rows, rating_rows]).sample(frac=1.0, random_state=0)
+    collate = collate_lm(vocab.pad_id)
+
+    def batch_of(df):
+        return collate({c: list(df[c]) for c in ("input_ids", "labels", "rating")})
+
+    torch.manual_seed(0)
+    model = PolicyWithRatingHead(build_lm(tiny_cfg(), tokenizer, vocab.base_size), rating_loss_weight=0.5).eval()
+    b_mixed, b_lm, b_rate = batch_of(mixed), batch_of(lm_rows), batch_of(rating_rows)
+    assert torch.isnan(b_lm["rating"]).all() and torch.isfinite(b_rate["rating"]).all()
+    assert (b_rate["labels"] == -100).all()
+
+    loss_mixed, m_mixed = model(**b_mixed)
+    loss_lm, m_lm = model(**b_lm)
+    loss_rate, m_rate = model(**b_rate)
+    # rating rows add no NLL, LM rows (NaN rating) add no squared error
+    assert torch.allclose(m_mixed["lm_loss"], m_lm["lm_loss"], atol=1e-5)
+    assert torch.allclose(m_mixed["rating_mse"], m_rate["rating_mse"], atol=1e-5)
+    assert m_lm["rating_mse"].item() == 0.0 and m_rate["lm_loss"].item() == 0.0
+    assert torch.isfinite(loss_lm) and torch.isfinite(loss_rate)
+    assert m_lm["lm_loss"].item() > 0 and m_rate["rating_mse"].item() > 0
+    assert torch.allclose(loss_mixed, m_mixed["lm_loss"] + 0.5 * m_mixed["rating_mse"], atol=1e-6)
+
+    # the rating MSE by hand: the head on the final hidden state at each row's last real token
+    with torch.no_grad():
+        out = model.lm(input_ids=b_rate["input_ids"], attention_mask=b_rate["attention_mask"], output_hidden_states=True)
+        last = b_rate["attention_mask"].sum(1).long() - 1
+        pred = model.rating_head(out.hidden_states[-1][torch.arange(len(last)), last]).squeeze(-1)
+    assert torch.allclose(m_rate["rating_mse"], ((pred - b_rate["rating"]) ** 2).mean(), atol=1e-5)
+
+    # gradients stay finite with NaN ratings in the batch, and the head learns only from rated rows
+    model.zero_grad()
+    loss_mixed.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.zero_grad()
+    loss_lm.backward()
+    assert model.rating_head.weight.grad is None or (model.rating_head.weight.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------ 5. LoRA
+
+
+def test_lora_trains_only_adapters_and_new_token_rows(tmp_path, codec, vocab, tokenizer):
+    base = vocab.base_size
+    model = build_lm(tiny_cfg(lora_rank=4, lora_dropout=0.0), tokenizer, base)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any("trainable_tokens_delta" in n for n in trainable)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("wte" in n for n in frozen) and any("mlp.c_fc" in n for n in frozen)
+
+    before = unwrap_lm(build_lm(tiny_cfg(), tokenizer, base))  # same seed: the same start
+    emb0 = before.get_input_embeddings().weight.detach().clone()
+    c_fc0 = before.transformer.h[0].mlp.c_fc.weight.detach().clone()
+
+    batch, _ = _page_batch(codec, vocab)
+    policy = PolicyLM(model)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    policy.train()
+    for _ in range(2):  # LoRA B starts at zero: the second step moves both A and B
+        opt.zero_grad()
+        loss, _ = policy(**batch)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    plain = unwrap_lm(model)
+    assert type(plain) is GPT2LMHeadModel and not hasattr(plain, "peft_config")
+    emb = plain.get_input_embeddings().weight
+    assert torch.equal(emb[:base], emb0[:base])  # base rows frozen
+    moved = (emb[base:] - emb0[base:]).abs().amax(dim=1)
+    used = sorted({int(i) for i in batch["input_ids"].flatten() if i >= base})
+    assert (moved[[i - base for i in used]] > 0).all()  # new-token rows in the batch trained
+    assert torch.equal(plain.transformer.h[0].mlp.c_fc.weight, c_fc0)  # untargeted module frozen
+    assert plain.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
+    with torch.no_grad():
+        merged_logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(merged_logits, peft_logits, atol=1e-5)
+
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(again, merged_logits)
+
+
+def test_rating_head_on_a_lora_model(tokenizer, vocab, meta_data):
+    """Meta pre-training with LoRA: the head sits on a peft model and its export is plain."""
+    items_df, train = meta_data
+    rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=0).iloc[::3]
+    batch = collate_lm(vocab.pad_id)({c: list(rows[c]) for c in ("input_ids", "labels", "rating")})
+    module = PolicyWithRatingHead(build_lm(tiny_cfg(lora_rank=4), tokenizer, vocab.base_size))
+    assert module.rating_head.in_features == 32 and module.rating_head.weight.requires_grad
+    loss, metrics = module(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["lm_loss"] > 0 and metrics["rating_mse"] > 0
+    assert module.rating_head.weight.grad.abs().sum() > 0
+    assert type(unwrap_lm(module.lm)) is GPT2LMHeadModel
+
+
+def test_unwrap_lm_leaves_plain_model_alone(tokenizer, vocab):
+    model = build_lm(tiny_cfg(), tokenizer, vocab.base_size)
+    assert unwrap_lm(model) is model
+
+
+def test_greedy_pages_same_with_and_without_left_padding(codec, policy_dir):
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    users = ["u1", "u 2", "never seen", "42"]
+    prompts = [["A 1", "b", "x|y", "4", "p03"], ["42"], [], ["p01", "p02"]]
+    one_by_one = greedy_pages(model, codec, users, prompts, max_items=5, batch_size=1)
+    batched = greedy_pages(model, codec, users, prompts, max_items=5, batch_size=4)
+    assert len(batched) == len(users) and all(isinstance(p, ParsedPage) for p in batched)
+    assert batched == one_by_one
+
+
+# ------------------------------------------------------------------------------ 6. reward models
+
+
+def _lists(codec):
+    specs = [("u1", ["A 1"], ["x|y", "42", "b"]), ("u 2", ["42", "b"], ["4"]), ("x|y", [], ["p01", "p02"])]
+    return [encode_list(codec, *s) for s in specs]
+
+
+def test_coarse_score_reads_last_real_token(codec, vocab, policy_dir):
+    torch.manual_seed(0)
+    model = RewardModel.from_policy(policy_dir, "coarse").eval()
+    ids, mask = _lists(codec)[0]
+    pad = vocab.pad_id
+    alone = model.score(torch.tensor(ids[None]), torch.ones(1, len(ids)), torch.tensor(mask[None]))
+    padded_ids = torch.tensor([list(ids) + [pad] * 4])
+    padded_att = torch.tensor([[1] * len(ids) + [0] * 4])
+    padded = model.score(padded_ids, padded_att, torch.tensor([list(mask) + [0] * 4]))
+    assert torch.allclose(alone, padded, atol=1e-5)
+    per_pos = model.item_scores(padded_ids, padded_att)
+    assert torch.allclose(padded, per_pos[:, len(ids) - 1], atol=1e-6)
+    assert not torch.allclose(padded, per_pos[:, -1], atol=1e-4)  # not simply the last column
+
+
+def test_fine_score_is_mean_over_item_positions(codec, vocab, policy_dir):
+    torch.manual_seed(0)
+    model = RewardModel.from_policy(policy_dir, "fine").eval()
+    lists = _lists(codec)
+    batch = collate_pairs(vocab.pad_id)(
+        {"chosen_ids": [lists[0][0], lists[1][0]], "chosen_mask": [lists[0][1], lists[1][1]],
+         "rejected_ids": [lists[2][0]], "rejected_mask": [lists[2][1]]}
+    )
+    with torch.no_grad():
+        score = model.score(batch["input_ids"], batch["attention_mask"], batch["item_mask"])
+        per_pos = model.item_scores(batch["input_ids"], batch["attention_mask"])
+    for r, (ids, mask) in enumerate([lists[0], lists[1], lists[2]]):
+        positions = np.flatnonzero(mask)
+        assert torch.allclose(score[r], per_pos[r, positions].mean(), atol=1e-6)
+        # and the same row scored alone agrees (padding does not leak in)
+        with torch.no_grad():
+            alone = model.score(torch.tensor(ids[None]), torch.ones(1, len(ids)), torch.tensor(mask[None]))
+        assert torch.allclose(alone[0], score[r], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["coarse", "fine"])
+def test_reward_bt_loss_and_save_load(tmp_path, codec, vocab, policy_dir, kind):
+    torch.manual_seed(0)
+    model = RewardModel.from_policy(policy_dir, kind).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)
+    pairs = pd.DataFrame(
+        {
+            "user_id": ["u1", "u 2", "x|y"],
+            "prompt_items": [["A 1"], ["42", "b"], []],
+            "chosen": [["x|y", "42"], ["4"], ["p01", "p02", "p03"]],
+            "rejected": [["42", "x|y"], ["p05", "p06"], ["b"]],
+        }
+    )
+    rows = pair_rows(codec, pairs)
+    batch = collate_pairs(vocab.pad_id)({c: list(rows[c]) for c in rows.columns})
+    assert batch["input_ids"].shape[0] == 6
+    with torch.no_grad():
+        loss, metrics = model(**batch)
+        r = model.score(batch["input_ids"], batch["attention_mask"], batch["item_mask"])
+    margin = r[:3] - r[3:]
+    assert torch.allclose(loss, -F.logsigmoid(margin).mean(), atol=1e-6)
+    assert metrics["accuracy"].item() == pytest.approx((margin > 0).float().mean().item())
+
+    model.save_pretrained(tmp_path)
+    reloaded = RewardModel.from_pretrained(tmp_path).eval()
+    assert reloaded.kind == kind
+    with torch.no_grad():
+        r2 = reloaded.score(batch["input_ids"], batch["attention_mask"], batch["item_mask"])
+    assert torch.equal(r2, r)
+
+
+def test_reward_kind_is_checked(policy_dir):
+    with pytest.raises(ValueError, match="coarse"):
+        RewardModel.from_policy(policy_dir, "medium")
+
+
+# ------------------------------------------------------------------------------ 7. reward rows
+
+
+def test_pairwise_accuracy_by_family():
+    families = np.array(["np", "np", "rk", "d", "d"])
+    margins = {"coarse": np.array([1.0, -1.0, 0.5, 2.0, 0.0]), "fine": np.array([-1.0, -1.0, -0.5, 2.0, 3.0])}
+    report = pairwise_accuracy(margins, families)
+    assert report["coarse"] == {"np": 0.5, "rk": 1.0, "d": 0.5, "rd": None, "all": 0.6}  # a tie is not a win
+    assert report["fine"] == {"np": 0.0, "rk": 0.0, "d": 1.0, "rd": None, "all": 0.4}
+    empty = pairwise_accuracy({"coarse": np.zeros(0)}, np.array([], dtype=object))
+    assert empty == {"coarse": {"np": None, "rk": None, "d": None, "rd": None, "all": None}}
+
+
+def test_encode_list_marks_exactly_the_page_items(codec, vocab):
+    prompt_items, page = ["A 1", "b"], ["x|y", "42", "4"]
+    ids, mask = encode_list(codec, "u1", prompt_items, page)
+    prompt = codec.prompt("u1", prompt_items)
+    assert list(ids) == prompt + codec.target(page)
+    assert len(mask) == len(ids) and mask.sum() == len(page)
+    assert list(ids[mask == 1]) == vocab.items_to_ids(page)
+    assert not mask[: len(prompt)].any()  # history items in the prompt are not marked
+    assert ids[-1] == vocab.eos_id and mask[-1] == 0
+    assert mask.dtype == np.int64 and ids.dtype == np.int64
+
+
+# ------------------------------------------------------------------------------ 8. meta rows
+
+
+def test_meta_rows_patterns_and_ratings(vocab, meta_data):
+    items_df, train = meta_data
+    rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=0)
+    assert set(rows.pattern) == {"a", "b", "c", "d", "rating"}
+    counts = rows.pattern.value_counts()
+    assert counts["a"] == len(items_df) and counts["b"] == len(train) and counts["rating"] == len(train)
+    assert counts["d"] == train.user_id.nunique()
+
+    rating = rows[rows.pattern == "rating"]
+    assert all((lab == -100).all() for lab in rating.labels)
+    assert np.isfinite(rating.rating).all()
+    expected = sorted(
+        ((vocab.user_token[u], vocab.item_token[i]), r) for u, i, r in train[["user_id", "item_id", "rating"]].itertuples(index=False)
+    )
+    assert sorted((tuple(x), float(r)) for x, r in zip(rating.input_ids, rating.rating)) == expected
+
+    lm = rows[rows.pattern != "rating"]
+    assert np.isnan(lm.rating).all()
+    assert all(np.array_equal(x, lab) for x, lab in zip(lm.input_ids, lm.labels))
+
+    # (d): the user's training items in time order ("u 2" rated "A 1" at ts 40, "b" at 50)
+    d_u2 = [list(x) for x, p in zip(rows.input_ids, rows.pattern) if p == "d" and x[0] == vocab.user_token["u 2"]]
+    assert d_u2 == [[vocab.user_token["u 2"], *vocab.text_ids(" history:"), vocab.item_token["A 1"], vocab.item_token["b"]]]
+    # (b) says the rating
+    b_rows = [list(x) for x, p in zip(rows.input_ids, rows.pattern) if p == "b"]
+    u1, xy = vocab.user_token["u1"], vocab.item_token["x|y"]
+    assert [u1, *vocab.text_ids(" rated"), xy, *vocab.text_ids(" 3.5 stars")] in b_rows
+
+    # only items from the items table or training interactions, only training users
+    known_items = {vocab.item_token[i] for i in set(items_df.item_id) | set(train.item_id)}
+    train_users = {vocab.user_token[u] for u in train.user_id}
+    for x in rows.input_ids:
+        entity = [int(t) for t in x if t >= vocab.base_size]
+        items_in = {t for t in entity if t in vocab.token_item}
+        assert items_in <= known_items
+        assert set(entity) - items_in <= train_users
+    assert vocab.item_token["p39"] not in {int(t) for x in rows.input_ids for t in x}
+    assert vocab.user_token["val_only"] not in {int(t) for x in rows.input_ids for t in x}
+
+
+def test_meta_rows_co_occurrence_pairs_really_share(vocab, meta_data):
+    items_df, train = meta_data
+    rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=3)
+    by_id = items_df.set_index("item_id")
+    c_rows = [x for x, p in zip(rows.input_ids, rows.pattern) if p == "c"]
+    assert c_rows
+    for x in c_rows:
+        a, b = [vocab.token_item[int(t)] for t in x if int(t) in vocab.token_item]
+        assert a != b
+        text = vocab.tokenizer.decode(x)
+        key = "category" if "share category:" in text else "brand"
+        assert by_id.loc[a, key] == by_id.loc[b, key] and text.endswith(f"share {key}: {by_id.loc[a, key]}")
+
+
+def test_meta_rows_do_not_pair_items_without_category(vocab):
+    items_df = build_items(["A 1", "b", "42"], [None, None, "drums"], [[], [], ["drums"]], ["red guitar", "blue drum", "amp"]).to_pandas()
+    train = pd.DataFrame({"user_id": ["u1"], "item_id": ["A 1"], "rating": [4.0], "ts": [1]})
+    rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=0)
+    assert "c" not in set(rows.pattern)
+
+
+def test_meta_rows_are_cut_to_max_tokens(vocab, meta_data):
+    items_df, train = meta_data
+    full = meta_rows(vocab, items_df, train, max_tokens=1000, seed=0)
+    cut = meta_rows(vocab, items_df, train, max_tokens=6, seed=0)
+    assert max(map(len, full.input_ids)) > 6
+    assert list(cut.pattern) == list(full.pattern)
+    for x, lab, fx, flab in zip(cut.input_ids, cut.labels, full.input_ids, full.labels):
+        assert len(x) == len(lab) == min(6, len(fx))
+        assert np.array_equal(x, fx[:6]) and np.array_equal(lab, flab[:6])

@@ -1,0 +1,157 @@
+"""Ray Train + DeepSpeed: the shared loop, worker failure and resume, and the SFT / reward stages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagellm.config import ModelConfig, TrainConfig, load_config
+from pagellm.data.pipeline import build_dataset
+from pagellm.model.modeling import PolicyLM, build_lm
+from pagellm.model.vocab import Vocab, train_bpe_tokenizer, add_entity_tokens
+from pagellm.sft import collate_lm
+from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module, read_log
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300", "model.max_seq_len=128"]
+
+
+def tiny_lm_spec(epochs: int, tokenizer, base_size: int, stage: str) -> FitSpec:
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, max_seq_len=64)
+
+    def build():
+        return PolicyLM(build_lm(model_cfg, tokenizer, base_size, seed=0))
+
+    def export(module, directory: Path):
+        module.lm.save_pretrained(directory)
+
+    return FitSpec(stage, epochs, 1e-3, 16, build, collate_lm(tokenizer.pad_token_id), export)
+
+
+def tiny_rows(tokenizer, n: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    lo = len(tokenizer) - 20
+    ids = [rng.integers(lo, len(tokenizer), size=12) for _ in range(n)]
+    return pd.DataFrame({"input_ids": ids, "labels": ids})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_bpe_tokenizer(["guitar strings picks amp"] * 20, 300)
+    add_entity_tokens(tok, ["u1"], [f"i{k}" for k in range(20)])
+    return tok
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd and "ray::" in cmd:
+            found.append(proc)
+    return found
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path, tokenizer):
+    import ray.data
+
+    epochs = 5
+    spec = tiny_lm_spec(epochs, tokenizer, Vocab.from_tokenizer(tokenizer).base_size, "killed")
+    rows = tiny_rows(tokenizer, 1600)
+    datasets = {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(rows.head(64))}
+    train_cfg = TrainConfig(num_workers=2, deepspeed=True, zero_stage=1, max_failures=2, log_every_steps=5)
+    log = tmp_path / "runs" / "killed.jsonl"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["metrics"] = fit(spec, datasets, train_cfg, tmp_path / "runs", tmp_path / "out")
+        except Exception as exc:  # surfaced below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        records = read_log(log)
+        done = [r for r in records if "valid_loss" in r]
+        # epoch 1 is checkpointed and epoch 2 is well under way: kill a worker mid-epoch
+        if done and any(r.get("step", 0) >= done[0]["step"] + 30 for r in records):
+            workers = _train_workers()
+            if workers:
+                killed = workers[-1]
+                killed.kill()
+                break
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert killed is not None, "no worker was killed: training finished too fast"
+    records = read_log(log)
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert resumed, "training did not resume from a checkpoint"
+    first_epoch = next(r for r in records if "valid_loss" in r)
+    assert resumed[0]["epoch"] >= 1 and resumed[0]["step"] >= first_epoch["step"]
+    # the step count continued: steps after the resume start where the checkpoint left off
+    after = records[records.index(resumed[0]) + 1 :]
+    assert min(r["step"] for r in after if "step" in r) > resumed[0]["step"]
+    finals = [r for r in records if "valid_loss" in r]
+    assert finals[-1]["epoch"] == epochs and outcome["metrics"]["epoch"] == epochs
+    steps_per_epoch = first_epoch["step"]
+    assert finals[-1]["step"] == epochs * steps_per_epoch
+
+
+def test_checkpoint_and_export_give_identical_logits(ray_session, tmp_path, tokenizer):
+    import ray.data
+
+    spec = tiny_lm_spec(1, tokenizer, Vocab.from_tokenizer(tokenizer).base_size, "roundtrip")
+    rows = tiny_rows(tokenizer, 64)
+    fit(spec, {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(rows)},
+        TrainConfig(num_workers=2, deepspeed=True), tmp_path / "runs", tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ckpt_dirs = list((tmp_path / "runs" / "ray_train").rglob(WEIGHTS_FILE))
+    assert ckpt_dirs
+    fresh = spec.build_model()
+    load_module(fresh, ckpt_dirs[-1])
+    fresh.eval()
+    ids = torch.tensor([list(rows.input_ids[0])])
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, fresh.lm(input_ids=ids).logits)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("deepspeed", [True, False], ids=["deepspeed", "ddp"])
+def test_sft_and_reward_stages_on_synthetic_data(ray_session, tmp_path, deepspeed):
+    from pagellm.reward import run_reward
+    from pagellm.sft import run_sft
+
+    cfg = load_config(
+        overrides=[
+            "data.dataset=synthetic:4000", *TINY, "sft.meta_epochs=1", "sft.ft_epochs=2", "reward.epochs=1",
+            "sft.meta_lr=1e-3", "sft.ft_lr=1e-3", "reward.lr=1e-3", f"train.deepspeed={deepspeed}",
+        ]
+    )
+    build_dataset(cfg, tmp_path / "data", engine="local")
+    sft = run_sft(cfg, tmp_path / "data", tmp_path / "sft")
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert policy.get_input_embeddings().weight.shape[0] == sft["vocab"]["total"]
+    assert 0.0 <= sft["valid_page_rate"] <= 1.0 and sft["valid_pages_checked"] > 0
+    assert (tmp_path / "sft" / "loss_curves.png").stat().st_size > 0
+    assert (tmp_path / "sft" / "tokenizer.json").exists()
+    meta_log = read_log(tmp_path / "sft" / "logs" / "meta.jsonl")
+    assert any("valid_loss" in r for r in meta_log) and any("lm_loss" in r for r in meta_log)
+    reward = run_reward(cfg, tmp_path / "data", tmp_path / "sft", tmp_path / "reward")
+    acc = reward["accuracy"]
+    assert set(acc) == {"coarse", "fine", "combined"}
+    assert all(set(v) == {"np", "rk", "d", "rd", "all"} for v in acc.values())
+    saved = json.loads((tmp_path / "reward" / "metrics.json").read_text())
+    assert saved["accuracy"] == json.loads(json.dumps(acc))
+    for kind in ("coarse", "fine"):
+        assert (tmp_path / "reward" / kind / "reward_head.safetensors").exists()
