@@ -156,3 +156,23 @@ def test_sft_and_reward_stages_on_synthetic_data(ray_session, tmp_path):
     assert saved["accuracy"] == json.loads(json.dumps(acc))
     for kind in ("coarse", "fine"):
         assert (tmp_path / "reward" / kind / "reward_head.safetensors").exists()
+
+
+def test_latest_checkpoint_prefers_newest_complete(tmp_path):
+    from pagellm.train.loop import STATE_FILE, latest_checkpoint
+
+    def make(name, epoch, ranks):
+        d = tmp_path / "root" / name
+        d.mkdir(parents=True)
+        (d / WEIGHTS_FILE).write_bytes(b"x")
+        (d / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+        for r in ranks:
+            (d / f"optim_rank{r}.pt").write_bytes(b"x")
+        return d
+
+    registered = make("checkpoint_a", 1, [0, 1])
+    newer = make("checkpoint_b", 2, [0, 1])
+    make("checkpoint_c", 3, [0])  # rank 1 died before writing its shard: incomplete
+    assert latest_checkpoint([registered], tmp_path / "root", world=2) == newer
+    assert latest_checkpoint([], tmp_path / "missing", world=2) is None
+    assert latest_checkpoint([registered], tmp_path / "missing", world=2) == registered

@@ -111,6 +111,27 @@ def load_optimizer_state(path: Path, device) -> dict:
         return torch.load(path, map_location=device, weights_only=True)
 
 
+def latest_checkpoint(registered: list[Path], root: Path, world: int) -> Optional[Path]:
+    """The newest complete checkpoint: Ray Train's registered one, or a newer one in ``root``.
+
+    A worker group that dies right after ``ray.train.report`` can lose the newest checkpoint
+    before the controller registers it, although every rank has already written it to
+    storage. When ``root`` is visible here (local or shared storage) such a checkpoint is used
+    if it is complete (module, state and every rank's optimizer shard).
+    """
+    candidates = list(registered)
+    if root.is_dir():
+        candidates += [d for d in root.glob("checkpoint_*") if d.is_dir()]
+
+    def epoch(d: Path) -> int:
+        complete = (d / WEIGHTS_FILE).exists() and (d / STATE_FILE).exists()
+        complete = complete and all((d / f"optim_rank{r}.pt").exists() for r in range(world))
+        return json.loads((d / STATE_FILE).read_text())["epoch"] if complete else -1
+
+    best = max(candidates, key=epoch, default=None)
+    return best if best is not None and epoch(best) >= 0 else None
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker body: build, (resume,) train epochs, validate, checkpoint."""
     import ray.train
@@ -130,7 +151,9 @@ def train_loop(config: dict) -> None:
     # Weights are restored before DeepSpeed copies them into its fp32 partitions; the
     # optimizer state (which includes those partitions) after.
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    resume_dir = latest_checkpoint(
+        [Path(checkpoint.to_directory())] if checkpoint else [], Path(config["checkpoint_root"]), world
+    )
     state = {"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
     if resume_dir:
         load_module(module, resume_dir / WEIGHTS_FILE)
@@ -257,7 +280,10 @@ def fit(
     log_path = run_dir / f"{spec.stage}.jsonl"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "train": train_cfg, "log_path": str(log_path)},
+        train_loop_config={
+            "spec": spec, "train": train_cfg, "log_path": str(log_path),
+            "checkpoint_root": str(run_dir / "ray_train" / spec.stage),
+        },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers,
             use_gpu=train_cfg.use_gpu,
