@@ -13,25 +13,10 @@ from hypothesis import strategies as st
 from pagellm.config import DataConfig
 from pagellm.data import rules
 from pagellm.data.rules import TEST, TRAIN, VAL
+from tests.output_checks import _clustered as is_clustered
+from tests.output_checks import _kendall as kendall_distance
 
 RATINGS = st.lists(st.sampled_from([1.0, 2.0, 3.0, 4.0, 5.0]), min_size=0, max_size=60)
-
-
-def kendall_distance(a, b) -> int:
-    pos = {item: k for k, item in enumerate(b)}
-    seq = [pos[i] for i in a]
-    return sum(1 for i in range(len(seq)) for j in range(i + 1, len(seq)) if seq[i] > seq[j])
-
-
-def is_clustered(items, category) -> bool:
-    seen, last = set(), None
-    for item in items:
-        c = category[item]
-        if c != last and c in seen:
-            return False
-        seen.add(c)
-        last = c
-    return True
 
 
 # ------------------------------------------------------------------------------------ split
