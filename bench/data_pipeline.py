@@ -16,10 +16,23 @@ Method
   a helper process, and saved as Arrow IPC files under OUT/work/. Both engines load exactly
   these tables into ordinary (anonymous) memory and receive them as ``ingested=``; generation
   and loading are outside the timing.
-* Every (size, engine) measurement runs in its own fresh process
-  (``python bench/data_pipeline.py --engine ray|local --size N --data DIR --json FILE``),
-  so memory kept by one measurement (Arrow pools, Ray's object store, warm workers) cannot
-  pollute the next one.
+* Every (size, engine, pass) measurement runs in its own fresh process
+  (``python bench/data_pipeline.py --engine ray|local --size N --mode time|mem --data DIR
+  --json FILE``), so memory kept by one measurement (Arrow pools, Ray's object store, warm
+  workers) cannot pollute the next one.
+* The sampler is a background thread of the PARENT process, watching the child's process
+  tree from outside. A first version ran it as a thread inside the measured process, where
+  it competes with the local engine's main thread for the GIL (each /proc read releases and
+  re-takes it; the thread got only ~1 sample/s instead of 5 at 10M): the local engine took
+  150-170 s at 10M with it (RSS or PSS) and 122.6 s in the one run without it, on a machine
+  shared with other jobs, so the size of the effect is not pinned down.
+* Two passes per (size, engine), by default. Reading PSS walks the page tables of every
+  process (/proc/PID/smaps_rollup), which costs CPU (12-22 s per 10M run) and takes each
+  process's mmap lock. So the TIMING pass samples only CPU times and RSS and gives wall,
+  users/s, pairs/s, per-step seconds and cores busy; the MEMORY pass repeats the run with
+  PSS sampling and gives peak memory only (its wall time is kept in results.json as
+  ``mem_pass_wall_s``). ``--passes one`` measures both in one PSS run; ``--passes off``
+  samples nothing (overhead check).
 * Ray: ``ray.init(num_cpus=2, include_dashboard=False)`` once, then one untimed warm-up
   ``build_dataset`` on 20k synthetic interactions (starts and warms the 2 worker processes and
   Ray Data; its time is reported as ``ray_warmup_s``). The timing then covers
@@ -29,15 +42,25 @@ Method
 * Throughput: users/s = stats["users_kept"] / wall, pairs/s = stats["pairs_total"] / wall.
   Per-step seconds come from stats["seconds"]; ``other`` is wall minus their sum (for Ray,
   mostly fetching the users table back from the object store).
-* Memory: a background thread samples, every 0.2 s, the sum of PSS
-  (``memory_full_info().pss``, RSS where PSS cannot be read) over the measuring process and
+* Memory (memory pass): the parent's sampler thread reads, every 0.2 s, the sum of PSS
+  (``memory_full_info().pss``, RSS where PSS cannot be read) over the measured process and
   all its descendants (for a local ``ray.init()`` these are gcs_server, raylet, the workers,
   ...). The Ray object store is a /dev/shm mapping and is counted through the PSS of the
-  processes mapping it. Reported: peak minus the baseline sampled right before the timed call,
+  processes mapping it. Reported: peak minus the baseline (one sample taken by the measured
+  process itself right before the timed call),
   and the absolute peak (which includes the loaded input tables and idle Ray processes).
   /dev/shm usage is also sampled as a cross-check for the object store.
-* CPU: CPU seconds (user+system) of the same process tree during the timed call; cpu_s/wall
-  is the number of cores kept busy on average (2.0 = both cores all the time).
+* CPU: CPU seconds (user+system) of the same process tree during the timed call, also per
+  step (from the 0.2 s samples) and per process group (driver / Ray workers / Ray system);
+  cpu_s/wall is the number of cores kept busy on average (2.0 = both cores all the time).
+* The machine may be shared: before each measurement the parent waits (``--wait-idle``, up
+  to 900 s) until other processes have used < 0.25 cores for 30 s in a row, and every result
+  records the CPU that other processes used during the timed call (``foreign_cores_busy``,
+  "other procs cores" in the table: system-wide busy CPU minus the measured tree and the
+  sampler thread) and VM steal time.
+* Calibration: before the sizes, the same small pure-Python workload runs in 1 process, then
+  in 2 processes at once; 2 x alone / together is the best speed-up two processes can get on
+  this machine (``machine.calibration.two_process_speedup``), whatever the engine.
 * After both engines ran for a size, their output directories are compared file by file
   (bytes, else Arrow table equality; stats.json without ``engine``/``seconds``); then the
   input and output files are deleted unless ``--keep``.
@@ -58,6 +81,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -78,22 +102,24 @@ def log(msg: str) -> None:
 
 
 class TreeSampler:
-    """Samples PSS (fallback RSS) and CPU time of this process and all its descendants."""
+    """Samples memory (PSS, or RSS when ``pss=False``) and CPU time of a process and all its
+    descendants every ``interval`` s, in a thread of ANOTHER process (the parent), so that the
+    measured process is not slowed by it; see the module docstring."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, root_pid: int, interval: float = 0.2, pss: bool = True):
         import psutil
 
         self.psutil = psutil
+        self.pss = pss  # False: RSS from statm and CPU only (no page-table walk)
         self.interval = interval
-        self.root = psutil.Process()
+        self.root = psutil.Process(root_pid)
         self._procs: dict[int, "psutil.Process"] = {}
-        self._cpu_last: dict[tuple[int, float], float] = {}  # (pid, create_time) -> cpu s last seen
-        self._cpu_start: dict[tuple[int, float], float] = {}
-        self.peak = 0
-        self.peak_shm = 0
-        self.samples = 0
+        self._group: dict[tuple[int, float], str] = {}  # (pid, create_time) -> process group
+        self._name: dict[tuple[int, float], str] = {}
+        self._cpu_hist: dict[tuple[int, float], list[tuple[float, float]]] = {}  # -> [(t, cpu s)]
+        # (epoch s, tree memory bytes, /dev/shm bytes, sampler thread CPU s)
+        self.timeline: list[tuple[float, int, int, float]] = []
         self.rss_fallbacks = 0
-        self.max_procs = 0
         self.thread_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,80 +133,181 @@ class TreeSampler:
             pass
         return procs
 
-    def sample(self) -> int:
-        """One sample: total PSS (bytes) of the tree; also updates CPU-time bookkeeping."""
+    def sample(self, thread_cpu: float = 0.0) -> int:
+        """One sample of the tree: memory bytes (PSS or RSS); records CPU per process."""
         total = 0
-        n = 0
+        now = time.time()
         for p in self._tree():
             try:
                 cached = self._procs.get(p.pid)
                 if cached is None or cached.create_time() != p.create_time():
                     self._procs[p.pid] = cached = p
-                try:
-                    mem = cached.memory_full_info().pss
-                except (self.psutil.AccessDenied, AttributeError):
+                if not self.pss:
                     mem = cached.memory_info().rss
-                    self.rss_fallbacks += 1
+                else:
+                    try:
+                        mem = cached.memory_full_info().pss
+                    except (self.psutil.AccessDenied, AttributeError):
+                        mem = cached.memory_info().rss
+                        self.rss_fallbacks += 1
                 cpu = cached.cpu_times()
                 ident = (cached.pid, cached.create_time())
+                if self._group.get(ident) not in ("driver", "ray_workers"):  # names change
+                    self._group[ident], self._name[ident] = self._classify(cached)
             except self.psutil.Error:  # exited between listing and reading
                 continue
             total += mem
-            n += 1
             with self._lock:
-                self._cpu_last[ident] = cpu.user + cpu.system
+                self._cpu_hist.setdefault(ident, []).append((now, cpu.user + cpu.system))
         try:
             shm = shutil.disk_usage("/dev/shm").used
         except OSError:
             shm = 0
         with self._lock:
-            self.samples += 1
-            self.peak = max(self.peak, total)
-            self.peak_shm = max(self.peak_shm, shm)
-            self.max_procs = max(self.max_procs, n)
+            self.timeline.append((now, total, shm, thread_cpu))
         return total
 
-    def baseline(self) -> tuple[int, int]:
-        """Sample right before the timed call: (PSS bytes, /dev/shm bytes); starts CPU accounting."""
-        gc.collect()
-        base = self.sample()
-        shm = shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0
-        with self._lock:
-            self._cpu_start = dict(self._cpu_last)
-            self.peak = base
-            self.peak_shm = shm
-        return base, shm
+    def _classify(self, p) -> tuple[str, str]:
+        """driver (the measured process), ray_workers (task/actor processes, named ray::...),
+        ray_system (gcs_server, raylet, agents, monitors); a new worker is called python until
+        it sets its title, so the group is re-checked until it is a worker."""
+        name = p.name()
+        if p.pid == self.root.pid:
+            return "driver", name
+        if name.startswith("ray::") and "Agent" not in name:
+            return "ray_workers", name
+        return "ray_system", name
 
     def _loop(self) -> None:
         t0 = time.thread_time()
         while not self._stop.wait(self.interval):
-            self.sample()
+            self.sample(time.thread_time() - t0)
         self.thread_cpu_s = time.thread_time() - t0
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pss-sampler", daemon=True)
+    def start(self) -> "TreeSampler":
+        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
         self._thread.start()
+        return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.sample()
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds of the tree since ``baseline`` (processes that exited count up to their
-        last sample)."""
-        with self._lock:
-            return sum(v - self._cpu_start.get(k, 0.0) for k, v in self._cpu_last.items())
+    # ---- analysis of a time window (epoch seconds), after the measured process exited
 
-    def process_names(self) -> list[str]:
-        names = []
-        for p in self._tree():
-            try:
-                names.append(p.name())
-            except self.psutil.Error:
-                pass
-        return sorted(names)
+    @staticmethod
+    def _at(hist: list[tuple[float, float]], t: float) -> float:
+        """CPU of one process at time t: linear between samples; 0 before it was first seen
+        (a process first seen later started later), its last value after it was last seen."""
+        import numpy as np
+
+        if t <= hist[0][0]:
+            return 0.0 if t < hist[0][0] - 0.5 else hist[0][1]
+        return float(np.interp(t, [h[0] for h in hist], [h[1] for h in hist]))
+
+    def cpu_between(self, t0: float, t1: float) -> dict[tuple[int, float], float]:
+        out = {}
+        for ident, hist in self._cpu_hist.items():
+            if hist[-1][0] < t0:
+                continue
+            out[ident] = max(0.0, self._at(hist, t1) - self._at(hist, t0))
+        return out
+
+    def window(self, t0: float, t1: float, bounds: dict[str, tuple[float, float]]) -> dict:
+        """CPU, per-step cores busy, per-group and per-process CPU, memory peak in [t0, t1]."""
+        per = self.cpu_between(t0, t1)
+        cpu_s = sum(per.values())
+        groups: dict[str, float] = {}
+        for ident, v in per.items():
+            g = self._group.get(ident, "ray_system")
+            groups[g] = round(groups.get(g, 0.0) + v, 2)
+        procs = sorted(((self._name.get(k, "?"), k[0], round(v, 2)) for k, v in per.items()), key=lambda r: -r[2])
+        cores = {}
+        for step, (a, b) in bounds.items():
+            cores[step] = round(sum(self.cpu_between(a, b).values()) / (b - a), 2) if b - a >= 0.5 else None
+        inside = [x for x in self.timeline if t0 - 0.01 <= x[0] <= t1 + self.interval]
+        peak = max(inside, key=lambda x: x[1]) if inside else (t0, 0, 0, 0.0)
+        peak_step = next((k for k, (a, b) in bounds.items() if a <= peak[0] <= b),
+                         "end" if peak[0] > t1 - 0.3 else "other")
+        thread = [x[3] for x in inside]
+        step = max(1, len(inside) // 300)
+        return {
+            "cpu_s": round(cpu_s, 2),
+            "cores_busy_per_step": cores,
+            "cpu_s_by_process_group": groups,
+            "cpu_s_by_process": procs,
+            "mem_peak_bytes": peak[1],
+            "mem_peak_at_s": round(peak[0] - t0, 1),
+            "mem_peak_step": peak_step,
+            "shm_peak_mib": round(max((x[2] for x in inside), default=0) / MiB, 1),
+            "mem_samples": len(inside),
+            "max_processes": len(per),
+            "sampler_cpu_s": round(thread[-1] - thread[0], 2) if len(thread) > 1 else 0.0,
+            "mem_timeline": [(round(x[0] - t0, 2), round(x[1] / MiB, 1)) for x in inside[::step]],
+        }
+
+
+def system_busy() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, steal seconds) since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return busy, getattr(t, "steal", 0.0)  # guest time is already inside user/nice
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25, quiet_for: float = 30.0, probe: float = 3.0) -> dict:
+    """Wait until processes outside this benchmark have used < ``threshold`` cores for
+    ``quiet_for`` seconds in a row (the machine is shared); give up after ``max_wait`` seconds
+    and go on (the result then shows the load)."""
+    t0 = time.perf_counter()
+    quiet_since, last_log, busy = None, -1e9, 0.0
+    while True:
+        b0, _ = system_busy()
+        time.sleep(probe)
+        busy = (system_busy()[0] - b0) / probe
+        now = time.perf_counter()
+        if busy < threshold:
+            quiet_since = quiet_since or now - probe
+            if now - quiet_since >= quiet_for:
+                return {"load_before_cores": round(busy, 2), "waited_s": round(now - t0, 1), "quiet": True}
+        else:
+            quiet_since = None
+        if now - t0 >= max_wait:
+            return {"load_before_cores": round(busy, 2), "waited_s": round(now - t0, 1), "quiet": False}
+        if busy >= threshold and now - last_log > 60:
+            log(f"machine busy ({busy:.2f} cores used by other processes); waiting "
+                f"({now - t0:.0f}/{max_wait:.0f} s)")
+            last_log = now
+
+
+CALIBRATE_CODE = """
+import time
+t = time.perf_counter(); c = time.process_time()
+acc = {}
+for i in range(5_000_000):
+    k = "u" + str(i % 5000)
+    acc.setdefault(k, []).append(i)
+    if len(acc[k]) > 50:
+        acc[k] = sorted(acc[k], reverse=True)[:10]
+print(time.perf_counter() - t, time.process_time() - c)
+"""
+
+
+def calibrate_cores() -> dict:
+    """How much faster can 2 processes go than 1 on this machine? The same pure-Python
+    workload (dicts, lists, string keys, like the per-user rules) runs alone, then as 2
+    processes at once; 2 x alone / together is the best speed-up any 2-process engine can get."""
+    def run(k: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", CALIBRATE_CODE], stdout=subprocess.PIPE, text=True)
+                 for _ in range(k)]
+        return [float(p.communicate()[0].split()[0]) for p in procs]
+
+    alone = min(run(1)[0] for _ in range(2))
+    together = max(run(2))
+    return {"one_process_s": round(alone, 2), "two_processes_s": round(together, 2),
+            "two_process_speedup": round(2 * alone / together, 2)}
 
 
 # ------------------------------------------------------------------------------ child: data
@@ -226,8 +353,15 @@ def load_data(data_dir: Path):
 # ------------------------------------------------------------------------------ child: measure
 
 
-def measure(engine: str, n: int, data_dir: Path, out_dir: Path) -> dict:
-    """One timed ``build_dataset`` call in this (fresh) process."""
+STEP_ORDER = ("ingest", "split", "item_stats", "build", "write")  # order inside build_dataset
+
+
+def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "time") -> dict:
+    """One timed ``build_dataset`` call in this (fresh) process. The parent samples this
+    process tree while it runs (mode "time": CPU and RSS; "mem": PSS; "off": nothing); here
+    only one baseline sample is taken, right before the timed call, and the times of the
+    call and of its steps are recorded for the parent.
+    """
     import pyarrow
 
     from pagellm.config import load_config
@@ -258,19 +392,32 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path) -> dict:
         result["ray_warmup_s"] = round(time.perf_counter() - t, 3)
         log(f"ray {n:,}: ray.init {result['ray_init_s']:.1f} s, warm-up {result['ray_warmup_s']:.1f} s (untimed)")
 
-    sampler = TreeSampler(0.2)
-    base, base_shm = sampler.baseline()
-    result["processes"] = sampler.process_names()
-    sampler.start()
-    log(f"{engine} {n:,}: timing build_dataset (baseline {base / MiB:,.0f} MiB PSS, "
-        f"{len(result['processes'])} processes)")
+    gc.collect()
+    one_shot = TreeSampler(os.getpid(), pss=(mode == "mem"))
+    base = one_shot.sample()
+    base_shm = one_shot.timeline[-1][2]
+    result["processes"] = sorted(one_shot._name.values())
+    result["mode"] = mode
+    log(f"{engine} {n:,} [{mode} pass]: timing build_dataset (baseline {base / MiB:,.0f} MiB "
+        f"{'PSS' if mode == 'mem' else 'RSS'}, {len(result['processes'])} processes)")
+    sys0, steal0 = system_busy()
+    t_start = time.time()
     t = time.perf_counter()
     stats = build_dataset(cfg, out_dir, engine=engine, ingested=ingested)
     wall = time.perf_counter() - t
-    sampler.stop()
-    cpu_s = sampler.cpu_seconds()
+    t_end = t_start + wall
+    sys1, steal1 = system_busy()
 
     steps = dict(stats["seconds"])
+    # step windows (epoch s) for the parent's per-step CPU; steps run in STEP_ORDER and
+    # Ray's untimed users fetch sits between build and write
+    bounds, t_acc = {}, 0.0
+    for k in STEP_ORDER:
+        if k == "write":
+            t_acc = wall - steps.get("write", 0.0)
+        if k != "ingest":
+            bounds[k] = (t_start + t_acc, t_start + t_acc + steps.get(k, 0.0))
+        t_acc += steps.get(k, 0.0)
     result.update(
         wall_s=round(wall, 3),
         users=stats["users"],
@@ -283,22 +430,20 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path) -> dict:
         interactions_per_s=round(stats["interactions"] / wall, 1),
         seconds=steps,
         other_s=round(wall - sum(steps.values()), 3),
-        cpu_s=round(cpu_s, 2),
-        cores_busy=round(cpu_s / wall, 2),
+        t_start=t_start,
+        t_end=t_end,
+        step_bounds=bounds,
+        system_busy_cpu_s=round(sys1 - sys0, 2),
+        steal_cores=round((steal1 - steal0) / wall, 2),
+        mem_kind="PSS" if mode == "mem" else "RSS (sum over processes; shared pages counted repeatedly)",
+        mem_baseline_bytes=base,
         mem_baseline_mib=round(base / MiB, 1),
-        mem_peak_mib=round(sampler.peak / MiB, 1),
-        mem_peak_above_baseline_mib=round((sampler.peak - base) / MiB, 1),
         shm_baseline_mib=round(base_shm / MiB, 1),
-        shm_peak_mib=round(sampler.peak_shm / MiB, 1),
-        mem_samples=sampler.samples,
-        mem_rss_fallbacks=sampler.rss_fallbacks,
-        max_processes=sampler.max_procs,
-        sampler_cpu_s=round(sampler.thread_cpu_s, 2),
+        mem_rss_fallbacks=one_shot.rss_fallbacks,
         users_per_block=cfg.data.users_per_block,
         pyarrow=pyarrow.__version__,
     )
-    log(f"{engine} {n:,}: wall {wall:.1f} s, {result['users_per_s']:,.0f} users/s, steps {steps}, "
-        f"peak +{result['mem_peak_above_baseline_mib']:,.0f} MiB (abs {result['mem_peak_mib']:,.0f} MiB)")
+    log(f"{engine} {n:,} [{mode} pass]: wall {wall:.1f} s, {result['users_per_s']:,.0f} users/s, steps {steps}")
 
     if engine == "ray":
         import ray
@@ -315,24 +460,48 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------ parent
 
 
-def run_child(args: list[str], timeout: float) -> tuple[int, str]:
-    """Run this script as a child in its own process group; returns (rc, why)."""
+def run_child(args: list[str], timeout: float, sample: Optional[str] = None) -> tuple[int, str, Optional[TreeSampler]]:
+    """Run this script as a child in its own process group, sampled from here when ``sample``
+    is "time" (CPU + RSS) or "mem" (CPU + PSS); returns (rc, why, sampler)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    sampler = TreeSampler(proc.pid, 0.2, pss=(sample == "mem")).start() if sample in ("time", "mem") else None
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return -1, f"timeout after {timeout:.0f} s (killed)"
+        return -1, f"timeout after {timeout:.0f} s (killed)", None
+    finally:
+        if sampler is not None:
+            sampler.stop()
     if rc != 0:
         why = f"exit code {rc}" + (" (SIGKILL: likely out of memory)" if rc == -9 else "")
         try:  # a killed Ray child can leave its raylet etc. in the group
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        return rc, why
-    return 0, ""
+        return rc, why, sampler
+    return 0, "", sampler
+
+
+def add_samples(res: dict, sampler: Optional[TreeSampler]) -> None:
+    """Merge what the parent sampled during the child's timed call into its result."""
+    if sampler is None:
+        res["cores_busy"] = res["foreign_cores_busy"] = None
+        return
+    t0, t1 = res.pop("t_start"), res.pop("t_end")
+    bounds = res.pop("step_bounds")
+    w = sampler.window(t0, t1, bounds)
+    wall = res["wall_s"]
+    peak = max(w.pop("mem_peak_bytes"), res["mem_baseline_bytes"])
+    res.update(w)
+    res["cores_busy"] = round(w["cpu_s"] / wall, 2)
+    # CPU of the machine minus the measured tree minus the sampler thread here
+    res["foreign_cores_busy"] = round(max(0.0, res["system_busy_cpu_s"] - w["cpu_s"] - w["sampler_cpu_s"]) / wall, 2)
+    res["mem_peak_mib"] = round(peak / MiB, 1)
+    res["mem_peak_above_baseline_mib"] = round((peak - res["mem_baseline_bytes"]) / MiB, 1)
+    res["mem_rss_fallbacks"] += sampler.rss_fallbacks
 
 
 def compare_outputs(a: Path, b: Path) -> dict:
@@ -353,7 +522,12 @@ def compare_outputs(a: Path, b: Path) -> dict:
             for s in (sa, sb):
                 s.pop("engine"), s.pop("seconds")
             if sa != sb:
-                return {"identical": False, "why": "stats.json differs"}
+                diff = {k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)}
+                keep = a.parent / f"mismatch_{a.name}"
+                keep.mkdir(exist_ok=True)
+                shutil.copy(a / rel, keep / "stats_a.json")
+                shutil.copy(b / rel, keep / "stats_b.json")
+                return {"identical": False, "why": f"stats.json differs: {diff} (copies in {keep})"}
         elif rel.suffix == ".parquet":
             if not pq.read_table(a / rel).equals(pq.read_table(b / rel)):
                 return {"identical": False, "why": f"{rel} differs"}
@@ -403,22 +577,23 @@ def table_rows(results: dict) -> list[list[str]]:
             if r is None:
                 continue
             if "wall_s" not in r:
-                rows.append([fmt_size(int(size)), engine, f"FAILED: {r.get('error', '?')}"] + [""] * 11)
+                rows.append([fmt_size(int(size)), engine, f"FAILED: {r.get('error', '?')}"] + [""] * 12)
                 continue
             s = r["seconds"]
             rows.append([
                 fmt_size(int(size)), engine, f"{r['wall_s']:.1f}", f"{r['users_per_s']:,.0f}",
                 f"{r['pairs_per_s']:,.0f}",
                 *(f"{s.get(k, 0):.1f}" for k in STEP_NAMES), f"{max(r['other_s'], 0.0):.1f}",
-                f"{r['cores_busy']:.2f}",
-                f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}",
+                *("n/a" if r.get(k) is None else f"{r[k]:.2f}" for k in ("cores_busy", "foreign_cores_busy")),
+                *((f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}")
+                  if r.get("mem_kind") == "PSS" else ("n/a", "n/a")),
                 f"{ratio:.2f}x" if (ratio and engine == 'ray') else "",
             ])
     return rows
 
 
 HEADER = ["size", "engine", "wall s", "users/s", "pairs/s", "split s", "item_stats s", "build s",
-          "write s", "other s", "cores busy", "peak MiB above base", "peak MiB abs", "ray/local"]
+          "write s", "other s", "cores busy", "other procs cores", "peak MiB above base", "peak MiB abs", "ray/local"]
 
 
 def render_text(results: dict) -> str:
@@ -435,14 +610,16 @@ def render_md(results: dict) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB RAM, no GPU; Python {m['python']}, "
-        f"Ray {m['ray']}, pyarrow {m['pyarrow']}; started {results['started']}.",
+        f"Ray {m['ray']}, pyarrow {m['pyarrow']}; started {results['started']}.  ",
+        f"Calibration (same pure-Python work in 1 vs 2 processes): {m.get('calibration')}",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
-    out += ["", "ray/local = local wall s / Ray wall s. Peak memory: PSS of the process tree "
-            "(see bench/data_pipeline.py)."]
+    out += ["", "ray/local = local wall s / Ray wall s. Times and cores busy from the timing pass; "
+            "peak memory (PSS of the process tree) from the separate memory pass "
+            "(see the bench/data_pipeline.py docstring)."]
     for size, entry in results["sizes"].items():
         if "outputs_identical" in entry:
             out.append(f"- {fmt_size(int(size))}: outputs of both engines identical: {entry['outputs_identical']}")
@@ -471,7 +648,7 @@ def plot(results: dict, path: Path) -> None:
         ratio = results["sizes"][s].get("speed_ratio_ray_over_local")
         if ratio:
             top = max(results["sizes"][s].get(e, {}).get("users_per_s", 0) for e in ENGINES)
-            ax.text(x[j], top * 1.12, f"{ratio:.2f}x", ha="center", fontsize=10, fontweight="bold")
+            ax.text(x[j], top * 1.12, f"Ray/local {ratio:.2f}x", ha="center", fontsize=10, fontweight="bold")
     ax.set_xticks(x, [f"{fmt_size(int(s))} interactions" for s in sizes])
     ax.set_ylabel("kept users / s (higher is better)")
     ymax = max(results["sizes"][s].get(e, {}).get("users_per_s", 0) for s in sizes for e in ENGINES)
@@ -497,19 +674,25 @@ def parent(ns: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     sizes = [100_000] if ns.quick else ns.sizes
+    passes = {"two": ["time", "mem"], "one": ["mem"], "time": ["time"], "off": ["off"]}[ns.passes]
     results = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
-        "method": "fresh process per (size, engine); see bench/data_pipeline.py docstring",
+        "method": "fresh process per (size, engine, pass); see bench/data_pipeline.py docstring",
+        "passes": passes,
         "sizes": {},
     }
     log(f"sizes {sizes}, engines {ns.engines}, out {out}")
+    if ns.wait_idle > 0:
+        wait_quiet(ns.wait_idle)
+    results["machine"]["calibration"] = calibrate_cores()
+    log(f"calibration (pure-Python work, 1 vs 2 processes): {results['machine']['calibration']}")
     for n in sizes:
         entry = results["sizes"].setdefault(str(n), {})
         data_dir = work / f"data_{n}"
         log(f"--- {n:,} interactions: generating synthetic data (untimed)")
-        rc, why = run_child(["--make-data", str(n), "--data", str(data_dir)], ns.timeout)
+        rc, why, _ = run_child(["--make-data", str(n), "--data", str(data_dir)], ns.timeout)
         if rc != 0:
             entry["error"] = f"data generation failed: {why}"
             log(entry["error"])
@@ -517,20 +700,38 @@ def parent(ns: argparse.Namespace) -> int:
             continue
         entry["data"] = json.loads((data_dir / "meta.json").read_text())
         for engine in ns.engines:
-            json_path = work / f"{engine}_{n}.json"
-            json_path.unlink(missing_ok=True)
-            run_out = work / f"run_{engine}_{n}"
-            shutil.rmtree(run_out, ignore_errors=True)
-            t = time.perf_counter()
-            rc, why = run_child(["--engine", engine, "--size", str(n), "--data", str(data_dir),
-                                 "--run-out", str(run_out), "--json", str(json_path)], ns.timeout)
-            if rc == 0 and json_path.exists():
-                entry[engine] = json.loads(json_path.read_text())
-            else:
-                entry[engine] = {"error": why or "no result written",
-                                 "seconds_until_failure": round(time.perf_counter() - t, 1)}
-                log(f"{engine} {n:,}: FAILED: {entry[engine]['error']}")
-            save(results, out)
+            for mode in passes:
+                json_path = work / f"{engine}_{n}_{mode}.json"
+                json_path.unlink(missing_ok=True)
+                run_out = work / (f"run_{engine}_{n}" if mode == passes[0] else f"run_{engine}_{n}_{mode}")
+                shutil.rmtree(run_out, ignore_errors=True)
+                quiet = wait_quiet(ns.wait_idle) if ns.wait_idle > 0 else {}
+                t = time.perf_counter()
+                rc, why, sampler = run_child(["--engine", engine, "--size", str(n), "--data", str(data_dir),
+                                              "--mode", mode, "--run-out", str(run_out), "--json", str(json_path)],
+                                             ns.timeout, sample=mode)
+                if mode != passes[0]:
+                    shutil.rmtree(run_out, ignore_errors=True)
+                if rc == 0 and json_path.exists():
+                    res = json.loads(json_path.read_text())
+                    add_samples(res, sampler)
+                    res.update(quiet)
+                    log(f"{engine} {n:,} [{mode} pass]: cores busy {res['cores_busy']}, other processes "
+                        f"{res['foreign_cores_busy']} cores, peak +{res.get('mem_peak_above_baseline_mib', 0):,.0f} MiB "
+                        f"(abs {res.get('mem_peak_mib', 0):,.0f} MiB, {'PSS' if mode == 'mem' else 'RSS'})")
+                else:
+                    res = {"error": why or "no result written", "seconds_until_failure": round(time.perf_counter() - t, 1)}
+                    log(f"{engine} {n:,} [{mode} pass]: FAILED: {res['error']}")
+                if mode == passes[0]:
+                    entry[engine] = res
+                else:  # the memory pass: its memory fields replace the timing pass's RSS ones
+                    entry[engine]["mem_pass"] = res
+                    if "wall_s" in res and "wall_s" in entry[engine]:
+                        entry[engine].update({k: v for k, v in res.items() if k.startswith(("mem_", "shm_"))})
+                        entry[engine]["mem_pass_wall_s"] = res["wall_s"]
+                    else:
+                        entry[engine]["memory_error"] = res.get("error", "timing pass failed")
+                save(results, out)
         if all("wall_s" in entry.get(e, {}) for e in ENGINES) and set(ns.engines) == set(ENGINES):
             log(f"{n:,}: comparing the two engines' outputs")
             cmp = compare_outputs(work / f"run_local_{n}", work / f"run_ray_{n}")
@@ -541,6 +742,8 @@ def parent(ns: argparse.Namespace) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
             for engine in ENGINES:
                 shutil.rmtree(work / f"run_{engine}_{n}", ignore_errors=True)
+                for mode in passes:
+                    (work / f"{engine}_{n}_{mode}.json").unlink(missing_ok=True)
         save(results, out)
         print(render_text(results), flush=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -558,7 +761,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench/out/data_pipeline"))
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per child process")
+    ap.add_argument("--wait-idle", type=float, default=900.0,
+                    help="before each measurement wait up to this many seconds until other processes "
+                    "have used < 0.25 cores for 30 s (0: do not wait); the load during a run is always recorded")
     ap.add_argument("--keep", action="store_true", help="keep generated data and outputs under OUT/work")
+    ap.add_argument("--passes", choices=["two", "one", "time", "off"], default="two",
+                    help="two: a timing pass (cheap CPU/RSS sampler) then a memory pass (PSS sampler), "
+                    "each in a fresh process (default); one: only the PSS pass, timings taken from it; "
+                    "time: timing pass only (no PSS); off: no sampler thread at all (overhead check)")
     # child modes (used by the parent)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -566,6 +776,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-out", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--make-data", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["time", "mem", "off"], default="time", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -574,7 +785,7 @@ def main(argv=None) -> int:
         log(f"generated {meta['interactions']:,} interactions, {meta['items']:,} items in {meta['generate_s']:.1f} s")
         return 0
     if ns.engine:
-        result = measure(ns.engine, ns.size, Path(ns.data), Path(ns.run_out))
+        result = measure(ns.engine, ns.size, Path(ns.data), Path(ns.run_out), mode=ns.mode)
         Path(ns.json).write_text(json.dumps(result, indent=2, default=str))
         return 0
     return parent(ns)
