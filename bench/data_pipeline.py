@@ -24,11 +24,12 @@ Method
   tree from outside. A first version ran it as a thread inside the measured process, where
   it competes with the local engine's main thread for the GIL (each /proc read releases and
   re-takes it; the thread got only ~1 sample/s instead of 5 at 10M): the local engine took
-  150-170 s at 10M with it (RSS or PSS) and 122.6 s in the one run without it, on a machine
-  shared with other jobs, so the size of the effect is not pinned down.
+  150-170 s at 10M with it (RSS or PSS), 122.6 s with no sampler and 121-124 s with the
+  sampler in the parent.
 * Two passes per (size, engine), by default. Reading PSS walks the page tables of every
-  process (/proc/PID/smaps_rollup), which costs CPU (12-22 s per 10M run) and takes each
-  process's mmap lock. So the TIMING pass samples only CPU times and RSS and gives wall,
+  process (/proc/PID/smaps_rollup), which costs CPU (~15 s per Ray 10M run, where it also
+  slows the run by ~7 % because both cores are busy, and reaches only ~3.5 samples/s) and
+  takes each process's mmap lock. So the TIMING pass samples only CPU times and RSS and gives wall,
   users/s, pairs/s, per-step seconds and cores busy; the MEMORY pass repeats the run with
   PSS sampling and gives peak memory only (its wall time is kept in results.json as
   ``mem_pass_wall_s``). ``--passes one`` measures both in one PSS run; ``--passes off``
