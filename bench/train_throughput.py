@@ -402,7 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
 
-    import numpy as np
     import psutil
     import ray
     import torch

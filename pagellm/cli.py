@@ -25,7 +25,8 @@ def _print_data_summary(stats: dict, out: Path) -> None:
     print(
         f"data stage: {stats['users_kept']} users kept ({sum(stats['users_dropped'].values())} dropped), "
         f"{stats['items']} items, {stats['interactions']} interactions, "
-        f"{stats['rows_dropped_total']} input rows dropped, {stats['ft_rows']} golden lists, "
+        f"{stats['rows_dropped_total']} input rows dropped, {stats['ft_users']} golden lists "
+        f"({stats['ft_rows']} fine-tuning rows), "
         f"pairs {stats['pairs_by_family']}"
     )
     print(f"wrote {out} (stats: {out / 'stats.json'})")

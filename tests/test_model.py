@@ -3,7 +3,6 @@ models, and the supervised/reward row builders. No Ray, no mocks; the whole file
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd

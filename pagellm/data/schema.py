@@ -59,9 +59,6 @@ def require_columns(columns, needed, source: str) -> None:
         raise InputError(f"{source}: missing required column(s) {missing}; found {list(columns)}")
 
 
-def _missing_id(col: pd.Series) -> np.ndarray:
-    text = col.astype("string")
-    return (text.isna() | (text.str.strip() == "")).to_numpy(dtype=bool, na_value=True)
 
 
 def clean_interactions(
@@ -87,8 +84,10 @@ def clean_interactions(
             dropped[reason] += int(newly.sum())
         keep &= ~mask
 
-    drop(_missing_id(raw["user_id"]), "missing_user_id")
-    drop(_missing_id(raw["item_id"]), "missing_item_id")
+    # ids as stripped text, converted once; null or blank is a missing id
+    ids = {col: raw[col].astype("string").str.strip() for col in ("user_id", "item_id")}
+    for col in ("user_id", "item_id"):
+        drop((ids[col].isna() | (ids[col] == "")).to_numpy(dtype=bool, na_value=True), f"missing_{col}")
     rating = pd.to_numeric(raw["rating"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     drop(~np.isfinite(rating), "bad_rating")
     with np.errstate(invalid="ignore"):
@@ -99,8 +98,8 @@ def clean_interactions(
 
     df = pd.DataFrame(
         {
-            "user_id": raw["user_id"].astype("string").str.strip().to_numpy()[keep],
-            "item_id": raw["item_id"].astype("string").str.strip().to_numpy()[keep],
+            "user_id": ids["user_id"].to_numpy()[keep],
+            "item_id": ids["item_id"].to_numpy()[keep],
             "rating": rating[keep],
             "ts": ts[keep].astype(np.int64),
         }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -300,25 +299,14 @@ def fit(
     result = trainer.fit()
     if result.error:
         raise result.error
-    chosen = None
-    for ckpt, metrics in _checkpoints(result):
-        if chosen is None or (spec.early_stopping and metrics["valid_loss"] < chosen[1]["valid_loss"]):
-            chosen = (ckpt, metrics)
-        elif not spec.early_stopping and metrics["epoch"] >= chosen[1]["epoch"]:
-            chosen = (ckpt, metrics)
-    ckpt, metrics = chosen
+    reported = list(getattr(result, "best_checkpoints", None) or [(result.checkpoint, result.metrics)])
+    best_first = (lambda m: m["valid_loss"]) if spec.early_stopping else (lambda m: -m["epoch"])
+    ckpt, metrics = min(reported, key=lambda pair: best_first(pair[1]))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     with ckpt.as_directory() as d:
         shutil.copytree(Path(d) / EXPORT_DIR, out_dir)
     return metrics
-
-
-def _checkpoints(result) -> list:
-    pairs = list(getattr(result, "best_checkpoints", None) or [])
-    if not pairs and result.checkpoint is not None:
-        pairs = [(result.checkpoint, result.metrics)]
-    return pairs
 
 
 def read_log(path: Path) -> list[dict]:
