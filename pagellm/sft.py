@@ -218,7 +218,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> di
         lm = AutoModelForCausalLM.from_pretrained(meta_dir)
         if model_cfg.lora_rank > 0:
             lm = apply_lora(lm, model_cfg, list(range(base_size, len(tokenizer))))
-        return PolicyLM(lm)
+        return PolicyLM(lm, sft_cfg.unlikelihood_weight, vocab.eos_id)
 
     def export_policy(module, directory: Path):
         unwrap_lm(module.lm).save_pretrained(directory)

@@ -53,7 +53,7 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
     assert (last_val <= first_test.reindex(last_val.index)).all()
 
     held_out = {u: every["val"].get(u, set()) | every["test"].get(u, set()) for u in users}
-    golden_of = {}
+    golden_of, windows_of = {}, {}
     for u, prompt, golden, window in ft[["user_id", "prompt_items", "golden", "window"]].itertuples(index=False):
         prompt, golden = list(prompt), list(golden)
         assert len(golden) == len(set(golden)) > 0
@@ -65,13 +65,17 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
         assert ratings == sorted(ratings, reverse=True), "golden list sorted by rating"
         if window == "main":
             golden_of[u] = (prompt, golden)
+        windows_of.setdefault(u, []).append((prompt, golden))
     main = ft[ft.window == "main"]
     assert main.user_id.is_unique and set(ft.user_id) == set(main.user_id)
     assert not ft.assign(p=ft.prompt_items.map(tuple), g=ft.golden.map(tuple)).duplicated(["user_id", "p", "g"]).any()
 
-    for u, family, prompt, chosen, rejected in pairs[["user_id", "family", "prompt_items", "chosen", "rejected"]].itertuples(index=False):
+    for u, family, prompt, chosen, rejected, window in pairs[["user_id", "family", "prompt_items", "chosen", "rejected", "window"]].itertuples(index=False):
         prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
-        assert (prompt, chosen) == golden_of[u]
+        if window == "main":
+            assert (prompt, chosen) == golden_of[u]
+        else:
+            assert cfg.pairs_from_extra_windows and (prompt, chosen) in windows_of[u] and (prompt, chosen) != golden_of[u]
         assert not set(chosen + rejected + prompt) & held_out[u], f"held-out item leaked into a {family} pair of {u}"
         assert len(rejected) == len(set(rejected)) > 0
         if family == "np":
@@ -87,7 +91,8 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
             assert sorted(rejected) == sorted(chosen) and rejected != chosen and _clustered(rejected, category)
         else:
             raise AssertionError(f"unknown family {family}")
-    assert not pairs.duplicated(["user_id", "family"]).any()
+    assert not pairs[pairs.window == "main"].duplicated(["user_id", "family"]).any()
+    assert not pairs.assign(p=pairs.prompt_items.map(tuple)).duplicated(["user_id", "family", "p"]).any()
 
     for s, df in evals.items():
         assert set(df.user_id) == users and df.user_id.is_unique

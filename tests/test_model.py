@@ -644,3 +644,56 @@ def test_meta_rows_are_cut_to_max_tokens(vocab, meta_data):
     for x, lab, fx, flab in zip(cut.input_ids, cut.labels, full.input_ids, full.labels):
         assert len(x) == len(lab) == min(6, len(fx))
         assert np.array_equal(x, fx[:6]) and np.array_equal(lab, flab[:6])
+
+
+def test_page_unlikelihood_matches_hand_computation():
+    """Two rows; vocabulary {0: eos, 1..4: items}. Row 0's page is [1, 2, 1?] -> candidates:
+    step 0: eos; step 1: item 1; step 2 (eos target): items 1 and 2 (eos itself is never one)."""
+    from pagellm.model.modeling import page_unlikelihood
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5)
+    # row 0: prompt at 0..2, page tokens 1, 2 then eos at positions 3, 4, 5
+    # row 1: prompt at 0..3, page token 3 then eos at 4, 5 is padding (-100)
+    labels = torch.tensor([[-100, -100, -100, 1, 2, 0], [-100, -100, -100, -100, 3, 0]])
+    loss, n = page_unlikelihood(logits, labels, eos_id=0)
+    p = logits.softmax(-1)
+    # next-token distributions: step predicting position j is logits[:, j-1]
+    want = -(
+        torch.log(1 - p[0, 2, 0])  # row 0 first step: eos
+        + torch.log(1 - p[0, 3, 1])  # row 0 second step: item 1 again
+        + torch.log(1 - p[0, 4, 1]) + torch.log(1 - p[0, 4, 2])  # row 0 eos step: items 1, 2
+        + torch.log(1 - p[1, 3, 0])  # row 1 first step: eos
+        + torch.log(1 - p[1, 4, 3])  # row 1 eos step: item 3
+    )
+    assert n.item() == 5
+    assert torch.allclose(loss, want, atol=1e-5)
+
+
+def test_unlikelihood_term_pushes_down_repeats(codec, vocab, tokenizer):
+    """Same model, same steps: training with the term leaves repeats and an empty page far
+    less likely than maximum likelihood alone."""
+    from pagellm.model.modeling import page_unlikelihood
+
+    items = sorted(vocab.item_token)[:3]
+    prompt, target = codec.prompt(None, items[:1]), codec.target(items[1:3])
+    ids = torch.tensor([prompt + target])
+    labels = torch.tensor([[-100] * len(prompt) + target])
+
+    def train(weight):
+        lm = build_lm(ModelConfig(n_layer=1, n_head=2, n_embd=32), tokenizer, vocab.base_size, seed=0)
+        policy = PolicyLM(lm, unlikelihood_weight=weight, eos_id=vocab.eos_id)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        torch.manual_seed(0)
+        for _ in range(20):
+            loss, metrics = policy(ids, torch.ones_like(ids), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return page_unlikelihood(policy.lm(ids).logits, labels, vocab.eos_id)[0].item(), metrics
+
+    plain, plain_metrics = train(0.0)
+    with_term, metrics = train(1.0)
+    assert "unlikelihood" not in plain_metrics and "unlikelihood" in metrics
+    assert with_term < plain * 0.7

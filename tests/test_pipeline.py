@@ -26,13 +26,15 @@ FILES = [
 
 
 @pytest.mark.parametrize(
-    "spec,min_users",
-    [(f"amazon2014:{AMAZON}", 1000), (f"movielens:{MOVIELENS}", 500), ("synthetic:20000", 500)],
+    "spec,min_users,extra_pairs",
+    [(f"amazon2014:{AMAZON}", 1000, True), (f"movielens:{MOVIELENS}", 500, False), ("synthetic:20000", 500, True)],
 
     ids=["amazon2014", "movielens", "synthetic"],
 )
-def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users):
-    cfg = load_config(overrides=[f"data.dataset={spec}", "data.extra_ft_fractions=[0.25,0.75]"])
+def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users, extra_pairs):
+    cfg = load_config(
+        overrides=[f"data.dataset={spec}", "data.extra_ft_fractions=[0.25,0.75]", f"data.pairs_from_extra_windows={extra_pairs}"]
+    )
     stats = build_dataset(cfg, tmp_path, engine="ray")
     for name in FILES:
         assert (tmp_path / name).exists(), name
@@ -47,6 +49,8 @@ def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users):
     assert checked["ft"] == stats["ft_rows"] > checked["ft_users"] == stats["ft_users"]
     assert dict(checked["pairs"]) == stats["pairs_by_family"]
     assert set(stats["seconds"]) == {"ingest", "split", "item_stats", "build", "write"}
+    windows = set(pq.read_table(tmp_path / "pairs", columns=["window"]).column("window").to_pylist())
+    assert windows == ({"main", "extra"} if extra_pairs else {"main"})
 
 
 def test_ray_and_local_engines_agree_and_are_deterministic(ray_session, tmp_path):

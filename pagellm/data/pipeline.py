@@ -152,7 +152,10 @@ def build_records(users: pa.Table, ctx: rules.ItemContext, data_cfg: DataConfig)
         if rec.capped:
             add(user, "capped", rec.prompt, rec.capped)
         for family, rejected in rec.pairs.items():
-            add(user, "pair", rec.prompt, rec.golden, rejected, family=family)
+            add(user, "pair", rec.prompt, rec.golden, rejected, family=family, reason="main")
+        for prompt, golden, made in rec.extra_pairs:
+            for family, rejected in made.items():
+                add(user, "pair", prompt, golden, rejected, family=family, reason="extra")
         for family, reason in rec.skipped.items():
             add(user, "skip", [], [], family=family, reason=reason)
         add(user, "val", rec.val_prompt, rec.val_target)
@@ -242,7 +245,7 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     interactions.parquet, items.parquet   canonical tables after cleaning
     split/{train,val,test}.parquet         canonical interactions of kept users, per split
     ft/part-*.parquet                      user_id, prompt_items, golden, window
-    pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected
+    pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected, window
     eval/{val,test}.parquet                user_id, prompt_items, target
     Returns counts for stats.json.
     """
@@ -268,7 +271,8 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     ft = _of_kind(records, "ft").select(["user_id", "prompt_items", "chosen", "family"]).rename_columns(
         ["user_id", "prompt_items", "golden", "window"]
     )
-    pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected"])
+    pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected", "reason"])
+    pairs = pairs.rename_columns(["user_id", "family", "prompt_items", "chosen", "rejected", "window"])
     for name, table in (("ft", ft), ("pairs", pairs)):
         (out / name).mkdir(parents=True, exist_ok=True)
         for old in (out / name).glob("part-*.parquet"):

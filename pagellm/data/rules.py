@@ -237,6 +237,8 @@ class UserRecords:
     capped: list[str] = field(default_factory=list)
     extra_ft: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (prompt, golden)
     pairs: dict[str, list[str]] = field(default_factory=dict)  # family -> rejected list
+    # (prompt, golden, {family: rejected}) of the extra windows (pairs_from_extra_windows)
+    extra_pairs: list[tuple[list[str], list[str], dict[str, list[str]]]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # family (or "ft") -> reason
     val_prompt: list[str] = field(default_factory=list)
     val_target: list[str] = field(default_factory=list)
@@ -295,18 +297,26 @@ def build_user(
         rating_of = {items[k]: ratings[k] for k in np.flatnonzero(labels == TRAIN)}
         disliked = [items[k] for k in np.flatnonzero((labels == TRAIN) & (ratings < cfg.negative_threshold))]
         disliked = [disliked[j] for j in golden_order(disliked, [rating_of[i] for i in disliked], ctx)]
-        key = {i: (rating_of[i], ctx.s(i)) for i in out.golden}
-        candidates = {
-            "np": (non_preferred_list(disliked, len(out.golden)), "no_disliked_items"),
-            "rk": (ranking_negative(out.golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
-            "d": diversity_negative(out.golden, ctx, set(items), rng),
-            "rd": (redundancy_negative(out.golden, ctx.category), "golden_already_clustered"),
-        }
-        for family, (rejected, reason) in candidates.items():
+
+        def negatives(golden: list[str]) -> dict[str, tuple[Optional[list[str]], str]]:
+            key = {i: (rating_of[i], ctx.s(i)) for i in golden}
+            return {
+                "np": (non_preferred_list(disliked, len(golden)), "no_disliked_items"),
+                "rk": (ranking_negative(golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
+                "d": diversity_negative(golden, ctx, set(items), rng),
+                "rd": (redundancy_negative(golden, ctx.category), "golden_already_clustered"),
+            }
+
+        for family, (rejected, reason) in negatives(out.golden).items():
             if rejected is None:
                 out.skipped[family] = reason
             else:
                 out.pairs[family] = rejected
+        if getattr(cfg, "pairs_from_extra_windows", False):
+            for prompt, golden in out.extra_ft:
+                made = {f: rejected for f, (rejected, _) in negatives(golden).items() if rejected is not None}
+                if made:
+                    out.extra_pairs.append((prompt, golden, made))
     else:
         for family in FAMILIES:
             out.skipped[family] = "no_golden_list"

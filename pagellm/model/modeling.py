@@ -124,18 +124,60 @@ class PolicyWithRatingHead(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.rating_head.state_dict().items()}, str(directory / RATING_HEAD_FILE))
 
 
-class PolicyLM(nn.Module):
-    """Golden-list fine-tuning (eq. 9): next-token loss on the target tokens only."""
+def page_unlikelihood(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level unlikelihood (Welleck et al., 2019) on the schema errors of a page.
 
-    def __init__(self, lm: PreTrainedModel):
+    At every target position of a row (its labelled span, the page), the items already written
+    in that page and, at the first position only, EOS (pages are never empty) are negative
+    candidates: the loss is -sum log(1 - p(candidate)). Maximum likelihood alone leaves these
+    tokens with a small probability that greedy decoding still picks when the probability of
+    the right item is spread over a large catalogue. Returns (sum, number of target positions).
+    """
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    labelled = shift_labels != -100
+    lengths = labelled.sum(1)
+    width = int(lengths.max().item()) if len(lengths) else 0
+    if width == 0:
+        zero = logits.sum() * 0.0
+        return zero, lengths.sum()
+    start = labelled.float().argmax(1)  # the page is one contiguous labelled span
+    offsets = torch.arange(width, device=logits.device)
+    valid = offsets[None, :] < lengths[:, None]  # [B, P]
+    pos = (start[:, None] + offsets[None, :]).clamp(max=shift_labels.shape[1] - 1)
+    rows = torch.arange(len(labels), device=logits.device)[:, None]
+    log_probs = shift_logits[rows, pos].float().log_softmax(-1)  # [B, P, V]
+    page_tokens = shift_labels[rows, pos].clamp(min=0)  # [B, P]
+    # p[b, t, s] = probability at step t of the token written at step s; candidates s < t
+    probs = log_probs.gather(2, page_tokens[:, None, :].expand(-1, width, -1)).exp()
+    earlier = torch.tril(torch.ones(width, width, dtype=torch.bool, device=logits.device), diagonal=-1)
+    not_eos = page_tokens != eos_id
+    repeat = earlier[None] & valid[:, :, None] & valid[:, None, :] & not_eos[:, None, :]
+    loss = -(torch.log1p(-probs.clamp(max=1 - 1e-6)) * repeat).sum()
+    p_eos_first = log_probs[:, 0, eos_id].exp().clamp(max=1 - 1e-6)
+    loss = loss - (torch.log1p(-p_eos_first) * (lengths > 0)).sum()
+    return loss, lengths.sum()
+
+
+class PolicyLM(nn.Module):
+    """Golden-list fine-tuning (eq. 9): next-token loss on the target tokens only, plus an
+    optional unlikelihood term on repeated items and an empty page (``page_unlikelihood``)."""
+
+    def __init__(self, lm: PreTrainedModel, unlikelihood_weight: float = 0.0, eos_id: int | None = None):
         super().__init__()
         self.lm = lm
+        self.unlikelihood_weight = unlikelihood_weight
+        self.eos_id = lm.config.eos_token_id if eos_id is None else eos_id
 
     def forward(self, input_ids, attention_mask, labels):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
         nll, n_tokens = token_nll(out.logits, labels)
-        loss = nll / n_tokens.clamp(min=1)
-        return loss, {"lm_loss": loss.detach()}
+        lm_loss = nll / n_tokens.clamp(min=1)
+        if not self.unlikelihood_weight:
+            return lm_loss, {"lm_loss": lm_loss.detach()}
+        ul, n = page_unlikelihood(out.logits, labels, self.eos_id)
+        ul_loss = ul / n.clamp(min=1)
+        loss = lm_loss + self.unlikelihood_weight * ul_loss
+        return loss, {"lm_loss": lm_loss.detach(), "unlikelihood": ul_loss.detach()}
 
 
 class RewardModel(nn.Module):
