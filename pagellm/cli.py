@@ -59,10 +59,25 @@ def cmd_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_ppo_summary(record: dict, out: Path) -> None:
+    keys = ("reward_total", "kl", "val_ndcg@100", "holdout_reward_total")
+    print("ppo: iteration " + str(record.get("iteration")) + ", " + ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record))
+    print(f"policy in {out / 'policy'} (metrics.jsonl, ppo_curves.png)")
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from pagellm.ppo import run_ppo
+
+    record = run_ppo(_config(args), args.data, args.sft, args.reward, args.out, resume=args.resume)
+    _print_ppo_summary(record, Path(args.out))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
-    (the packaged embedded profile), data -> SFT -> reward heads."""
+    (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
     from pagellm.data.pipeline import build_dataset
+    from pagellm.ppo import run_ppo
     from pagellm.reward import run_reward
     from pagellm.sft import run_sft
 
@@ -76,7 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"sft: valid_page_rate {sft['valid_page_rate']:.3f} -> {out / 'sft'}")
     reward = run_reward(cfg, out / "data", out / "sft", out / "reward")
     print("reward accuracy (held-out pairs): " + json.dumps({k: v["all"] for k, v in reward["accuracy"].items()}))
-    summary = {"data": str(out / "data"), "sft": str(out / "sft"), "reward": str(out / "reward"), "stats": stats, "sft_metrics": sft, "reward_metrics": reward}
+    ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
+    _print_ppo_summary(ppo, out / "ppo")
+    summary = {
+        "data": str(out / "data"), "sft": str(out / "sft"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),
+        "stats": stats, "sft_metrics": sft, "reward_metrics": reward, "ppo_metrics": ppo,
+    }
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"run summary: {out / 'run.json'}")
     return 0
@@ -110,7 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_reward)
 
-    p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads)")
+    p = sub.add_parser("ppo", help="PPO against R_c + R_f with a KL penalty to the reference policy")
+    p.add_argument("--data", required=True, help="output directory of `pagellm data`")
+    p.add_argument("--sft", required=True, help="SFT_DIR of `pagellm sft` (the reference and the initial policy)")
+    p.add_argument("--reward", required=True, help="REWARD_DIR of `pagellm reward`")
+    p.add_argument("--out", required=True, help="PPO_DIR (the policy: PPO_DIR/policy)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in PPO_DIR")
+    common(p)
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")
     p.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run directory (default {DEFAULT_RUN_DIR})")
     common(p)

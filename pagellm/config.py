@@ -57,6 +57,9 @@ class DataConfig:
     # positives as another (prompt, golden list) row of ft/ (pairs use golden_fraction only).
     # The paper has one instance per user ([]); a small model trained from scratch needs more.
     extra_ft_fractions: list[float] = field(default_factory=list)
+    # Also build the four negatives for every extra window (more pairs per user; the paper has
+    # one golden list, hence one pair per family, per user).
+    pairs_from_extra_windows: bool = False
     # Longest golden list K (and longest negative list).
     golden_max_items: int = 20
     # lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3).
@@ -161,6 +164,10 @@ class SFTConfig:
     rating_loss_weight: float = 1.0  # L_rating + w * ... : eq. 7 and eq. 8 are summed
     max_meta_tokens: int = 128  # meta prompts are cut to this many tokens
     valid_page_max_items: int = 20  # greedy decoding length for valid_page_rate
+    # Weight of an unlikelihood term on repeated page items and an empty page, added to eq. 9
+    # (not in the paper: 0 keeps eq. 9 alone). Teaches a small model the page schema so that
+    # even unconstrained greedy pages are valid.
+    unlikelihood_weight: float = 0.0
 
 
 @dataclass
@@ -178,15 +185,94 @@ class RewardConfig:
 
 
 @dataclass
+class RoleConfig:
+    """Resources of one PPO role: ``num_workers`` Ray actors, each with these CPUs/GPUs."""
+
+    num_workers: int = 1
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+
+
+def _role(num_cpus: float = 0.25) -> RoleConfig:
+    return RoleConfig(num_cpus=num_cpus)
+
+
+PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
+
+
+@dataclass
 class PPOConfig:
     """PPO (section 4.5; values from section 5.1.4)."""
 
-    clip: float = 0.2
-    lr: float = 1e-5
-    batch_size: int = 64
-    kl_beta: float = 0.1  # per-token KL penalty against the reference policy
+    clip: float = 0.2  # clipped surrogate epsilon
+    lr: float = 1e-5  # policy learning rate
+    critic_lr: float = 1e-5
+    batch_size: int = 64  # pages (prompts) per PPO iteration
+    # Passes over the training prompts (the paper runs PPO for 5 epochs); max_iterations caps
+    # the number of iterations when set (quick runs, tests).
     epochs: int = 5
-    reward_normalization: bool = True
+    max_iterations: Optional[int] = None
+    update_epochs: int = 1  # optimisation passes over each iteration's rollouts
+    minibatch_size: int = 16  # pages per optimisation step (per iteration: batch_size / this)
+    kl_beta: float = 0.1  # per-token KL penalty against the reference policy
+    kl_estimator: str = "k1"  # k1 = log pi - log pi_ref; k3 = (r - 1) - log r, always >= 0
+    kl_adaptive: bool = False  # adaptive controller (Ziegler et al. 2019) instead of a fixed beta
+    kl_target: float = 6.0  # adaptive controller: target KL per page
+    kl_horizon: int = 10000
+    gamma: float = 1.0  # the paper: gamma = 1
+    gae_lambda: float = 0.95
+    value_clip: float = 0.2
+    value_loss_coef: float = 1.0  # the critic is its own model; this scales its loss
+    reward_normalization: bool = True  # running mean/std of the page reward
+    # R = coarse_weight * R_c + fine_weight * R_f (eq. 15); `rewards` picks the ablation:
+    # both, coarse, fine or none (KL penalty only).
+    rewards: str = "both"
+    coarse_weight: float = 1.0
+    fine_weight: float = 1.0
+    # terminal: all reward on the last token (the paper); dense: each item's fine score on its
+    # own token (divided by the page length, so the sum is R_f) and R_c on the last token.
+    reward_placement: str = "terminal"
+    # rollouts: sampling temperature / nucleus, page length, and whether prompt items may recur
+    temperature: float = 1.0
+    top_p: float = 1.0
+    page_min_items: int = 1
+    page_max_items: int = 20
+    exclude_history: bool = True
+    # every N iterations: validation NDCG@100 (greedy constrained pages of eval_page_items) and
+    # held-out reward; a checkpoint for --resume
+    eval_every: int = 10
+    eval_page_items: int = 100
+    eval_max_users: Optional[int] = None  # None: every validation user
+    checkpoint_every: int = 10
+    holdout_fraction: float = 0.1  # users whose prompts are held out of rollouts (reward curve)
+    seed: int = 0
+    # actors by role; colocate=True packs the i-th worker of every role into one bundle (one
+    # GPU shared by fractions), False gives every actor its own bundle
+    colocate: bool = True
+    policy: RoleConfig = field(default_factory=_role)
+    reference: RoleConfig = field(default_factory=_role)
+    critic: RoleConfig = field(default_factory=_role)
+    coarse: RoleConfig = field(default_factory=_role)
+    fine: RoleConfig = field(default_factory=_role)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "kl_estimator": ("k1", "k3"), "rewards": ("both", "coarse", "fine", "none"),
+            "reward_placement": ("terminal", "dense"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"ppo.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size ({self.minibatch_size})")
+        for role in ("policy", "critic"):
+            workers = getattr(self, role).num_workers
+            if self.minibatch_size % workers:
+                raise ConfigError(f"ppo.minibatch_size ({self.minibatch_size}) must split evenly over ppo.{role}.num_workers ({workers})")
+        if not 1 <= self.page_min_items <= self.page_max_items:
+            raise ConfigError(f"need 1 <= ppo.page_min_items <= ppo.page_max_items, got {self.page_min_items}, {self.page_max_items}")
+        if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
+            raise ConfigError(f"ppo.top_p must be in (0, 1] and ppo.temperature > 0, got {self.top_p}, {self.temperature}")
 
 
 @dataclass

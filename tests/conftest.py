@@ -26,3 +26,27 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300", "model.max_seq_len=256"]
+TINY_STAGES = [
+    "data.dataset=synthetic:4000", *TINY, "sft.meta_epochs=1", "sft.ft_epochs=2", "reward.epochs=1",
+    "sft.meta_lr=1e-3", "sft.ft_lr=1e-3", "reward.lr=1e-3", "data.extra_ft_fractions=[0.3]", "sft.unlikelihood_weight=1.0",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(ray_session, tmp_path_factory):
+    """Data, SFT and reward stages of a tiny model on synthetic data, built once per session
+    with the real stage functions (Ray Train + DeepSpeed); later stages' tests start from it."""
+    from pagellm.config import load_config
+    from pagellm.data.pipeline import build_dataset
+    from pagellm.reward import run_reward
+    from pagellm.sft import run_sft
+
+    root = tmp_path_factory.mktemp("tiny_stages")
+    cfg = load_config(overrides=TINY_STAGES)
+    build_dataset(cfg, root / "data", engine="local")
+    sft = run_sft(cfg, root / "data", root / "sft")
+    reward = run_reward(cfg, root / "data", root / "sft", root / "reward")
+    return {"root": root, "cfg": cfg, "overrides": TINY_STAGES, "sft": sft, "reward": reward}

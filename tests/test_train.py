@@ -14,14 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagellm.config import ModelConfig, TrainConfig, load_config
-from pagellm.data.pipeline import build_dataset
+from pagellm.config import ModelConfig, TrainConfig
 from pagellm.model.modeling import PolicyLM, build_lm
 from pagellm.model.vocab import Vocab, train_bpe_tokenizer, add_entity_tokens
 from pagellm.sft import collate_lm
 from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module, read_log
 
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300", "model.max_seq_len=128"]
 
 
 def tiny_lm_spec(epochs: int, tokenizer, base_size: int, stage: str) -> FitSpec:
@@ -129,18 +127,8 @@ def test_checkpoint_and_export_give_identical_logits(ray_session, tmp_path, toke
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_sft_and_reward_stages_on_synthetic_data(ray_session, tmp_path):
-    from pagellm.reward import run_reward
-    from pagellm.sft import run_sft
-
-    cfg = load_config(
-        overrides=[
-            "data.dataset=synthetic:4000", *TINY, "sft.meta_epochs=1", "sft.ft_epochs=2", "reward.epochs=1",
-            "sft.meta_lr=1e-3", "sft.ft_lr=1e-3", "reward.lr=1e-3", "data.extra_ft_fractions=[0.3]",
-        ]
-    )
-    build_dataset(cfg, tmp_path / "data", engine="local")
-    sft = run_sft(cfg, tmp_path / "data", tmp_path / "sft")
+def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
+    tmp_path, sft = tiny_stages["root"], tiny_stages["sft"]
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
     assert policy.get_input_embeddings().weight.shape[0] == sft["vocab"]["total"]
     assert 0.0 <= sft["valid_page_rate"] <= 1.0 and sft["valid_pages_checked"] > 0
@@ -148,8 +136,9 @@ def test_sft_and_reward_stages_on_synthetic_data(ray_session, tmp_path):
     assert (tmp_path / "sft" / "tokenizer.json").exists()
     meta_log = read_log(tmp_path / "sft" / "logs" / "meta.jsonl")
     assert any("valid_loss" in r for r in meta_log) and any("lm_loss" in r for r in meta_log)
-    reward = run_reward(cfg, tmp_path / "data", tmp_path / "sft", tmp_path / "reward")
-    acc = reward["accuracy"]
+    ft_log = read_log(tmp_path / "sft" / "logs" / "golden_ft.jsonl")
+    assert any("unlikelihood" in r or "train_unlikelihood" in r for r in ft_log)
+    acc = tiny_stages["reward"]["accuracy"]
     assert set(acc) == {"coarse", "fine", "combined"}
     assert all(set(v) == {"np", "rk", "d", "rd", "all"} for v in acc.values())
     saved = json.loads((tmp_path / "reward" / "metrics.json").read_text())

@@ -131,6 +131,47 @@ def latest_checkpoint(registered: list[Path], root: Path, world: int) -> Optiona
     return best if best is not None and epoch(best) >= 0 else None
 
 
+class ModelOptimizer:
+    """The shared training helper: one optimisation step of a module, through a DeepSpeed engine
+    (client ``torch.optim.AdamW``, ZeRO stage and bf16 from ``TrainConfig``, gradient clipping
+    1.0) or, with ``train.deepspeed=false``, plain AdamW with ``wrap`` (e.g. DDP) around the
+    module. DeepSpeed needs ``torch.distributed`` initialised (one process group per role)."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, train_cfg: TrainConfig, micro_batch: int, device, wrap=None):
+        self.module = module
+        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+        self.engine = None
+        if train_cfg.deepspeed:
+            import deepspeed
+
+            module.to(device)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=module,
+                optimizer=self.optimizer,
+                config=_deepspeed_config(train_cfg, micro_batch, torch.device(device).type == "cuda"),
+                dist_init_required=False,
+            )
+            self.forward = self.engine
+        else:
+            module.to(device)
+            self.forward = wrap(module) if wrap is not None else module
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            self.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            self.optimizer.step()
+
+    def load_optimizer(self, path: Path, rank: int, zero_stage: int, device) -> None:
+        saved = load_optimizer_state(path, device)
+        # a ZeRO optimizer takes the saved states of all data-parallel ranks, read by rank
+        self.optimizer.load_state_dict({rank: saved} if self.engine is not None and zero_stage > 0 else saved)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker body: build, (resume,) train epochs, validate, checkpoint."""
     import ray.train
@@ -157,27 +198,12 @@ def train_loop(config: dict) -> None:
     if resume_dir:
         load_module(module, resume_dir / WEIGHTS_FILE)
         state = json.loads((resume_dir / STATE_FILE).read_text())
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=spec.lr)
-    engine = None
-    if train_cfg.deepspeed:
-        import deepspeed
-
-        module.to(device)
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            config=_deepspeed_config(train_cfg, micro_batch, device.type == "cuda"),
-            dist_init_required=False,
-        )
-        forward = engine
-    else:
-        forward = ray.train.torch.prepare_model(module)
+    trainer = ModelOptimizer(module, spec.lr, train_cfg, micro_batch, device, wrap=ray.train.torch.prepare_model)
+    optimizer, forward = trainer.optimizer, trainer.forward
     if resume_dir:
         opt_file = resume_dir / f"optim_rank{rank}.pt"
         if opt_file.exists():  # same number of workers as the run that saved it
-            saved = load_optimizer_state(opt_file, device)
-            # a ZeRO optimizer takes the saved states of all data-parallel ranks, read by rank
-            optimizer.load_state_dict({rank: saved} if engine is not None and train_cfg.zero_stage > 0 else saved)
+            trainer.load_optimizer(opt_file, rank, train_cfg.zero_stage, device)
         if rank == 0:
             _log(log_path, {"stage": spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]})
 
@@ -198,14 +224,7 @@ def train_loop(config: dict) -> None:
             rows = len(next(iter(batch.values())))
             if train:
                 loss, metrics = forward(**inputs)
-                if engine is not None:
-                    engine.backward(loss)
-                    engine.step()
-                else:
-                    optimizer.zero_grad()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-                    optimizer.step()
+                trainer.step(loss)
                 state["step"] += 1
                 if rank == 0 and state["step"] % train_cfg.log_every_steps == 0:
                     record = {"stage": spec.stage, "epoch": state["epoch"], "step": state["step"], "loss": loss.item()}

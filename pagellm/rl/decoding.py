@@ -1,0 +1,200 @@
+"""Constrained page decoding and the log-probabilities of the pages it writes.
+
+A page may hold only item tokens (and EOS once ``min_items`` are written; EOS is forced after
+``max_items``), no item twice, and optionally no item of the prompt's history. The policy
+samples in a restricted action space: the contiguous block of item tokens followed by EOS,
+index ``a < n_items`` is token ``item_lo + a`` and index ``n_items`` is EOS.
+
+The same per-step mask is applied whenever a log-probability of a page is taken (policy at
+sampling time, reference, and the PPO ratio). The pages were drawn from the *masked*
+distribution, so that is the distribution whose probabilities PPO's importance ratio and the
+KL penalty must compare; with unmasked log-probabilities the KL would also count mass on tokens
+that can never be written, and the penalty would fight the constraint instead of measuring how
+far the policy moved from the reference on real pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class PageConstraint:
+    item_lo: int  # token id of the first item token (items are one contiguous block)
+    n_items: int
+    eos_id: int
+    min_items: int = 1
+    max_items: int = 20
+    exclude_history: bool = True
+
+    @property
+    def eos_action(self) -> int:
+        return self.n_items
+
+    def to_action(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.where(tokens == self.eos_id, torch.full_like(tokens, self.n_items), tokens - self.item_lo)
+
+    def to_token(self, actions: torch.Tensor) -> torch.Tensor:
+        return torch.where(actions == self.n_items, torch.full_like(actions, self.eos_id), actions + self.item_lo)
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] vocabulary logits -> [..., n_items + 1] action logits (items, then EOS)."""
+        items = logits[..., self.item_lo : self.item_lo + self.n_items]
+        return torch.cat([items, logits[..., self.eos_id : self.eos_id + 1]], dim=-1)
+
+    def history_actions(self, prompt: Sequence[int]) -> list[int]:
+        return [t - self.item_lo for t in prompt if self.item_lo <= t < self.item_lo + self.n_items]
+
+
+def step_allowed(constraint: PageConstraint, written: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """Allowed actions [B, A] for rows that have written ``written`` items, ``banned`` [B, A]
+    holding the items already used (and the history). EOS needs ``min_items`` items (or no
+    item left to write); after ``max_items`` only EOS is allowed."""
+    allowed = ~banned.clone()
+    any_item = allowed[:, : constraint.n_items].any(1)
+    allowed[:, constraint.eos_action] = (written >= constraint.min_items) | ~any_item
+    full = written >= constraint.max_items
+    allowed[full, : constraint.n_items] = False
+    allowed[full, constraint.eos_action] = True
+    return allowed
+
+
+def allowed_masks(constraint: PageConstraint, prompts: Sequence[Sequence[int]], actions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """The allowed-action mask [B, T, A] at every step of given pages, rebuilt from the prompts
+    and the actions written before each step (the same rule ``generate_pages`` applied)."""
+    batch, steps = actions.shape
+    banned = torch.zeros(batch, constraint.n_items + 1, dtype=torch.bool, device=actions.device)
+    if constraint.exclude_history:
+        for row, prompt in enumerate(prompts):
+            hist = constraint.history_actions(prompt)
+            if hist:
+                banned[row, hist] = True
+    out = torch.empty(batch, steps, constraint.n_items + 1, dtype=torch.bool, device=actions.device)
+    rows = torch.arange(batch, device=actions.device)
+    for t in range(steps):
+        out[:, t] = step_allowed(constraint, torch.full((batch,), t, device=actions.device), banned)
+        is_item = (actions[:, t] < constraint.n_items) & step_mask[:, t].bool()
+        banned[rows[is_item], actions[is_item, t]] = True
+    return out
+
+
+def masked_logprobs(action_logits: torch.Tensor, allowed: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0):
+    """log pi(a_t) and the entropy of the masked, temperature-scaled distribution at every step.
+    ``action_logits`` [B, T, A] (``PageConstraint.restrict``), ``allowed`` [B, T, A]."""
+    logits = (action_logits.float() / temperature).masked_fill(~allowed, NEG_INF)
+    log_probs = logits.log_softmax(-1)
+    logp = log_probs.gather(-1, actions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # padding steps (action -1) get 0, never -inf, so that masked sums and ratios stay finite
+    logp = torch.where((actions >= 0) & torch.isfinite(logp), logp, torch.zeros_like(logp))
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs.masked_fill(~allowed, 0.0)).sum(-1)
+    return logp, entropy
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter(-1, order, sorted_logits)
+
+
+@dataclass
+class Pages:
+    """Generated pages: ``actions`` [B, T] in the action space (padding -1 after EOS), the
+    matching token ids, and ``step_mask`` [B, T] of real steps (EOS included)."""
+
+    actions: torch.Tensor
+    tokens: torch.Tensor
+    step_mask: torch.Tensor
+
+    def item_tokens(self, constraint: PageConstraint) -> list[list[int]]:
+        return [[int(t) for t, m in zip(row, mask) if m and t != constraint.eos_id] for row, mask in zip(self.tokens, self.step_mask)]
+
+
+@torch.no_grad()
+def generate_pages(
+    model,
+    prompts: Sequence[Sequence[int]],
+    constraint: PageConstraint,
+    pad_id: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Pages:
+    """Write one page per prompt under the constraint, with the model's KV cache."""
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(batch, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention[row, width - len(prompt) :] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    banned = torch.zeros(batch, constraint.n_items + 1, dtype=torch.bool, device=device)
+    if constraint.exclude_history:
+        for row, prompt in enumerate(prompts):
+            hist = constraint.history_actions(prompt)
+            if hist:
+                banned[row, hist] = True
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    written = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    actions, step_masks = [], []
+    for _ in range(constraint.max_items + 1):
+        allowed = step_allowed(constraint, written, banned)
+        logits = constraint.restrict(out.logits[:, -1].float()).masked_fill(~allowed, NEG_INF)
+        if greedy:
+            action = logits.argmax(-1)
+        else:
+            probs = _top_p_filter(logits / temperature, top_p).softmax(-1)
+            action = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+        action = torch.where(done, torch.full_like(action, -1), action)
+        actions.append(action)
+        step_masks.append(~done)
+        is_item = (action >= 0) & (action < constraint.n_items)
+        banned[rows[is_item], action[is_item]] = True
+        written += is_item.long()
+        done = done | (action == constraint.eos_action)
+        if bool(done.all()):
+            break
+        token = constraint.to_token(action.clamp(min=0))
+        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+    actions_t = torch.stack(actions, 1)
+    mask = torch.stack(step_masks, 1)
+    tokens = torch.where(mask, constraint.to_token(actions_t.clamp(min=0)), torch.full_like(actions_t, pad_id))
+    return Pages(actions_t.cpu(), tokens.cpu(), mask.cpu())
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], pages: Pages, pad_id: int):
+    """[prompt || page] right-padded, and for each page step the position whose logits predict
+    it (the token before it). Returns input_ids, attention_mask, logit_positions [B, T]."""
+    lengths = pages.step_mask.sum(1).tolist()
+    width = max(len(p) + n for p, n in zip(prompts, lengths))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, (prompt, n) in enumerate(zip(prompts, lengths)):
+        seq = list(prompt) + pages.tokens[row, :n].tolist()
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+    starts = torch.tensor([len(p) - 1 for p in prompts])
+    positions = (starts[:, None] + torch.arange(pages.actions.shape[1])[None, :]).clamp(max=width - 1)
+    return ids, attention, positions
+
+
+def gather_steps(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [B, L, ...] -> [B, T, ...] at the given per-row positions."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    return hidden[rows, positions.to(hidden.device)]

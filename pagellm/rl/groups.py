@@ -1,0 +1,126 @@
+"""Ray glue: each PPO role as a group of actors in one placement group, or in this process.
+
+``RayRoles`` places every actor through a placement group: with ``colocate`` the i-th worker of
+every role shares bundle i (several roles on one GPU, each with its fraction), otherwise each
+actor has its own bundle. ``LocalRoles`` holds the same role objects in the driver's process
+(the single-process baseline of ``bench/ppo_iteration.py``). Both expose ``submit`` (start a
+method on every worker of a role with its shard) and ``collect`` (wait for the results), so
+the driver starts the roles' work together and waits once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from pagellm.config import PPOConfig, RoleConfig
+
+# a role: the worker class and its constructor keyword arguments for (rank, world)
+RoleSpec = tuple[type, Callable[[int, int], dict]]
+
+
+def shard_rows(n: int, parts: int) -> list[slice]:
+    """Contiguous, near-equal slices of n rows (equal when parts divides n)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def slice_batch(prompts: list, batch: dict, part: slice) -> tuple[list, dict]:
+    return prompts[part], {k: (v[part] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def merge(results: list) -> Any:
+    """Concatenate the per-shard results of one role (tensors, dicts of tensors, metric dicts)."""
+    first = results[0]
+    if torch.is_tensor(first):
+        return torch.cat(results)
+    if isinstance(first, dict) and all(torch.is_tensor(v) for v in first.values()):
+        return {k: torch.cat([r[k] for r in results]) for k in first}
+    if isinstance(first, dict):  # metrics: mean over workers
+        return {k: sum(r[k] for r in results) / len(results) for k in first}
+    return results
+
+
+class LocalRoles:
+    """Every role in this process, one worker each; calls run when submitted."""
+
+    def __init__(self, specs: dict[str, RoleSpec], ppo: PPOConfig):
+        self.workers = {role: [cls(**kwargs(0, 1))] for role, (cls, kwargs) in specs.items()}
+
+    def world(self, role: str) -> int:
+        return 1
+
+    def submit(self, role: str, method: str, args_per_worker: list[tuple]) -> list:
+        return [getattr(w, method)(*args) for w, args in zip(self.workers[role], args_per_worker)]
+
+    def collect(self, pending: list) -> list:
+        return pending
+
+    def shutdown(self) -> None:
+        self.workers.clear()
+
+
+class RayRoles:
+    """One Ray actor per worker of each role, placed through one placement group."""
+
+    def __init__(self, specs: dict[str, RoleSpec], ppo: PPOConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        roles: dict[str, RoleConfig] = {role: getattr(ppo, role) for role in specs}
+        if ppo.colocate:
+            slots = max(r.num_workers for r in roles.values())
+            bundles = []
+            for i in range(slots):
+                members = [r for r in roles.values() if r.num_workers > i]
+                bundle = {"CPU": sum(r.num_cpus for r in members)}
+                gpus = sum(r.num_gpus for r in members)
+                if gpus:
+                    bundle["GPU"] = float(gpus)
+                bundles.append(bundle)
+            where = {(role, i): i for role, r in roles.items() for i in range(r.num_workers)}
+        else:
+            bundles, where = [], {}
+            for role, r in roles.items():
+                for i in range(r.num_workers):
+                    where[(role, i)] = len(bundles)
+                    bundles.append({"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})})
+        self.pg = placement_group(bundles, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        self.workers = {}
+        for role, r in roles.items():
+            cls, kwargs = specs[role]
+            actor_cls = ray.remote(cls)
+            self.workers[role] = [
+                actor_cls.options(
+                    num_cpus=r.num_cpus,
+                    num_gpus=r.num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=where[(role, i)]),
+                ).remote(**kwargs(i, r.num_workers))
+                for i in range(r.num_workers)
+            ]
+        ray.get([w.ready.remote() for ws in self.workers.values() for w in ws])
+
+    def world(self, role: str) -> int:
+        return len(self.workers[role])
+
+    def submit(self, role: str, method: str, args_per_worker: list[tuple]) -> list:
+        return [getattr(w, method).remote(*args) for w, args in zip(self.workers[role], args_per_worker)]
+
+    def collect(self, pending: list) -> list:
+        import ray
+
+        return ray.get(pending)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for ws in self.workers.values():
+            for w in ws:
+                ray.kill(w)
+        remove_placement_group(self.pg)
+        self.workers.clear()
+

@@ -1,0 +1,267 @@
+"""The PPO roles as plain classes; ``pagellm.rl.groups`` runs each as Ray actors.
+
+policy     trainable; writes pages (constrained sampling) and gives their log-probabilities
+reference  the frozen SFT policy; log-probabilities for the KL penalty
+critic     trainable; a value at every page step. Initialised from the coarse reward model
+           (backbone and scalar head), as in InstructGPT: it already scores whole pages.
+coarse     R_c of a page (eq. 10), frozen
+fine       R_f of a page and each item's score (eq. 13), frozen
+
+Trainable roles step through ``ModelOptimizer`` (DeepSpeed or AdamW), the helper of the
+supervised stages. With several workers a role is one ``torch.distributed`` group and each
+worker takes a shard of the batch. Models stay in eval mode (no dropout) so the log-probability
+of a page is the same at sampling, in the ratio and in the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pagellm.config import PPOConfig, TrainConfig
+from pagellm.model.modeling import RewardModel
+from pagellm.rl.decoding import PageConstraint, Pages, allowed_masks, gather_steps, generate_pages, masked_logprobs, rollout_batch
+from pagellm.rl.ppo_math import policy_loss, value_loss
+from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_pages(batch: dict) -> Pages:
+    return Pages(batch["actions"], batch["tokens"], batch["step_mask"])
+
+
+class CriticModel(nn.Module):
+    """Values at every position: the coarse reward backbone and head (``RewardModel``)."""
+
+    def __init__(self, reward: RewardModel):
+        super().__init__()
+        self.reward = reward
+
+    def forward(self, input_ids, attention_mask):
+        return self.reward.item_scores(input_ids, attention_mask)
+
+
+class RoleWorker:
+    """Shared set-up: threads, device, an optional process group for a trainable role."""
+
+    def __init__(self, ppo: PPOConfig, train: TrainConfig, num_cpus: float, num_gpus: float, rank: int = 0, world: int = 1):
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.ppo, self.train_cfg, self.rank, self.world = ppo, train, rank, world
+        self.device = pick_device(num_gpus)
+        self.optimizer: Optional[ModelOptimizer] = None
+
+    def free_address(self) -> str:
+        """Rank 0 hosts the process group's store: its address and a free port."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{socket.gethostbyname(socket.gethostname())}:{port}"
+
+    def _init_group(self, address: Optional[str]) -> None:
+        # what a torch launcher would set; Ray gives each actor its own visible GPU(s), so the
+        # local device is always index 0
+        host, port = address.removeprefix("tcp://").rsplit(":", 1) if address else ("127.0.0.1", "0")
+        os.environ.update(LOCAL_RANK="0", RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=host, MASTER_PORT=port)
+        if address and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world)
+
+    def ready(self) -> bool:
+        return True
+
+    def _optimizer(self, module: nn.Module, lr: float) -> ModelOptimizer:
+        micro = max(1, self.ppo.minibatch_size // self.world)
+        wrap = None
+        if self.world > 1 and not self.train_cfg.deepspeed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrap = DistributedDataParallel
+        optimizer = ModelOptimizer(module, lr, self.train_cfg, micro, self.device, wrap=wrap)
+        module.eval()  # DeepSpeed may switch to train mode; keep dropout off
+        return optimizer
+
+
+class PolicyWorker(RoleWorker):
+    def __init__(self, model_dir: str, constraint: PageConstraint, pad_id: int, trainable: bool, **kw):
+        super().__init__(**kw)
+        from transformers import AutoModelForCausalLM
+
+        self.constraint, self.pad_id, self.trainable = constraint, pad_id, trainable
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
+        if not trainable:
+            self.model.requires_grad_(False)
+
+    def init_training(self, address: Optional[str]) -> None:
+        self._init_group(address)
+        self.optimizer = self._optimizer(self.model, self.ppo.lr)
+
+    def _forward(self):
+        return self.optimizer.forward if self.optimizer is not None else self.model
+
+    def generate(self, prompts: list, greedy: bool, seed: int, max_items: Optional[int] = None, min_items: Optional[int] = None) -> dict:
+        constraint = self.constraint
+        if max_items is not None or min_items is not None:
+            from dataclasses import replace
+
+            constraint = replace(constraint, max_items=max_items or constraint.max_items, min_items=min_items or constraint.min_items)
+        gen = torch.Generator().manual_seed(seed)
+        pages = generate_pages(self.model, prompts, constraint, self.pad_id, greedy, self.ppo.temperature, self.ppo.top_p, gen)
+        return {"actions": pages.actions, "tokens": pages.tokens, "step_mask": pages.step_mask}
+
+    def _logprobs(self, prompts: list, batch: dict, forward):
+        pages = to_pages(batch)
+        ids, attention, positions = rollout_batch(prompts, pages, self.pad_id)
+        out = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
+        logits = self.constraint.restrict(gather_steps(out.logits, positions))
+        allowed = allowed_masks(self.constraint, prompts, pages.actions, pages.step_mask).to(self.device)
+        return masked_logprobs(logits, allowed, pages.actions.to(self.device), self.ppo.temperature)
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list, batch: dict) -> torch.Tensor:
+        return self._logprobs(prompts, batch, self.model)[0].cpu()
+
+    def train(self, prompts: list, batch: dict) -> dict:
+        """update_epochs passes over this shard in minibatches; PPO clipped surrogate."""
+        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
+        stats = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        steps = 0
+        gen = torch.Generator().manual_seed(int(batch["seed"]))
+        for _ in range(self.ppo.update_epochs):
+            order = torch.randperm(n, generator=gen)
+            for lo in range(0, n, micro):
+                idx = order[lo : lo + micro]
+                sub = {k: batch[k][idx] for k in ("actions", "tokens", "step_mask", "old_logp", "advantages")}
+                sub_prompts = [prompts[i] for i in idx.tolist()]
+                logp, entropy = self._logprobs(sub_prompts, sub, self._forward())
+                mask = sub["step_mask"].to(self.device).float()
+                loss, clip_frac, approx_kl = policy_loss(
+                    logp, sub["old_logp"].to(self.device), sub["advantages"].to(self.device), mask, self.ppo.clip
+                )
+                self.optimizer.step(loss)
+                ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+                for key, value in (("policy_loss", loss), ("clip_fraction", clip_frac), ("approx_kl", approx_kl), ("entropy", ent)):
+                    stats[key] += float(value.detach())
+                steps += 1
+        self.model.eval()
+        return {k: v / max(steps, 1) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def checksum(self) -> float:
+        return float(sum(p.double().sum() for p in self.model.parameters()))
+
+    def save(self, directory: str, tokenizer_dir: Optional[str] = None) -> None:
+        """Rank 0: the HF model (+ tokenizer) and the module's safetensors; every rank: its
+        optimizer shard."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.model.save_pretrained(directory)
+            if tokenizer_dir:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+            save_module(self.model, directory / WEIGHTS_FILE)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
+
+    def load(self, directory: str) -> None:
+        directory = Path(directory)
+        load_module(self.model, directory / WEIGHTS_FILE)
+        opt_file = directory / f"optim_rank{self.rank}.pt"
+        if self.optimizer is not None and opt_file.exists():
+            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+
+
+class CriticWorker(RoleWorker):
+    def __init__(self, coarse_dir: str, pad_id: int, **kw):
+        super().__init__(**kw)
+        self.pad_id = pad_id
+        self.model = CriticModel(RewardModel.from_pretrained(coarse_dir)).to(self.device).eval()
+
+    def init_training(self, address: Optional[str]) -> None:
+        self._init_group(address)
+        self.optimizer = self._optimizer(self.model, self.ppo.critic_lr)
+
+    def _values(self, prompts, batch, forward):
+        ids, attention, positions = rollout_batch(prompts, to_pages(batch), self.pad_id)
+        scores = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
+        return gather_steps(scores, positions).float()
+
+    @torch.no_grad()
+    def values(self, prompts: list, batch: dict) -> torch.Tensor:
+        return self._values(prompts, batch, self.model).cpu()
+
+    def train(self, prompts: list, batch: dict) -> dict:
+        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
+        total, steps = 0.0, 0
+        gen = torch.Generator().manual_seed(int(batch["seed"]))
+        forward = self.optimizer.forward
+        for _ in range(self.ppo.update_epochs):
+            order = torch.randperm(n, generator=gen)
+            for lo in range(0, n, micro):
+                idx = order[lo : lo + micro]
+                sub = {k: batch[k][idx] for k in ("actions", "tokens", "step_mask", "old_values", "returns")}
+                values = self._values([prompts[i] for i in idx.tolist()], sub, forward)
+                mask = sub["step_mask"].to(self.device).float()
+                loss = self.ppo.value_loss_coef * value_loss(
+                    values, sub["old_values"].to(self.device), sub["returns"].to(self.device), mask, self.ppo.value_clip
+                )
+                self.optimizer.step(loss)
+                total += float(loss.detach())
+                steps += 1
+        self.model.eval()
+        return {"value_loss": total / max(steps, 1)}
+
+    def save(self, directory: str) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            save_module(self.model, directory / WEIGHTS_FILE)
+        torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
+
+    def load(self, directory: str) -> None:
+        directory = Path(directory)
+        load_module(self.model, directory / WEIGHTS_FILE)
+        opt_file = directory / f"optim_rank{self.rank}.pt"
+        if opt_file.exists():
+            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+
+
+class RewardWorker(RoleWorker):
+    """R_c or R_f of pages. ``score`` returns the page score [B] and a per-step score [B, T]:
+    for the fine head each item's own score on its step (0 on EOS); for the coarse head 0."""
+
+    def __init__(self, reward_dir: str, pad_id: int, eos_id: int, **kw):
+        super().__init__(**kw)
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.model = RewardModel.from_pretrained(reward_dir).to(self.device).eval().requires_grad_(False)
+        self.kind = self.model.kind
+
+    @torch.no_grad()
+    def score(self, prompts: list, batch: dict) -> dict:
+        pages = to_pages(batch)
+        ids, attention, positions = rollout_batch(prompts, pages, self.pad_id)
+        scores = self.model.item_scores(ids.to(self.device), attention.to(self.device)).float().cpu()
+        lengths = pages.step_mask.sum(1)
+        last = torch.tensor([len(p) for p in prompts]) + lengths - 1
+        is_item = pages.step_mask & (pages.tokens != self.eos_id)
+        rows = torch.arange(len(prompts))
+        if self.kind == "coarse":
+            return {"page": scores[rows, last], "steps": torch.zeros(pages.actions.shape)}
+        # item at step s sits at position len(prompt) + s, one after the logit position
+        item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1)) * is_item
+        n_items = is_item.sum(1).clamp(min=1)
+        return {"page": item_scores.sum(1) / n_items, "steps": item_scores / n_items[:, None]}
+
+
+def describe(worker: RoleWorker) -> str:
+    return json.dumps({"class": type(worker).__name__, "rank": worker.rank, "world": worker.world, "device": str(worker.device)})
