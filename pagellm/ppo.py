@@ -95,7 +95,8 @@ def start_roles(cfg: PageLLMConfig, specs: dict, local: bool):
     roles = LocalRoles(specs, cfg.ppo) if local else RayRoles(specs, cfg.ppo)
     for role in ("policy", "critic"):
         world = roles.world(role)
-        needs_group = not local and (world > 1 or cfg.train.deepspeed)
+        # DeepSpeed needs a process group even for one worker; in one process the roles share it
+        needs_group = world > 1 or cfg.train.deepspeed
         address = roles.collect(roles.submit(role, "free_address", [()]))[0] if needs_group else None
         roles.collect(roles.submit(role, "init_training", [(address,)] * world))
     return roles

@@ -87,6 +87,9 @@ class RoleWorker:
             wrap = DistributedDataParallel
         optimizer = ModelOptimizer(module, lr, self.train_cfg, micro, self.device, wrap=wrap)
         module.eval()  # DeepSpeed may switch to train mode; keep dropout off
+        # DeepSpeed places the module on its accelerator (a visible GPU even for a CPU role in
+        # one process); inputs follow the module
+        self.device = next(module.parameters()).device
         return optimizer
 
 
