@@ -1,9 +1,10 @@
 """PPO over several seeds against the reference (SFT) policy: validation NDCG@100 and reward.
 
     OMP_NUM_THREADS=1 python bench/ppo_seeds.py --data DATA --sft SFT --reward REWARD \
-        --out docs/results/amazon2014/ppo --seeds 0 1 2 [--config FILE ...] [key=value ...]
+        --out docs/results/amazon2014/ppo --runs runs/amz/ppo_seeds --seeds 0 1 2 [--config FILE ...] [key=value ...]
 
-Each seed is one `run_ppo` into OUT/seed_<s>; iteration 0 of its metrics.jsonl is the reference
+Each seed is one `run_ppo` into RUNS/seed_<s> (checkpoints stay there; OUT gets a copy of each
+seed's metrics.jsonl); iteration 0 of its metrics.jsonl is the reference
 policy (greedy pages are deterministic, so it is the same for every seed). Writes OUT/summary.json,
 OUT/summary.md and OUT/ppo_seeds.png (validation NDCG@100 and held-out reward per iteration).
 """
@@ -31,18 +32,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("--data", "--sft", "--reward", "--out"):
         parser.add_argument(name, required=True)
+    parser.add_argument("--runs", help="where the PPO runs go (default OUT/runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", action="append")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out)
+    runs_dir = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.overrides, f"ppo.seed={seed}"])
         started = time.perf_counter()
-        run_ppo(cfg, args.data, args.sft, args.reward, out / f"seed_{seed}")
-        records = [json.loads(line) for line in (out / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()]
+        run_ppo(cfg, args.data, args.sft, args.reward, runs_dir / f"seed_{seed}")
+        text = (runs_dir / f"seed_{seed}" / "metrics.jsonl").read_text()
+        (out / f"metrics_seed_{seed}.jsonl").write_text(text)
+        records = [json.loads(line) for line in text.splitlines()]
         runs[seed] = {"records": records, "seconds": time.perf_counter() - started}
 
     evals = {s: [r for r in run["records"] if "val_ndcg@100" in r] for s, run in runs.items()}
