@@ -73,6 +73,18 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pagellm.evaluate import run_evaluate
+
+    out = Path(args.out) if args.out else Path(args.model) / f"eval_{args.split}"
+    metrics = run_evaluate(_config(args), args.model, args.data, args.split, out)
+    keys = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
+    print(f"evaluate ({args.split}, {metrics['users']} users): " + ", ".join(
+        f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None))
+    print(f"wrote {out / 'metrics.json'} and {out / 'users.parquet'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
     (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
@@ -138,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in PPO_DIR")
     common(p)
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("evaluate", help="pages for every user of a split, scored (docs/metrics.md)")
+    p.add_argument("--model", required=True, help="a policy directory (SFT_DIR or PPO_DIR/policy)")
+    p.add_argument("--data", required=True, help="output directory of `pagellm data`")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--out", help="output directory (default MODEL/eval_SPLIT)")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")

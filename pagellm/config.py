@@ -276,6 +276,30 @@ class PPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`pagellm evaluate`: pages for every user of a split, scored with docs/metrics.md."""
+
+    page_items: int = 100  # page length K (NDCG@100 needs 100)
+    decoding: str = "greedy"  # greedy or sample, both under the page constraint of PPO
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only
+    # full-ranking protocol: every item the user interacted with before the split is excluded
+    # (train; train + validation for test), not only the prompt's items
+    mask_seen: bool = True
+    batch_size: int = 64  # users per generation batch
+    num_actors: int = 1  # Ray Data actor pool size, each actor holding the model
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decoding not in ("greedy", "sample"):
+            raise ConfigError(f"eval.decoding must be 'greedy' or 'sample', got {self.decoding!r}")
+        if not 1 <= self.page_items:
+            raise ConfigError(f"eval.page_items must be >= 1, got {self.page_items}")
+
+
+@dataclass
 class RayConfig:
     """How the local Ray is started when no cluster is attached (RAY_ADDRESS unset)."""
 
@@ -291,6 +315,7 @@ class PageLLMConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

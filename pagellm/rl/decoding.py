@@ -129,8 +129,11 @@ def generate_pages(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    banned_items: Optional[Sequence[Sequence[int]]] = None,
 ) -> Pages:
-    """Write one page per prompt under the constraint, with the model's KV cache."""
+    """Write one page per prompt under the constraint, with the model's KV cache.
+    ``banned_items`` adds, per prompt, item token ids that may not be written (evaluation masks
+    every item the user has already seen, not only the prompt's)."""
     device = next(model.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -144,6 +147,11 @@ def generate_pages(
     if constraint.exclude_history:
         for row, prompt in enumerate(prompts):
             hist = constraint.history_actions(prompt)
+            if hist:
+                banned[row, hist] = True
+    if banned_items is not None:
+        for row, tokens in enumerate(banned_items):
+            hist = constraint.history_actions(tokens)
             if hist:
                 banned[row, hist] = True
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
