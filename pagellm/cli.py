@@ -85,6 +85,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pagellm.experiments import run_ablation, run_compare
+
+    cfg = _config(args)
+    if args.kind == "ablation":
+        report = run_ablation(cfg, args.config, list(args.overrides), args.data, args.sft, args.reward, args.out, args.seeds, args.split)
+        print((Path(args.out) / "ablation.md").read_text())
+    else:
+        policies = dict(p.split("=", 1) for p in args.policy or [])
+        report = run_compare(cfg, args.data, policies, args.baselines, args.out, args.split, tuple(args.seeds))
+        print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out} ({report['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
     (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
@@ -158,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default MODEL/eval_SPLIT)")
     common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("experiment", help="ablation over reward heads, or comparison with baselines")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    for kind, text in (("ablation", "SFT only vs PPO with R_c, R_f, R_c + R_f over seeds"), ("compare", "baselines and PageLLM policies")):
+        q = kinds.add_parser(kind, help=text)
+        q.add_argument("--data", required=True, help="output directory of `pagellm data`")
+        if kind == "ablation":
+            q.add_argument("--sft", required=True, help="SFT_DIR")
+            q.add_argument("--reward", required=True, help="REWARD_DIR")
+        else:
+            q.add_argument("--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)")
+            q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec"])
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        q.add_argument("--split", choices=("val", "test"), default="test")
+        q.add_argument("--out", required=True, help="report directory, e.g. docs/results/amazon2014/ablation")
+        common(q)
+        q.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")

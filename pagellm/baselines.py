@@ -1,0 +1,190 @@
+"""Baseline recommenders under PageLLM's protocol, scored with the same metric code.
+
+Every baseline sees exactly the data stage's split: it is fit on the training positives
+(r > 3) of ``split/train.parquet``; for a user of split S its history is that user's positives
+before S (train; train + validation for test) and every item the user interacted with before S
+is masked (full ranking over the catalogue). Pages are the top ``k`` items by score.
+
+popularity  items by their number of training positives
+itemknn     item-item cosine similarity of the training positives (top ``neighbours`` per item);
+            a user's score for an item is the sum of its similarities to the user's history
+bprmf       matrix factorisation with the BPR loss (Rendle et al., 2009)
+sasrec      self-attentive sequential model (Kang & McAuley, 2018): causal Transformer over the
+            positive history, full softmax over items at every position
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from pagellm.data.schema import InputError
+
+log = logging.getLogger(__name__)
+BASELINES = ("popularity", "itemknn", "bprmf", "sasrec")
+
+
+@dataclass
+class Protocol:
+    items: list[str]  # index -> item id
+    train_pos: pd.DataFrame  # user_id, item, ts (item as index), training positives
+    users: pd.DataFrame  # user_id, history (item indices, time order), seen (indices), target (ids)
+
+
+def load_protocol(data_dir: Path, split: str, positive_threshold: float = 3.0) -> Protocol:
+    data_dir = Path(data_dir)
+    if not (data_dir / "eval" / f"{split}.parquet").exists():
+        raise InputError(f"{data_dir} is not a data-stage output (missing eval/{split}.parquet)")
+    items = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
+    index = {item: k for k, item in enumerate(items)}
+    parts = ["train"] if split == "val" else ["train", "val"]
+    before = pd.concat([pq.read_table(data_dir / "split" / f"{p}.parquet").to_pandas().assign(part=p) for p in parts])
+    before["item"] = before.item_id.map(index)
+    if before.item.isna().any():
+        raise InputError(f"{data_dir}: {int(before.item.isna().sum())} interactions name items missing from items.parquet")
+    before = before.sort_values(["user_id", "ts"], kind="stable")
+    positives = before[before.rating > positive_threshold]
+    history = positives.groupby("user_id").item.agg(list)
+    seen = before.groupby("user_id").item.agg(list)
+    targets = pq.read_table(data_dir / "eval" / f"{split}.parquet").to_pandas()
+    users = pd.DataFrame(
+        {
+            "user_id": targets.user_id,
+            "history": [history.get(u, []) for u in targets.user_id],
+            "seen": [seen.get(u, []) for u in targets.user_id],
+            "target": [list(t) for t in targets.target],
+        }
+    )
+    train_pos = positives[positives.part == "train"][["user_id", "item", "ts"]]
+    return Protocol(items, train_pos, users)
+
+
+def _top_k(scores: np.ndarray, seen: list, k: int) -> np.ndarray:
+    scores = scores.astype(np.float64, copy=True)
+    scores[seen] = -np.inf
+    k = min(k, int(np.isfinite(scores).sum()))
+    top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], dtype=int)
+    return top[np.lexsort((top, -scores[top]))]  # by score, ties by item index
+
+
+def popularity_scores(p: Protocol) -> np.ndarray:
+    return np.bincount(p.train_pos.item.to_numpy(), minlength=len(p.items)).astype(np.float64)
+
+
+def itemknn_similarity(p: Protocol, neighbours: int = 100) -> np.ndarray:
+    """Cosine similarity of item columns of the binary user x item matrix, top-``neighbours``."""
+    users = {u: k for k, u in enumerate(p.train_pos.user_id.unique())}
+    x = np.zeros((len(users), len(p.items)), dtype=np.float32)
+    x[p.train_pos.user_id.map(users).to_numpy(), p.train_pos.item.to_numpy()] = 1.0
+    norms = np.sqrt(x.sum(0)) + 1e-12
+    sim = (x.T @ x) / norms[:, None] / norms[None, :]
+    np.fill_diagonal(sim, 0.0)
+    if neighbours < sim.shape[1]:
+        cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
+        sim = np.where(sim >= cut, sim, 0.0)
+    return sim
+
+
+def train_bprmf(p: Protocol, dim: int = 64, epochs: int = 100, lr: float = 1e-2, reg: float = 1e-4, seed: int = 0):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    users = {u: k for k, u in enumerate(p.users.user_id)}
+    known = p.train_pos[p.train_pos.user_id.isin(users)]
+    u_idx = torch.as_tensor(known.user_id.map(users).to_numpy())
+    i_idx = torch.as_tensor(known.item.to_numpy())
+    user_emb, item_emb = nn.Embedding(len(users), dim), nn.Embedding(len(p.items), dim)
+    nn.init.normal_(user_emb.weight, std=0.1)
+    nn.init.normal_(item_emb.weight, std=0.1)
+    opt = torch.optim.Adam([*user_emb.parameters(), *item_emb.parameters()], lr=lr)
+    for _ in range(epochs):
+        order = torch.as_tensor(rng.permutation(len(u_idx)))
+        for lo in range(0, len(order), 1024):
+            b = order[lo : lo + 1024]
+            neg = torch.as_tensor(rng.integers(0, len(p.items), len(b)))
+            u, i, j = user_emb(u_idx[b]), item_emb(i_idx[b]), item_emb(neg)
+            loss = -torch.nn.functional.logsigmoid((u * i).sum(1) - (u * j).sum(1)).mean() + reg * (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / len(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return users, user_emb.weight.detach().numpy(), item_emb.weight.detach().numpy()
+
+
+class SASRec(nn.Module):
+    def __init__(self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2):
+        super().__init__()
+        self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)  # 0 = padding, items shifted by 1
+        self.pos = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.max_len = max_len
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, L] (left-padded with 0) -> logits over items [B, L, n_items]."""
+        length = seq.shape[1]
+        h = self.item(seq) * math.sqrt(self.item.embedding_dim) + self.pos(torch.arange(length))[None]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+        padding = seq == 0
+        padding[:, -1] = False  # a user without history still gets a (position-only) state
+        h = self.encoder(self.drop(h), mask=causal, src_key_padding_mask=padding)
+        return self.norm(h) @ self.item.weight[1:].T
+
+
+def _left_pad(seqs: list[list[int]], length: int) -> torch.Tensor:
+    out = torch.zeros(len(seqs), length, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        s = s[-length:]
+        if s:
+            out[row, length - len(s) :] = torch.as_tensor(s)
+    return out
+
+
+def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int = 50, seed: int = 0) -> SASRec:
+    """Next-item training on each user's training positives (items shifted by one, 0 = pad)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    seqs = [[i + 1 for i in s] for s in p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list) if len(s) > 1]
+    model = SASRec(len(p.items), max_len=max_len)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    inputs, labels = _left_pad([s[:-1] for s in seqs], max_len), _left_pad([s[1:] for s in seqs], max_len)
+    for _ in range(epochs):
+        model.train()
+        for b in np.array_split(rng.permutation(len(seqs)), max(1, math.ceil(len(seqs) / 128))):
+            logits = model(inputs[b])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), (labels[b] - 1).reshape(-1), ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def baseline_pages(name: str, p: Protocol, k: int = 100, seed: int = 0) -> list[list[str]]:
+    """Top-k pages (item ids) of one baseline for every evaluation user."""
+    if name == "popularity":
+        pop = popularity_scores(p)
+        score = lambda row: pop  # noqa: E731
+    elif name == "itemknn":
+        sim = itemknn_similarity(p)
+        score = lambda row: sim[row.history].sum(0) if row.history else np.zeros(len(p.items))  # noqa: E731
+    elif name == "bprmf":
+        users, u_emb, i_emb = train_bprmf(p, seed=seed)
+        score = lambda row: i_emb @ u_emb[users[row.user_id]]  # noqa: E731
+    elif name == "sasrec":
+        model = train_sasrec(p, seed=seed)
+        with torch.no_grad():
+            hist = _left_pad([[i + 1 for i in h] for h in p.users.history], model.max_len)
+            last = torch.cat([model(hist[lo : lo + 256])[:, -1] for lo in range(0, len(hist), 256)]).numpy()
+        rows = {u: k for k, u in enumerate(p.users.user_id)}
+        score = lambda row: last[rows[row.user_id]]  # noqa: E731
+    else:
+        raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    return [[p.items[j] for j in _top_k(score(row), row.seen, k)] for row in p.users.itertuples(index=False)]

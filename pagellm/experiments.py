@@ -1,0 +1,124 @@
+"""Experiments (paper 5.2 and 5.4): the ablation over reward heads and the comparison with
+baselines, each one command writing Markdown, JSON and a PNG with the command that made it.
+
+ablation  SFT only (the reference policy), PPO with R_c only, R_f only and R_c + R_f, over
+          several seeds, each policy evaluated on the test split (Figure 5 style bar chart)
+compare   baselines (docs/baselines.md) and given PageLLM policies evaluated on the same split
+          with the same metric code (Table 2 style)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pagellm.config import PageLLMConfig, load_config
+
+METRICS = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
+VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str) -> str:
+    lines = [note, "", "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, stats in rows.items():
+        cells = [f"{m:.4f} ± {s:.4f}" if s == s and s > 0 else f"{m:.4f}" for m, s in (stats[k] for k in METRICS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(rows: dict[str, dict[str, tuple[float, float]]], keys: tuple[str, ...], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    for ax, key in zip(axes, keys):
+        names = list(rows)
+        ax.bar(names, [rows[n][key][0] for n in names], yerr=[rows[n][key][1] for n in names], capsize=4, color="#4c72b0")
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test") -> dict:
+    """Train and evaluate each variant over ``seeds``; SFT only is evaluated once (greedy
+    decoding of one model is deterministic, so its spread is 0)."""
+    from pagellm.evaluate import run_evaluate
+    from pagellm.ppo import run_ppo
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    results["sft"] = [run_evaluate(cfg, sft_dir, data_dir, split, out / "runs" / "sft" / f"eval_{split}")]
+    for name, rewards in VARIANTS.items():
+        if rewards is None:
+            continue
+        results[name] = []
+        for seed in seeds:
+            run_cfg = load_config(config_paths, [*overrides, f"ppo.rewards={rewards}", f"ppo.seed={seed}"])
+            run_dir = out / "runs" / name / f"seed_{seed}"
+            run_ppo(run_cfg, data_dir, sft_dir, reward_dir, run_dir)
+            results[name].append(run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}"))
+    rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
+    report = {
+        "command": " ".join(sys.argv), "split": split, "seeds": list(seeds), "wall_seconds": time.perf_counter() - started,
+        "mean_sd": rows, "runs": results,
+    }
+    (out / "ablation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    note = (f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
+            f"wall time {report['wall_seconds'] / 60:.1f} min.")
+    (out / "ablation.md").write_text(_table(rows, note))
+    _bar_chart(rows, ("ndcg@100", "recall@20", "ild", "category_entropy"), out / "ablation.png", "reward-head ablation")
+    return report
+
+
+def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)) -> dict:
+    """Baselines (over ``seeds`` where they train) and PageLLM policies on one split."""
+    from pagellm.baselines import baseline_pages, load_protocol
+    from pagellm.eval.metrics import mean_metrics, page_metrics
+    from pagellm.evaluate import run_evaluate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    items = pq.read_table(Path(data_dir) / "items.parquet", columns=["item_id", "category"]).to_pandas()
+    category = dict(zip(items.item_id, items.category))
+    protocol = load_protocol(Path(data_dir), split, cfg.data.positive_threshold)
+    results: dict[str, list[dict]] = {}
+    for name in baselines:
+        deterministic = name in ("popularity", "itemknn")
+        results[name] = []
+        for seed in (seeds[:1] if deterministic else seeds):
+            pages = baseline_pages(name, protocol, cfg.eval.page_items, seed)
+            results[name].append(mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]))
+    for name, policy in policies.items():
+        results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
+    rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
+    report = {"command": " ".join(sys.argv), "split": split, "wall_seconds": time.perf_counter() - started, "mean_sd": rows, "runs": results}
+    (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)
+    note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."
+    if best is not None:
+        for name in policies:
+            gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]
+            note += f"  \n{name} NDCG@100 vs the best baseline ({best}): {gap:+.4f} ({100 * gap / rows[best]['ndcg@100'][0]:+.1f}%)."
+    (out / "compare.md").write_text(_table(rows, note))
+    _bar_chart(rows, ("ndcg@100", "recall@20"), out / "compare.png", "PageLLM and baselines")
+    return report
