@@ -30,11 +30,21 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str) -> str:
+def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: dict[str, list[dict]]) -> str:
     lines = [note, "", "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, stats in rows.items():
         cells = [f"{m:.4f} ± {s:.4f}" if s == s and s > 0 else f"{m:.4f}" for m, s in (stats[k] for k in METRICS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    # metrics undefined for some users (docs/metrics.md) average over fewer users: say how many
+    partial = []
+    for name, runs in results.items():
+        for key in METRICS:
+            counts = [r["defined"][key] for r in runs if "defined" in r]
+            users = [r["users"] for r in runs if "users" in r]
+            if counts and users and min(counts) < max(users):
+                partial.append(f"{name} {key}: {min(counts)}-{max(counts)} of {max(users)} users")
+    if partial:
+        lines += ["", "Means over the users where a metric is defined: " + "; ".join(partial) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +94,7 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
     (out / "ablation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     note = (f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
             f"wall time {report['wall_seconds'] / 60:.1f} min.")
-    (out / "ablation.md").write_text(_table(rows, note))
+    (out / "ablation.md").write_text(_table(rows, note, results))
     _bar_chart(rows, ("ndcg@100", "recall@20", "ild", "category_entropy"), out / "ablation.png", "reward-head ablation")
     return report
 
@@ -119,6 +129,6 @@ def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baseline
         for name in policies:
             gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]
             note += f"  \n{name} NDCG@100 vs the best baseline ({best}): {gap:+.4f} ({100 * gap / rows[best]['ndcg@100'][0]:+.1f}%)."
-    (out / "compare.md").write_text(_table(rows, note))
+    (out / "compare.md").write_text(_table(rows, note, results))
     _bar_chart(rows, ("ndcg@100", "recall@20"), out / "compare.png", "PageLLM and baselines")
     return report
