@@ -10,6 +10,7 @@ compare   baselines (docs/baselines.md) and given PageLLM policies evaluated on 
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -88,7 +89,7 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
             results[name].append(run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}"))
     rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     report = {
-        "command": " ".join(sys.argv), "split": split, "seeds": list(seeds), "wall_seconds": time.perf_counter() - started,
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "seeds": list(seeds), "wall_seconds": time.perf_counter() - started,
         "mean_sd": rows, "runs": results,
     }
     (out / "ablation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -121,7 +122,7 @@ def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baseline
     for name, policy in policies.items():
         results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
     rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
-    report = {"command": " ".join(sys.argv), "split": split, "wall_seconds": time.perf_counter() - started, "mean_sd": rows, "runs": results}
+    report = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "wall_seconds": time.perf_counter() - started, "mean_sd": rows, "runs": results}
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)
     note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."
