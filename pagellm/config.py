@@ -243,6 +243,7 @@ class PPOConfig:
     eval_every: int = 10
     eval_page_items: int = 100
     eval_max_users: Optional[int] = None  # None: every validation user
+    generate_batch_size: int = 256  # prompts per generation call inside a policy worker
     checkpoint_every: int = 10
     holdout_fraction: float = 0.1  # users whose prompts are held out of rollouts (reward curve)
     seed: int = 0

@@ -117,8 +117,16 @@ class PolicyWorker(RoleWorker):
 
             constraint = replace(constraint, max_items=max_items or constraint.max_items, min_items=min_items or constraint.min_items)
         gen = torch.Generator().manual_seed(seed)
-        pages = generate_pages(self.model, prompts, constraint, self.pad_id, greedy, self.ppo.temperature, self.ppo.top_p, gen)
-        return {"actions": pages.actions, "tokens": pages.tokens, "step_mask": pages.step_mask}
+        chunks = [  # bounded memory: the KV cache of eval_page_items steps for every user at once is large
+            generate_pages(self.model, prompts[lo : lo + self.ppo.generate_batch_size], constraint, self.pad_id, greedy, self.ppo.temperature, self.ppo.top_p, gen)
+            for lo in range(0, len(prompts), self.ppo.generate_batch_size)
+        ]
+        width = max(c.actions.shape[1] for c in chunks)
+
+        def cat(name: str, value):
+            return torch.cat([torch.nn.functional.pad(getattr(c, name), (0, width - c.actions.shape[1]), value=value) for c in chunks])
+
+        return {"actions": cat("actions", -1), "tokens": cat("tokens", self.pad_id), "step_mask": cat("step_mask", False)}
 
     def _logprobs(self, prompts: list, batch: dict, forward):
         pages = to_pages(batch)
