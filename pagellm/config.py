@@ -163,6 +163,9 @@ class SFTConfig:
     ft_lr: float = 2e-5
     rating_loss_weight: float = 1.0  # L_rating + w * ... : eq. 7 and eq. 8 are summed
     max_meta_tokens: int = 128  # meta prompts are cut to this many tokens
+    # a seeded sample of at most this many meta rows per pattern (a-d, rating); None: all.
+    # Large logs (MovieLens: ~80k ratings -> ~170k rows) otherwise make meta pre-training long.
+    max_meta_rows_per_pattern: Optional[int] = None
     valid_page_max_items: int = 20  # greedy decoding length for valid_page_rate
     # Weight of an unlikelihood term on repeated page items and an empty page, added to eq. 9
     # (not in the paper: 0 keeps eq. 9 alone). Teaches a small model the page schema so that

@@ -36,7 +36,9 @@ def _held_out(key: str, fraction: float, salt: str) -> bool:
     return zlib.crc32(f"{salt}:{key}".encode()) % 10_000 < fraction * 10_000
 
 
-def meta_rows(vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens: int, seed: int) -> pd.DataFrame:
+def meta_rows(
+    vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens: int, seed: int, max_rows_per_pattern: int | None = None
+) -> pd.DataFrame:
     """Meta prompts of the four patterns (paper 4.3.1) plus rating-regression rows.
 
     (a) item content: item token, title, brand, category;
@@ -44,7 +46,8 @@ def meta_rows(vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens
     (c) second-order co-occurrence: two items sharing a category or a brand;
     (d) interaction sequences: a user's training items in time order.
     Rating rows ("user_u item_i" -> r_ui, eq. 7) carry no next-token labels.
-    All built from the items table and *training* interactions only.
+    All built from the items table and *training* interactions only. ``max_rows_per_pattern``
+    keeps a seeded random sample of at most that many rows of each pattern (None: all).
     """
     rng = np.random.default_rng(seed)
     text = vocab.text_ids
@@ -72,7 +75,7 @@ def meta_rows(vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens
     for user, seq in train.sort_values(["user_id", "ts"]).groupby("user_id").item_id:
         lm([vocab.user_token[user], *text(" history:"), *vocab.items_to_ids(list(seq))], "d")
     ids, is_lm, rating, pattern = zip(*rows)
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "input_ids": [np.asarray(x, np.int64) for x in ids],
             "labels": [np.asarray(x if m else [-100] * len(x), np.int64) for x, m in zip(ids, is_lm)],
@@ -80,6 +83,12 @@ def meta_rows(vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens
             "pattern": pattern,
         }
     )
+    if max_rows_per_pattern is not None:
+        keep = out.groupby("pattern", group_keys=False).apply(
+            lambda g: g.sample(n=min(len(g), max_rows_per_pattern), random_state=seed), include_groups=False
+        ).index
+        out = out.loc[sorted(keep)].reset_index(drop=True)
+    return out
 
 
 def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
@@ -184,7 +193,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> di
     base_size = vocab.base_size
 
     # meta pre-training: 5% of meta rows (by hash) monitor validation loss
-    meta = meta_rows(vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed)
+    meta = meta_rows(vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed, sft_cfg.max_meta_rows_per_pattern)
     held = np.array([_held_out(str(k), 0.05, "meta") for k in range(len(meta))])
     log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
     rating_weight = sft_cfg.rating_loss_weight

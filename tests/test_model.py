@@ -697,3 +697,16 @@ def test_unlikelihood_term_pushes_down_repeats(codec, vocab, tokenizer):
     with_term, metrics = train(1.0)
     assert "unlikelihood" not in plain_metrics and "unlikelihood" in metrics
     assert with_term < plain * 0.7
+
+
+def test_meta_rows_sampled_per_pattern(vocab, meta_data):
+    items_df, train = meta_data
+    full = meta_rows(vocab, items_df, train, max_tokens=64, seed=0)
+    capped = meta_rows(vocab, items_df, train, max_tokens=64, seed=0, max_rows_per_pattern=3)
+    counts, full_counts = capped.pattern.value_counts(), full.pattern.value_counts()
+    assert all(counts[p] == min(3, full_counts[p]) for p in full_counts.index)
+    # a sample of the rows themselves, not new ones, and the same sample for the same seed
+    full_rows = {tuple(x) for x in full.input_ids}
+    assert all(tuple(x) in full_rows for x in capped.input_ids)
+    again = meta_rows(vocab, items_df, train, max_tokens=64, seed=0, max_rows_per_pattern=3)
+    assert [tuple(x) for x in again.input_ids] == [tuple(x) for x in capped.input_ids]
