@@ -26,26 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pagellm.config import load_config  # noqa: E402
-from pagellm.model.prompts import PromptCodec  # noqa: E402
-from pagellm.model.vocab import Vocab  # noqa: E402
-from pagellm.ppo import batch_indices, load_prompts, ppo_iteration, role_specs, start_roles  # noqa: E402
-from pagellm.rl.decoding import PageConstraint  # noqa: E402
+from pagellm.ppo import batch_indices, ppo_iteration, role_specs, rollout_setup, start_roles  # noqa: E402
 from pagellm.rl.ppo_math import KLController, RunningMeanStd  # noqa: E402
 
 KEYS = ("pages_per_s", "time_iteration", "time_generate", "time_score", "time_advantage", "time_train", "time_sync")
 
 
 def measure(cfg, args, local: bool) -> dict:
-    from transformers import AutoTokenizer
-
     sft, reward = Path(args.sft).resolve(), Path(args.reward).resolve()
-    vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(sft))
-    lo, hi = vocab.item_id_range
     ppo = cfg.ppo
-    constraint = PageConstraint(lo, hi - lo, vocab.eos_id, ppo.page_min_items, ppo.page_max_items, ppo.exclude_history)
-    prompts = load_prompts(Path(args.data), PromptCodec(vocab), ppo.holdout_fraction)["train"]
+    _, codec, constraint, prompts = rollout_setup(ppo, sft, Path(args.data))
+    prompts = prompts["train"]
     started = time.perf_counter()
-    roles = start_roles(cfg, role_specs(cfg, sft, reward, constraint, vocab.pad_id), local)
+    roles = start_roles(cfg, role_specs(cfg, sft, reward, constraint, codec.vocab.pad_id), local)
     start_s = time.perf_counter() - started
     records = []
     try:

@@ -77,7 +77,10 @@ class PageGenerator:
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=self.generator, banned_items=banned,
         )
         items = [[self.vocab.token_item[t] for t in row] for row in pages.item_tokens(self.constraint)]
-        return {"user_id": batch["user_id"], "page": np.array(items + [None], dtype=object)[:-1]}
+        pages_col = np.empty(len(items), dtype=object)  # one list per row, not a 2-d array
+        for row, page in enumerate(items):
+            pages_col[row] = page
+        return {"user_id": batch["user_id"], "page": pages_col}
 
 
 def generate_all(model_dir: Path, users: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:

@@ -24,7 +24,7 @@ METRICS = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     if not values:
         return float("nan"), float("nan")
@@ -87,7 +87,7 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
             run_dir = out / "runs" / name / f"seed_{seed}"
             run_ppo(run_cfg, data_dir, sft_dir, reward_dir, run_dir)
             results[name].append(run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}"))
-    rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
+    rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     report = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "seeds": list(seeds), "wall_seconds": time.perf_counter() - started,
         "mean_sd": rows, "runs": results,
@@ -121,7 +121,7 @@ def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baseline
             results[name].append(mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]))
     for name, policy in policies.items():
         results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
-    rows = {name: {k: _mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
+    rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     report = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "wall_seconds": time.perf_counter() - started, "mean_sd": rows, "runs": results}
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)

@@ -33,10 +33,10 @@ from pagellm.data.schema import InputError
 from pagellm.eval.metrics import ndcg_at_k, recall_at_k
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab
-from pagellm.rl.decoding import PageConstraint
+from pagellm.rl.decoding import PageConstraint, Pages
 from pagellm.rl.groups import LocalRoles, RayRoles, merge, shard_rows, slice_batch
 from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, token_rewards
-from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker
+from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker, to_pages
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE, METRICS_FILE, EVENTS_FILE = "checkpoints", "state.json", "metrics.jsonl", "events.jsonl"
@@ -60,6 +60,18 @@ def load_prompts(data_dir: Path, codec: PromptCodec, holdout: float) -> dict:
         "val": prompts,
         "val_targets": [list(t) for t in val.target],
     }
+
+
+def rollout_setup(ppo, sft_dir: Path, data_dir: Path):
+    """The reference policy's tokenizer, its prompt codec, the page constraint of rollouts and
+    the prompts (``load_prompts``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    codec = PromptCodec(Vocab.from_tokenizer(tokenizer))
+    lo, hi = codec.vocab.item_id_range
+    constraint = PageConstraint(lo, hi - lo, codec.vocab.eos_id, ppo.page_min_items, ppo.page_max_items, ppo.exclude_history)
+    return tokenizer, codec, constraint, load_prompts(Path(data_dir), codec, ppo.holdout_fraction)
 
 
 def batch_indices(n: int, batch: int, iteration: int, seed: int) -> np.ndarray:
@@ -102,27 +114,15 @@ def start_roles(cfg: PageLLMConfig, specs: dict, local: bool):
     return roles
 
 
-def on_shards(roles, role: str, method: str, prompts: list, batch: dict | None = None, extra: tuple = ()) -> list:
+def on_shards(roles, role: str, method: str, prompts: list, batch: dict) -> list:
     parts = shard_rows(len(prompts), roles.world(role))
-    if batch is None:
-        return roles.submit(role, method, [(prompts[p], *extra) for p in parts])
-    return roles.submit(role, method, [(*slice_batch(prompts, batch, p), *extra) for p in parts])
+    return roles.submit(role, method, [slice_batch(prompts, batch, p) for p in parts])
 
 
 def generate(roles, prompts: list, greedy: bool, seed: int, max_items=None, min_items=None) -> dict:
     parts = shard_rows(len(prompts), roles.world("policy"))
     pending = roles.submit("policy", "generate", [(prompts[p], greedy, seed + 7919 * i, max_items, min_items) for i, p in enumerate(parts)])
-    pages = roles.collect(pending)
-    width = max(p["actions"].shape[1] for p in pages)  # shards may stop at different lengths
-
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return {
-        "actions": torch.cat([pad(p["actions"], -1) for p in pages]),
-        "tokens": torch.cat([pad(p["tokens"], 0) for p in pages]),
-        "step_mask": torch.cat([pad(p["step_mask"], False) for p in pages]),
-    }
+    return Pages.concat([to_pages(p) for p in roles.collect(pending)], pad_id=0).as_dict()
 
 
 # ---------------------------------------------------------------------------- iteration
@@ -219,8 +219,8 @@ def evaluate(roles, cfg: PageLLMConfig, prompts: dict, codec: PromptCodec, seed:
     held = prompts["holdout"]
     if held:
         pages = generate(roles, held, greedy=False, seed=seed + 1)
-        coarse = merge(roles.collect(on_shards(roles, "coarse", "score", held, pages)))["page"]
-        fine = merge(roles.collect(on_shards(roles, "fine", "score", held, pages)))["page"]
+        pending = {kind: on_shards(roles, kind, "score", held, pages) for kind in ("coarse", "fine")}
+        coarse, fine = (merge(roles.collect(pending[kind]))["page"] for kind in ("coarse", "fine"))
         out.update(
             holdout_reward_coarse=coarse.mean().item(), holdout_reward_fine=fine.mean().item(),
             holdout_reward_total=page_reward(ppo, coarse, fine).mean().item(), holdout_prompts=len(held),
@@ -282,8 +282,6 @@ def plot_ppo(records: list[dict], path: Path) -> None:
 
 def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: bool = False, local: bool = False) -> dict:
     """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process."""
-    from transformers import AutoTokenizer
-
     out, sft_dir, reward_dir = Path(out_dir), Path(sft_dir).resolve(), Path(reward_dir).resolve()
     for need in (sft_dir / "config.json", reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
         if not need.exists():
@@ -294,12 +292,8 @@ def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: 
         init_ray(cfg.ray)
     out.mkdir(parents=True, exist_ok=True)
     ppo = cfg.ppo
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    vocab = Vocab.from_tokenizer(tokenizer)
-    codec = PromptCodec(vocab)
-    lo, hi = vocab.item_id_range
-    constraint = PageConstraint(lo, hi - lo, vocab.eos_id, ppo.page_min_items, ppo.page_max_items, ppo.exclude_history)
-    prompts = load_prompts(Path(data_dir), codec, ppo.holdout_fraction)
+    tokenizer, codec, constraint, prompts = rollout_setup(ppo, sft_dir, data_dir)
+    vocab = codec.vocab
     if len(prompts["train"]) == 0:
         raise InputError(f"{data_dir}: no rollout prompts (every user is held out)")
     per_epoch = math.ceil(len(prompts["train"]) / ppo.batch_size)

@@ -64,16 +64,24 @@ def step_allowed(constraint: PageConstraint, written: torch.Tensor, banned: torc
     return allowed
 
 
+def initial_banned(constraint: PageConstraint, prompts, banned_items, device) -> torch.Tensor:
+    """[B, A] actions no page step may take: the prompt's items (``exclude_history``) and any
+    ``banned_items`` (item token ids per prompt)."""
+    banned = torch.zeros(len(prompts), constraint.n_items + 1, dtype=torch.bool, device=device)
+    sources = ([prompts] if constraint.exclude_history else []) + ([banned_items] if banned_items is not None else [])
+    for source in sources:
+        for row, tokens in enumerate(source):
+            items = constraint.history_actions(tokens)
+            if items:
+                banned[row, items] = True
+    return banned
+
+
 def allowed_masks(constraint: PageConstraint, prompts: Sequence[Sequence[int]], actions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
     """The allowed-action mask [B, T, A] at every step of given pages, rebuilt from the prompts
     and the actions written before each step (the same rule ``generate_pages`` applied)."""
     batch, steps = actions.shape
-    banned = torch.zeros(batch, constraint.n_items + 1, dtype=torch.bool, device=actions.device)
-    if constraint.exclude_history:
-        for row, prompt in enumerate(prompts):
-            hist = constraint.history_actions(prompt)
-            if hist:
-                banned[row, hist] = True
+    banned = initial_banned(constraint, prompts, None, actions.device)
     out = torch.empty(batch, steps, constraint.n_items + 1, dtype=torch.bool, device=actions.device)
     rows = torch.arange(batch, device=actions.device)
     for t in range(steps):
@@ -115,6 +123,19 @@ class Pages:
     tokens: torch.Tensor
     step_mask: torch.Tensor
 
+    @staticmethod
+    def concat(parts: Sequence["Pages"], pad_id: int) -> "Pages":
+        """Pages of several batches in one, padded to the longest (batches stop when all end)."""
+        width = max(p.actions.shape[1] for p in parts)
+
+        def cat(name: str, value) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, width - p.actions.shape[1]), value=value) for p in parts])
+
+        return Pages(cat("actions", -1), cat("tokens", pad_id), cat("step_mask", False))
+
+    def as_dict(self) -> dict:
+        return {"actions": self.actions, "tokens": self.tokens, "step_mask": self.step_mask}
+
     def item_tokens(self, constraint: PageConstraint) -> list[list[int]]:
         return [[int(t) for t, m in zip(row, mask) if m and t != constraint.eos_id] for row, mask in zip(self.tokens, self.step_mask)]
 
@@ -143,17 +164,7 @@ def generate_pages(
         attention[row, width - len(prompt) :] = 1
     ids, attention = ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    banned = torch.zeros(batch, constraint.n_items + 1, dtype=torch.bool, device=device)
-    if constraint.exclude_history:
-        for row, prompt in enumerate(prompts):
-            hist = constraint.history_actions(prompt)
-            if hist:
-                banned[row, hist] = True
-    if banned_items is not None:
-        for row, tokens in enumerate(banned_items):
-            hist = constraint.history_actions(tokens)
-            if hist:
-                banned[row, hist] = True
+    banned = initial_banned(constraint, prompts, banned_items, device)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
     written = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)

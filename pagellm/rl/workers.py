@@ -15,7 +15,6 @@ of a page is the same at sampling, in the ratio and in the reference.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -78,6 +77,31 @@ class RoleWorker:
     def ready(self) -> bool:
         return True
 
+    def _minibatches(self, prompts: list, batch: dict, keys: tuple):
+        """``update_epochs`` seeded passes over this shard in minibatches of
+        ``minibatch_size / world`` pages: (prompts, {key: rows}) per step."""
+        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
+        gen = torch.Generator().manual_seed(int(batch["seed"]))
+        for _ in range(self.ppo.update_epochs):
+            order = torch.randperm(n, generator=gen)
+            for lo in range(0, n, micro):
+                idx = order[lo : lo + micro]
+                yield [prompts[i] for i in idx.tolist()], {k: batch[k][idx] for k in keys}
+
+    def _save_state(self, module: nn.Module, directory: Path) -> None:
+        """Rank 0: the module's safetensors; every rank: its optimizer shard."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            save_module(module, directory / WEIGHTS_FILE)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
+
+    def _load_state(self, module: nn.Module, directory: Path) -> None:
+        load_module(module, directory / WEIGHTS_FILE)
+        opt_file = directory / f"optim_rank{self.rank}.pt"
+        if self.optimizer is not None and opt_file.exists():
+            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+
     def _optimizer(self, module: nn.Module, lr: float) -> ModelOptimizer:
         micro = max(1, self.ppo.minibatch_size // self.world)
         wrap = None
@@ -121,12 +145,7 @@ class PolicyWorker(RoleWorker):
             generate_pages(self.model, prompts[lo : lo + self.ppo.generate_batch_size], constraint, self.pad_id, greedy, self.ppo.temperature, self.ppo.top_p, gen)
             for lo in range(0, len(prompts), self.ppo.generate_batch_size)
         ]
-        width = max(c.actions.shape[1] for c in chunks)
-
-        def cat(name: str, value):
-            return torch.cat([torch.nn.functional.pad(getattr(c, name), (0, width - c.actions.shape[1]), value=value) for c in chunks])
-
-        return {"actions": cat("actions", -1), "tokens": cat("tokens", self.pad_id), "step_mask": cat("step_mask", False)}
+        return Pages.concat(chunks, self.pad_id).as_dict()
 
     def _logprobs(self, prompts: list, batch: dict, forward):
         pages = to_pages(batch)
@@ -141,27 +160,20 @@ class PolicyWorker(RoleWorker):
         return self._logprobs(prompts, batch, self.model)[0].cpu()
 
     def train(self, prompts: list, batch: dict) -> dict:
-        """update_epochs passes over this shard in minibatches; PPO clipped surrogate."""
-        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
+        """PPO clipped surrogate over this shard's minibatches."""
         stats = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         steps = 0
-        gen = torch.Generator().manual_seed(int(batch["seed"]))
-        for _ in range(self.ppo.update_epochs):
-            order = torch.randperm(n, generator=gen)
-            for lo in range(0, n, micro):
-                idx = order[lo : lo + micro]
-                sub = {k: batch[k][idx] for k in ("actions", "tokens", "step_mask", "old_logp", "advantages")}
-                sub_prompts = [prompts[i] for i in idx.tolist()]
-                logp, entropy = self._logprobs(sub_prompts, sub, self._forward())
-                mask = sub["step_mask"].to(self.device).float()
-                loss, clip_frac, approx_kl = policy_loss(
-                    logp, sub["old_logp"].to(self.device), sub["advantages"].to(self.device), mask, self.ppo.clip
-                )
-                self.optimizer.step(loss)
-                ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-                for key, value in (("policy_loss", loss), ("clip_fraction", clip_frac), ("approx_kl", approx_kl), ("entropy", ent)):
-                    stats[key] += float(value.detach())
-                steps += 1
+        for sub_prompts, sub in self._minibatches(prompts, batch, ("actions", "tokens", "step_mask", "old_logp", "advantages")):
+            logp, entropy = self._logprobs(sub_prompts, sub, self._forward())
+            mask = sub["step_mask"].to(self.device).float()
+            loss, clip_frac, approx_kl = policy_loss(
+                logp, sub["old_logp"].to(self.device), sub["advantages"].to(self.device), mask, self.ppo.clip
+            )
+            self.optimizer.step(loss)
+            ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+            for key, value in (("policy_loss", loss), ("clip_fraction", clip_frac), ("approx_kl", approx_kl), ("entropy", ent)):
+                stats[key] += float(value.detach())
+            steps += 1
         self.model.eval()
         return {k: v / max(steps, 1) for k, v in stats.items()}
 
@@ -169,27 +181,15 @@ class PolicyWorker(RoleWorker):
     def checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.model.parameters()))
 
-    def save(self, directory: str, tokenizer_dir: Optional[str] = None) -> None:
-        """Rank 0: the HF model (+ tokenizer) and the module's safetensors; every rank: its
-        optimizer shard."""
+    def save(self, directory: str) -> None:
+        """The HF model (rank 0) next to the module state and optimizer shards."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        self._save_state(self.model, directory)
         if self.rank == 0:
             self.model.save_pretrained(directory)
-            if tokenizer_dir:
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
-            save_module(self.model, directory / WEIGHTS_FILE)
-        if self.optimizer is not None:
-            torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
 
     def load(self, directory: str) -> None:
-        directory = Path(directory)
-        load_module(self.model, directory / WEIGHTS_FILE)
-        opt_file = directory / f"optim_rank{self.rank}.pt"
-        if self.optimizer is not None and opt_file.exists():
-            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+        self._load_state(self.model, Path(directory))
 
 
 class CriticWorker(RoleWorker):
@@ -212,39 +212,25 @@ class CriticWorker(RoleWorker):
         return self._values(prompts, batch, self.model).cpu()
 
     def train(self, prompts: list, batch: dict) -> dict:
-        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
+        """Clipped value loss over this shard's minibatches."""
         total, steps = 0.0, 0
-        gen = torch.Generator().manual_seed(int(batch["seed"]))
-        forward = self.optimizer.forward
-        for _ in range(self.ppo.update_epochs):
-            order = torch.randperm(n, generator=gen)
-            for lo in range(0, n, micro):
-                idx = order[lo : lo + micro]
-                sub = {k: batch[k][idx] for k in ("actions", "tokens", "step_mask", "old_values", "returns")}
-                values = self._values([prompts[i] for i in idx.tolist()], sub, forward)
-                mask = sub["step_mask"].to(self.device).float()
-                loss = self.ppo.value_loss_coef * value_loss(
-                    values, sub["old_values"].to(self.device), sub["returns"].to(self.device), mask, self.ppo.value_clip
-                )
-                self.optimizer.step(loss)
-                total += float(loss.detach())
-                steps += 1
+        for sub_prompts, sub in self._minibatches(prompts, batch, ("actions", "tokens", "step_mask", "old_values", "returns")):
+            values = self._values(sub_prompts, sub, self.optimizer.forward)
+            mask = sub["step_mask"].to(self.device).float()
+            loss = self.ppo.value_loss_coef * value_loss(
+                values, sub["old_values"].to(self.device), sub["returns"].to(self.device), mask, self.ppo.value_clip
+            )
+            self.optimizer.step(loss)
+            total += float(loss.detach())
+            steps += 1
         self.model.eval()
         return {"value_loss": total / max(steps, 1)}
 
     def save(self, directory: str) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            save_module(self.model, directory / WEIGHTS_FILE)
-        torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
+        self._save_state(self.model, Path(directory))
 
     def load(self, directory: str) -> None:
-        directory = Path(directory)
-        load_module(self.model, directory / WEIGHTS_FILE)
-        opt_file = directory / f"optim_rank{self.rank}.pt"
-        if opt_file.exists():
-            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+        self._load_state(self.model, Path(directory))
 
 
 class RewardWorker(RoleWorker):
@@ -273,6 +259,3 @@ class RewardWorker(RoleWorker):
         n_items = is_item.sum(1).clamp(min=1)
         return {"page": item_scores.sum(1) / n_items, "steps": item_scores / n_items[:, None]}
 
-
-def describe(worker: RoleWorker) -> str:
-    return json.dumps({"class": type(worker).__name__, "rank": worker.rank, "world": worker.world, "device": str(worker.device)})
