@@ -100,6 +100,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pagellm.tune import run_tune
+
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    summary = run_tune(args.config, list(args.overrides), args.out, resume=args.resume, command=command)
+    best = summary["best"]
+    if best:
+        print(f"tune: best beta {best['beta']:g}, lambda {best['lambda']:g}: validation NDCG@100 {best['ndcg@100_last']:.4f}")
+    print(f"wrote {Path(args.out) / 'trials.md'}, trials.csv, heatmap.png, best.json ({summary['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
     (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
@@ -190,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", required=True, help="report directory, e.g. docs/results/amazon2014/ablation")
         common(q)
         q.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("tune", help="Ray Tune over beta and lambda (the `tune` config section; sweeps in tuning/)")
+    p.add_argument("--out", required=True, help="sweep directory: upstream/ (cached stages per lambda), sweep/ (Tune), results")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep in OUT (Tuner.restore)")
+    common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")

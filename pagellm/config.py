@@ -304,6 +304,46 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`pagellm tune`: Ray Tune over the KL coefficient beta (ppo.kl_beta) and the golden-list
+    category cap lambda (data.category_cap), the two the paper studies (section 5.1.4)."""
+
+    # grid: every (beta, lambda) of the two lists, `num_samples` times;
+    # optuna / hyperopt: that searcher proposes beta log-uniformly in [min(betas), max(betas)]
+    # and lambda among `lambdas`, for `num_samples` trials
+    search: str = "grid"
+    betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    # each lambda changes the golden lists, hence the data, SFT and reward stages: they run once
+    # per distinct lambda (cached by a hash of their configuration) before the trials start
+    lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5])
+    num_samples: int = 1
+    # asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every
+    # iterations); fifo: run every trial to the end
+    scheduler: str = "asha"
+    grace_period: int = 20  # ASHA: PPO iterations a trial runs before it may be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: Optional[int] = None  # None: as many as the resources allow
+    # CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles'
+    # bundles follow, from ppo.<role>.num_cpus / num_gpus
+    driver_cpus: float = 0.25
+    seed: int = 0  # the searcher's seed
+
+    def __post_init__(self) -> None:
+        if self.search not in ("grid", "optuna", "hyperopt"):
+            raise ConfigError(f"tune.search must be grid, optuna or hyperopt, got {self.search!r}")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"tune.scheduler must be asha or fifo, got {self.scheduler!r}")
+        if not self.betas or any(b < 0 for b in self.betas):
+            raise ConfigError(f"tune.betas must be non-empty and >= 0, got {self.betas}")
+        if self.search != "grid" and min(self.betas) <= 0:
+            raise ConfigError(f"tune.betas: a searcher samples beta log-uniformly, so min(betas) must be > 0, got {self.betas}")
+        if not self.lambdas or any(not 0.0 < x <= 1.0 for x in self.lambdas):
+            raise ConfigError(f"tune.lambdas must be non-empty and in (0, 1], got {self.lambdas}")
+        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("tune.num_samples >= 1, tune.grace_period >= 1 and tune.reduction_factor >= 2 are required")
+
+
+@dataclass
 class RayConfig:
     """How the local Ray is started when no cluster is attached (RAY_ADDRESS unset)."""
 
@@ -320,6 +360,7 @@ class PageLLMConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

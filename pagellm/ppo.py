@@ -23,6 +23,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -53,13 +54,26 @@ def load_prompts(data_dir: Path, codec: PromptCodec, holdout: float) -> dict:
         raise InputError(f"{data_dir} is not a data-stage output (missing eval/val.parquet); run `pagellm data` first")
     val = pq.read_table(path).to_pandas()
     prompts = [codec.prompt(u, list(p)) for u, p in zip(val.user_id, val.prompt_items)]
-    held = np.array([zlib.crc32(f"ppo:{u}".encode()) % 10_000 < holdout * 10_000 for u in val.user_id])
+    held = held_out(val.user_id, holdout)
     return {
         "train": [p for p, h in zip(prompts, held) if not h],
         "holdout": [p for p, h in zip(prompts, held) if h],
         "val": prompts,
         "val_targets": [list(t) for t in val.target],
     }
+
+
+def held_out(user_ids, fraction: float) -> np.ndarray:
+    """Users whose prompts only monitor the reward: a stable hash, the same in every process."""
+    return np.array([zlib.crc32(f"ppo:{u}".encode()) % 10_000 < fraction * 10_000 for u in user_ids], dtype=bool)
+
+
+def planned_iterations(ppo, data_dir) -> int:
+    """Iterations a run makes: ``max_iterations``, else ``epochs`` passes over the rollout prompts."""
+    if ppo.max_iterations is not None:
+        return ppo.max_iterations
+    users = pq.read_table(Path(data_dir) / "eval" / "val.parquet", columns=["user_id"]).column("user_id").to_pylist()
+    return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / ppo.batch_size)
 
 
 def rollout_setup(ppo, sft_dir: Path, data_dir: Path):
@@ -103,8 +117,8 @@ def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: 
     }
 
 
-def start_roles(cfg: PageLLMConfig, specs: dict, local: bool):
-    roles = LocalRoles(specs, cfg.ppo) if local else RayRoles(specs, cfg.ppo)
+def start_roles(cfg: PageLLMConfig, specs: dict, local: bool, placement_group=None, first_bundle: int = 0):
+    roles = LocalRoles(specs, cfg.ppo) if local else RayRoles(specs, cfg.ppo, placement_group, first_bundle)
     for role in ("policy", "critic"):
         world = roles.world(role)
         # DeepSpeed needs a process group even for one worker; in one process the roles share it
@@ -280,8 +294,13 @@ def plot_ppo(records: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------- stage
 
 
-def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: bool = False, local: bool = False) -> dict:
-    """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process."""
+def run_ppo(
+    cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: bool = False, local: bool = False,
+    on_evaluation: Optional[Callable[[dict], None]] = None, placement_group=None, first_bundle: int = 0,
+) -> dict:
+    """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process.
+    ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them);
+    ``placement_group``/``first_bundle`` place the roles in a caller's group (a Tune trial's)."""
     out, sft_dir, reward_dir = Path(out_dir), Path(sft_dir).resolve(), Path(reward_dir).resolve()
     for need in (sft_dir / "config.json", reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
         if not need.exists():
@@ -296,10 +315,9 @@ def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: 
     vocab = codec.vocab
     if len(prompts["train"]) == 0:
         raise InputError(f"{data_dir}: no rollout prompts (every user is held out)")
-    per_epoch = math.ceil(len(prompts["train"]) / ppo.batch_size)
-    total = ppo.max_iterations if ppo.max_iterations is not None else ppo.epochs * per_epoch
+    total = planned_iterations(ppo, data_dir)
 
-    roles = start_roles(cfg, role_specs(cfg, sft_dir, reward_dir, constraint, vocab.pad_id), local)
+    roles = start_roles(cfg, role_specs(cfg, sft_dir, reward_dir, constraint, vocab.pad_id), local, placement_group, first_bundle)
     normalizer, kl_ctl = RunningMeanStd(), KLController(ppo.kl_beta, ppo.kl_adaptive, ppo.kl_target, ppo.kl_horizon)
     start, metrics_path = 0, out / METRICS_FILE
     checkpoint = latest_checkpoint(out) if resume else None
@@ -331,6 +349,8 @@ def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: 
             first = {"iteration": 0, **evaluate(roles, cfg, prompts, codec, ppo.seed)}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(first) + "\n")
+            if on_evaluation:
+                on_evaluation(first)
         for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
             idx = batch_indices(len(prompts["train"]), ppo.batch_size, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
@@ -342,6 +362,8 @@ def run_ppo(cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: 
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
                 save_checkpoint(roles, out, it + 1, normalizer, kl_ctl)
+            if on_evaluation and "val_ndcg@100" in record:
+                on_evaluation(record)
         final = latest_checkpoint(out)
         policy_dir = out / "policy"
         shutil.rmtree(policy_dir, ignore_errors=True)

@@ -61,43 +61,52 @@ class LocalRoles:
         self.workers.clear()
 
 
-class RayRoles:
-    """One Ray actor per worker of each role, placed through one placement group."""
+def role_bundles(ppo: PPOConfig, roles: tuple[str, ...]) -> tuple[list[dict], dict[tuple[str, int], int]]:
+    """The placement group bundles of the roles and the bundle of each (role, worker index):
+    with ``colocate`` the i-th worker of every role shares bundle i, else one bundle each."""
+    conf: dict[str, RoleConfig] = {role: getattr(ppo, role) for role in roles}
+    if ppo.colocate:
+        bundles = []
+        for i in range(max(r.num_workers for r in conf.values())):
+            members = [r for r in conf.values() if r.num_workers > i]
+            bundle = {"CPU": sum(r.num_cpus for r in members)}
+            gpus = sum(r.num_gpus for r in members)
+            if gpus:
+                bundle["GPU"] = float(gpus)
+            bundles.append(bundle)
+        return bundles, {(role, i): i for role, r in conf.items() for i in range(r.num_workers)}
+    bundles, where = [], {}
+    for role, r in conf.items():
+        for i in range(r.num_workers):
+            where[(role, i)] = len(bundles)
+            bundles.append({"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})})
+    return bundles, where
 
-    def __init__(self, specs: dict[str, RoleSpec], ppo: PPOConfig):
+
+class RayRoles:
+    """One Ray actor per worker of each role, placed through one placement group: its own, or
+    (inside a Ray Tune trial) the trial's, whose bundles from ``first_bundle`` on are
+    ``role_bundles`` (bundle 0 holds the trial's driver)."""
+
+    def __init__(self, specs: dict[str, RoleSpec], ppo: PPOConfig, placement_group=None, first_bundle: int = 0):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group as new_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        roles: dict[str, RoleConfig] = {role: getattr(ppo, role) for role in specs}
-        if ppo.colocate:
-            slots = max(r.num_workers for r in roles.values())
-            bundles = []
-            for i in range(slots):
-                members = [r for r in roles.values() if r.num_workers > i]
-                bundle = {"CPU": sum(r.num_cpus for r in members)}
-                gpus = sum(r.num_gpus for r in members)
-                if gpus:
-                    bundle["GPU"] = float(gpus)
-                bundles.append(bundle)
-            where = {(role, i): i for role, r in roles.items() for i in range(r.num_workers)}
-        else:
-            bundles, where = [], {}
-            for role, r in roles.items():
-                for i in range(r.num_workers):
-                    where[(role, i)] = len(bundles)
-                    bundles.append({"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})})
-        self.pg = placement_group(bundles, strategy="PACK")
+        bundles, where = role_bundles(ppo, tuple(specs))
+        self.owns_pg = placement_group is None
+        self.pg = new_placement_group(bundles, strategy="PACK") if self.owns_pg else placement_group
         ray.get(self.pg.ready(), timeout=600)
         self.workers = {}
-        for role, r in roles.items():
+        for role in specs:
+            r: RoleConfig = getattr(ppo, role)
             cls, kwargs = specs[role]
             actor_cls = ray.remote(cls)
             self.workers[role] = [
                 actor_cls.options(
                     num_cpus=r.num_cpus,
                     num_gpus=r.num_gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=where[(role, i)]),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + where[(role, i)]),
                 ).remote(**kwargs(i, r.num_workers))
                 for i in range(r.num_workers)
             ]
@@ -121,6 +130,7 @@ class RayRoles:
         for ws in self.workers.values():
             for w in ws:
                 ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.owns_pg:
+            remove_placement_group(self.pg)
         self.workers.clear()
 

@@ -1,0 +1,268 @@
+"""Ray Tune over beta (ppo.kl_beta) and lambda (data.category_cap), the `tune` section.
+
+lambda shapes the golden lists, so each distinct lambda needs its own data, SFT and reward
+stages; beta only changes PPO. The sweep therefore runs in two steps:
+  1. upstream  for each lambda of ``tune.lambdas``, the data -> SFT -> reward chain, cached
+               under OUT/upstream/<hash of the configuration that produces it>: a later sweep
+               (or a resumed one) with the same configuration reuses it; events.jsonl there
+               records every build and every reuse
+  2. trials    one PPO run per (beta, lambda) in a Tune trial whose placement group holds the
+               trial's driver (bundle 0) and the PPO roles (``ppo.<role>`` resources); the trial
+               reports validation NDCG@100 at every PPO evaluation, so ASHA stops weak trials
+Interrupted sweeps continue with ``--resume`` (``Tuner.restore``): finished trials keep their
+results, and unfinished trials resume PPO from their own latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, to_yaml
+
+log = logging.getLogger(__name__)
+METRIC, MODE = "val_ndcg@100", "max"
+EXPERIMENT = "sweep"
+UPSTREAM_SECTIONS = ("data", "model", "train", "sft", "reward")
+REPORT_KEYS = ("iteration", "val_ndcg@100", "val_recall@20", "holdout_reward_total", "kl", "reward_total")
+
+
+# ---------------------------------------------------------------------------- upstream
+
+
+def upstream_key(cfg: PageLLMConfig) -> str:
+    """Hash of every configuration section the data, SFT and reward stages read."""
+    text = json.dumps({s: asdict(getattr(cfg, s)) for s in UPSTREAM_SECTIONS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _event(root: Path, **record) -> None:
+    with (root / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
+    """The data, SFT and reward directories for ``cfg``, built unless a complete build with the
+    same ``upstream_key`` exists (``done.json`` is written last)."""
+    from pagellm.data.pipeline import build_dataset
+    from pagellm.reward import run_reward
+    from pagellm.sft import run_sft
+
+    root.mkdir(parents=True, exist_ok=True)
+    key = upstream_key(cfg)
+    where = root / f"lambda_{cfg.data.category_cap:g}_{key}"
+    dirs = {name: str((where / name).resolve()) for name in ("data", "sft", "reward")}
+    if (where / "done.json").exists():
+        log.info("upstream stages for lambda=%g: reusing %s", cfg.data.category_cap, where)
+        _event(root, event="reused", key=key, category_cap=cfg.data.category_cap)
+        return dirs
+    log.info("upstream stages for lambda=%g: building %s (data, SFT, reward)", cfg.data.category_cap, where)
+    started = time.perf_counter()
+    (where).mkdir(parents=True, exist_ok=True)
+    (where / "config.yaml").write_text(to_yaml(cfg))
+    build_dataset(cfg, dirs["data"], engine="ray")
+    sft = run_sft(cfg, dirs["data"], dirs["sft"])
+    reward = run_reward(cfg, dirs["data"], dirs["sft"], dirs["reward"])
+    seconds = time.perf_counter() - started
+    summary = {"key": key, "category_cap": cfg.data.category_cap, "seconds": seconds, "valid_page_rate": sft["valid_page_rate"],
+               "reward_accuracy": {k: v["all"] for k, v in reward["accuracy"].items()}}
+    (where / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _event(root, event="built", **summary)
+    return dirs
+
+
+def upstream_events(root: Path) -> list[dict]:
+    path = Path(root) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ------------------------------------------------------------------------------ trials
+
+
+def trial_resources(cfg: PageLLMConfig):
+    """The trial's placement group: its driver, then the PPO roles' bundles."""
+    from ray import tune
+
+    from pagellm.rl.groups import role_bundles
+
+    bundles, _ = role_bundles(cfg.ppo, PPO_ROLES)
+    return tune.PlacementGroupFactory([{"CPU": cfg.tune.driver_cpus}, *bundles], strategy="PACK")
+
+
+def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict) -> None:
+    """One Tune trial: PPO with this (beta, lambda), from that lambda's SFT and reward models.
+    Its PPO directory is inside the trial directory, so a restored trial resumes from its own
+    latest PPO checkpoint instead of starting again."""
+    import ray
+    from ray import tune
+
+    from pagellm.ppo import latest_checkpoint, run_ppo
+
+    cfg = load_config(config_paths, [*overrides, f"ppo.kl_beta={params['beta']}", f"data.category_cap={params['lambda']}"])
+    dirs = upstream[str(float(params["lambda"]))]
+    out = Path(tune.get_context().get_trial_dir()) / "ppo"
+    resume = out.exists() and latest_checkpoint(out) is not None
+    with (out.parent / "trial_events.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "start", "resume": resume, "time": time.time(), **params}) + "\n")
+
+    def report(record: dict) -> None:
+        tune.report({k: record[k] for k in REPORT_KEYS if k in record})
+
+    run_ppo(cfg, dirs["data"], dirs["sft"], dirs["reward"], out, resume=resume, on_evaluation=report,
+            placement_group=ray.util.get_current_placement_group(), first_bundle=1)
+    with (out.parent / "trial_events.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
+
+
+def search_space(cfg: PageLLMConfig) -> tuple[dict, object]:
+    """Tune's param space and search algorithm for ``tune.search``."""
+    from ray import tune
+
+    t = cfg.tune
+    if t.search == "grid":
+        return {"beta": tune.grid_search(list(t.betas)), "lambda": tune.grid_search(list(t.lambdas))}, None
+    space = {"beta": tune.loguniform(min(t.betas), max(t.betas)), "lambda": tune.choice(list(t.lambdas))}
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        algo = OptunaSearch(metric=METRIC, mode=MODE, seed=t.seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        algo = HyperOptSearch(metric=METRIC, mode=MODE, random_state_seed=t.seed)
+    if t.max_concurrent_trials:
+        from ray.tune.search import ConcurrencyLimiter
+
+        algo = ConcurrencyLimiter(algo, max_concurrent=t.max_concurrent_trials)
+    return space, algo
+
+
+def scheduler(cfg: PageLLMConfig, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="iteration", max_t=max(max_t, cfg.tune.grace_period), grace_period=cfg.tune.grace_period,
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def trial_table(results, max_t: int) -> pd.DataFrame:
+    """One row per trial: its (beta, lambda), status (done, stopped by ASHA, error), the
+    iterations it ran, its last and best validation NDCG@100."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        has = history is not None and METRIC in history
+        iterations = int(history["iteration"].max()) if has else 0
+        rows.append({
+            "trial": (result.metrics or {}).get("trial_id", ""),
+            "beta": result.config["beta"], "lambda": result.config["lambda"],
+            "status": "error" if result.error else "done" if iterations >= max_t else "stopped",
+            "iterations": iterations,
+            "ndcg@100_last": float(history[METRIC].iloc[-1]) if has else float("nan"),
+            "ndcg@100_best": float(history[METRIC].max()) if has else float("nan"),
+            "recall@20_last": float(history["val_recall@20"].iloc[-1]) if has and "val_recall@20" in history else float("nan"),
+            "path": result.path,
+        })
+    return pd.DataFrame(rows).sort_values(["lambda", "beta"]).reset_index(drop=True)
+
+
+def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
+    """NDCG@100 (last evaluation, mean over repeats) over (beta, lambda); a scatter when a
+    searcher spread beta over many values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    if table["beta"].nunique() <= 8:
+        grid = table.pivot_table(index="lambda", columns="beta", values="ndcg@100_last", aggfunc="mean")
+        im = ax.imshow(grid.values, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{x:g}" for x in grid.index])
+        for (i, j), v in np.ndenumerate(grid.values):
+            if v == v:
+                ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < np.nanmean(grid.values) else "black", fontsize=9)
+    else:
+        im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_last"], cmap="viridis", s=60)
+        ax.set_xscale("log")
+    fig.colorbar(im, ax=ax, label="validation NDCG@100")
+    ax.set_xlabel("beta (ppo.kl_beta)")
+    ax.set_ylabel("lambda (data.category_cap)")
+    ax.set_title("PPO sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results, out: Path, wall_seconds: float, command: str, max_t: int) -> dict:
+    table = trial_table(results, max_t)
+    table.to_csv(out / "trials.csv", index=False)
+    done = table[table["status"] != "error"].dropna(subset=["ndcg@100_last"])
+    best = done.loc[done["ndcg@100_last"].idxmax()].to_dict() if len(done) else {}
+    summary = {"command": command, "wall_seconds": wall_seconds, "metric": METRIC, "best": best, "trials": len(table)}
+    (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    shown = table.drop(columns=["path"])
+    lines = [f"Command: `{command}`  ", f"Wall time {wall_seconds / 60:.1f} min; {len(table)} trials; metric: validation NDCG@100 "
+             "at each trial's last evaluation (ASHA stops weak trials early: see `iterations`).", ""]
+    lines += ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    for row in shown.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    if best:
+        lines += ["", f"Best: beta {best['beta']:g}, lambda {best['lambda']:g}: NDCG@100 {best['ndcg@100_last']:.4f} ({best['path']})."]
+    (out / "trials.md").write_text("\n".join(lines) + "\n")
+    plot_heatmap(table, out / "heatmap.png")
+    return summary
+
+
+# -------------------------------------------------------------------------------- sweep
+
+
+def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False, command: str = "") -> dict:
+    """Build the upstream stages once per lambda, then run (or restore) the sweep."""
+    from ray import tune
+
+    from pagellm.ppo import planned_iterations
+    from pagellm.ray_utils import init_ray
+
+    cfg = load_config(config_paths, overrides)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray)
+    started = time.perf_counter()
+    upstream = {}
+    for cap in dict.fromkeys(float(x) for x in cfg.tune.lambdas):
+        upstream[str(cap)] = prepare_upstream(load_config(config_paths, [*overrides, f"data.category_cap={cap}"]), out / "upstream")
+    max_t = max(planned_iterations(cfg.ppo, dirs["data"]) for dirs in upstream.values())
+    trainable = tune.with_resources(
+        tune.with_parameters(ppo_trial, config_paths=[str(Path(p).resolve()) for p in config_paths or []], overrides=list(overrides), upstream=upstream),
+        trial_resources(cfg),
+    )
+    experiment = out / EXPERIMENT
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        log.info("restoring the sweep in %s", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if resume:
+            log.warning("--resume: no sweep to restore in %s, starting one", experiment)
+        space, algo = search_space(cfg)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=algo, scheduler=scheduler(cfg, max_t),
+                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1),
+        )
+    results = tuner.fit()
+    return write_results(results, out, time.perf_counter() - started, command, max_t)

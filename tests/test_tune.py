@@ -1,0 +1,114 @@
+"""Ray Tune over beta and lambda: upstream stages once per lambda, interrupt and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pagellm.config import PPO_ROLES, ConfigError, load_config
+from pagellm.rl.groups import role_bundles
+from pagellm.tune import upstream_events, upstream_key
+
+from conftest import REPO, TINY_STAGES
+
+SWEEP = [
+    *TINY_STAGES, "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.max_iterations=4", "ppo.eval_every=2",
+    "ppo.checkpoint_every=2", "ppo.eval_max_users=24", "ppo.eval_page_items=20", "ppo.holdout_fraction=0.2",
+    "tune.betas=[0.05,0.2]", "tune.lambdas=[0.3,0.4]", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+]
+
+
+def test_upstream_key_follows_lambda_not_beta():
+    base = load_config(overrides=TINY_STAGES)
+    assert upstream_key(base) == upstream_key(load_config(overrides=[*TINY_STAGES, "ppo.kl_beta=0.3", "tune.betas=[1.0]"]))
+    assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "data.category_cap=0.3"]))
+    assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "sft.ft_epochs=7"]))
+
+
+def test_trial_bundles_follow_role_resources():
+    cfg = load_config(overrides=["ppo.policy.num_workers=2", "ppo.critic.num_workers=2", "ppo.policy.num_gpus=0.5", "ppo.fine.num_cpus=0.5"])
+    bundles, where = role_bundles(cfg.ppo, PPO_ROLES)
+    assert bundles == [{"CPU": 0.25 * 4 + 0.5, "GPU": 0.5}, {"CPU": 0.5, "GPU": 0.5}]
+    assert where[("policy", 1)] == 1 and where[("fine", 0)] == 0
+    apart, where = role_bundles(load_config(overrides=["ppo.colocate=false"]).ppo, PPO_ROLES)
+    assert len(apart) == 5 and sorted(where.values()) == list(range(5))
+    with pytest.raises(ConfigError, match="tune.search"):
+        load_config(overrides=["tune.search=bayes"])
+    with pytest.raises(ConfigError, match="log-uniformly"):
+        load_config(overrides=["tune.search=optuna", "tune.betas=[0.0,0.1]"])
+
+
+def _trial_events(sweep: Path) -> dict[str, list[dict]]:
+    return {
+        p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        for p in sweep.glob("*/trial_events.jsonl")
+    }
+
+
+def _start(out: Path, address: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    log = open(out.parent / f"tune_{len(list(out.parent.glob('tune_*.log')))}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
+    """Ctrl-C after the first trial finished, then --resume: the upstream stages were built once
+    per lambda, no finished trial ran again, and every trial of the 2 x 2 grid finished.
+    lambda = 0.4 (the default) is the session's tiny stages, put in the cache beforehand: the
+    sweep must find it by its configuration hash and build only lambda = 0.3."""
+    out = tmp_path / "sweep"
+    seeded = out / "upstream" / f"lambda_0.4_{upstream_key(tiny_stages['cfg'])}"
+    seeded.mkdir(parents=True)
+    for name in ("data", "sft", "reward"):
+        (seeded / name).symlink_to(tiny_stages["root"] / name)
+    (seeded / "done.json").write_text("{}\n")
+    import ray
+
+    address = ray.get_runtime_context().gcs_address  # the session's Ray (tiny_stages started it)
+    first = _start(out, address)
+    deadline = time.time() + 900
+    while time.time() < deadline and first.poll() is None:
+        trials = _trial_events(out / "sweep")
+        # one trial finished and Tune has moved on to the next (one trial at a time)
+        if any(e[-1]["event"] == "finished" for e in trials.values()) and any(e[-1]["event"] == "start" for e in trials.values()):
+            break
+        time.sleep(2)
+    log0 = (tmp_path / "tune_0.log").read_text()
+    assert first.poll() is None, f"the sweep ended before it was interrupted:\n{log0[-3000:]}"
+    os.killpg(first.pid, signal.SIGINT)
+    first.wait(timeout=300)
+    finished_before = {t for t, e in _trial_events(out / "sweep").items() if e[-1]["event"] == "finished"}
+    assert 1 <= len(finished_before) < 4
+
+    second = _start(out, address, "--resume")
+    assert second.wait(timeout=1200) == 0, (tmp_path / "tune_1.log").read_text()[-3000:]
+    log1 = (tmp_path / "tune_1.log").read_text()
+    assert "restoring the sweep" in log1
+
+    events = upstream_events(out / "upstream")
+    built = [e for e in events if e["event"] == "built"]
+    assert [e["category_cap"] for e in built] == [0.3], events
+    assert sorted(e["category_cap"] for e in events if e["event"] == "reused") == [0.3, 0.4, 0.4], events
+
+    trials = _trial_events(out / "sweep")
+    assert len(trials) == 4
+    for name, history in trials.items():
+        assert history[-1]["event"] == "finished", (name, history)
+        starts = [e for e in history if e["event"] == "start"]
+        if name in finished_before:
+            assert len(starts) == 1, (name, history)  # not run again after the restore
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == 4 and set(zip(table["beta"], table["lambda"])) == {(b, x) for b in (0.05, 0.2) for x in (0.3, 0.4)}
+    assert table["ndcg@100_last"].between(0, 1).all() and (table["iterations"] >= 2).all()
+    best = json.loads((out / "best.json").read_text())["best"]
+    assert best["ndcg@100_last"] == table["ndcg@100_last"].max()
+    assert (out / "heatmap.png").stat().st_size > 0 and "| trial | beta | lambda |" in (out / "trials.md").read_text()
