@@ -66,11 +66,7 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     lambda = 0.4 (the default) is the session's tiny stages, put in the cache beforehand: the
     sweep must find it by its configuration hash and build only lambda = 0.3."""
     out = tmp_path / "sweep"
-    seeded = out / "upstream" / f"lambda_0.4_{upstream_key(tiny_stages['cfg'])}"
-    seeded.mkdir(parents=True)
-    for name in ("data", "sft", "reward"):
-        (seeded / name).symlink_to(tiny_stages["root"] / name)
-    (seeded / "done.json").write_text("{}\n")
+    _seed_cache(out, tiny_stages)
     import ray
 
     address = ray.get_runtime_context().gcs_address  # the session's Ray (tiny_stages started it)
@@ -112,3 +108,28 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     best = json.loads((out / "best.json").read_text())["best"]
     assert best["ndcg@100_last"] == table["ndcg@100_last"].max()
     assert (out / "heatmap.png").stat().st_size > 0 and "| trial | beta | lambda |" in (out / "trials.md").read_text()
+
+
+def _seed_cache(out: Path, tiny_stages) -> None:
+    where = out / "upstream" / f"lambda_0.4_{upstream_key(tiny_stages['cfg'])}"
+    where.mkdir(parents=True)
+    for name in ("data", "sft", "reward"):
+        (where / name).symlink_to(tiny_stages["root"] / name)
+    (where / "done.json").write_text("{}\n")
+
+
+def test_optuna_searcher_with_asha(tiny_stages, tmp_path):
+    """Optuna proposes beta in [0.02, 0.5] (log-uniform); ASHA may stop a trial at its first
+    rung (iteration 2 of 4); the upstream stages come from the cache."""
+    from pagellm.tune import run_tune
+
+    _seed_cache(tmp_path, tiny_stages)
+    overrides = [*SWEEP, "tune.search=optuna", "tune.betas=[0.02,0.5]", "tune.lambdas=[0.4]", "tune.num_samples=3",
+                 "tune.scheduler=asha", "tune.grace_period=2", "tune.reduction_factor=2"]
+    summary = run_tune(None, overrides, tmp_path, command="test")
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert len(table) == 3 and summary["trials"] == 3
+    assert table["beta"].between(0.02, 0.5).all() and table["beta"].nunique() == 3
+    assert set(table["status"]) <= {"done", "stopped"} and set(table["iterations"]) <= {2, 4}
+    assert summary["best"]["ndcg@100_last"] == table["ndcg@100_last"].max()
+    assert [e["event"] for e in upstream_events(tmp_path / "upstream")] == ["reused"]
