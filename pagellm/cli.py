@@ -114,6 +114,41 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the Serve application on the local Ray (or the attached cluster) and block."""
+    import time
+
+    from ray import serve
+
+    from pagellm.ray_utils import init_ray
+    from pagellm.serve.ab import parse_split
+    from pagellm.serve.app import AppArgs, build_app
+
+    arms = {}
+    for spec in args.arm:
+        name, _, directory = spec.partition("=")
+        if not name or not directory:
+            raise ConfigError(f"--arm must be NAME=POLICY_DIR, got {spec!r}")
+        arms[name] = directory
+    try:
+        app_args = AppArgs(arms=arms, data=args.data, split=parse_split(args.split, list(arms)), ranker=args.ranker,
+                           policy_replicas=args.replicas, policy_cpus=args.policy_cpus, policy_gpus=args.policy_gpus)
+        application = build_app(app_args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+    init_ray(_config(args).ray)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name="pagellm", route_prefix="/", blocking=False)
+    print(f"pagellm serve: listening on http://{args.host}:{args.port} (POST /v1/page, POST /v1/rank, GET /healthz); "
+          f"arms {arms}, split {app_args.split}; Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
     (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
@@ -210,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="restore an interrupted sweep in OUT (Tuner.restore)")
     common(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="Ray Serve: policy arms behind an A/B router, R_c ranker (docs/serving.md)")
+    p.add_argument("--arm", action="append", required=True, metavar="NAME=POLICY_DIR", help="an arm (repeat): SFT_DIR or PPO_DIR/policy")
+    p.add_argument("--data", required=True, help="the data-stage output: cached user histories, seen items, popularity")
+    p.add_argument("--ranker", help="REWARD_DIR: serve its coarse head at /v1/rank")
+    p.add_argument("--split", help="traffic weights, e.g. A=50,B=50 (default: even)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per arm")
+    p.add_argument("--policy-cpus", type=float, default=0.5, help="CPUs per policy replica")
+    p.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs per policy replica")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    common(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")

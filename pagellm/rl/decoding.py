@@ -122,6 +122,9 @@ class Pages:
     actions: torch.Tensor
     tokens: torch.Tensor
     step_mask: torch.Tensor
+    # log-probability of each written action under the masked distribution it was drawn from
+    # (``generate_pages(with_logprobs=True)``; serving returns them as item scores)
+    logprobs: Optional[torch.Tensor] = None
 
     @staticmethod
     def concat(parts: Sequence["Pages"], pad_id: int) -> "Pages":
@@ -151,6 +154,7 @@ def generate_pages(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     banned_items: Optional[Sequence[Sequence[int]]] = None,
+    with_logprobs: bool = False,
 ) -> Pages:
     """Write one page per prompt under the constraint, with the model's KV cache.
     ``banned_items`` adds, per prompt, item token ids that may not be written (evaluation masks
@@ -169,7 +173,7 @@ def generate_pages(
     written = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
-    actions, step_masks = [], []
+    actions, step_masks, step_logprobs = [], [], []
     for _ in range(constraint.max_items + 1):
         allowed = step_allowed(constraint, written, banned)
         logits = constraint.restrict(out.logits[:, -1].float()).masked_fill(~allowed, NEG_INF)
@@ -179,6 +183,9 @@ def generate_pages(
             probs = _top_p_filter(logits / temperature, top_p).softmax(-1)
             action = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
         action = torch.where(done, torch.full_like(action, -1), action)
+        if with_logprobs:
+            scaled = logits if greedy else logits / temperature
+            step_logprobs.append(scaled.log_softmax(-1).gather(-1, action.clamp(min=0)[:, None]).squeeze(-1).masked_fill(done, 0.0))
         actions.append(action)
         step_masks.append(~done)
         is_item = (action >= 0) & (action < constraint.n_items)
@@ -194,7 +201,8 @@ def generate_pages(
     actions_t = torch.stack(actions, 1)
     mask = torch.stack(step_masks, 1)
     tokens = torch.where(mask, constraint.to_token(actions_t.clamp(min=0)), torch.full_like(actions_t, pad_id))
-    return Pages(actions_t.cpu(), tokens.cpu(), mask.cpu())
+    logprobs = torch.stack(step_logprobs, 1).cpu() if with_logprobs else None
+    return Pages(actions_t.cpu(), tokens.cpu(), mask.cpu(), logprobs)
 
 
 def rollout_batch(prompts: Sequence[Sequence[int]], pages: Pages, pad_id: int):

@@ -1,0 +1,279 @@
+"""Ray Serve application (paper 4.6, 5.3): policy arms behind an A/B router, and R_c as a CPU
+ranking feature.
+
+  ABRouter     FastAPI ingress: validates requests (4xx with a message, never a 5xx for bad
+               input), assigns each user to an arm by a salted hash of the user id (``ab.py``),
+               forwards to that arm, retries once when a replica dies under a request, and
+               records per-arm request counts and latency as Ray Serve metrics
+  PagePolicy   one deployment per arm (``PagePolicy_<arm>``): a policy checkpoint and its
+               tokenizer; batches requests with ``@serve.batch`` and writes each page with the
+               constrained greedy decoding of PPO and evaluation (no repeats, no seen items)
+  CoarseRanker the coarse reward head on CPU: scores each caller-given candidate as a one-item
+               page for the user and returns the candidates sorted by R_c
+
+``build_app`` is the import path of ``serve run`` / ``serve deploy`` (cluster/serve.yaml) and of
+``pagellm serve``; its arguments are ``AppArgs``.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+
+from pagellm.serve.ab import assign, check_split
+from pagellm.serve.api import MAX_BODY_BYTES, MAX_K, PageRequest, RankRequest, ServingData, validation_errors
+
+log = logging.getLogger(__name__)
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app`` (the ``args:`` of an application in cluster/serve.yaml)."""
+
+    arms: dict[str, str] = Field(description="arm name -> policy directory (SFT_DIR or PPO_DIR/policy)")
+    data: str = Field(description="the data-stage output whose users and items the replicas cache")
+    split: Optional[dict[str, float]] = Field(None, description="arm -> traffic weight; None: even")
+    ranker: Optional[str] = Field(None, description="REWARD_DIR of `pagellm reward` (its coarse head serves /v1/rank)")
+    salt: str = Field("pagellm-ab-1", description="A/B hash salt: a new salt reshuffles users across arms")
+    prompt_items: int = Field(20, ge=1, description="history items in a prompt (data.prompt_max_items of training)")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests generated together")
+    batch_wait_ms: float = Field(5.0, ge=0, description="@serve.batch: how long a batch waits to fill")
+    policy_replicas: int = Field(1, ge=1)
+    policy_cpus: float = Field(0.5, gt=0, description="CPUs per policy replica")
+    policy_gpus: float = Field(0.0, ge=0, description="GPUs per policy replica (0: CPU)")
+    ranker_cpus: float = Field(0.25, gt=0)
+    router_cpus: float = Field(0.1, gt=0)
+
+
+def model_version(model_dir: str | Path) -> str:
+    """directory name @ the first 8 hex digits of the weights' sha256: what served a page."""
+    weights = Path(model_dir) / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:8] if weights.exists() else "unknown"
+    return f"{Path(model_dir).name}@{digest}"
+
+
+def _unknown(vocab, items) -> list[str]:
+    return sorted({i for i in items or [] if i not in vocab.item_token})
+
+
+def _bad(message: str, status: int = 422, errors: Optional[list] = None) -> dict:
+    return {"status": status, "error": message, **({"errors": errors} if errors else {})}
+
+
+@serve.deployment(max_ongoing_requests=64)
+class PagePolicy:
+    """One arm: a policy checkpoint writing pages of k items."""
+
+    def __init__(self, policy_dir: str, data_dir: str, prompt_items: int, max_batch_size: int, batch_wait_ms: float, use_gpu: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pagellm.model.prompts import PromptCodec
+        from pagellm.model.vocab import Vocab
+
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(policy_dir).to(self.device).eval()
+        self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy_dir))
+        self.codec = PromptCodec(self.vocab)
+        self.version = model_version(policy_dir)
+        self.data = ServingData.load(data_dir, prompt_items)
+        self._generate.set_max_batch_size(max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    async def page(self, request: dict) -> dict:
+        """``request`` is a validated PageRequest as a dict; unknown item ids -> 422."""
+        unknown = _unknown(self.vocab, (request["history"] or []) + (request["exclude"] or []))
+        if unknown:
+            return _bad(f"unknown item ids: {unknown[:20]}" + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+        user = request["user_id"]
+        excluded = self.data.excluded(user, request["history"], request["exclude"])
+        history = self.data.user_history(user, request["history"])
+        known = user in self.data.history or user in self.vocab.user_token
+        if not history and user not in self.vocab.user_token:
+            # nothing to condition on: the most popular items the user may see
+            return {"items": self.data.popular_page(request["k"], excluded), "scores": None, "source": "popularity",
+                    "known_user": known, "model": self.version}
+        items, scores = await self._generate((user, tuple(history), tuple(sorted(excluded)), request["k"]))
+        return {"items": items, "scores": scores, "source": "policy", "known_user": known, "model": self.version}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _generate(self, batch: list[tuple]) -> list[tuple[list[str], list[float]]]:
+        return await asyncio.to_thread(self._write_pages, batch)
+
+    def _write_pages(self, batch: list[tuple]) -> list[tuple[list[str], list[float]]]:
+        """Greedy pages for the batch, as long as its largest k; each is cut to its own k (greedy
+        with EOS banned for k steps writes the same first k items at any longer length)."""
+        from pagellm.rl.decoding import PageConstraint, generate_pages
+
+        k = max(r[3] for r in batch)
+        lo, hi = self.vocab.item_id_range
+        constraint = PageConstraint(lo, hi - lo, self.vocab.eos_id, k, k, exclude_history=True)
+        prompts = [self.codec.prompt(user, list(history)) for user, history, _, _ in batch]
+        banned = [[self.vocab.item_token[i] for i in excluded if i in self.vocab.item_token] for _, _, excluded, _ in batch]
+        pages = generate_pages(self.model, prompts, constraint, self.vocab.pad_id, greedy=True, banned_items=banned, with_logprobs=True)
+        out = []
+        for row, (_, _, _, want) in enumerate(batch):
+            steps = [(int(t), float(lp)) for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row]) if m and t != constraint.eos_id]
+            steps = steps[:want]
+            out.append(([self.vocab.token_item[t] for t, _ in steps], [round(lp, 5) for _, lp in steps]))
+        return out
+
+    def check_health(self) -> None:
+        assert self.model is not None
+
+
+@serve.deployment(max_ongoing_requests=32)
+class CoarseRanker:
+    """R_c as a ranking feature on CPU: each candidate scored as the one-item page
+    [prompt || item || eos] for the user; candidates returned by descending R_c."""
+
+    def __init__(self, reward_dir: str, data_dir: str, prompt_items: int):
+        import torch
+        from transformers import AutoTokenizer
+
+        from pagellm.model.modeling import RewardModel
+        from pagellm.model.prompts import PromptCodec
+        from pagellm.model.vocab import Vocab
+
+        torch.set_num_threads(1)
+        coarse = Path(reward_dir) / "coarse"
+        self.model = RewardModel.from_pretrained(coarse).eval()
+        self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(coarse))
+        self.codec = PromptCodec(self.vocab)
+        self.version = model_version(coarse)
+        self.data = ServingData.load(data_dir, prompt_items)
+
+    async def rank(self, request: dict) -> dict:
+        unknown = _unknown(self.vocab, request["candidates"] + (request["history"] or []))
+        if unknown:
+            return _bad(f"unknown item ids: {unknown[:20]}" + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+        return await asyncio.to_thread(self._rank, request)
+
+    def _rank(self, request: dict) -> dict:
+        from pagellm.reward import encode_list, score_lists
+
+        history = self.data.user_history(request["user_id"], request["history"])
+        encoded = [encode_list(self.codec, request["user_id"], history, [c]) for c in request["candidates"]]
+        scores = score_lists(self.model, [e[0] for e in encoded], [e[1] for e in encoded], self.vocab.pad_id)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return {"items": [request["candidates"][i] for i in order], "scores": [round(float(scores[i]), 5) for i in order], "model": self.version}
+
+
+app = FastAPI(title="PageLLM", description="whole-page recommendation: A/B policy arms and the R_c ranker")
+
+
+def _retryable(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class ABRouter:
+    def __init__(self, arms: dict, split: dict[str, float], salt: str, versions: dict[str, str], ranker=None):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.arms, self.split, self.salt, self.versions, self.ranker = arms, split, salt, versions, ranker
+        self.requests = Counter("pagellm_requests", description="requests by route, arm and HTTP status", tag_keys=("route", "arm", "status"))
+        self.latency = Histogram("pagellm_latency_ms", description="request latency (ms) by route and arm",
+                                 boundaries=[5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560], tag_keys=("route", "arm"))
+        self.counts: dict[str, int] = {arm: 0 for arm in arms}  # this replica's, for /healthz
+
+    async def _body(self, request: Request, model):
+        """The validated request, or the 4xx response that says what is wrong with it."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES}"}, status_code=413)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return JSONResponse({"error": f"body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}"}, status_code=413)
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return JSONResponse({"error": f"malformed JSON: {exc}"}, status_code=400)
+        if not isinstance(payload, dict):
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=422)
+        try:
+            return model.model_validate(payload)
+        except ValidationError as exc:
+            return JSONResponse({"error": "invalid request", "errors": validation_errors(exc)}, status_code=422)
+
+    async def _call(self, handle, method: str, body: dict) -> dict:
+        """One retry when the replica died under the request (it is idempotent: greedy pages)."""
+        try:
+            return await getattr(handle, method).remote(body)
+        except Exception as exc:  # noqa: BLE001 - only replica deaths are retried
+            if not _retryable(exc):
+                raise
+            log.warning("replica died during %s, retrying once: %s", method, exc)
+            return await getattr(handle, method).remote(body)
+
+    def _respond(self, route: str, arm: str, started: float, result: dict, extra: dict) -> JSONResponse:
+        status = result.pop("status", 200) if "error" in result else 200
+        self.requests.inc(tags={"route": route, "arm": arm, "status": str(status)})
+        self.latency.observe((time.perf_counter() - started) * 1000, tags={"route": route, "arm": arm})
+        return JSONResponse({**extra, **result} if status == 200 else result, status_code=status)
+
+    @app.post("/v1/page")
+    async def page(self, request: Request):
+        started = time.perf_counter()
+        parsed = await self._body(request, PageRequest)
+        if isinstance(parsed, JSONResponse):
+            self.requests.inc(tags={"route": "page", "arm": "", "status": str(parsed.status_code)})
+            return parsed
+        arm = assign(parsed.user_id, self.split, self.salt)
+        self.counts[arm] += 1
+        result = await self._call(self.arms[arm], "page", parsed.model_dump())
+        return self._respond("page", arm, started, result, {"user_id": parsed.user_id, "arm": arm})
+
+    @app.post("/v1/rank")
+    async def rank(self, request: Request):
+        started = time.perf_counter()
+        if self.ranker is None:
+            return JSONResponse({"error": "no ranker deployed (start with --ranker REWARD_DIR)"}, status_code=404)
+        parsed = await self._body(request, RankRequest)
+        if isinstance(parsed, JSONResponse):
+            self.requests.inc(tags={"route": "rank", "arm": "", "status": str(parsed.status_code)})
+            return parsed
+        result = await self._call(self.ranker, "rank", parsed.model_dump())
+        return self._respond("rank", "ranker", started, result, {"user_id": parsed.user_id})
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "arms": {a: {"model": self.versions[a], "weight": self.split[a], "requests": self.counts[a]} for a in self.arms},
+                "ranker": self.ranker is not None, "max_k": MAX_K}
+
+
+def build_app(args: dict | AppArgs) -> serve.Application:
+    """The application: one PagePolicy deployment per arm, the optional ranker, the router."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    if not args.arms:
+        raise ValueError("at least one arm is needed (--arm NAME=POLICY_DIR)")
+    for arm, directory in args.arms.items():
+        if not (Path(directory) / "config.json").exists():
+            raise FileNotFoundError(f"arm {arm}: {directory} is not a policy directory (no config.json)")
+    split = args.split or {arm: 1.0 for arm in args.arms}
+    check_split(split, list(args.arms))
+    handles = {
+        arm: PagePolicy.options(
+            name=f"PagePolicy_{arm}", num_replicas=args.policy_replicas,
+            ray_actor_options={"num_cpus": args.policy_cpus, "num_gpus": args.policy_gpus},
+        ).bind(str(Path(directory).resolve()), str(Path(args.data).resolve()), args.prompt_items, args.max_batch_size, args.batch_wait_ms, args.policy_gpus > 0)
+        for arm, directory in args.arms.items()
+    }
+    ranker = None
+    if args.ranker:
+        ranker = CoarseRanker.options(ray_actor_options={"num_cpus": args.ranker_cpus, "num_gpus": 0}).bind(
+            str(Path(args.ranker).resolve()), str(Path(args.data).resolve()), args.prompt_items)
+    versions = {arm: model_version(directory) for arm, directory in args.arms.items()}
+    return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(handles, split, args.salt, versions, ranker)

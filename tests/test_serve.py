@@ -1,0 +1,208 @@
+"""Ray Serve over real HTTP: the A/B split, pages, the R_c ranker, bad requests, replica death."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+
+from pagellm.serve.ab import assign, parse_split
+from pagellm.serve.api import MAX_BODY_BYTES, ServingData
+
+
+def test_assignment_is_stable_and_follows_weights():
+    split = parse_split("A=70,B=30", ["A", "B"])
+    arms = Counter(assign(f"user{i}", split, "salt") for i in range(20_000))
+    assert abs(arms["A"] / 20_000 - 0.7) < 0.02
+    assert all(assign(f"user{i}", split, "salt") == assign(f"user{i}", split, "salt") for i in range(100))
+    # another salt reshuffles users; a zero weight gets nobody
+    assert sum(assign(f"user{i}", split, "salt") != assign(f"user{i}", split, "pepper") for i in range(1000)) > 200
+    assert {assign(f"user{i}", {"A": 0.0, "B": 1.0}, "s") for i in range(200)} == {"B"}
+    with pytest.raises(ValueError, match="arms"):
+        parse_split("A=50,C=50", ["A", "B"])
+    with pytest.raises(ValueError, match="ARM=WEIGHT"):
+        parse_split("A=half", ["A"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_stages, tmp_path_factory):
+    """Arm A: the tiny SFT policy; arm B: another checkpoint (its weights perturbed); the
+    coarse ranker; two replicas per arm."""
+    from ray import serve
+    from transformers import AutoModelForCausalLM
+
+    from pagellm.serve.app import AppArgs, build_app
+
+    root = tiny_stages["root"]
+    other = tmp_path_factory.mktemp("arm_b") / "policy"
+    shutil.copytree(root / "sft", other, ignore=shutil.ignore_patterns("logs", "meta"))
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    model.save_pretrained(other)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(arms={"A": str(root / "sft"), "B": str(other)}, data=str(root / "data"), ranker=str(root / "reward"),
+                   split={"A": 50, "B": 50}, policy_replicas=2, policy_cpus=0.2, ranker_cpus=0.1, router_cpus=0.1)
+    serve.run(build_app(args), name="pagellm", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    data = ServingData.load(root / "data")
+    yield {"url": url, "data": data, "root": root, "arm_b": other}
+    serve.shutdown()
+
+
+def _page(url: str, session=requests, **body) -> requests.Response:
+    return session.post(f"{url}/v1/page", json=body, timeout=60)
+
+
+def test_split_within_five_percent_and_sticky(served):
+    url, data = served["url"], served["data"]
+    users = list(data.history)[:600] + [f"new-user-{i}" for i in range(1400)]  # known and unseen ids
+
+    def call(user):
+        r = _page(url, user_id=user, k=1)
+        assert r.status_code == 200, r.text
+        return user, r.json()["arm"], r.json()["model"]
+
+    with ThreadPoolExecutor(8) as pool:
+        first = list(pool.map(call, users))
+    arms = Counter(arm for _, arm, _ in first)
+    assert abs(arms["A"] / len(users) - 0.5) <= 0.05, arms
+    assert len({(arm, model) for _, arm, model in first}) == 2  # each arm serves its own checkpoint
+    with ThreadPoolExecutor(8) as pool:
+        again = list(pool.map(call, users[::10]))
+    assert all(arm == dict((u, a) for u, a, _ in first)[u] for u, arm, _ in again)
+
+
+def test_pages_respect_history_exclusions_and_fall_back_to_popularity(served):
+    url, data = served["url"], served["data"]
+    user = next(u for u, items in data.history.items() if len(items) >= 3)
+    page = _page(url, user_id=user, k=10).json()
+    assert page["source"] == "policy" and page["known_user"] and len(page["items"]) == 10 == len(page["scores"])
+    assert len(set(page["items"])) == 10 and not set(page["items"]) & data.seen[user]
+    assert all(s <= 0 for s in page["scores"])  # log-probabilities
+    # excluded items never come back; the same request gives the same page (greedy)
+    second = _page(url, user_id=user, k=10, exclude=page["items"][:5]).json()
+    assert not set(second["items"]) & set(page["items"][:5])
+    assert _page(url, user_id=user, k=10).json()["items"] == page["items"]
+    # k is honoured and a shorter page is the longer page's prefix
+    assert _page(url, user_id=user, k=3).json()["items"] == page["items"][:3]
+    # an unseen user: from the request's history, or from popularity
+    history = data.history[user][-3:]
+    fresh = _page(url, user_id="brand-new", k=5, history=history).json()
+    assert fresh["source"] == "policy" and not fresh["known_user"] and not set(fresh["items"]) & set(history)
+    cold = _page(url, user_id="brand-new", k=5, exclude=[data.popular[0]]).json()
+    assert cold["source"] == "popularity" and cold["items"] == data.popular[1:6] and cold["scores"] is None
+
+
+def test_ranker_orders_candidates_by_coarse_reward(served):
+    from transformers import AutoTokenizer
+
+    from pagellm.model.modeling import RewardModel
+    from pagellm.model.prompts import PromptCodec
+    from pagellm.model.vocab import Vocab
+    from pagellm.reward import encode_list, score_lists
+
+    url, data, root = served["url"], served["data"], served["root"]
+    user = next(iter(data.history))
+    candidates = data.popular[:12]
+    r = requests.post(f"{url}/v1/rank", json={"user_id": user, "candidates": candidates}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(body["items"]) == sorted(candidates) and body["scores"] == sorted(body["scores"], reverse=True)
+    # the same scores computed here from the saved head
+    model = RewardModel.from_pretrained(root / "reward" / "coarse").eval()
+    codec = PromptCodec(Vocab.from_tokenizer(AutoTokenizer.from_pretrained(root / "reward" / "coarse")))
+    encoded = [encode_list(codec, user, data.user_history(user, None), [c]) for c in body["items"]]
+    expected = score_lists(model, [e[0] for e in encoded], [e[1] for e in encoded], codec.vocab.pad_id)
+    assert body["scores"] == pytest.approx([float(x) for x in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize("body, status, says", [
+    ("{not json", 400, "malformed JSON"),
+    ("[1, 2]", 422, "JSON object"),
+    (json.dumps({"k": 5}), 422, "user_id"),
+    (json.dumps({"user_id": "u", "k": 0}), 422, "k"),
+    (json.dumps({"user_id": "u", "k": 101}), 422, "k"),
+    (json.dumps({"user_id": "u", "k": "ten"}), 422, "k"),
+    (json.dumps({"user_id": "u", "history": ["no-such-item"]}), 422, "no-such-item"),
+    (json.dumps({"user_id": "u", "exclude": ["nope-1", "nope-2"]}), 422, "nope-1"),
+    (json.dumps({"user_id": "u", "history": ["x"] * 501}), 422, "history"),
+    (json.dumps({"user_id": "u", "colour": "red"}), 422, "colour"),
+    (json.dumps({"user_id": "u" * 200}), 422, "user_id"),
+    (json.dumps({"user_id": "u", "history": ["a" * 200] * 400}), 413, "exceeds"),
+])
+def test_bad_page_requests_get_4xx(served, body, status, says):
+    r = requests.post(f"{served['url']}/v1/page", data=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    assert says in r.text
+
+
+def test_bad_rank_requests_get_4xx(served):
+    url = served["url"]
+    for body, says in (({"user_id": "u", "candidates": []}, "candidates"), ({"user_id": "u", "candidates": ["a", "a"]}, "unique"),
+                       ({"user_id": "u", "candidates": ["missing-item"]}, "missing-item")):
+        r = requests.post(f"{url}/v1/rank", json=body, timeout=60)
+        assert r.status_code == 422 and says in r.text, r.text
+    assert len(json.dumps({"user_id": "u", "history": ["a" * 200] * 400})) > MAX_BODY_BYTES
+
+
+def test_killing_a_replica_loses_no_request(served):
+    """Load from 4 threads while one replica of arm A is killed: the router retries requests
+    whose replica died, Serve replaces the replica, and every request is answered."""
+    import ray
+
+    url, data = served["url"], served["data"]
+    users = [u for u in list(data.history) + [f"x{i}" for i in range(3000)] if assign(u, {"A": 50, "B": 50}, "pagellm-ab-1") == "A"][:400]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(offset: int):
+        session = requests.Session()
+        i = offset
+        while not stop.is_set():
+            try:
+                statuses.append(_page(url, session, user_id=users[i % len(users)], k=5).status_code)
+            except requests.RequestException as exc:  # a lost request
+                statuses.append(repr(exc))
+            i += 4
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "PagePolicy_A" in a["name"]]
+    assert len(replicas) == 2
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(statuses) > 20
+    assert Counter(statuses) == {200: len(statuses)}, Counter(statuses)
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert set(health["arms"]) == {"A", "B"}
