@@ -10,7 +10,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow.parquet as pq
 import pytest
 import requests
 import torch
