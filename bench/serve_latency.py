@@ -1,0 +1,137 @@
+"""Latency and throughput of `POST /v1/page` (K = 10) over real HTTP, at several concurrencies.
+
+    OMP_NUM_THREADS=1 python bench/serve_latency.py --policy SFT_DIR --data DATA_DIR \
+        [--concurrency 1 8 32] [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 5]
+
+Starts the Serve application of `pagellm serve` (one arm) on a local Ray, warms it up, then for
+each concurrency runs that many client threads, each with its own HTTP session, until
+``--requests`` requests are answered, with user ids cycling over the data's users (the cached
+history path of production). Side by side, the same pages written by the model directly in this
+process (no HTTP, no Serve, batch of one) give the floor that serving adds to.
+Prints a Markdown table and writes bench/out/serve_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import requests  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int) -> dict:
+    latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(total))
+
+    def client():
+        session = requests.Session()
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            started = time.perf_counter()
+            r = session.post(f"{url}/v1/page", json={"user_id": users[i % len(users)], "k": k}, timeout=120)
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200 else r.status_code)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "requests_per_s": len(latencies) / wall,
+            "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
+            "mean_ms": statistics.mean(latencies)}
+
+
+def direct_floor(policy: str, data: str, users: list[str], k: int, n: int) -> dict:
+    """The same greedy K-item pages, one at a time, in this process: model time alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pagellm.model.prompts import PromptCodec
+    from pagellm.model.vocab import Vocab
+    from pagellm.rl.decoding import PageConstraint, generate_pages
+    from pagellm.serve.api import ServingData
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy))
+    codec, cache = PromptCodec(vocab), ServingData.load(data)
+    lo, hi = vocab.item_id_range
+    constraint = PageConstraint(lo, hi - lo, vocab.eos_id, k, k)
+    times = []
+    for i in range(n + 5):
+        user = users[i % len(users)]
+        started = time.perf_counter()
+        banned = [[vocab.item_token[x] for x in cache.seen.get(user, ()) if x in vocab.item_token]]
+        generate_pages(model, [codec.prompt(user, cache.user_history(user, None))], constraint, vocab.pad_id, greedy=True, banned_items=banned)
+        if i >= 5:
+            times.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99), "pages_per_s": 1000 / statistics.mean(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=400, help="answered requests per concurrency level")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--policy-cpus", type=float, default=1.0)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--out", default="bench/out/serve_latency.json")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from pagellm.serve.api import ServingData
+    from pagellm.serve.app import AppArgs, build_app
+
+    users = list(ServingData.load(args.data).history)
+    floor = direct_floor(args.policy, args.data, users, args.k, 200)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    app = build_app(AppArgs(arms={"A": args.policy}, data=args.data, policy_replicas=args.replicas, policy_cpus=args.policy_cpus,
+                            max_batch_size=args.max_batch, batch_wait_ms=args.batch_wait_ms))
+    serve.run(app, name="pagellm", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{args.port}"
+    run_clients(url, users, 4, 100, args.k)  # warm-up
+    rows = [run_clients(url, users, c, args.requests, args.k) for c in args.concurrency]
+    serve.shutdown()
+    ray.shutdown()
+
+    result = {"k": args.k, "replicas": args.replicas, "policy_cpus": args.policy_cpus, "max_batch": args.max_batch,
+              "batch_wait_ms": args.batch_wait_ms, "direct_single_process": floor, "http": rows,
+              "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}, "command": " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"direct (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s")
+    print("| concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
