@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pagellm.config import EMBEDDED_PROFILE, ConfigError, PageLLMConfig, load_config
+from pagellm.config import EMBEDDED_PROFILE, QUICKSTART_PROFILE, ConfigError, PageLLMConfig, load_config
 from pagellm.data.schema import InputError
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -150,31 +150,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: synthetic marketplace, small GPT-2 from scratch
-    (the packaged embedded profile), data -> SFT -> reward heads -> PPO."""
-    from pagellm.data.pipeline import build_dataset
-    from pagellm.ppo import run_ppo
-    from pagellm.reward import run_reward
-    from pagellm.sft import run_sft
+    """The main job: data -> SFT -> reward heads -> PPO -> evaluation -> report. Without --config
+    it runs the embedded default: the synthetic marketplace and the small GPT-2 from scratch
+    (the packaged embedded profile plus the quick-start sizes)."""
+    import shlex
+
+    from pagellm.pipeline import run_pipeline
 
     if not args.config:
-        args.config = [str(EMBEDDED_PROFILE)]
-    cfg = _config(args)
-    out = Path(args.out)
-    stats = build_dataset(cfg, out / "data", engine="ray")
-    _print_data_summary(stats, out / "data")
-    sft = run_sft(cfg, out / "data", out / "sft")
-    print(f"sft: valid_page_rate {sft['valid_page_rate']:.3f} -> {out / 'sft'}")
-    reward = run_reward(cfg, out / "data", out / "sft", out / "reward")
-    print("reward accuracy (held-out pairs): " + json.dumps({k: v["all"] for k, v in reward["accuracy"].items()}))
-    ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
-    _print_ppo_summary(ppo, out / "ppo")
-    summary = {
-        "data": str(out / "data"), "sft": str(out / "sft"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),
-        "stats": stats, "sft_metrics": sft, "reward_metrics": reward, "ppo_metrics": ppo,
-    }
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"run summary: {out / 'run.json'}")
+        args.config = [str(EMBEDDED_PROFILE), str(QUICKSTART_PROFILE)]
+    summary = run_pipeline(_config(args), Path(args.out), shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    ppo = summary["ppo_metrics"]
+    print(f"sft: valid_page_rate {summary['sft_metrics']['valid_page_rate']:.3f}; reward accuracy (held-out pairs): "
+          + json.dumps({k: round(v["all"], 3) for k, v in summary["reward_metrics"]["accuracy"].items()}))
+    _print_ppo_summary(ppo, Path(summary["ppo"]))
+    for name, m in summary["test_metrics"].items():
+        print(f"test {name}: ndcg@100 {m['ndcg@100']:.4f}, recall@20 {m['recall@20']:.4f}")
+    print(f"report: {summary['report']} (report.png; run.json) after {summary['seconds']['total'] / 60:.1f} min")
     return 0
 
 
@@ -259,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("run", help="the whole chain on the embedded default (data, SFT, reward heads, PPO)")
+    p = sub.add_parser("run", help="the whole chain (data, SFT, reward heads, PPO, evaluation, report); embedded default without --config")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")
     p.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run directory (default {DEFAULT_RUN_DIR})")
     common(p)

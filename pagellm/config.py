@@ -365,6 +365,8 @@ class PageLLMConfig:
 
 
 EMBEDDED_PROFILE = Path(__file__).parent / "configs" / "embedded.yaml"
+# `pagellm run` without --config: the embedded profile plus sizes that finish on 2 CPUs in minutes
+QUICKSTART_PROFILE = Path(__file__).parent / "configs" / "quickstart.yaml"
 
 
 def load_config(
