@@ -110,7 +110,7 @@ def main() -> None:
 
     users = list(ServingData.load(args.data).history)
     floor = direct_floor(args.policy, args.data, users, args.k, 200)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     app = build_app(AppArgs(arms={"A": args.policy}, data=args.data, policy_replicas=args.replicas, policy_cpus=args.policy_cpus,
                             max_batch_size=args.max_batch, batch_wait_ms=args.batch_wait_ms))

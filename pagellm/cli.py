@@ -8,8 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from pagellm.config import EMBEDDED_PROFILE, QUICKSTART_PROFILE, ConfigError, PageLLMConfig, load_config
+from pagellm.config import (
+    EMBEDDED_PROFILE,
+    QUICKSTART_PROFILE,
+    ConfigError,
+    PageLLMConfig,
+    load_config,
+)
 from pagellm.data.schema import InputError
+from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -29,23 +36,24 @@ def _print_data_summary(stats: dict, out: Path) -> None:
         f"({stats['ft_rows']} fine-tuning rows), "
         f"pairs {stats['pairs_by_family']}"
     )
-    print(f"wrote {out} (stats: {out / 'stats.json'})")
+    print(f"wrote {out} (stats: {str(out).rstrip('/')}/stats.json)")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from pagellm.data.pipeline import build_dataset
 
     cfg = _config(args)
-    out = Path(args.out)
-    stats = build_dataset(cfg, out, engine=args.engine)
-    _print_data_summary(stats, out)
+    with output(args.out) as out:
+        stats = build_dataset(cfg, out, engine=args.engine)
+    _print_data_summary(stats, args.out)
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from pagellm.sft import run_sft
 
-    metrics = run_sft(_config(args), args.data, args.out)
+    with output(args.out) as out:
+        metrics = run_sft(_config(args), fetch(args.data), out, train_storage(args.out))
     print(f"sft: valid_page_rate {metrics['valid_page_rate']:.3f}; reference policy in {args.out} (metrics.json, loss_curves.png)")
     return 0
 
@@ -53,35 +61,38 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_reward(args: argparse.Namespace) -> int:
     from pagellm.reward import run_reward
 
-    metrics = run_reward(_config(args), args.data, args.sft, args.out)
+    with output(args.out) as out:
+        metrics = run_reward(_config(args), fetch(args.data), fetch(args.sft), out, train_storage(args.out))
     acc = metrics["accuracy"]
     print("reward: held-out pairwise accuracy " + ", ".join(f"{k} {v['all']:.3f}" for k, v in acc.items()) + f"; heads in {args.out}")
     return 0
 
 
-def _print_ppo_summary(record: dict, out: Path) -> None:
+def _print_ppo_summary(record: dict, out) -> None:
     keys = ("reward_total", "kl", "val_ndcg@100", "holdout_reward_total")
     print("ppo: iteration " + str(record.get("iteration")) + ", " + ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record))
-    print(f"policy in {out / 'policy'} (metrics.jsonl, ppo_curves.png)")
+    print(f"policy in {str(out).rstrip('/')}/policy (metrics.jsonl, ppo_curves.png)")
 
 
 def cmd_ppo(args: argparse.Namespace) -> int:
     from pagellm.ppo import run_ppo
 
-    record = run_ppo(_config(args), args.data, args.sft, args.reward, args.out, resume=args.resume)
-    _print_ppo_summary(record, Path(args.out))
+    with output(args.out, resume=args.resume) as out:
+        record = run_ppo(_config(args), fetch(args.data), fetch(args.sft), fetch(args.reward), out, resume=args.resume)
+    _print_ppo_summary(record, args.out)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pagellm.evaluate import run_evaluate
 
-    out = Path(args.out) if args.out else Path(args.model) / f"eval_{args.split}"
-    metrics = run_evaluate(_config(args), args.model, args.data, args.split, out)
+    target = args.out or f"{str(args.model).rstrip('/')}/eval_{args.split}"
+    with output(target) as out:
+        metrics = run_evaluate(_config(args), fetch(args.model), fetch(args.data), args.split, out)
     keys = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
     print(f"evaluate ({args.split}, {metrics['users']} users): " + ", ".join(
         f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None))
-    print(f"wrote {out / 'metrics.json'} and {out / 'users.parquet'}")
+    print(f"wrote {target}/metrics.json and {target}/users.parquet")
     return 0
 
 
@@ -159,14 +170,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.config:
         args.config = [str(EMBEDDED_PROFILE), str(QUICKSTART_PROFILE)]
-    summary = run_pipeline(_config(args), Path(args.out), shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    with output(args.out) as out:
+        summary = run_pipeline(_config(args), out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), storage=args.out if is_uri(args.out) else None)
     ppo = summary["ppo_metrics"]
     print(f"sft: valid_page_rate {summary['sft_metrics']['valid_page_rate']:.3f}; reward accuracy (held-out pairs): "
           + json.dumps({k: round(v["all"], 3) for k, v in summary["reward_metrics"]["accuracy"].items()}))
     _print_ppo_summary(ppo, Path(summary["ppo"]))
     for name, m in summary["test_metrics"].items():
         print(f"test {name}: ndcg@100 {m['ndcg@100']:.4f}, recall@20 {m['recall@20']:.4f}")
-    print(f"report: {summary['report']} (report.png; run.json) after {summary['seconds']['total'] / 60:.1f} min")
+    print(f"report: {args.out}/report.md (report.png; run.json) after {summary['seconds']['total'] / 60:.1f} min")
     return 0
 
 

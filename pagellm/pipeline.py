@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from pagellm.config import PageLLMConfig
 from pagellm.experiments import METRICS, _bar_chart
+from pagellm.storage import train_storage
 
 
 def write_report(out: Path, stats: dict, reward: dict, ppo: dict, evals: dict[str, dict], seconds: dict[str, float], command: str) -> Path:
@@ -40,7 +42,9 @@ def write_report(out: Path, stats: dict, reward: dict, ppo: dict, evals: dict[st
     return path
 
 
-def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "") -> dict:
+def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Optional[str] = None) -> dict:
+    """``storage``: the run's URI when its outputs go to one (``pagellm.storage``): Ray Train's
+    checkpoints are written under it directly."""
     from pagellm.data.pipeline import build_dataset
     from pagellm.evaluate import run_evaluate
     from pagellm.ppo import run_ppo
@@ -59,9 +63,9 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "") -> dict:
 
     stats = build_dataset(cfg, out / "data", engine="ray")
     lap("data")
-    sft = run_sft(cfg, out / "data", out / "sft")
+    sft = run_sft(cfg, out / "data", out / "sft", train_storage(storage, "sft") if storage else None)
     lap("sft")
-    reward = run_reward(cfg, out / "data", out / "sft", out / "reward")
+    reward = run_reward(cfg, out / "data", out / "sft", out / "reward", train_storage(storage, "reward") if storage else None)
     lap("reward")
     ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
     lap("ppo")

@@ -8,8 +8,11 @@ from pagellm.config import RayConfig
 
 
 def init_ray(ray_cfg: RayConfig) -> None:
-    """Join the cluster when one is given (``ray job submit`` sets RAY_ADDRESS), else start a
-    local Ray with the configured CPUs. A no-op when Ray is already up (tests, notebooks)."""
+    """Join the cluster when one is given (``ray job submit`` sets RAY_ADDRESS; RAY_ADDRESS=auto
+    joins a `ray start` cluster of this machine), else start a new local Ray with the configured
+    CPUs: never attach by surprise to another Ray running here (``address="local"``; a plain
+    ``ray.init()`` would join the latest `ray start` cluster of the machine). A no-op when Ray
+    is already up (tests, notebooks)."""
     import ray
 
     if ray.is_initialized():
@@ -17,4 +20,4 @@ def init_ray(ray_cfg: RayConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard)
+        ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard)

@@ -13,6 +13,7 @@ import json
 import logging
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -112,8 +113,9 @@ def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, out_dir: str | Path) -> dict:
-    """Train R_c and R_f from the SFT policy; write REWARD_DIR/{coarse,fine} and metrics.json."""
+def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
+    """Train R_c and R_f from the SFT policy; write REWARD_DIR/{coarse,fine} and metrics.json.
+    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default REWARD_DIR/logs)."""
     import ray.data
     from transformers import AutoTokenizer
 
@@ -147,7 +149,7 @@ def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, ou
         )
         train_ds = ray.data.from_pandas(datasets["train"][cols])
         valid_ds = ray.data.from_pandas(datasets["valid"][cols])
-        fit_metrics[kind] = fit(spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind)
+        fit_metrics[kind] = fit(spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind, storage_path)
 
     test = datasets["test"]
     margins = {}

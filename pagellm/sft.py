@@ -12,6 +12,7 @@ import json
 import logging
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -176,8 +177,9 @@ def read_data_dir(data_dir: Path) -> dict[str, pd.DataFrame]:
     }
 
 
-def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> dict:
-    """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy."""
+def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
+    """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy.
+    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default SFT_DIR/logs)."""
     import ray.data
 
     from pagellm.ray_utils import init_ray
@@ -210,7 +212,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> di
     meta_metrics = fit(
         FitSpec("meta", sft_cfg.meta_epochs, sft_cfg.meta_lr, sft_cfg.batch_size, build_meta, collate_lm(vocab.pad_id), export_meta),
         {"train": ray.data.from_pandas(meta[~held][meta_cols]), "valid": ray.data.from_pandas(meta[held][meta_cols])},
-        train_cfg, out / SFT_LOGS, out / META_DIR,
+        train_cfg, out / SFT_LOGS, out / META_DIR, storage_path,
     )
 
     # golden-list fine-tuning from the meta checkpoint; validation = next page of val users
@@ -236,7 +238,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path) -> di
     ft_metrics = fit(
         FitSpec("golden_ft", sft_cfg.ft_epochs, sft_cfg.ft_lr, sft_cfg.batch_size, build_ft, collate_lm(vocab.pad_id), export_policy),
         {"train": ray.data.from_pandas(ft), "valid": ray.data.from_pandas(ft_valid)},
-        train_cfg, out / SFT_LOGS, out / "policy_tmp",
+        train_cfg, out / SFT_LOGS, out / "policy_tmp", storage_path,
     )
     # SFT_DIR itself is the reference policy (loads with from_pretrained)
     for f in (out / "policy_tmp").iterdir():

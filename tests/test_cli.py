@@ -17,27 +17,6 @@ def run(*args, cwd=REPO):
     return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def test_pagellm_run_on_embedded_default(tmp_path):
-    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300",
-            "sft.meta_epochs=1", "sft.ft_epochs=1", "reward.epochs=1", "ppo.max_iterations=2", "ppo.batch_size=16",
-            "ppo.eval_max_users=16"]
-    proc = run(sys.executable, "-m", "pagellm.cli", "run", "--out", str(tmp_path), "data.dataset=synthetic:3000", "ray.num_cpus=2", *tiny)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data stage:" in proc.stdout and "sft: valid_page_rate" in proc.stdout and "reward accuracy" in proc.stdout
-    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
-    assert stats["dataset"] == "synthetic:3000" and stats["engine"] == "ray" and stats["pairs_total"] > 0
-    summary = json.loads((tmp_path / "run.json").read_text())
-    assert summary["data"] == str(tmp_path / "data") and summary["sft"] == str(tmp_path / "sft")
-    # the packaged embedded profile was applied: its extra fine-tuning windows are in ft/
-    assert stats["ft_rows"] > stats["ft_users"]
-    assert (tmp_path / "sft" / "model.safetensors").exists()
-    assert set(summary["reward_metrics"]["accuracy"]) == {"coarse", "fine", "combined"}
-    assert "ppo: iteration 2" in proc.stdout and summary["ppo"] == str(tmp_path / "ppo")
-    assert (tmp_path / "ppo" / "policy" / "model.safetensors").exists()
-    lines = (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
-
-
 def test_ray_job_entrypoint_runs_data_stage(tmp_path):
     proc = run(sys.executable, "ray_jobs/build_pairs.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,7 +30,15 @@ from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from pagellm.serve.ab import assign, check_split
-from pagellm.serve.api import MAX_BODY_BYTES, MAX_K, PageRequest, RankRequest, ServingData, validation_errors
+from pagellm.serve.api import (
+    MAX_BODY_BYTES,
+    MAX_K,
+    PageRequest,
+    RankRequest,
+    ServingData,
+    validation_errors,
+)
+from pagellm.storage import fetch, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,7 @@ class PagePolicy:
         from pagellm.model.vocab import Vocab
 
         torch.set_num_threads(1)
+        policy_dir, data_dir = str(fetch(policy_dir)), str(fetch(data_dir))  # URIs: a local copy per replica
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(policy_dir).to(self.device).eval()
         self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy_dir))
@@ -145,6 +154,7 @@ class CoarseRanker:
         from pagellm.model.vocab import Vocab
 
         torch.set_num_threads(1)
+        reward_dir, data_dir = fetch(reward_dir), str(fetch(data_dir))
         coarse = Path(reward_dir) / "coarse"
         self.model = RewardModel.from_pretrained(coarse).eval()
         self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(coarse))
@@ -254,26 +264,32 @@ class ABRouter:
                 "ranker": self.ranker is not None, "max_k": MAX_K}
 
 
+def _where(location: str) -> str:
+    """What a replica is given: a URI as is (it fetches its own copy), a path made absolute."""
+    return location if is_uri(location) else str(Path(location).resolve())
+
+
 def build_app(args: dict | AppArgs) -> serve.Application:
     """The application: one PagePolicy deployment per arm, the optional ranker, the router."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     if not args.arms:
         raise ValueError("at least one arm is needed (--arm NAME=POLICY_DIR)")
-    for arm, directory in args.arms.items():
-        if not (Path(directory) / "config.json").exists():
-            raise FileNotFoundError(f"arm {arm}: {directory} is not a policy directory (no config.json)")
+    local = {arm: fetch(directory) for arm, directory in args.arms.items()}  # URIs: checked on a local copy
+    for arm, directory in local.items():
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"arm {arm}: {args.arms[arm]} is not a policy directory (no config.json)")
     split = args.split or {arm: 1.0 for arm in args.arms}
     check_split(split, list(args.arms))
     handles = {
         arm: PagePolicy.options(
             name=f"PagePolicy_{arm}", num_replicas=args.policy_replicas,
             ray_actor_options={"num_cpus": args.policy_cpus, "num_gpus": args.policy_gpus},
-        ).bind(str(Path(directory).resolve()), str(Path(args.data).resolve()), args.prompt_items, args.max_batch_size, args.batch_wait_ms, args.policy_gpus > 0)
+        ).bind(_where(directory), _where(args.data), args.prompt_items, args.max_batch_size, args.batch_wait_ms, args.policy_gpus > 0)
         for arm, directory in args.arms.items()
     }
     ranker = None
     if args.ranker:
         ranker = CoarseRanker.options(ray_actor_options={"num_cpus": args.ranker_cpus, "num_gpus": 0}).bind(
-            str(Path(args.ranker).resolve()), str(Path(args.data).resolve()), args.prompt_items)
-    versions = {arm: model_version(directory) for arm, directory in args.arms.items()}
+            _where(args.ranker), _where(args.data), args.prompt_items)
+    versions = {arm: model_version(directory) for arm, directory in local.items()}
     return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(handles, split, args.salt, versions, ranker)

@@ -119,7 +119,7 @@ def latest_checkpoint(registered: list[Path], root: Path, world: int) -> Optiona
     if it is complete (module, state and every rank's optimizer shard).
     """
     candidates = list(registered)
-    if root.is_dir():
+    if str(root) and root.is_dir():
         candidates += [d for d in root.glob("checkpoint_*") if d.is_dir()]
 
     def epoch(d: Path) -> int:
@@ -283,12 +283,15 @@ def fit(
     train_cfg: TrainConfig,
     run_dir: Path,
     out_dir: Path,
+    storage_path: Optional[str] = None,
 ) -> dict:
     """Train ``spec`` on Ray Train and copy the chosen epoch's HF export to ``out_dir``.
 
     ``datasets`` holds Ray Datasets "train" and "valid". With early stopping the best epoch
     (lowest validation loss) is exported, otherwise the last. Re-running with the same
     ``run_dir`` resumes from its latest checkpoint. Returns the chosen epoch's metrics.
+    Checkpoints go to ``storage_path`` (a URI or shared path, ``pagellm.storage``) when given,
+    else to ``run_dir/ray_train``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -296,11 +299,13 @@ def fit(
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{spec.stage}.jsonl"
+    storage = storage_path or str(run_dir / "ray_train")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "spec": spec, "train": train_cfg, "log_path": str(log_path),
-            "checkpoint_root": str(run_dir / "ray_train" / spec.stage),
+            # scanned for checkpoints the controller missed: only where a path can be listed
+            "checkpoint_root": str(Path(storage) / spec.stage) if "://" not in storage else "",
         },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers,
@@ -309,7 +314,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=spec.stage,
-            storage_path=str(run_dir / "ray_train"),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
