@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--reward", required=True, help="REWARD_DIR")
         else:
             q.add_argument("--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)")
-            q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec"])
+            q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae"])
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--split", choices=("val", "test"), default="test")
         q.add_argument("--out", required=True, help="report directory, e.g. docs/results/amazon2014/ablation")

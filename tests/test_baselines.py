@@ -38,7 +38,7 @@ def test_itemknn_cosine_by_hand():
 
 def test_trained_baselines_write_valid_pages(tiny_stages):
     p = load_protocol(tiny_stages["root"] / "data", "test")
-    for name in ("bprmf", "sasrec"):
+    for name in ("bprmf", "sasrec", "multivae"):
         pages = baseline_pages(name, p, k=15)
         assert len(pages) == len(p.users)
         for page, seen in zip(pages, p.users.seen):
@@ -55,3 +55,18 @@ def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path
     assert "sft NDCG@100 vs the best baseline" in text and "| popularity |" in text
     assert json.loads((tmp_path / "compare.json").read_text())["split"] == "test"
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_multivae_learns_co_occurrence():
+    """Two tastes (items 0-4 or 5-9, each user holding 4 of 5): a user with 0, 1, 2 gets 3 and 4."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(200):
+        block = rng.integers(2) * 5
+        for i in rng.choice(5, 4, replace=False):
+            rows.append((f"u{u}", int(block + i), 0))
+    train = pd.DataFrame(rows, columns=["user_id", "item", "ts"])
+    users = pd.DataFrame({"user_id": ["x", "y"], "history": [[0, 1, 2], [7, 8]], "seen": [[0, 1, 2], [7, 8]], "target": [["d"], ["f"]]})
+    p = Protocol([str(i) for i in range(10)], train, users)
+    pages = baseline_pages("multivae", p, k=3)
+    assert set(pages[0][:2]) == {"3", "4"} and set(pages[1][:3]) == {"5", "6", "9"}
