@@ -60,8 +60,9 @@ def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int
             "mean_ms": statistics.mean(latencies)}
 
 
-def direct_floor(policy: str, data: str, users: list[str], k: int, n: int) -> dict:
-    """The same greedy K-item pages, one at a time, in this process: model time alone."""
+def direct_floor(policy: str, data: str, users: list[str], k: int, n: int, device: str = "cpu", dtype: str = "float32", batch: int = 1) -> dict:
+    """The same greedy K-item pages, ``batch`` users at a time, in this process: model time
+    alone (no HTTP, no Serve), on ``device`` in ``dtype``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,20 +72,24 @@ def direct_floor(policy: str, data: str, users: list[str], k: int, n: int) -> di
     from pagellm.serve.api import ServingData
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype)).to(device).eval()
     vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy))
     codec, cache = PromptCodec(vocab), ServingData.load(data)
     lo, hi = vocab.item_id_range
     constraint = PageConstraint(lo, hi - lo, vocab.eos_id, k, k)
     times = []
     for i in range(n + 5):
-        user = users[i % len(users)]
+        group = [users[(i * batch + j) % len(users)] for j in range(batch)]
         started = time.perf_counter()
-        banned = [[vocab.item_token[x] for x in cache.seen.get(user, ()) if x in vocab.item_token]]
-        generate_pages(model, [codec.prompt(user, cache.user_history(user, None))], constraint, vocab.pad_id, greedy=True, banned_items=banned)
+        banned = [[vocab.item_token[x] for x in cache.seen.get(u, ()) if x in vocab.item_token] for u in group]
+        prompts = [codec.prompt(u, cache.user_history(u, None)) for u in group]
+        generate_pages(model, prompts, constraint, vocab.pad_id, greedy=True, banned_items=banned)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         if i >= 5:
             times.append((time.perf_counter() - started) * 1000)
-    return {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99), "pages_per_s": 1000 / statistics.mean(times)}
+    return {"device": device, "dtype": dtype, "batch": batch, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
+            "pages_per_s": batch * 1000 / statistics.mean(times)}
 
 
 def main() -> None:
@@ -100,7 +105,22 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", default="bench/out/serve_latency.json")
+    parser.add_argument("--only", choices=("direct",), help="direct: only the in-process model timing (no Ray; e.g. a GPU machine)")
+    parser.add_argument("--device", default="cpu", help="direct timing device (cuda on a GPU)")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], help="direct timing dtypes, e.g. float32 bfloat16")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="direct timing batch sizes")
     args = parser.parse_args()
+    if args.only == "direct":
+        from pagellm.serve.api import ServingData
+
+        users = list(ServingData.load(args.data).history)
+        rows = [direct_floor(args.policy, args.data, users, args.k, 200, args.device, d, b) for d in args.dtype for b in args.batch]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"k": args.k, "direct": rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
+        print("| device | dtype | batch | p50 ms | p99 ms | pages/s |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['pages_per_s']:.0f} |")
+        return
 
     import ray
     from ray import serve
