@@ -1,7 +1,7 @@
 """Latency and throughput of `POST /v1/page` (K = 10) over real HTTP, at several concurrencies.
 
     OMP_NUM_THREADS=1 python bench/serve_latency.py --policy SFT_DIR --data DATA_DIR \
-        [--concurrency 1 8 32] [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 5]
+        [--concurrency 1 8 32] [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 1]
 
 Starts the Serve application of `pagellm serve` (one arm) on a local Ray, warms it up, then for
 each concurrency runs that many client threads, each with its own HTTP session, until
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--policy-cpus", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", default="bench/out/serve_latency.json")
     parser.add_argument("--only", choices=("direct",), help="direct: only the in-process model timing (no Ray; e.g. a GPU machine)")

@@ -53,7 +53,7 @@ class AppArgs(BaseModel):
     salt: str = Field("pagellm-ab-1", description="A/B hash salt: a new salt reshuffles users across arms")
     prompt_items: int = Field(20, ge=1, description="history items in a prompt (data.prompt_max_items of training)")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests generated together")
-    batch_wait_ms: float = Field(5.0, ge=0, description="@serve.batch: how long a batch waits to fill")
+    batch_wait_ms: float = Field(1.0, ge=0, description="@serve.batch: how long a batch waits to fill (each request at concurrency 1 waits it in full)")
     policy_replicas: int = Field(1, ge=1)
     policy_cpus: float = Field(0.5, gt=0, description="CPUs per policy replica")
     policy_gpus: float = Field(0.0, ge=0, description="GPUs per policy replica (0: CPU)")
