@@ -64,7 +64,7 @@ def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
         return dirs
     log.info("upstream stages for lambda=%g: building %s (data, SFT, reward)", cfg.data.category_cap, where)
     started = time.perf_counter()
-    (where).mkdir(parents=True, exist_ok=True)
+    where.mkdir(parents=True, exist_ok=True)
     (where / "config.yaml").write_text(to_yaml(cfg))
     build_dataset(cfg, dirs["data"], engine="ray")
     sft = run_sft(cfg, dirs["data"], dirs["sft"])

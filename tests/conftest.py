@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,10 @@ def tiny_stages(ray_session, tmp_path_factory):
     sft = run_sft(cfg, root / "data", root / "sft")
     reward = run_reward(cfg, root / "data", root / "sft", root / "reward")
     return {"root": root, "cfg": cfg, "overrides": TINY_STAGES, "sft": sft, "reward": reward}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for HTTP servers and Ray heads the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

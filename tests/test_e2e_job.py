@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import requests
 import yaml
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 TINY_RUN = [
     "data.dataset=synthetic:3000", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300",
@@ -25,11 +24,6 @@ TINY_RUN = [
     "ppo.eval_max_users=16", "eval.page_items=20",
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:
@@ -43,7 +37,7 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
     env.pop("RAY_ADDRESS", None)
     # every port the head binds is free (other Ray instances on this machine hold the defaults,
     # e.g. the dashboard agent's 52365)
-    gcs, dashboard, http, agent, metrics = (_free_port() for _ in range(5))
+    gcs, dashboard, http, agent, metrics = (free_port() for _ in range(5))
     head = subprocess.Popen(
         [_bin("ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
          f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--include-dashboard=true", "--disable-usage-stats"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from collections import Counter
@@ -16,6 +15,8 @@ import torch
 
 from pagellm.serve.ab import assign, parse_split
 from pagellm.serve.api import MAX_BODY_BYTES, ServingData
+
+from conftest import free_port
 
 
 def test_assignment_is_stable_and_follows_weights():
@@ -31,11 +32,6 @@ def test_assignment_is_stable_and_follows_weights():
     with pytest.raises(ValueError, match="ARM=WEIGHT"):
         parse_split("A=half", ["A"])
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def served(tiny_stages, tmp_path_factory):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     model.save_pretrained(other)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(arms={"A": str(root / "sft"), "B": str(other)}, data=str(root / "data"), ranker=str(root / "reward"),
                    split={"A": 50, "B": 50}, policy_replicas=2, policy_cpus=0.2, ranker_cpus=0.1, router_cpus=0.1)

@@ -72,6 +72,10 @@ def _unknown(vocab, items) -> list[str]:
     return sorted({i for i in items or [] if i not in vocab.item_token})
 
 
+def _unknown_response(unknown: list[str]) -> dict:
+    return _bad(f"unknown item ids: {unknown[:20]}" + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+
+
 def _bad(message: str, status: int = 422, errors: Optional[list] = None) -> dict:
     return {"status": status, "error": message, **({"errors": errors} if errors else {})}
 
@@ -102,7 +106,7 @@ class PagePolicy:
         """``request`` is a validated PageRequest as a dict; unknown item ids -> 422."""
         unknown = _unknown(self.vocab, (request["history"] or []) + (request["exclude"] or []))
         if unknown:
-            return _bad(f"unknown item ids: {unknown[:20]}" + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+            return _unknown_response(unknown)
         user = request["user_id"]
         excluded = self.data.excluded(user, request["history"], request["exclude"])
         history = self.data.user_history(user, request["history"])
@@ -165,7 +169,7 @@ class CoarseRanker:
     async def rank(self, request: dict) -> dict:
         unknown = _unknown(self.vocab, request["candidates"] + (request["history"] or []))
         if unknown:
-            return _bad(f"unknown item ids: {unknown[:20]}" + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+            return _unknown_response(unknown)
         return await asyncio.to_thread(self._rank, request)
 
     def _rank(self, request: dict) -> dict:
