@@ -250,13 +250,16 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
 
 
-def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController) -> Path:
-    """Written to a temporary directory and renamed: a checkpoint with state.json is complete."""
+def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer) -> Path:
+    """Written to a temporary directory and renamed: a checkpoint with state.json is complete.
+    Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy directory that
+    evaluation and serving load (a Tune trial stopped by ASHA never reaches the final copy)."""
     final = out / CHECKPOINTS / f"iter_{iteration:06d}"
     tmp = out / CHECKPOINTS / f".tmp_iter_{iteration:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     roles.collect(roles.submit("policy", "save", [(str(tmp / "policy"),)] * roles.world("policy")))
+    tokenizer.save_pretrained(tmp / "policy")
     roles.collect(roles.submit("critic", "save", [(str(tmp / "critic"),)] * roles.world("critic")))
     state = {"iteration": iteration, "normalizer": normalizer.state_dict(), "kl_controller": kl_ctl.state_dict()}
     (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -361,7 +364,7 @@ def run_ppo(
                 f.write(json.dumps(record) + "\n")
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
-                save_checkpoint(roles, out, it + 1, normalizer, kl_ctl)
+                save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)
             if on_evaluation and "val_ndcg@100" in record:
                 on_evaluation(record)
         final = latest_checkpoint(out)

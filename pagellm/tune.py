@@ -157,28 +157,38 @@ def scheduler(cfg: PageLLMConfig, max_t: int):
 
 def trial_table(results, max_t: int) -> pd.DataFrame:
     """One row per trial: its (beta, lambda), status (done, stopped by ASHA, error), the
-    iterations it ran, its last and best validation NDCG@100."""
+    iterations it ran, its validation NDCG@100 before PPO (the SFT policy), at the last and at
+    the best evaluation, the iteration of the best and the
+    PPO checkpoint saved there ("" when that evaluation fell between checkpoints)."""
+    from pagellm.ppo import CHECKPOINTS
+
     rows = []
     for result in results:
         history = result.metrics_dataframe
         has = history is not None and METRIC in history
-        iterations = int(history["iteration"].max()) if has else 0
+        top = history.loc[history[METRIC].idxmax()] if has else None
+        best_iteration = int(top["iteration"]) if has else 0
+        checkpoint = Path(result.path) / "ppo" / CHECKPOINTS / f"iter_{best_iteration:06d}"
         rows.append({
             "trial": (result.metrics or {}).get("trial_id", ""),
             "beta": result.config["beta"], "lambda": result.config["lambda"],
-            "status": "error" if result.error else "done" if iterations >= max_t else "stopped",
-            "iterations": iterations,
+            "status": "error" if result.error else "done" if has and int(history["iteration"].max()) >= max_t else "stopped",
+            "iterations": int(history["iteration"].max()) if has else 0,
+            # iteration 0 is the evaluation before any PPO update: the SFT (reference) policy
+            "ndcg@100_sft": float(history.loc[history["iteration"] == 0, METRIC].iloc[0]) if has and (history["iteration"] == 0).any() else float("nan"),
             "ndcg@100_last": float(history[METRIC].iloc[-1]) if has else float("nan"),
-            "ndcg@100_best": float(history[METRIC].max()) if has else float("nan"),
-            "recall@20_last": float(history["val_recall@20"].iloc[-1]) if has and "val_recall@20" in history else float("nan"),
+            "ndcg@100_best": float(top[METRIC]) if has else float("nan"),
+            "best_iteration": best_iteration,
+            "recall@20_best": float(top["val_recall@20"]) if has and "val_recall@20" in history else float("nan"),
             "path": result.path,
+            "best_checkpoint": str(checkpoint) if checkpoint.is_dir() else "",
         })
     return pd.DataFrame(rows).sort_values(["lambda", "beta"]).reset_index(drop=True)
 
 
 def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
-    """NDCG@100 (last evaluation, mean over repeats) over (beta, lambda); a scatter when a
-    searcher spread beta over many values."""
+    """Best validation NDCG@100 of each trial (mean over repeats) over (beta, lambda); a scatter
+    when a searcher spread beta over many values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +197,7 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.2, 4))
     if table["beta"].nunique() <= 8:
-        grid = table.pivot_table(index="lambda", columns="beta", values="ndcg@100_last", aggfunc="mean")
+        grid = table.pivot_table(index="lambda", columns="beta", values="ndcg@100_best", aggfunc="mean")
         im = ax.imshow(grid.values, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{x:g}" for x in grid.index])
@@ -195,9 +205,9 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
             if v == v:
                 ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < np.nanmean(grid.values) else "black", fontsize=9)
     else:
-        im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_last"], cmap="viridis", s=60)
+        im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_best"], cmap="viridis", s=60)
         ax.set_xscale("log")
-    fig.colorbar(im, ax=ax, label="validation NDCG@100")
+    fig.colorbar(im, ax=ax, label="best validation NDCG@100")
     ax.set_xlabel("beta (ppo.kl_beta)")
     ax.set_ylabel("lambda (data.category_cap)")
     ax.set_title("PPO sweep")
@@ -207,20 +217,25 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
 
 
 def write_results(results, out: Path, wall_seconds: float, command: str, max_t: int) -> dict:
+    """trials.csv/.md, best.json and heatmap.png. Trials are ranked by their best evaluation,
+    not their last: ASHA stops trials at different iterations, so last values compare a trial
+    stopped at the first rung with others after more (possibly over-optimised) iterations; the
+    best evaluation is the one ASHA ranked at each rung, and its checkpoint is kept."""
     table = trial_table(results, max_t)
     table.to_csv(out / "trials.csv", index=False)
-    done = table[table["status"] != "error"].dropna(subset=["ndcg@100_last"])
-    best = done.loc[done["ndcg@100_last"].idxmax()].to_dict() if len(done) else {}
+    done = table[table["status"] != "error"].dropna(subset=["ndcg@100_best"])
+    best = done.loc[done["ndcg@100_best"].idxmax()].to_dict() if len(done) else {}
     summary = {"command": command, "wall_seconds": wall_seconds, "metric": METRIC, "best": best, "trials": len(table)}
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    shown = table.drop(columns=["path"])
+    shown = table.drop(columns=["path", "best_checkpoint"])
     lines = [f"Command: `{command}`  ", f"Wall time {wall_seconds / 60:.1f} min; {len(table)} trials; metric: validation NDCG@100 "
-             "at each trial's last evaluation (ASHA stops weak trials early: see `iterations`).", ""]
+             "at every PPO evaluation; trials ranked by their best evaluation (ASHA stops weak trials early: see `iterations`).", ""]
     lines += ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     for row in shown.itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
     if best:
-        lines += ["", f"Best: beta {best['beta']:g}, lambda {best['lambda']:g}: NDCG@100 {best['ndcg@100_last']:.4f} ({best['path']})."]
+        lines += ["", f"Best: beta {best['beta']:g}, lambda {best['lambda']:g}: NDCG@100 {best['ndcg@100_best']:.4f} at iteration "
+                  f"{best['best_iteration']} (checkpoint: {best['best_checkpoint'] or 'none saved at that iteration'})."]
     (out / "trials.md").write_text("\n".join(lines) + "\n")
     plot_heatmap(table, out / "heatmap.png")
     return summary

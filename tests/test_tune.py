@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from transformers import AutoTokenizer
 
 from pagellm.config import PPO_ROLES, ConfigError, load_config
 from pagellm.rl.groups import role_bundles
@@ -106,8 +107,23 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     assert len(table) == 4 and set(zip(table["beta"], table["lambda"])) == {(b, x) for b in (0.05, 0.2) for x in (0.3, 0.4)}
     assert table["ndcg@100_last"].between(0, 1).all() and (table["iterations"] >= 2).all()
     best = json.loads((out / "best.json").read_text())["best"]
-    assert best["ndcg@100_last"] == table["ndcg@100_last"].max()
+    assert best["ndcg@100_best"] == table["ndcg@100_best"].max()
+    _assert_best_checkpoints(table)
     assert (out / "heatmap.png").stat().st_size > 0 and "| trial | beta | lambda |" in (out / "trials.md").read_text()
+
+
+def _assert_best_checkpoints(table: pd.DataFrame) -> None:
+    """Every evaluation after an update falls on a checkpoint here (eval_every == checkpoint_every),
+    so a trial whose best came after PPO updates points at that iteration's saved policy; a
+    trial whose best is iteration 0 (the SFT policy) points at none."""
+    assert (table["ndcg@100_best"] >= table[["ndcg@100_sft", "ndcg@100_last"]].max(axis=1)).all()
+    for row in table.itertuples():
+        if row.best_iteration > 0:
+            assert Path(row.best_checkpoint).name == f"iter_{row.best_iteration:06d}", row
+            assert (Path(row.best_checkpoint) / "state.json").exists(), row
+            AutoTokenizer.from_pretrained(Path(row.best_checkpoint) / "policy")  # a loadable policy directory
+        else:
+            assert pd.isna(row.best_checkpoint), row
 
 
 def _seed_cache(out: Path, tiny_stages) -> None:
@@ -131,5 +147,6 @@ def test_optuna_searcher_with_asha(tiny_stages, tmp_path):
     assert len(table) == 3 and summary["trials"] == 3
     assert table["beta"].between(0.02, 0.5).all() and table["beta"].nunique() == 3
     assert set(table["status"]) <= {"done", "stopped"} and set(table["iterations"]) <= {2, 4}
-    assert summary["best"]["ndcg@100_last"] == table["ndcg@100_last"].max()
+    assert summary["best"]["ndcg@100_best"] == table["ndcg@100_best"].max()
+    _assert_best_checkpoints(table)
     assert [e["event"] for e in upstream_events(tmp_path / "upstream")] == ["reused"]
