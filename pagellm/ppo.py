@@ -302,7 +302,8 @@ def run_ppo(
     on_evaluation: Optional[Callable[[dict], None]] = None, placement_group=None, first_bundle: int = 0,
 ) -> dict:
     """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process.
-    ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them);
+    ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them), the
+    last one after the final policy and curves are written;
     ``placement_group``/``first_bundle`` place the roles in a caller's group (a Tune trial's)."""
     out, sft_dir, reward_dir = Path(out_dir), Path(sft_dir).resolve(), Path(reward_dir).resolve()
     for need in (sft_dir / "config.json", reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
@@ -365,7 +366,7 @@ def run_ppo(
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
                 save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)
-            if on_evaluation and "val_ndcg@100" in record:
+            if on_evaluation and "val_ndcg@100" in record and it + 1 < total:
                 on_evaluation(record)
         final = latest_checkpoint(out)
         policy_dir = out / "policy"
@@ -377,4 +378,9 @@ def run_ppo(
         roles.shutdown()
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     plot_ppo(records, out / "ppo_curves.png")
-    return records[-1] if records else record
+    last = records[-1] if records else record
+    if on_evaluation and "val_ndcg@100" in last:
+        # the last evaluation is handed over only now that every output is written: a Tune
+        # scheduler may end the trial at this report (ASHA does at max_t)
+        on_evaluation(last)
+    return last

@@ -102,22 +102,24 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
     import ray
     from ray import tune
 
-    from pagellm.ppo import latest_checkpoint, run_ppo
+    from pagellm.ppo import latest_checkpoint, planned_iterations, run_ppo
 
     cfg = load_config(config_paths, [*overrides, f"ppo.kl_beta={params['beta']}", f"data.category_cap={params['lambda']}"])
     dirs = upstream[str(float(params["lambda"]))]
     out = Path(tune.get_context().get_trial_dir()) / "ppo"
+    total = planned_iterations(cfg.ppo, dirs["data"])
     resume = out.exists() and latest_checkpoint(out) is not None
     with (out.parent / "trial_events.jsonl").open("a") as f:
         f.write(json.dumps({"event": "start", "resume": resume, "time": time.time(), **params}) + "\n")
 
     def report(record: dict) -> None:
+        if record["iteration"] >= total:  # written first: the scheduler may end the trial at this report
+            with (out.parent / "trial_events.jsonl").open("a") as f:
+                f.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
         tune.report({k: record[k] for k in REPORT_KEYS if k in record})
 
     run_ppo(cfg, dirs["data"], dirs["sft"], dirs["reward"], out, resume=resume, on_evaluation=report,
             placement_group=ray.util.get_current_placement_group(), first_bundle=1)
-    with (out.parent / "trial_events.jsonl").open("a") as f:
-        f.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
 
 
 def search_space(cfg: PageLLMConfig) -> tuple[dict, object]:

@@ -149,4 +149,13 @@ def test_optuna_searcher_with_asha(tiny_stages, tmp_path):
     assert set(table["status"]) <= {"done", "stopped"} and set(table["iterations"]) <= {2, 4}
     assert summary["best"]["ndcg@100_best"] == table["ndcg@100_best"].max()
     _assert_best_checkpoints(table)
+    # ASHA ends a trial at its report of max_t too: a trial that ran every iteration still wrote
+    # its final policy, curves and `finished` event first; one stopped at the rung did not finish
+    events = _trial_events(tmp_path / "sweep")
+    for row in table.itertuples():
+        trial_dir = Path(row.path)
+        finished = events[trial_dir.name][-1]["event"] == "finished"
+        assert finished == (row.iterations == 4), (row, events[trial_dir.name])
+        if finished:
+            assert (trial_dir / "ppo" / "policy" / "tokenizer.json").exists() and (trial_dir / "ppo" / "ppo_curves.png").exists()
     assert [e["event"] for e in upstream_events(tmp_path / "upstream")] == ["reused"]
