@@ -248,6 +248,10 @@ class PPOConfig:
     eval_max_users: Optional[int] = None  # None: every validation user
     generate_batch_size: int = 256  # prompts per generation call inside a policy worker
     checkpoint_every: int = 10
+    # PPO_DIR/policy: "last" (the paper: the policy after the last iteration) or "best_val" (the
+    # checkpoint with the best validation NDCG@100; PPO can over-optimise the learned rewards,
+    # docs/results/amazon2014/tune/). best_val needs checkpoint_every to divide eval_every.
+    final_policy: str = "last"
     holdout_fraction: float = 0.1  # users whose prompts are held out of rollouts (reward curve)
     seed: int = 0
     # actors by role; colocate=True packs the i-th worker of every role into one bundle (one
@@ -262,7 +266,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         choices = {
             "kl_estimator": ("k1", "k3"), "rewards": ("both", "coarse", "fine", "none"),
-            "reward_placement": ("terminal", "dense"),
+            "reward_placement": ("terminal", "dense"), "final_policy": ("last", "best_val"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -273,6 +277,9 @@ class PPOConfig:
             workers = getattr(self, role).num_workers
             if self.minibatch_size % workers:
                 raise ConfigError(f"ppo.minibatch_size ({self.minibatch_size}) must split evenly over ppo.{role}.num_workers ({workers})")
+        if self.final_policy == "best_val" and self.eval_every % self.checkpoint_every:
+            raise ConfigError(f"ppo.final_policy=best_val needs ppo.checkpoint_every ({self.checkpoint_every}) to divide ppo.eval_every ({self.eval_every}): "
+                              "every evaluated policy must be saved")
         if not 1 <= self.page_min_items <= self.page_max_items:
             raise ConfigError(f"need 1 <= ppo.page_min_items <= ppo.page_max_items, got {self.page_min_items}, {self.page_max_items}")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:

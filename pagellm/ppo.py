@@ -250,6 +250,22 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
 
 
+def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
+    """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
+    best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
+    it was better than every update, that is said in the log and the best PPO checkpoint is used."""
+    evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "val_ndcg@100" in r]
+    saved = [r for r in evals if (out / CHECKPOINTS / f"iter_{r['iteration']:06d}" / STATE_FILE).exists()]
+    best = max(saved, key=lambda r: r["val_ndcg@100"])
+    start = next((r for r in evals if r["iteration"] == 0), None)
+    if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
+        log.warning("final_policy=best_val: the SFT policy (validation NDCG@100 %.4f) beat every PPO checkpoint (best %.4f)",
+                    start["val_ndcg@100"], best["val_ndcg@100"])
+    with (out / EVENTS_FILE).open("a") as f:
+        f.write(json.dumps({"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]}) + "\n")
+    return out / CHECKPOINTS / f"iter_{best['iteration']:06d}"
+
+
 def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer) -> Path:
     """Written to a temporary directory and renamed: a checkpoint with state.json is complete.
     Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy directory that
@@ -368,7 +384,7 @@ def run_ppo(
                 save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)
             if on_evaluation and "val_ndcg@100" in record and it + 1 < total:
                 on_evaluation(record)
-        final = latest_checkpoint(out)
+        final = best_val_checkpoint(out, metrics_path) if ppo.final_policy == "best_val" else latest_checkpoint(out)
         policy_dir = out / "policy"
         shutil.rmtree(policy_dir, ignore_errors=True)
         shutil.copytree(final / "policy", policy_dir, ignore=shutil.ignore_patterns("optim_rank*.pt", "module.safetensors"))

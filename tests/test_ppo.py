@@ -78,3 +78,30 @@ def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_pat
     final = json.loads((tmp_path / "checkpoints" / "iter_000006" / "state.json").read_text())
     assert final["normalizer"]["count"] == 6 * 16  # the normaliser carried on from the checkpoint
     assert "ppo: iteration 6" in done.stdout
+
+
+def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, tmp_path):
+    """final_policy=best_val: PPO_DIR/policy is the checkpoint whose validation NDCG@100 was the
+    best among the saved ones, and events.jsonl says which; a config that would leave evaluated
+    policies unsaved is refused."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from pagellm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        load_config(overrides=["ppo.final_policy=best_val", "ppo.eval_every=2", "ppo.checkpoint_every=4"])
+    root = tiny_stages["root"]
+    cfg = load_config(overrides=[*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=6", "ppo.eval_every=2",
+                                 "ppo.checkpoint_every=2", "ppo.final_policy=best_val"])
+    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val_ndcg@100" in r]
+    assert [r["iteration"] for r in evals] == [0, 2, 4, 6]
+    best = max(evals[1:], key=lambda r: r["val_ndcg@100"])
+    chosen = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if '"final_policy"' in line]
+    assert chosen == [{"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]}]
+    policy = load_file(tmp_path / "policy" / "model.safetensors")
+    for it in (2, 4, 6):
+        saved = load_file(tmp_path / "checkpoints" / f"iter_{it:06d}" / "policy" / "model.safetensors")
+        same = all((policy[k] == saved[k]).all() for k in policy)
+        assert same == (it == best["iteration"]), it  # the policies differ after every update
