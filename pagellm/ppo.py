@@ -254,7 +254,7 @@ def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
     """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
     best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
     it was better than every update, that is said in the log and the best PPO checkpoint is used."""
-    evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "val_ndcg@100" in r]
+    evals = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()) if "val_ndcg@100" in r]
     saved = [r for r in evals if (out / CHECKPOINTS / f"iter_{r['iteration']:06d}" / STATE_FILE).exists()]
     best = max(saved, key=lambda r: r["val_ndcg@100"])
     start = next((r for r in evals if r["iteration"] == 0), None)
