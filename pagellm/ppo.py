@@ -250,12 +250,17 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
 
 
+def checkpoint_dir(out: Path, iteration: int) -> Path:
+    """Where iteration ``iteration``'s checkpoint of the PPO run in ``out`` lives."""
+    return Path(out) / CHECKPOINTS / f"iter_{iteration:06d}"
+
+
 def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
     """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
     best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
     it was better than every update, that is said in the log and the best PPO checkpoint is used."""
     evals = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()) if "val_ndcg@100" in r]
-    saved = [r for r in evals if (out / CHECKPOINTS / f"iter_{r['iteration']:06d}" / STATE_FILE).exists()]
+    saved = [r for r in evals if (checkpoint_dir(out, r["iteration"]) / STATE_FILE).exists()]
     best = max(saved, key=lambda r: r["val_ndcg@100"])
     start = next((r for r in evals if r["iteration"] == 0), None)
     if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
@@ -263,15 +268,15 @@ def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
                     start["val_ndcg@100"], best["val_ndcg@100"])
     with (out / EVENTS_FILE).open("a") as f:
         f.write(json.dumps({"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]}) + "\n")
-    return out / CHECKPOINTS / f"iter_{best['iteration']:06d}"
+    return checkpoint_dir(out, best["iteration"])
 
 
 def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer) -> Path:
     """Written to a temporary directory and renamed: a checkpoint with state.json is complete.
     Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy directory that
     evaluation and serving load (a Tune trial stopped by ASHA never reaches the final copy)."""
-    final = out / CHECKPOINTS / f"iter_{iteration:06d}"
-    tmp = out / CHECKPOINTS / f".tmp_iter_{iteration:06d}"
+    final = checkpoint_dir(out, iteration)
+    tmp = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     roles.collect(roles.submit("policy", "save", [(str(tmp / "policy"),)] * roles.world("policy")))

@@ -160,24 +160,26 @@ def scheduler(cfg: PageLLMConfig, max_t: int):
 def trial_table(results, max_t: int) -> pd.DataFrame:
     """One row per trial: its (beta, lambda), status (done, stopped by ASHA, error), the
     iterations it ran, its validation NDCG@100 before PPO (the SFT policy), at the last and at
-    the best evaluation, the iteration of the best and the
-    PPO checkpoint saved there ("" when that evaluation fell between checkpoints)."""
-    from pagellm.ppo import CHECKPOINTS
+    the best evaluation, the iteration of the best and the PPO checkpoint saved there ("" when
+    that evaluation fell between checkpoints)."""
+    from pagellm.ppo import checkpoint_dir
 
     rows = []
     for result in results:
         history = result.metrics_dataframe
         has = history is not None and METRIC in history
+        iterations = int(history["iteration"].max()) if has else 0
         top = history.loc[history[METRIC].idxmax()] if has else None
         best_iteration = int(top["iteration"]) if has else 0
-        checkpoint = Path(result.path) / "ppo" / CHECKPOINTS / f"iter_{best_iteration:06d}"
+        checkpoint = checkpoint_dir(Path(result.path) / "ppo", best_iteration)
+        before = history.loc[history["iteration"] == 0, METRIC] if has else pd.Series(dtype=float)
         rows.append({
             "trial": (result.metrics or {}).get("trial_id", ""),
             "beta": result.config["beta"], "lambda": result.config["lambda"],
-            "status": "error" if result.error else "done" if has and int(history["iteration"].max()) >= max_t else "stopped",
-            "iterations": int(history["iteration"].max()) if has else 0,
+            "status": "error" if result.error else "done" if iterations >= max_t else "stopped",
+            "iterations": iterations,
             # iteration 0 is the evaluation before any PPO update: the SFT (reference) policy
-            "ndcg@100_sft": float(history.loc[history["iteration"] == 0, METRIC].iloc[0]) if has and (history["iteration"] == 0).any() else float("nan"),
+            "ndcg@100_sft": float(before.iloc[0]) if len(before) else float("nan"),
             "ndcg@100_last": float(history[METRIC].iloc[-1]) if has else float("nan"),
             "ndcg@100_best": float(top[METRIC]) if has else float("nan"),
             "best_iteration": best_iteration,
