@@ -366,7 +366,7 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
     import pyarrow
 
     from pagellm.config import load_config
-    from pagellm.data.pipeline import build_dataset, user_blocks
+    from pagellm.data.stage import build_dataset, user_blocks
 
     cfg = load_config(overrides=[f"data.dataset=synthetic:{n}", "ray.num_cpus=2", "ray.include_dashboard=false"])
     t = time.perf_counter()

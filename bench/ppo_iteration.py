@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/ppo_iteration.py --data DATA --sft SFT --reward REWARD \
         [--iterations 5] [--config FILE] [key=value ...]
 
-Both sides run ``pagellm.ppo.ppo_iteration`` on the same prompts and seeds: ``RayRoles`` (five
+Both sides run ``pagellm.rl.ppo.ppo_iteration`` on the same prompts and seeds: ``RayRoles`` (five
 actors in a placement group, DeepSpeed for policy and critic) and ``LocalRoles`` (the five role
 objects in this process sharing one world-1 process group, DeepSpeed likewise).
 ``--only single_process`` skips Ray (e.g. on a machine without it).
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pagellm.config import load_config  # noqa: E402
-from pagellm.ppo import batch_indices, ppo_iteration, role_specs, rollout_setup, start_roles  # noqa: E402
+from pagellm.rl.ppo import batch_indices, ppo_iteration, role_specs, rollout_setup, start_roles  # noqa: E402
 from pagellm.rl.ppo_math import KLController, RunningMeanStd  # noqa: E402
 
 KEYS = ("pages_per_s", "time_iteration", "time_generate", "time_score", "time_advantage", "time_train", "time_sync")

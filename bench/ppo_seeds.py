@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pagellm.config import load_config  # noqa: E402
 from pagellm.experiments import mean_sd  # noqa: E402
-from pagellm.ppo import run_ppo  # noqa: E402
+from pagellm.rl.ppo import run_ppo  # noqa: E402
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def direct_floor(policy: str, data: str, users: list[str], k: int, n: int, devic
 
     from pagellm.model.prompts import PromptCodec
     from pagellm.model.vocab import Vocab
-    from pagellm.rl.decoding import PageConstraint, generate_pages
+    from pagellm.model.decoding import PageConstraint, generate_pages
     from pagellm.serve.api import ServingData
 
     torch.set_num_threads(1)

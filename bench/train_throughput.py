@@ -15,9 +15,9 @@ a smoke check only (with one epoch there is no steady-state epoch).
 Method
 ------
 * Rows: the data stage's golden-list fine-tuning table (``ft/``) turned into (prompt || page)
-  rows by ``pagellm.sft.page_rows`` with a fresh tokenizer
+  rows by ``pagellm.train.sft.page_rows`` with a fresh tokenizer
   (``pagellm.model.vocab.build_tokenizer(None, items, users, model.bpe_vocab_size)``, users =
-  training and validation users as in ``run_sft``); batches by ``pagellm.sft.collate_lm``.
+  training and validation users as in ``run_sft``); batches by ``pagellm.train.sft.collate_lm``.
   Validation (run by the loop after every epoch, and inside ``epoch_seconds``) uses only the
   first 64 validation-user rows, so it is a small, constant share of each epoch.
 * Model: ``PolicyLM(build_lm(ModelConfig(), tokenizer, base_size))``: the ModelConfig defaults
@@ -227,7 +227,7 @@ def build_rows(data_dir: Path, model_cfg, n_rows: int | None):
 
     from pagellm.model.prompts import PromptCodec
     from pagellm.model.vocab import Vocab, build_tokenizer
-    from pagellm.sft import page_rows, read_data_dir
+    from pagellm.train.sft import page_rows, read_data_dir
 
     data = read_data_dir(data_dir)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
@@ -243,7 +243,7 @@ def build_rows(data_dir: Path, model_cfg, n_rows: int | None):
 
 def make_spec(tokenizer, base_size: int, model_cfg, epochs: int, lr: float, seed: int):
     from pagellm.model.modeling import PolicyLM, build_lm, unwrap_lm
-    from pagellm.sft import collate_lm
+    from pagellm.train.sft import collate_lm
     from pagellm.train.loop import FitSpec
 
     def build():

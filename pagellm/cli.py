@@ -11,11 +11,10 @@ from pathlib import Path
 from pagellm.config import (
     EMBEDDED_PROFILE,
     QUICKSTART_PROFILE,
-    ConfigError,
     PageLLMConfig,
     load_config,
 )
-from pagellm.data.schema import InputError
+from pagellm.errors import ConfigError, InputError
 from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -40,7 +39,7 @@ def _print_data_summary(stats: dict, out: Path) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from pagellm.data.pipeline import build_dataset
+    from pagellm.data.stage import build_dataset
 
     cfg = _config(args)
     with output(args.out) as out:
@@ -50,7 +49,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from pagellm.sft import run_sft
+    from pagellm.train.sft import run_sft
 
     with output(args.out) as out:
         metrics = run_sft(_config(args), fetch(args.data), out, train_storage(args.out))
@@ -59,7 +58,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_reward(args: argparse.Namespace) -> int:
-    from pagellm.reward import run_reward
+    from pagellm.train.reward import run_reward
 
     with output(args.out) as out:
         metrics = run_reward(_config(args), fetch(args.data), fetch(args.sft), out, train_storage(args.out))
@@ -75,7 +74,7 @@ def _print_ppo_summary(record: dict, out) -> None:
 
 
 def cmd_ppo(args: argparse.Namespace) -> int:
-    from pagellm.ppo import run_ppo
+    from pagellm.rl.ppo import run_ppo
 
     with output(args.out, resume=args.resume) as out:
         record = run_ppo(_config(args), fetch(args.data), fetch(args.sft), fetch(args.reward), out, resume=args.resume)
@@ -84,7 +83,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pagellm.evaluate import run_evaluate
+    from pagellm.eval.evaluate import run_evaluate
 
     target = args.out or f"{str(args.model).rstrip('/')}/eval_{args.split}"
     with output(target) as out:
@@ -166,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     (the packaged embedded profile plus the quick-start sizes)."""
     import shlex
 
-    from pagellm.pipeline import run_pipeline
+    from pagellm.run import run_pipeline
 
     if not args.config:
         args.config = [str(EMBEDDED_PROFILE), str(QUICKSTART_PROFILE)]

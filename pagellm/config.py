@@ -18,9 +18,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
+from pagellm.errors import ConfigError
 
 
 def _default_columns() -> dict[str, str]:

@@ -70,8 +70,8 @@ def _bar_chart(rows: dict[str, dict[str, tuple[float, float]]], keys: tuple[str,
 def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test") -> dict:
     """Train and evaluate each variant over ``seeds``; SFT only is evaluated once (greedy
     decoding of one model is deterministic, so its spread is 0)."""
-    from pagellm.evaluate import run_evaluate
-    from pagellm.ppo import run_ppo
+    from pagellm.eval.evaluate import run_evaluate
+    from pagellm.rl.ppo import run_ppo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,9 +102,9 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
 
 def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)) -> dict:
     """Baselines (over ``seeds`` where they train) and PageLLM policies on one split."""
-    from pagellm.baselines import baseline_pages, load_protocol
+    from pagellm.eval.baselines import baseline_pages, load_protocol
     from pagellm.eval.metrics import mean_metrics, page_metrics
-    from pagellm.evaluate import run_evaluate
+    from pagellm.eval.evaluate import run_evaluate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

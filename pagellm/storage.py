@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 
-from pagellm.data.schema import InputError
+from pagellm.errors import InputError
 
 CACHE = Path(os.environ.get("PAGELLM_CACHE", Path.home() / ".cache" / "pagellm"))
 

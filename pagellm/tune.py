@@ -50,9 +50,9 @@ def _event(root: Path, **record) -> None:
 def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
     """The data, SFT and reward directories for ``cfg``, built unless a complete build with the
     same ``upstream_key`` exists (``done.json`` is written last)."""
-    from pagellm.data.pipeline import build_dataset
-    from pagellm.reward import run_reward
-    from pagellm.sft import run_sft
+    from pagellm.data.stage import build_dataset
+    from pagellm.train.reward import run_reward
+    from pagellm.train.sft import run_sft
 
     root.mkdir(parents=True, exist_ok=True)
     key = upstream_key(cfg)
@@ -102,7 +102,7 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
     import ray
     from ray import tune
 
-    from pagellm.ppo import latest_checkpoint, planned_iterations, run_ppo
+    from pagellm.rl.ppo import latest_checkpoint, planned_iterations, run_ppo
 
     cfg = load_config(config_paths, [*overrides, f"ppo.kl_beta={params['beta']}", f"data.category_cap={params['lambda']}"])
     dirs = upstream[str(float(params["lambda"]))]
@@ -162,7 +162,7 @@ def trial_table(results, max_t: int) -> pd.DataFrame:
     iterations it ran, its validation NDCG@100 before PPO (the SFT policy), at the last and at
     the best evaluation, the iteration of the best and the PPO checkpoint saved there ("" when
     that evaluation fell between checkpoints)."""
-    from pagellm.ppo import checkpoint_dir
+    from pagellm.rl.ppo import checkpoint_dir
 
     rows = []
     for result in results:
@@ -252,7 +252,7 @@ def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False,
     """Build the upstream stages once per lambda, then run (or restore) the sweep."""
     from ray import tune
 
-    from pagellm.ppo import planned_iterations
+    from pagellm.rl.ppo import planned_iterations
     from pagellm.ray_utils import init_ray
 
     cfg = load_config(config_paths, overrides)

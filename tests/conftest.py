@@ -41,9 +41,9 @@ def tiny_stages(ray_session, tmp_path_factory):
     """Data, SFT and reward stages of a tiny model on synthetic data, built once per session
     with the real stage functions (Ray Train + DeepSpeed); later stages' tests start from it."""
     from pagellm.config import load_config
-    from pagellm.data.pipeline import build_dataset
-    from pagellm.reward import run_reward
-    from pagellm.sft import run_sft
+    from pagellm.data.stage import build_dataset
+    from pagellm.train.reward import run_reward
+    from pagellm.train.sft import run_sft
 
     root = tmp_path_factory.mktemp("tiny_stages")
     cfg = load_config(overrides=TINY_STAGES)

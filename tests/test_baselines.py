@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pagellm.baselines import Protocol, baseline_pages, itemknn_similarity, load_protocol, popularity_scores
+from pagellm.eval.baselines import Protocol, baseline_pages, itemknn_similarity, load_protocol, popularity_scores
 from pagellm.config import load_config
 from pagellm.experiments import run_compare
 

@@ -18,7 +18,7 @@ def run(*args, cwd=REPO):
 
 
 def test_ray_job_entrypoint_runs_data_stage(tmp_path):
-    proc = run(sys.executable, "ray_jobs/build_pairs.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local")
+    proc = run(sys.executable, "ray_jobs/data.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "stats.json").read_text())["ft_rows"] > 0
 

@@ -91,7 +91,7 @@ def test_rayjob_entrypoint_runs_an_existing_job_with_existing_configs():
     assert argv[0] == "python" and argv[1].startswith(IMAGE_ROOT)
     script = REPO / Path(argv[1]).relative_to(IMAGE_ROOT)
     assert script.exists() and script.parent.name == "ray_jobs"
-    # ray_jobs/pipeline.py is `pagellm run`: its arguments must parse, configs exist, overrides load
+    # ray_jobs/run.py is `pagellm run`: its arguments must parse, configs exist, overrides load
     args = build_parser().parse_args(["run", *argv[2:]])
     configs = [str(REPO / Path(c).relative_to(IMAGE_ROOT)) for c in args.config]
     assert all(Path(c).exists() for c in configs)

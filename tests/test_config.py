@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagellm.config import ConfigError, PageLLMConfig, load_config
+from pagellm.config import PageLLMConfig, load_config
+from pagellm.errors import ConfigError
 from tests.conftest import REPO
 
 

@@ -56,7 +56,7 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         for _ in range(30):  # the job agent starts a little after the dashboard answers
             job = subprocess.run(
                 [_bin("ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
-                 "--", sys.executable, "ray_jobs/pipeline.py", "--out", str(out), *TINY_RUN],
+                 "--", sys.executable, "ray_jobs/run.py", "--out", str(out), *TINY_RUN],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
             )
             if "No available agent" not in job.stdout + job.stderr:

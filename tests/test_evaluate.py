@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pagellm.config import load_config
-from pagellm.evaluate import run_evaluate
+from pagellm.eval.evaluate import run_evaluate
 
 KEYS = {"recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy", "users"}
 

@@ -13,7 +13,8 @@ import pytest
 
 from pagellm.config import DataConfig
 from pagellm.data.ingest import KINDS, _parse_count, load_dataset
-from pagellm.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, UNKNOWN_CATEGORY, InputError
+from pagellm.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, UNKNOWN_CATEGORY
+from pagellm.errors import InputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 AMAZON = DATA / "amazon2014-musical-instruments"

@@ -24,8 +24,8 @@ from pagellm.model.modeling import (
 )
 from pagellm.model.prompts import ParsedPage, PromptCodec
 from pagellm.model.vocab import EOS, Vocab, build_tokenizer, train_bpe_tokenizer
-from pagellm.reward import collate_pairs, encode_list, pair_rows, pairwise_accuracy
-from pagellm.sft import collate_lm, greedy_pages, meta_rows, page_rows
+from pagellm.train.reward import collate_pairs, encode_list, pair_rows, pairwise_accuracy
+from pagellm.train.sft import collate_lm, greedy_pages, meta_rows, page_rows
 
 torch.set_num_threads(1)
 

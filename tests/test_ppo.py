@@ -13,7 +13,7 @@ import time
 from transformers import AutoModelForCausalLM
 
 from pagellm.config import load_config
-from pagellm.ppo import run_ppo
+from pagellm.rl.ppo import run_ppo
 
 from conftest import REPO
 
@@ -87,7 +87,7 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
     import pytest
     from safetensors.torch import load_file
 
-    from pagellm.config import ConfigError
+    from pagellm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="checkpoint_every"):
         load_config(overrides=["ppo.final_policy=best_val", "ppo.eval_every=2", "ppo.checkpoint_every=4"])

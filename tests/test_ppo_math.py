@@ -11,8 +11,8 @@ import torch
 from pagellm.config import ModelConfig, PPOConfig
 from pagellm.model.modeling import build_lm
 from pagellm.model.vocab import Vocab, add_entity_tokens, train_bpe_tokenizer
-from pagellm.ppo import batch_indices, place_rewards
-from pagellm.rl.decoding import PageConstraint, allowed_masks, generate_pages, masked_logprobs
+from pagellm.rl.ppo import batch_indices, place_rewards
+from pagellm.model.decoding import PageConstraint, allowed_masks, generate_pages, masked_logprobs
 from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, policy_loss, token_rewards, value_loss
 
 

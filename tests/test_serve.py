@@ -120,7 +120,7 @@ def test_ranker_orders_candidates_by_coarse_reward(served):
     from pagellm.model.modeling import RewardModel
     from pagellm.model.prompts import PromptCodec
     from pagellm.model.vocab import Vocab
-    from pagellm.reward import encode_list, score_lists
+    from pagellm.train.reward import encode_list, score_lists
 
     url, data, root = served["url"], served["data"], served["root"]
     user = next(iter(data.history))

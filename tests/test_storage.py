@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pagellm.cli import main
-from pagellm.data.schema import InputError
+from pagellm.errors import InputError
 from pagellm.storage import fetch, output, train_storage
 
 

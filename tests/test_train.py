@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from pagellm.config import ModelConfig, TrainConfig
 from pagellm.model.modeling import PolicyLM, build_lm
 from pagellm.model.vocab import Vocab, train_bpe_tokenizer, add_entity_tokens
-from pagellm.sft import collate_lm
+from pagellm.train.sft import collate_lm
 from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module, read_log
 
 

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from pagellm.config import PPO_ROLES, ConfigError, load_config
+from pagellm.config import PPO_ROLES, load_config
+from pagellm.errors import ConfigError
 from pagellm.rl.groups import role_bundles
 from pagellm.tune import upstream_events, upstream_key
 

@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 from pagellm.config import DataConfig
 from pagellm.data.schema import (
     Ingested,
-    InputError,
     align_items,
     build_items,
     clean_interactions,
     require_columns,
 )
+from pagellm.errors import InputError
 
 KINDS = ("amazon2014", "amazon2018", "movielens", "parquet", "csv", "synthetic")
 RAW = ("user_id", "item_id", "rating", "ts")

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pagellm.errors import InputError
+
 INTERACTIONS_SCHEMA = pa.schema(
     [("user_id", pa.string()), ("item_id", pa.string()), ("rating", pa.float64()), ("ts", pa.int64())]
 )
@@ -36,10 +38,6 @@ DROP_REASONS = (
     "bad_timestamp",
     "duplicate_user_item",
 )
-
-
-class InputError(ValueError):
-    """Input that cannot be used at all; the message names the file and what is wrong."""
 
 
 @dataclass

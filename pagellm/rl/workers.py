@@ -25,7 +25,7 @@ from torch import nn
 
 from pagellm.config import PPOConfig, TrainConfig
 from pagellm.model.modeling import RewardModel
-from pagellm.rl.decoding import PageConstraint, Pages, allowed_masks, gather_steps, generate_pages, masked_logprobs, rollout_batch
+from pagellm.model.decoding import PageConstraint, Pages, allowed_masks, gather_steps, generate_pages, masked_logprobs, rollout_batch
 from pagellm.rl.ppo_math import policy_loss, value_loss
 from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
 

@@ -125,7 +125,7 @@ class PagePolicy:
     def _write_pages(self, batch: list[tuple]) -> list[tuple[list[str], list[float]]]:
         """Greedy pages for the batch, as long as its largest k; each is cut to its own k (greedy
         with EOS banned for k steps writes the same first k items at any longer length)."""
-        from pagellm.rl.decoding import PageConstraint, generate_pages
+        from pagellm.model.decoding import PageConstraint, generate_pages
 
         k = max(r[3] for r in batch)
         lo, hi = self.vocab.item_id_range
@@ -173,7 +173,7 @@ class CoarseRanker:
         return await asyncio.to_thread(self._rank, request)
 
     def _rank(self, request: dict) -> dict:
-        from pagellm.reward import encode_list, score_lists
+        from pagellm.train.reward import encode_list, score_lists
 
         history = self.data.user_history(request["user_id"], request["history"])
         encoded = [encode_list(self.codec, request["user_id"], history, [c]) for c in request["candidates"]]

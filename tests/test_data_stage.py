@@ -9,7 +9,7 @@ import pytest
 
 from pagellm.config import load_config
 from pagellm.data.ingest import load_dataset
-from pagellm.data.pipeline import build_dataset
+from pagellm.data.stage import build_dataset
 from tests.conftest import AMAZON, MOVIELENS
 from tests.output_checks import check_outputs
 

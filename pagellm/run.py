@@ -1,4 +1,4 @@
-"""The whole chain (`pagellm run`, `ray_jobs/pipeline.py`): data -> SFT -> reward heads -> PPO ->
+"""The whole chain (`pagellm run`, `ray_jobs/run.py`): data -> SFT -> reward heads -> PPO ->
 test-split evaluation of the SFT (reference) and PPO policies -> a report.
 
 The report (OUT/report.md + report.png) puts the two policies' metrics side by side, with the
@@ -45,11 +45,11 @@ def write_report(out: Path, stats: dict, reward: dict, ppo: dict, evals: dict[st
 def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Optional[str] = None) -> dict:
     """``storage``: the run's URI when its outputs go to one (``pagellm.storage``): Ray Train's
     checkpoints are written under it directly."""
-    from pagellm.data.pipeline import build_dataset
-    from pagellm.evaluate import run_evaluate
-    from pagellm.ppo import run_ppo
-    from pagellm.reward import run_reward
-    from pagellm.sft import run_sft
+    from pagellm.data.stage import build_dataset
+    from pagellm.eval.evaluate import run_evaluate
+    from pagellm.rl.ppo import run_ppo
+    from pagellm.train.reward import run_reward
+    from pagellm.train.sft import run_sft
 
     out = Path(out_dir)
     seconds: dict[str, float] = {}

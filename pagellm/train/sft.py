@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pagellm.config import PageLLMConfig
-from pagellm.data.schema import UNKNOWN_CATEGORY, InputError
+from pagellm.data.schema import UNKNOWN_CATEGORY
+from pagellm.errors import InputError
 from pagellm.model.modeling import PolicyLM, PolicyWithRatingHead, build_lm, unwrap_lm
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer

@@ -2,7 +2,7 @@
 the same arguments as `pagellm run` (--config FILE, repeatable, and dotted overrides).
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python ray_jobs/pipeline.py --config pagellm/configs/embedded.yaml --config configs/amazon2014.yaml --out /mnt/shared/runs/amz
+        python ray_jobs/run.py --config pagellm/configs/embedded.yaml --config configs/amazon2014.yaml --out /mnt/shared/runs/amz
 """
 
 import sys

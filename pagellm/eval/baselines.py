@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from pagellm.data.schema import InputError
+from pagellm.errors import InputError
 
 log = logging.getLogger(__name__)
 BASELINES = ("popularity", "itemknn", "bprmf", "sasrec", "multivae")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pagellm.config import EvalConfig, PageLLMConfig
-from pagellm.data.schema import InputError
+from pagellm.errors import InputError
 from pagellm.eval.metrics import mean_metrics, page_metrics
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class PageGenerator:
 
         from pagellm.model.prompts import PromptCodec
         from pagellm.model.vocab import Vocab
-        from pagellm.rl.decoding import PageConstraint
+        from pagellm.model.decoding import PageConstraint
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.cfg = cfg
@@ -68,7 +68,7 @@ class PageGenerator:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def __call__(self, batch: dict) -> dict:
-        from pagellm.rl.decoding import generate_pages
+        from pagellm.model.decoding import generate_pages
 
         prompts = [self.codec.prompt(u, list(p)) for u, p in zip(batch["user_id"], batch["prompt_items"])]
         banned = [[self.vocab.item_token[i] for i in seen if i in self.vocab.item_token] for seen in batch["seen_items"]]

@@ -1,6 +1,6 @@
 """Data stage as a Ray job: the same arguments as ``pagellm data``.
 
-    ray job submit --working-dir . -- python ray_jobs/build_pairs.py \
+    ray job submit --working-dir . -- python ray_jobs/data.py \
         --dataset amazon2014:/data/amazon2014-musical-instruments --out /shared/runs/amz/data
 """
 

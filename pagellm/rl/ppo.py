@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pagellm.config import PageLLMConfig
-from pagellm.data.schema import InputError
+from pagellm.errors import InputError
 from pagellm.eval.metrics import ndcg_at_k, recall_at_k
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab
-from pagellm.rl.decoding import PageConstraint, Pages
+from pagellm.model.decoding import PageConstraint, Pages
 from pagellm.rl.groups import LocalRoles, RayRoles, merge, shard_rows, slice_batch
 from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, token_rewards
 from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker, to_pages
