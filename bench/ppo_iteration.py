@@ -35,8 +35,8 @@ KEYS = ("pages_per_s", "time_iteration", "time_generate", "time_score", "time_ad
 def measure(cfg, args, local: bool) -> dict:
     sft, reward = Path(args.sft).resolve(), Path(args.reward).resolve()
     ppo = cfg.ppo
-    _, codec, constraint, prompts = rollout_setup(ppo, sft, Path(args.data))
-    prompts = prompts["train"]
+    codec, constraint, prompts = rollout_setup(cfg, sft, Path(args.data))
+    prompts = prompts.train
     started = time.perf_counter()
     roles = start_roles(cfg, role_specs(cfg, sft, reward, constraint, codec.vocab.pad_id), local)
     start_s = time.perf_counter() - started
@@ -44,7 +44,7 @@ def measure(cfg, args, local: bool) -> dict:
     try:
         for it in range(args.iterations + 1):
             idx = batch_indices(len(prompts), ppo.batch_size, it, ppo.seed)
-            rec = ppo_iteration(roles, cfg, [prompts[i] for i in idx], it, RunningMeanStd(), KLController(ppo.kl_beta))
+            rec = ppo_iteration(roles, cfg, [prompts[i] for i in idx], it, RunningMeanStd(), KLController(ppo.kl_beta), codec.vocab.pad_id)
             if it > 0:  # the first iteration warms caches and DeepSpeed
                 records.append(rec)
     finally:

@@ -64,19 +64,15 @@ def direct_floor(policy: str, data: str, users: list[str], k: int, n: int, devic
     """The same greedy K-item pages, ``batch`` users at a time, in this process: model time
     alone (no HTTP, no Serve), on ``device`` in ``dtype``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pagellm.model.prompts import PromptCodec
-    from pagellm.model.vocab import Vocab
-    from pagellm.model.decoding import PageConstraint, generate_pages
+    from pagellm.model.artifact import load_policy
+    from pagellm.model.decoding import generate_pages
     from pagellm.serve.api import ServingData
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype)).to(device).eval()
-    vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy))
-    codec, cache = PromptCodec(vocab), ServingData.load(data)
-    lo, hi = vocab.item_id_range
-    constraint = PageConstraint(lo, hi - lo, vocab.eos_id, k, k)
+    loaded = load_policy(policy, device)
+    model, codec, cache = loaded.model.to(getattr(torch, dtype)), loaded.codec, ServingData.load(data)
+    vocab, constraint = codec.vocab, loaded.constraint(k, k)
     times = []
     for i in range(n + 5):
         group = [users[(i * batch + j) % len(users)] for j in range(batch)]

@@ -223,17 +223,16 @@ def ensure_data(data_dir: Path) -> None:
 
 def build_rows(data_dir: Path, model_cfg, n_rows: int | None):
     """Tokenizer, fine-tuning rows and a small validation set, all from library functions."""
-    import pyarrow.parquet as pq
-
+    from pagellm.data.layout import DataDir
     from pagellm.model.prompts import PromptCodec
-    from pagellm.model.vocab import Vocab, build_tokenizer
+    from pagellm.model.vocab import build_tokenizer
     from pagellm.train.sft import page_rows, read_data_dir
 
     data = read_data_dir(data_dir)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
-    tokenizer = build_tokenizer(None, pq.read_table(data_dir / "items.parquet"), users, model_cfg.bpe_vocab_size)
-    vocab = Vocab.from_tokenizer(tokenizer)
-    codec = PromptCodec(vocab)
+    tokenizer = build_tokenizer(None, DataDir(data_dir).read_items(), users, model_cfg.bpe_vocab_size)
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    vocab = codec.vocab
     ft = data["ft"] if n_rows is None else data["ft"].head(n_rows)
     rows = page_rows(codec, ft.user_id, ft.prompt_items, ft.golden)
     val = data["val"].head(VALID_ROWS)
@@ -243,8 +242,8 @@ def build_rows(data_dir: Path, model_cfg, n_rows: int | None):
 
 def make_spec(tokenizer, base_size: int, model_cfg, epochs: int, lr: float, seed: int):
     from pagellm.model.modeling import PolicyLM, build_lm, unwrap_lm
-    from pagellm.train.sft import collate_lm
     from pagellm.train.loop import FitSpec
+    from pagellm.train.sft import collate_lm
 
     def build():
         return PolicyLM(build_lm(model_cfg, tokenizer, base_size, seed))
@@ -263,7 +262,8 @@ def run_config(name: str, spec, rows, valid, tokens: int, out: Path, seed: int, 
     import ray.data
 
     from pagellm.config import TrainConfig
-    from pagellm.train.loop import fit, read_log
+    from pagellm.outputs import read_jsonl
+    from pagellm.train.loop import fit
 
     workers, backend = name.split(":")
     train_cfg = TrainConfig(
@@ -285,7 +285,7 @@ def run_config(name: str, spec, rows, valid, tokens: int, out: Path, seed: int, 
     sampler.stop()
     sys_cpu = system_busy_s() - sys_before
     tree_cpu = sampler.cpu_seconds()
-    records = read_log(run_dir / f"{STAGE}.jsonl")
+    records = read_jsonl(run_dir / f"{STAGE}.jsonl")
     epochs = [r for r in records if "epoch_seconds" in r]
     secs = [r["epoch_seconds"] for r in epochs]
     steady = secs[1:] or secs  # epochs 2..N; with one epoch (--quick) the first, flagged

@@ -14,6 +14,7 @@ from pagellm.config import (
     PageLLMConfig,
     load_config,
 )
+from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError, InputError
 from pagellm.storage import fetch, is_uri, output, train_storage
 
@@ -35,7 +36,7 @@ def _print_data_summary(stats: dict, out: Path) -> None:
         f"({stats['ft_rows']} fine-tuning rows), "
         f"pairs {stats['pairs_by_family']}"
     )
-    print(f"wrote {out} (stats: {str(out).rstrip('/')}/stats.json)")
+    print(f"wrote {out} (stats: {DataDir(out).stats_path})")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -88,9 +89,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     target = args.out or f"{str(args.model).rstrip('/')}/eval_{args.split}"
     with output(target) as out:
         metrics = run_evaluate(_config(args), fetch(args.model), fetch(args.data), args.split, out)
-    keys = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
+    from pagellm.eval.metrics import METRICS
+
     print(f"evaluate ({args.split}, {metrics['users']} users): " + ", ".join(
-        f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None))
+        f"{k} {metrics[k]:.4f}" for k in METRICS if metrics.get(k) is not None))
     print(f"wrote {target}/metrics.json and {target}/users.parquet")
     return 0
 
@@ -159,6 +161,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the merged configuration with every field's help (the defaults: configs/default.yaml)."""
+    from pagellm.config import DEFAULT_YAML_HEADER, config_yaml
+
+    cfg = _config(args)
+    if args.config or args.overrides:
+        sources = " < ".join(["defaults", *(args.config or []), *(["command-line overrides"] if args.overrides else [])])
+        header = f"# PageLLM configuration: {sources}\n"
+    else:
+        header = DEFAULT_YAML_HEADER
+    print(header + config_yaml(cfg), end="")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: data -> SFT -> reward heads -> PPO -> evaluation -> report. Without --config
     it runs the embedded default: the synthetic marketplace and the small GPT-2 from scratch
@@ -181,8 +197,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pagellm")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagellm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pagellm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -261,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="print the merged configuration with every field's help (no arguments: the defaults)")
+    common(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("run", help="the whole chain (data, SFT, reward heads, PPO, evaluation, report); embedded default without --config")
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")

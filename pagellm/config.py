@@ -10,8 +10,9 @@ Paper references are to arXiv:2506.09084v2 ("PageLLM"); section 5.1.4 gives the 
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,59 +22,50 @@ from omegaconf.errors import OmegaConfBaseException
 from pagellm.errors import ConfigError
 
 
-def _default_columns() -> dict[str, str]:
-    return {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"}
+def opt(default, help: str):
+    """A configuration field: its default and its help, which ``pagellm config`` prints and
+    ``configs/default.yaml`` carries as comments (``config_yaml``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
-def _default_item_columns() -> dict[str, str]:
-    return {"item_id": "item_id", "category": "category", "title": "title", "brand": "brand"}
+def section(cls, help: str):
+    """A nested section (a dataclass of fields) with its help."""
+    return field(default_factory=cls, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
     """Data stage: ingestion, split, golden lists, preference pairs (paper 3, 4.2, 5.1.1)."""
 
-    # Input as KIND[:PATH]; KIND is amazon2014, amazon2018, movielens, parquet, csv or
-    # synthetic (PATH for synthetic is the number of interactions, e.g. synthetic:100000).
-    dataset: str = "synthetic"
-    # r > positive_threshold is a positive interaction (paper section 3: r_ui > 3).
-    positive_threshold: float = 3.0
-    # r < negative_threshold is a non-preferred interaction (np family, section 4.2.4: r_ui < 3).
-    negative_threshold: float = 3.0
-    # Valid rating range; rows outside it are dropped as `rating_out_of_range`.
-    # 0.5 admits MovieLens half stars; Amazon uses 1-5.
-    rating_min: float = 0.5
-    rating_max: float = 5.0
-    # Per-user chronological train/validation/test fractions (section 5.1.1: 80/10/10).
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    # Longest prompt history, in items (the paper's case study shows a 20-item history).
-    prompt_max_items: int = 20
-    # Share of a user's training positives (the newest ones) kept out of the training prompt so
-    # that a golden list can be built from them. Not given by the paper.
-    golden_fraction: float = 0.5
-    # More fine-tuning windows per user: each fraction holds back that share of the training
-    # positives as another (prompt, golden list) row of ft/ (pairs use golden_fraction only).
-    # The paper has one instance per user ([]); a small model trained from scratch needs more.
-    extra_ft_fractions: list[float] = field(default_factory=list)
-    # Also build the four negatives for every extra window (more pairs per user; the paper has
-    # one golden list, hence one pair per family, per user).
-    pairs_from_extra_windows: bool = False
-    # Longest golden list K (and longest negative list).
-    golden_max_items: int = 20
-    # lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3).
-    category_cap: float = 0.4
-    # Adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4).
-    rk_swaps: int = 2
-    # Seed for every random choice of the data stage (synthetic data, swaps, replacements).
-    seed: int = 0
-    # csv/parquet adapters: canonical column -> column in the user's interactions file.
-    columns: dict[str, str] = field(default_factory=_default_columns)
-    # csv/parquet adapters: optional items table and its column mapping (category may name a
-    # column holding a list or a "|"-separated string of categories; the first is `category`).
-    items_path: Optional[str] = None
-    item_columns: dict[str, str] = field(default_factory=_default_item_columns)
-    # Users per block in the Ray Data pipeline (smaller blocks: more parallelism, more overhead).
-    users_per_block: int = 2000
+    dataset: str = opt("synthetic", "input as KIND[:PATH]: amazon2014, amazon2018, movielens, parquet, csv or synthetic "
+                       "(for synthetic PATH is the number of interactions, e.g. synthetic:100000)")
+    positive_threshold: float = opt(3.0, "r > positive_threshold is a positive interaction (paper section 3: r_ui > 3)")
+    negative_threshold: float = opt(3.0, "r < negative_threshold is a non-preferred interaction (np family, section 4.2.4: r_ui < 3)")
+    rating_min: float = opt(0.5, "lowest valid rating; rows outside [rating_min, rating_max] are dropped as rating_out_of_range "
+                            "(0.5 admits MovieLens half stars; Amazon uses 1-5)")
+    rating_max: float = opt(5.0, "highest valid rating")
+    split: list[float] = opt([0.8, 0.1, 0.1], "per-user chronological train/validation/test fractions (section 5.1.1: 80/10/10)")
+    prompt_max_items: int = opt(20, "longest prompt history, in items (the paper's case study shows a 20-item history)")
+    golden_fraction: float = opt(0.5, "share of a user's training positives (the newest) kept out of the training prompt to "
+                                 "build a golden list from (not given by the paper)")
+    extra_ft_fractions: list[float] = opt([], "more fine-tuning windows per user: each fraction holds back that share of the "
+                                          "training positives as another (prompt, golden list) row of ft/ (pairs use "
+                                          "golden_fraction only); the paper has one instance per user")
+    pairs_from_extra_windows: bool = opt(False, "also build the four negatives for every extra window (the paper has one golden "
+                                         "list, hence one pair per family, per user)")
+    golden_max_items: int = opt(20, "longest golden list K (and longest negative list)")
+    category_cap: float = opt(0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)")
+    rk_swaps: int = opt(2, "adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4)")
+    seed: int = opt(0, "seed of every random choice of the data stage (synthetic data, swaps, replacements)")
+    columns: dict[str, str] = opt({"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"},
+                                  "csv/parquet adapters: canonical column -> column in the interactions file")
+    items_path: Optional[str] = opt(None, "csv/parquet adapters: an optional items table")
+    item_columns: dict[str, str] = opt({"item_id": "item_id", "category": "category", "title": "title", "brand": "brand"},
+                                       "csv/parquet adapters: the items table's columns (category may name a column holding a "
+                                       "list or a |-separated string of categories; the first is the category)")
+    users_per_block: int = opt(2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)")
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f <= 0 for f in self.split):
@@ -100,45 +92,39 @@ class DataConfig:
             raise ConfigError(f"data.columns lacks a mapping for {sorted(missing)}")
 
 
-def _default_lora_targets() -> list[str]:
-    return ["c_attn"]
-
-
 @dataclass
 class ModelConfig:
     """The policy backbone (section 5.1.4: GPT-2, max sequence length 1,024)."""
 
-    # A pretrained model name or local path (e.g. a saved GPT-2); None or "" builds the embedded
-    # small GPT-2 from the fields below, with a BPE tokenizer trained on the catalogue text.
-    name_or_path: Optional[str] = None
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    max_seq_len: int = 1024
-    bpe_vocab_size: int = 2000  # embedded tokenizer only
-    # LoRA through peft: rank 0 trains the full model; > 0 freezes the base and trains adapters
-    # on lora_targets plus the new user/item token embeddings.
-    lora_rank: int = 0
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=_default_lora_targets)
+    name_or_path: Optional[str] = opt(None, "a pretrained model name or local path (e.g. a saved GPT-2); null builds the "
+                                      "embedded small GPT-2 below, with a BPE tokenizer trained on the catalogue text")
+    n_layer: int = opt(4, "embedded GPT-2: transformer blocks")
+    n_head: int = opt(4, "embedded GPT-2: attention heads")
+    n_embd: int = opt(128, "embedded GPT-2: hidden size")
+    max_seq_len: int = opt(1024, "embedded GPT-2: longest sequence (positions)")
+    bpe_vocab_size: int = opt(2000, "embedded tokenizer: BPE vocabulary before the user and item tokens")
+    lora_rank: int = opt(0, "LoRA through peft: 0 trains the full model; > 0 freezes the base and trains adapters on "
+                         "lora_targets plus the new user/item token embeddings")
+    lora_alpha: int = opt(16, "LoRA scaling alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_targets: list[str] = opt(["c_attn"], "modules that get LoRA adapters")
 
 
 @dataclass
 class TrainConfig:
     """The one training path of every supervised stage: Ray Train TorchTrainer + DeepSpeed."""
 
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    deepspeed: bool = True  # False: plain DDP through ray.train.torch.prepare_model
-    zero_stage: int = 1
-    bf16: bool = True  # only on GPU; CPU trains in fp32
-    max_failures: int = 2  # worker deaths survived by resuming from the latest checkpoint
-    log_every_steps: int = 10
-    wandb_mode: str = "offline"  # "online" once the user has configured wandb
-    wandb_project: str = "pagellm"
-    seed: int = 0
+    num_workers: int = opt(2, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = opt(False, "one GPU per worker")
+    cpus_per_worker: float = opt(1.0, "CPUs per worker (also its torch threads)")
+    deepspeed: bool = opt(True, "DeepSpeed engine; false: plain DDP through ray.train.torch.prepare_model")
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage (0, 1 or 2)")
+    bf16: bool = opt(True, "bf16 on GPU (CPU trains in fp32)")
+    max_failures: int = opt(2, "worker deaths survived by resuming from the latest checkpoint")
+    log_every_steps: int = opt(10, "a training-loss line in the JSONL log every N steps")
+    wandb_mode: str = opt("offline", "wandb mode: offline, or online once wandb is configured")
+    wandb_project: str = opt("pagellm", "wandb project")
+    seed: int = opt(0, "seed of model initialisation and data order")
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -154,48 +140,40 @@ class TrainConfig:
 class SFTConfig:
     """Supervised stages (section 4.3; values from section 5.1.4)."""
 
-    meta_epochs: int = 3  # meta-information pre-training epochs
-    meta_lr: float = 5e-5
-    batch_size: int = 32
-    ft_epochs: int = 10  # golden-list (ground-truth) fine-tuning epochs
-    ft_lr: float = 2e-5
-    rating_loss_weight: float = 1.0  # L_rating + w * ... : eq. 7 and eq. 8 are summed
-    max_meta_tokens: int = 128  # meta prompts are cut to this many tokens
-    # a seeded sample of at most this many meta rows per pattern (a-d, rating); None: all.
-    # Large logs (MovieLens: ~80k ratings -> ~170k rows) otherwise make meta pre-training long.
-    max_meta_rows_per_pattern: Optional[int] = None
-    valid_page_max_items: int = 20  # greedy decoding length for valid_page_rate
-    # Weight of an unlikelihood term on repeated page items and an empty page, added to eq. 9
-    # (not in the paper: 0 keeps eq. 9 alone). Teaches a small model the page schema so that
-    # even unconstrained greedy pages are valid.
-    unlikelihood_weight: float = 0.0
+    meta_epochs: int = opt(3, "meta-information pre-training epochs")
+    meta_lr: float = opt(5e-5, "meta pre-training learning rate")
+    batch_size: int = opt(32, "rows per step (global, split over the workers)")
+    ft_epochs: int = opt(10, "golden-list (ground-truth) fine-tuning epochs")
+    ft_lr: float = opt(2e-5, "golden-list fine-tuning learning rate")
+    rating_loss_weight: float = opt(1.0, "weight of the rating regression (eq. 7) next to the meta next-token loss (eq. 8)")
+    max_meta_tokens: int = opt(128, "meta prompts are cut to this many tokens")
+    max_meta_rows_per_pattern: Optional[int] = opt(None, "a seeded sample of at most this many meta rows per pattern (a-d, "
+                                                   "rating); null: all. Large logs otherwise make meta pre-training long")
+    valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate")
+    unlikelihood_weight: float = opt(0.0, "weight of an unlikelihood term on repeated page items and an empty page, added to "
+                                     "eq. 9 (not in the paper: 0 keeps eq. 9 alone); teaches a small model the page schema")
 
 
 @dataclass
 class RewardConfig:
     """Coarse and fine reward heads (section 4.4; values from section 5.1.4)."""
 
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 64
-    early_stopping: bool = True  # on validation log-likelihood
-    patience: int = 1  # epochs without improvement before stopping
-    # Pairs are split by user: this share of users is validation (early stopping) and the
-    # same share is test (the reported pairwise accuracy).
-    holdout_fraction: float = 0.1
+    epochs: int = opt(5, "training epochs per head")
+    lr: float = opt(1e-5, "learning rate")
+    batch_size: int = opt(64, "pairs per step (global)")
+    early_stopping: bool = opt(True, "stop on validation log-likelihood and export the best epoch")
+    patience: int = opt(1, "epochs without improvement before stopping")
+    holdout_fraction: float = opt(0.1, "pairs are split by user: this share of users is validation (early stopping) and "
+                                  "the same share is test (the reported pairwise accuracy)")
 
 
 @dataclass
 class RoleConfig:
     """Resources of one PPO role: ``num_workers`` Ray actors, each with these CPUs/GPUs."""
 
-    num_workers: int = 1
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0
-
-
-def _role(num_cpus: float = 0.25) -> RoleConfig:
-    return RoleConfig(num_cpus=num_cpus)
+    num_workers: int = opt(1, "actors of this role (policy and critic: data-parallel ranks)")
+    num_cpus: float = opt(0.25, "CPUs per actor")
+    num_gpus: float = opt(0.0, "GPUs per actor (fractions share one GPU)")
 
 
 PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
@@ -205,61 +183,50 @@ PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
 class PPOConfig:
     """PPO (section 4.5; values from section 5.1.4)."""
 
-    clip: float = 0.2  # clipped surrogate epsilon
-    lr: float = 1e-5  # policy learning rate
-    critic_lr: float = 1e-5
-    batch_size: int = 64  # pages (prompts) per PPO iteration
-    # Passes over the training prompts (the paper runs PPO for 5 epochs); max_iterations caps
-    # the number of iterations when set (quick runs, tests).
-    epochs: int = 5
-    max_iterations: Optional[int] = None
-    update_epochs: int = 1  # optimisation passes over each iteration's rollouts
-    minibatch_size: int = 16  # pages per optimisation step (per iteration: batch_size / this)
-    kl_beta: float = 0.1  # per-token KL penalty against the reference policy
-    kl_estimator: str = "k1"  # k1 = log pi - log pi_ref; k3 = (r - 1) - log r, always >= 0
-    kl_adaptive: bool = False  # adaptive controller (Ziegler et al. 2019) instead of a fixed beta
-    kl_target: float = 6.0  # adaptive controller: target KL per page
-    kl_horizon: int = 10000
-    gamma: float = 1.0  # the paper: gamma = 1
-    gae_lambda: float = 0.95
-    value_clip: float = 0.2
-    value_loss_coef: float = 1.0  # the critic is its own model; this scales its loss
-    reward_normalization: bool = True  # running mean/std of the page reward
-    # R = coarse_weight * R_c + fine_weight * R_f (eq. 15); `rewards` picks the ablation:
-    # both, coarse, fine or none (KL penalty only).
-    rewards: str = "both"
-    coarse_weight: float = 1.0
-    fine_weight: float = 1.0
-    # terminal: all reward on the last token (the paper); dense: each item's fine score on its
-    # own token (divided by the page length, so the sum is R_f) and R_c on the last token.
-    reward_placement: str = "terminal"
-    # rollouts: sampling temperature / nucleus, page length, and whether prompt items may recur
-    temperature: float = 1.0
-    top_p: float = 1.0
-    page_min_items: int = 1
-    page_max_items: int = 20
-    exclude_history: bool = True
-    # every N iterations: validation NDCG@100 (greedy constrained pages of eval_page_items) and
-    # held-out reward; a checkpoint for --resume
-    eval_every: int = 10
-    eval_page_items: int = 100
-    eval_max_users: Optional[int] = None  # None: every validation user
-    generate_batch_size: int = 256  # prompts per generation call inside a policy worker
-    checkpoint_every: int = 10
-    # PPO_DIR/policy: "last" (the paper: the policy after the last iteration) or "best_val" (the
-    # checkpoint with the best validation NDCG@100; PPO can over-optimise the learned rewards,
-    # docs/results/amazon2014/tune/). best_val needs checkpoint_every to divide eval_every.
-    final_policy: str = "last"
-    holdout_fraction: float = 0.1  # users whose prompts are held out of rollouts (reward curve)
-    seed: int = 0
-    # actors by role; colocate=True packs the i-th worker of every role into one bundle (one
-    # GPU shared by fractions), False gives every actor its own bundle
-    colocate: bool = True
-    policy: RoleConfig = field(default_factory=_role)
-    reference: RoleConfig = field(default_factory=_role)
-    critic: RoleConfig = field(default_factory=_role)
-    coarse: RoleConfig = field(default_factory=_role)
-    fine: RoleConfig = field(default_factory=_role)
+    clip: float = opt(0.2, "clipped surrogate epsilon")
+    lr: float = opt(1e-5, "policy learning rate")
+    critic_lr: float = opt(1e-5, "critic learning rate")
+    batch_size: int = opt(64, "pages (prompts) per PPO iteration")
+    epochs: int = opt(5, "passes over the rollout prompts (the paper runs PPO for 5 epochs)")
+    max_iterations: Optional[int] = opt(None, "cap on the iterations (quick runs, tests); null: epochs decide")
+    update_epochs: int = opt(1, "optimisation passes over each iteration's rollouts")
+    minibatch_size: int = opt(16, "pages per optimisation step (batch_size / minibatch_size steps per pass)")
+    kl_beta: float = opt(0.1, "per-token KL penalty against the reference policy")
+    kl_estimator: str = opt("k1", "k1 = log pi - log pi_ref; k3 = (r - 1) - log r, always >= 0")
+    kl_adaptive: bool = opt(False, "adaptive KL controller (Ziegler et al. 2019) instead of a fixed beta")
+    kl_target: float = opt(6.0, "adaptive controller: target KL per page")
+    kl_horizon: int = opt(10000, "adaptive controller: horizon in pages")
+    gamma: float = opt(1.0, "discount (the paper: 1)")
+    gae_lambda: float = opt(0.95, "GAE lambda")
+    value_clip: float = opt(0.2, "clip of the value loss")
+    value_loss_coef: float = opt(1.0, "scale of the critic's loss (the critic is its own model)")
+    reward_normalization: bool = opt(True, "running mean/std of the page reward")
+    rewards: str = opt("both", "the reward-head ablation: both (R = w_c R_c + w_f R_f, eq. 15), coarse, fine or none (KL only)")
+    coarse_weight: float = opt(1.0, "w_c, the weight of R_c in R")
+    fine_weight: float = opt(1.0, "w_f, the weight of R_f in R")
+    reward_placement: str = opt("terminal", "terminal: all reward on the last token (the paper); dense: each item's fine score "
+                                "on its own token (divided by the page length, so the sum is R_f) and R_c on the last token")
+    temperature: float = opt(1.0, "rollout sampling temperature")
+    top_p: float = opt(1.0, "rollout nucleus sampling")
+    page_min_items: int = opt(1, "shortest rollout page (EOS allowed after this many items)")
+    page_max_items: int = opt(20, "longest rollout page (EOS forced after this many items)")
+    exclude_history: bool = opt(True, "rollout pages may not repeat an item of the prompt")
+    eval_every: int = opt(10, "every N iterations: the validation metrics of `pagellm evaluate --split val` (the eval "
+                          "section's protocol: page length, masking, decoding) and the held-out reward")
+    eval_max_users: Optional[int] = opt(None, "validate on the first N validation users; null: all")
+    generate_batch_size: int = opt(256, "prompts per rollout generation call inside a policy worker")
+    checkpoint_every: int = opt(10, "every N iterations a checkpoint for --resume")
+    final_policy: str = opt("last", "PPO_DIR/policy: last (the paper: the policy after the last iteration) or best_val (the "
+                            "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)")
+    holdout_fraction: float = opt(0.1, "users whose prompts are held out of rollouts (the held-out reward curve)")
+    seed: int = opt(0, "seed of rollout order and sampling")
+    colocate: bool = opt(True, "pack the i-th worker of every role into one bundle (one GPU shared by fractions); false: "
+                         "every actor its own bundle")
+    policy: RoleConfig = section(RoleConfig, "the trainable policy's actors")
+    reference: RoleConfig = section(RoleConfig, "the frozen SFT policy's actors")
+    critic: RoleConfig = section(RoleConfig, "the critic's actors (initialised from the coarse reward model)")
+    coarse: RoleConfig = section(RoleConfig, "the coarse reward head's actors")
+    fine: RoleConfig = section(RoleConfig, "the fine reward head's actors")
 
     def __post_init__(self) -> None:
         choices = {
@@ -286,20 +253,19 @@ class PPOConfig:
 
 @dataclass
 class EvalConfig:
-    """`pagellm evaluate`: pages for every user of a split, scored with docs/metrics.md."""
+    """`pagellm evaluate` and PPO's validation: pages for every user of a split, scored with docs/metrics.md."""
 
-    page_items: int = 100  # page length K (NDCG@100 needs 100)
-    decoding: str = "greedy"  # greedy or sample, both under the page constraint of PPO
-    temperature: float = 1.0  # sample only
-    top_p: float = 1.0  # sample only
-    # full-ranking protocol: every item the user interacted with before the split is excluded
-    # (train; train + validation for test), not only the prompt's items
-    mask_seen: bool = True
-    batch_size: int = 64  # users per generation batch
-    num_actors: int = 1  # Ray Data actor pool size, each actor holding the model
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor
-    seed: int = 0
+    page_items: int = opt(100, "page length K (NDCG@100 needs 100)")
+    decoding: str = opt("greedy", "greedy or sample, both under the page constraint of PPO")
+    temperature: float = opt(1.0, "sample only: temperature")
+    top_p: float = opt(1.0, "sample only: nucleus")
+    mask_seen: bool = opt(True, "full-ranking protocol: every item the user interacted with before the split is excluded "
+                          "(train; train + validation for test), not only the prompt's items")
+    batch_size: int = opt(64, "users per generation batch")
+    num_actors: int = opt(1, "Ray Data actor pool size, each actor holding the model")
+    num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
+    num_gpus: float = opt(0.0, "GPUs per actor")
+    seed: int = opt(0, "seed of sampled decoding")
 
     def __post_init__(self) -> None:
         if self.decoding not in ("greedy", "sample"):
@@ -313,25 +279,20 @@ class TuneConfig:
     """`pagellm tune`: Ray Tune over the KL coefficient beta (ppo.kl_beta) and the golden-list
     category cap lambda (data.category_cap), the two the paper studies (section 5.1.4)."""
 
-    # grid: every (beta, lambda) of the two lists, `num_samples` times;
-    # optuna / hyperopt: that searcher proposes beta log-uniformly in [min(betas), max(betas)]
-    # and lambda among `lambdas`, for `num_samples` trials
-    search: str = "grid"
-    betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
-    # each lambda changes the golden lists, hence the data, SFT and reward stages: they run once
-    # per distinct lambda (cached by a hash of their configuration) before the trials start
-    lambdas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5])
-    num_samples: int = 1
-    # asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every
-    # iterations); fifo: run every trial to the end
-    scheduler: str = "asha"
-    grace_period: int = 20  # ASHA: PPO iterations a trial runs before it may be stopped
-    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
-    max_concurrent_trials: Optional[int] = None  # None: as many as the resources allow
-    # CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles'
-    # bundles follow, from ppo.<role>.num_cpus / num_gpus
-    driver_cpus: float = 0.25
-    seed: int = 0  # the searcher's seed
+    search: str = opt("grid", "grid: every (beta, lambda) of the two lists, num_samples times; optuna / hyperopt: that searcher "
+                      "proposes beta log-uniformly in [min(betas), max(betas)] and lambda among lambdas, for num_samples trials")
+    betas: list[float] = opt([0.05, 0.1, 0.2], "values (grid) or range (searchers) of ppo.kl_beta")
+    lambdas: list[float] = opt([0.3, 0.4, 0.5], "values of data.category_cap; each changes the golden lists, so the data, SFT and "
+                               "reward stages run once per distinct lambda (cached by a hash of their configuration)")
+    num_samples: int = opt(1, "grid repeats, or trials of a searcher")
+    scheduler: str = opt("asha", "asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every "
+                         "iterations); fifo: run every trial to the end")
+    grace_period: int = opt(20, "ASHA: PPO iterations a trial runs before it may be stopped")
+    reduction_factor: int = opt(2, "ASHA: keep the best 1/reduction_factor at each rung")
+    max_concurrent_trials: Optional[int] = opt(None, "null: as many as the resources allow")
+    driver_cpus: float = opt(0.25, "CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles' bundles "
+                             "follow, from ppo.<role>")
+    seed: int = opt(0, "the searcher's seed")
 
     def __post_init__(self) -> None:
         if self.search not in ("grid", "optuna", "hyperopt"):
@@ -352,21 +313,23 @@ class TuneConfig:
 class RayConfig:
     """How the local Ray is started when no cluster is attached (RAY_ADDRESS unset)."""
 
-    num_cpus: Optional[int] = None  # None: all cores of this machine
-    include_dashboard: bool = False
+    num_cpus: Optional[int] = opt(None, "CPUs of the local Ray; null: all cores of this machine")
+    include_dashboard: bool = opt(False, "start Ray's dashboard")
 
 
 @dataclass
 class PageLLMConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    """Every setting of PageLLM, one section per stage."""
+
+    data: DataConfig = section(DataConfig, DataConfig.__doc__)
+    model: ModelConfig = section(ModelConfig, ModelConfig.__doc__)
+    train: TrainConfig = section(TrainConfig, TrainConfig.__doc__)
+    sft: SFTConfig = section(SFTConfig, SFTConfig.__doc__)
+    reward: RewardConfig = section(RewardConfig, RewardConfig.__doc__)
+    ppo: PPOConfig = section(PPOConfig, PPOConfig.__doc__)
+    eval: EvalConfig = section(EvalConfig, EvalConfig.__doc__)
+    tune: TuneConfig = section(TuneConfig, TuneConfig.__doc__)
+    ray: RayConfig = section(RayConfig, RayConfig.__doc__)
 
 
 EMBEDDED_PROFILE = Path(__file__).parent / "configs" / "embedded.yaml"
@@ -402,3 +365,40 @@ def load_config(
 
 def to_yaml(cfg: PageLLMConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+DEFAULT_YAML_HEADER = """# Every setting of PageLLM with its default (the paper's values, section 5.1.4) and its help.
+# Generated from pagellm/config.py by `pagellm config > configs/default.yaml`; tests keep it in step.
+# Override any key in a YAML file of your own (--config) or on the command line, e.g.
+#   pagellm data --dataset KIND:PATH --out DIR data.category_cap=0.3
+"""
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(" ".join(text.split()), width=110 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+
+
+def _value(value) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def config_yaml(cfg, indent: str = "") -> str:
+    """``cfg`` as YAML with each section's and each field's help above it as comments: what
+    ``pagellm config`` prints and ``configs/default.yaml`` holds (for the defaults)."""
+    lines = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not indent and lines:
+            lines.append("")  # a blank line between top-level sections
+        lines += _wrap(f.metadata["help"], indent)
+        if is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            lines.append(config_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            lines.append(f"{indent}{f.name}: {_value(value)}")
+    return "\n".join(lines) + "\n"

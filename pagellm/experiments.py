@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pagellm.config import PageLLMConfig, load_config
+from pagellm.data.layout import DataDir
+from pagellm.eval.metrics import METRICS
+from pagellm.outputs import figure
 
-METRICS = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
 
 
@@ -50,21 +50,13 @@ def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: 
 
 
 def _bar_chart(rows: dict[str, dict[str, tuple[float, float]]], keys: tuple[str, ...], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
-    for ax, key in zip(axes, keys):
-        names = list(rows)
-        ax.bar(names, [rows[n][key][0] for n in names], yerr=[rows[n][key][1] for n in names], capsize=4, color="#4c72b0")
-        ax.set_title(key)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(keys), panel_size=(4.0, 3.4)) as (fig, axes):
+        for ax, key in zip(axes, keys):
+            names = list(rows)
+            ax.bar(names, [rows[n][key][0] for n in names], yerr=[rows[n][key][1] for n in names], capsize=4, color="#4c72b0")
+            ax.set_title(key)
+            ax.tick_params(axis="x", rotation=30)
+        fig.suptitle(title)
 
 
 def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test") -> dict:
@@ -103,14 +95,13 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
 def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)) -> dict:
     """Baselines (over ``seeds`` where they train) and PageLLM policies on one split."""
     from pagellm.eval.baselines import baseline_pages, load_protocol
-    from pagellm.eval.metrics import mean_metrics, page_metrics
     from pagellm.eval.evaluate import run_evaluate
+    from pagellm.eval.metrics import mean_metrics, page_metrics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    items = pq.read_table(Path(data_dir) / "items.parquet", columns=["item_id", "category"]).to_pandas()
-    category = dict(zip(items.item_id, items.category))
+    category = DataDir(data_dir).categories()
     protocol = load_protocol(Path(data_dir), split, cfg.data.positive_threshold)
     results: dict[str, list[dict]] = {}
     for name in baselines:

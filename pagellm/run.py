@@ -8,12 +8,13 @@ data, reward and PPO summaries and each stage's wall time; OUT/run.json holds ev
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 from pagellm.config import PageLLMConfig
-from pagellm.experiments import METRICS, _bar_chart
+from pagellm.eval.metrics import METRICS
+from pagellm.experiments import _bar_chart
+from pagellm.outputs import StageTimer
 from pagellm.storage import train_storage
 
 
@@ -52,29 +53,21 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
     from pagellm.train.sft import run_sft
 
     out = Path(out_dir)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        seconds[stage] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        print(f"[pagellm run] {stage} done in {seconds[stage]:.0f} s", flush=True)
-
+    timer = StageTimer("pagellm run")
     stats = build_dataset(cfg, out / "data", engine="ray")
-    lap("data")
+    timer.lap("data")
     sft = run_sft(cfg, out / "data", out / "sft", train_storage(storage, "sft") if storage else None)
-    lap("sft")
+    timer.lap("sft")
     reward = run_reward(cfg, out / "data", out / "sft", out / "reward", train_storage(storage, "reward") if storage else None)
-    lap("reward")
+    timer.lap("reward")
     ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
-    lap("ppo")
+    timer.lap("ppo")
     evals = {
         "SFT (reference)": run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),
         "PPO (R_c + R_f)": run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
     }
-    lap("evaluate")
-    seconds["total"] = sum(seconds.values())
+    timer.lap("evaluate")
+    seconds = {**timer.seconds, "total": sum(timer.seconds.values())}
     report = write_report(out, stats, reward, ppo, evals, seconds, command)
     summary = {
         "data": str(out / "data"), "sft": str(out / "sft"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, to_yaml
+from pagellm.outputs import append_jsonl, figure, read_jsonl
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "val_ndcg@100", "max"
@@ -43,8 +44,7 @@ def upstream_key(cfg: PageLLMConfig) -> str:
 
 
 def _event(root: Path, **record) -> None:
-    with (root / "events.jsonl").open("a") as f:
-        f.write(json.dumps({"time": time.time(), **record}) + "\n")
+    append_jsonl(root / "events.jsonl", {"time": time.time(), **record})
 
 
 def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
@@ -78,8 +78,7 @@ def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
 
 
 def upstream_events(root: Path) -> list[dict]:
-    path = Path(root) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(Path(root) / "events.jsonl")
 
 
 # ------------------------------------------------------------------------------ trials
@@ -109,13 +108,11 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
     out = Path(tune.get_context().get_trial_dir()) / "ppo"
     total = planned_iterations(cfg.ppo, dirs["data"])
     resume = out.exists() and latest_checkpoint(out) is not None
-    with (out.parent / "trial_events.jsonl").open("a") as f:
-        f.write(json.dumps({"event": "start", "resume": resume, "time": time.time(), **params}) + "\n")
+    append_jsonl(out.parent / "trial_events.jsonl", {"event": "start", "resume": resume, "time": time.time(), **params})
 
     def report(record: dict) -> None:
         if record["iteration"] >= total:  # written first: the scheduler may end the trial at this report
-            with (out.parent / "trial_events.jsonl").open("a") as f:
-                f.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
+            append_jsonl(out.parent / "trial_events.jsonl", {"event": "finished", "time": time.time()})
         tune.report({k: record[k] for k in REPORT_KEYS if k in record})
 
     run_ppo(cfg, dirs["data"], dirs["sft"], dirs["reward"], out, resume=resume, on_evaluation=report,
@@ -193,31 +190,24 @@ def trial_table(results, max_t: int) -> pd.DataFrame:
 def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
     """Best validation NDCG@100 of each trial (mean over repeats) over (beta, lambda); a scatter
     when a searcher spread beta over many values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5.2, 4))
-    if table["beta"].nunique() <= 8:
-        grid = table.pivot_table(index="lambda", columns="beta", values="ndcg@100_best", aggfunc="mean")
-        im = ax.imshow(grid.values, cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
-        ax.set_yticks(range(grid.shape[0]), [f"{x:g}" for x in grid.index])
-        for (i, j), v in np.ndenumerate(grid.values):
-            if v == v:
-                ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < np.nanmean(grid.values) else "black", fontsize=9)
-    else:
-        im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_best"], cmap="viridis", s=60)
-        ax.set_xscale("log")
-    fig.colorbar(im, ax=ax, label="best validation NDCG@100")
-    ax.set_xlabel("beta (ppo.kl_beta)")
-    ax.set_ylabel("lambda (data.category_cap)")
-    ax.set_title("PPO sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(5.2, 4)) as (fig, (ax,)):
+        if table["beta"].nunique() <= 8:
+            grid = table.pivot_table(index="lambda", columns="beta", values="ndcg@100_best", aggfunc="mean")
+            im = ax.imshow(grid.values, cmap="viridis", origin="lower", aspect="auto")
+            ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
+            ax.set_yticks(range(grid.shape[0]), [f"{x:g}" for x in grid.index])
+            for (i, j), v in np.ndenumerate(grid.values):
+                if v == v:
+                    ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < np.nanmean(grid.values) else "black", fontsize=9)
+        else:
+            im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_best"], cmap="viridis", s=60)
+            ax.set_xscale("log")
+        fig.colorbar(im, ax=ax, label="best validation NDCG@100")
+        ax.set_xlabel("beta (ppo.kl_beta)")
+        ax.set_ylabel("lambda (data.category_cap)")
+        ax.set_title("PPO sweep")
 
 
 def write_results(results, out: Path, wall_seconds: float, command: str, max_t: int) -> dict:
@@ -252,8 +242,8 @@ def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False,
     """Build the upstream stages once per lambda, then run (or restore) the sweep."""
     from ray import tune
 
-    from pagellm.rl.ppo import planned_iterations
     from pagellm.ray_utils import init_ray
+    from pagellm.rl.ppo import planned_iterations
 
     cfg = load_config(config_paths, overrides)
     out = Path(out_dir).resolve()

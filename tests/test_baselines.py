@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pagellm.eval.baselines import Protocol, baseline_pages, itemknn_similarity, load_protocol, popularity_scores
 from pagellm.config import load_config
+from pagellm.eval.baselines import Protocol, baseline_pages, itemknn_similarity, load_protocol, popularity_scores
 from pagellm.experiments import run_compare
 
 

@@ -39,3 +39,4 @@ def test_bad_override_exits_2_naming_key(tmp_path):
 def test_sft_on_a_directory_that_is_not_data_output_exits_2(tmp_path):
     proc = run(sys.executable, "-m", "pagellm.cli", "sft", "--data", str(tmp_path), "--out", str(tmp_path / "sft"))
     assert proc.returncode == 2 and "not a data-stage output" in proc.stderr
+    assert str(tmp_path) in proc.stderr and "items.parquet" in proc.stderr and "Traceback" not in proc.stderr

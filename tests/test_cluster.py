@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
 import ray
+import tomllib
 import yaml
+from conftest import REPO
 
 from pagellm.cli import build_parser
 from pagellm.config import load_config
 from pagellm.serve.app import AppArgs
-
-from conftest import REPO
 
 CLUSTER = REPO / "cluster"
 IMAGE_ROOT = "/home/ray/pagellm"  # where cluster/Dockerfile puts the checkout

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+
 import pytest
 
-from pagellm.config import PageLLMConfig, load_config
+from pagellm.config import DEFAULT_YAML_HEADER, PageLLMConfig, config_yaml, load_config
 from pagellm.errors import ConfigError
 from tests.conftest import REPO
 
@@ -21,6 +25,39 @@ def test_paper_defaults():
 
 def test_default_yaml_matches_dataclasses():
     assert load_config(REPO / "configs" / "default.yaml") == PageLLMConfig()
+
+
+def _walk(cfg, prefix=""):
+    for f in dataclasses.fields(cfg):
+        yield f"{prefix}{f.name}", f
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            yield from _walk(getattr(cfg, f.name), f"{prefix}{f.name}.")
+
+
+def test_default_yaml_is_generated_and_every_field_has_its_help():
+    """configs/default.yaml is `pagellm config` of the defaults: every field, every help line."""
+    text = (REPO / "configs" / "default.yaml").read_text()
+    assert text == DEFAULT_YAML_HEADER + config_yaml(PageLLMConfig()), "regenerate: pagellm config > configs/default.yaml"
+    keys = list(_walk(PageLLMConfig()))
+    assert len(keys) > 100
+    for key, f in keys:
+        help_text = f.metadata.get("help", "")
+        assert len(help_text.split()) >= 2, f"{key} has no help"
+        assert " ".join(help_text.split())[:40] in " ".join(line.lstrip("# ") for line in text.splitlines()), key
+
+
+def test_config_command_prints_the_merged_configuration_with_help(tmp_path):
+    from pagellm.cli import main
+
+    out = tmp_path / "merged.yaml"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["config", "--config", str(REPO / "configs" / "amazon2014.yaml"), "ppo.kl_beta=0.05"]) == 0
+    out.write_text(buffer.getvalue())
+    assert "# per-token KL penalty against the reference policy" in buffer.getvalue()
+    merged = load_config(out)
+    assert merged == load_config(REPO / "configs" / "amazon2014.yaml", ["ppo.kl_beta=0.05"])
+    assert merged.ppo.kl_beta == 0.05 and merged.data.rating_min == 1.0
 
 
 @pytest.mark.parametrize("name", ["amazon2014.yaml", "movielens.yaml"])

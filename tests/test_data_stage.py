@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from pagellm.config import load_config
+from pagellm.errors import InputError
 from pagellm.data.ingest import load_dataset
+from pagellm.data.layout import DataDir
 from pagellm.data.stage import build_dataset
 from tests.conftest import AMAZON, MOVIELENS
 from tests.output_checks import check_outputs
@@ -94,3 +97,23 @@ def test_dropped_rows_are_counted_in_stats(tmp_path):
         "bad_timestamp": 1,
     }
     assert stats["interactions"] == 72
+
+
+def test_data_dir_views_match_the_split_files(tmp_path):
+    """DataDir: one error naming the missing file; the evaluation view's history and seen items
+    are exactly the user's interactions in the earlier splits, in time order."""
+    with pytest.raises(InputError, match=r"missing eval/val.parquet"):
+        DataDir(tmp_path).read_eval("val")
+    cfg = load_config(overrides=["data.dataset=synthetic:3000"])
+    build_dataset(cfg, tmp_path, engine="local")
+    data = DataDir(tmp_path)
+    split = {s: pq.read_table(data.split_path(s)).to_pandas() for s in ("train", "val", "test")}
+    for name, earlier in (("val", ["train"]), ("test", ["train", "val"])):
+        users = data.eval_users(name, cfg.data.positive_threshold)
+        assert list(users.user_id) == pq.read_table(data.eval_path(name)).column("user_id").to_pylist()
+        before = pd.concat([split[s] for s in earlier]).sort_values(["user_id", "ts"], kind="stable")
+        for row in users.sample(20, random_state=0).itertuples():
+            mine = before[before.user_id == row.user_id]
+            assert row.seen == list(mine.item_id)
+            assert row.history == list(mine[mine.rating > cfg.data.positive_threshold].item_id)
+            assert set(row.prompt_items) <= set(row.history) and not set(row.target) & set(row.seen)

@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 import yaml
-
 from conftest import REPO, free_port
 
 TINY_RUN = [

@@ -3,7 +3,6 @@ models, and the supervised/reward row builders. No Ray, no mocks; the whole file
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,9 +21,9 @@ from pagellm.model.modeling import (
     token_nll,
     unwrap_lm,
 )
-from pagellm.model.prompts import ParsedPage, PromptCodec
+from pagellm.model.prompts import ParsedPage, PromptCodec, encode_list
 from pagellm.model.vocab import EOS, Vocab, build_tokenizer, train_bpe_tokenizer
-from pagellm.train.reward import collate_pairs, encode_list, pair_rows, pairwise_accuracy
+from pagellm.train.reward import collate_pairs, pair_rows, pairwise_accuracy
 from pagellm.train.sft import collate_lm, greedy_pages, meta_rows, page_rows
 
 torch.set_num_threads(1)

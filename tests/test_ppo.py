@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 
+from conftest import REPO
 from transformers import AutoModelForCausalLM
 
 from pagellm.config import load_config
+from pagellm.eval.evaluate import run_evaluate
+from pagellm.eval.metrics import METRICS
+from pagellm.outputs import read_jsonl
 from pagellm.rl.ppo import run_ppo
-
-from conftest import REPO
 
 PPO_QUICK = ["ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.eval_max_users=24", "ppo.lr=1e-4", "ppo.critic_lr=1e-4"]
 
@@ -45,6 +47,24 @@ def test_ppo_with_sharded_role_actors(tiny_stages, tmp_path):
     assert (tmp_path / "policy" / "tokenizer.json").exists() and (tmp_path / "ppo_curves.png").stat().st_size > 0
     state = json.loads((tmp_path / "checkpoints" / "iter_000003" / "state.json").read_text())
     assert state["iteration"] == 3 and state["normalizer"]["count"] == 3 * 16
+
+
+def test_ppo_validation_equals_pagellm_evaluate_on_the_checkpoint(tiny_stages, tmp_path):
+    """The logged validation metrics are `pagellm evaluate --split val` of the same weights: the
+    SFT policy at iteration 0, the saved checkpoint at iteration 2 (one protocol, one code path)."""
+    root = tiny_stages["root"]
+    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.eval_max_users=null", "eval.page_items=20",
+                 "ppo.max_iterations=2", "ppo.eval_every=2", "ppo.checkpoint_every=2"]
+    cfg = load_config(overrides=overrides)
+    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path / "ppo")
+    logged = {r["iteration"]: r for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl") if "val_ndcg@100" in r}
+    assert sorted(logged) == [0, 2]
+    for iteration, model in ((0, root / "sft"), (2, tmp_path / "ppo" / "checkpoints" / "iter_000002" / "policy")):
+        evaluated = run_evaluate(cfg, model, root / "data", "val", tmp_path / f"eval_{iteration}")
+        assert logged[iteration]["val_users"] == evaluated["users"] > 100
+        for key in METRICS:
+            assert logged[iteration][f"val_{key}"] == evaluated[key], (iteration, key)
+    assert logged[0]["val_ndcg@100"] != logged[2]["val_ndcg@100"]  # the update changed the pages
 
 
 def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_path):

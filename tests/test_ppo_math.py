@@ -9,11 +9,21 @@ import pytest
 import torch
 
 from pagellm.config import ModelConfig, PPOConfig
+from pagellm.model.decoding import PageConstraint, allowed_masks, generate_pages, masked_logprobs
 from pagellm.model.modeling import build_lm
 from pagellm.model.vocab import Vocab, add_entity_tokens, train_bpe_tokenizer
+from pagellm.rl.batch import PageScores
 from pagellm.rl.ppo import batch_indices, place_rewards
-from pagellm.model.decoding import PageConstraint, allowed_masks, generate_pages, masked_logprobs
-from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, policy_loss, token_rewards, value_loss
+from pagellm.rl.ppo_math import (
+    KLController,
+    RunningMeanStd,
+    gae,
+    kl_per_token,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 
 def test_kl_estimators_by_hand():
@@ -95,21 +105,20 @@ def test_adaptive_kl_controller():
 def test_reward_placement_terminal_and_dense():
     ppo = PPOConfig(reward_normalization=False)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    scores = {
-        "coarse": {"page": torch.tensor([1.0, 2.0])},
-        "fine": {"page": torch.tensor([0.5, -1.0]), "steps": torch.tensor([[0.2, 0.3, 0.0], [-1.0, 0.0, 0.0]])},
-    }
-    terminal = place_rewards(ppo, scores, mask, RunningMeanStd())
+    coarse = PageScores(torch.tensor([1.0, 2.0]), torch.zeros(2, 3))
+    fine = PageScores(torch.tensor([0.5, -1.0]), torch.tensor([[0.2, 0.3, 0.0], [-1.0, 0.0, 0.0]]))
+    scores = (coarse, fine)
+    terminal = place_rewards(ppo, *scores, mask, RunningMeanStd())
     assert torch.allclose(terminal, torch.tensor([[0.0, 0.0, 1.5], [0.0, 1.0, 0.0]]))
-    dense = place_rewards(PPOConfig(reward_normalization=False, reward_placement="dense"), scores, mask, RunningMeanStd())
+    dense = place_rewards(PPOConfig(reward_normalization=False, reward_placement="dense"), *scores, mask, RunningMeanStd())
     assert torch.allclose(dense, torch.tensor([[0.2, 0.3, 1.0], [-1.0, 2.0, 0.0]]))
     assert torch.allclose(dense.sum(1), terminal.sum(1))
-    coarse_only = place_rewards(PPOConfig(reward_normalization=False, rewards="coarse"), scores, mask, RunningMeanStd())
+    coarse_only = place_rewards(PPOConfig(reward_normalization=False, rewards="coarse"), *scores, mask, RunningMeanStd())
     assert torch.allclose(coarse_only.sum(1), torch.tensor([1.0, 2.0]))
-    none = place_rewards(PPOConfig(reward_normalization=False, rewards="none"), scores, mask, RunningMeanStd())
+    none = place_rewards(PPOConfig(reward_normalization=False, rewards="none"), *scores, mask, RunningMeanStd())
     assert none.abs().sum() == 0
     norm = RunningMeanStd()
-    normalised = place_rewards(PPOConfig(), scores, mask, norm)
+    normalised = place_rewards(PPOConfig(), *scores, mask, norm)
     assert norm.count == 2 and torch.allclose(normalised.sum(1), torch.tensor([1.0, -1.0]), atol=1e-4)  # R = 1.5, 1.0
 
 

@@ -198,8 +198,8 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
     )
     cfg = DataConfig(prompt_max_items=prompt_max, golden_fraction=golden_fraction, extra_ft_fractions=[0.2, 0.9])
     rec = rules.build_user("u1", items, ratings, labels, ctx, cfg)
-    train_pos = {i for i, r, l in zip(items, ratings, labels) if l == TRAIN and r > 3}
-    held_out = {i for i, l in zip(items, labels) if l != TRAIN}
+    train_pos = {i for i, r, lab in zip(items, ratings, labels) if lab == TRAIN and r > 3}
+    held_out = {i for i, lab in zip(items, labels) if lab != TRAIN}
     assert set(rec.prompt) <= train_pos and len(rec.prompt) <= prompt_max
     assert set(rec.golden) <= train_pos - set(rec.prompt)
     assert bool(rec.golden) == bool(train_pos)
@@ -210,14 +210,14 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
     for family, rejected in rec.pairs.items():
         assert not set(rejected) & held_out, family
     assert set(rec.pairs) | {f for f in rec.skipped if f != "ft"} == set(rules.FAMILIES)
-    disliked = {i for i, r, l in zip(items, ratings, labels) if l == TRAIN and r < 3}
+    disliked = {i for i, r, lab in zip(items, ratings, labels) if lab == TRAIN and r < 3}
     if "np" in rec.pairs:
         assert set(rec.pairs["np"]) <= disliked
     else:
         assert not disliked or not rec.golden
     # evaluation targets: held-out positives; prompts never contain the target
-    val_pos = {i for i, r, l in zip(items, ratings, labels) if l == VAL and r > 3}
-    test_pos = {i for i, r, l in zip(items, ratings, labels) if l == TEST and r > 3}
+    val_pos = {i for i, r, lab in zip(items, ratings, labels) if lab == VAL and r > 3}
+    test_pos = {i for i, r, lab in zip(items, ratings, labels) if lab == TEST and r > 3}
     assert set(rec.val_target) == val_pos and set(rec.test_target) == test_pos
     assert not set(rec.val_prompt) & (val_pos | test_pos)
     assert not set(rec.test_prompt) & test_pos

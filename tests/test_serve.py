@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
+from conftest import free_port
 
 from pagellm.serve.ab import assign, parse_split
 from pagellm.serve.api import MAX_BODY_BYTES, ServingData
-
-from conftest import free_port
 
 
 def test_assignment_is_stable_and_follows_weights():
@@ -117,10 +116,9 @@ def test_pages_respect_history_exclusions_and_fall_back_to_popularity(served):
 def test_ranker_orders_candidates_by_coarse_reward(served):
     from transformers import AutoTokenizer
 
-    from pagellm.model.modeling import RewardModel
-    from pagellm.model.prompts import PromptCodec
+    from pagellm.model.modeling import RewardModel, score_lists
+    from pagellm.model.prompts import PromptCodec, encode_list
     from pagellm.model.vocab import Vocab
-    from pagellm.train.reward import encode_list, score_lists
 
     url, data, root = served["url"], served["data"], served["root"]
     user = next(iter(data.history))

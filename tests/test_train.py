@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from pagellm.config import ModelConfig, TrainConfig
 from pagellm.model.modeling import PolicyLM, build_lm
-from pagellm.model.vocab import Vocab, train_bpe_tokenizer, add_entity_tokens
+from pagellm.model.vocab import Vocab, add_entity_tokens, train_bpe_tokenizer
+from pagellm.outputs import read_jsonl
+from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module
 from pagellm.train.sft import collate_lm
-from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module, read_log
-
 
 
 def tiny_lm_spec(epochs: int, tokenizer, base_size: int, stage: str) -> FitSpec:
@@ -79,7 +79,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path, to
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive():
-        records = read_log(log)
+        records = read_jsonl(log)
         done = [r for r in records if "valid_loss" in r]
         # epoch 1 is checkpointed and epoch 2 is well under way: kill a worker mid-epoch
         if done and any(r.get("step", 0) >= done[0]["step"] + 30 for r in records):
@@ -92,7 +92,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path, to
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert killed is not None, "no worker was killed: training finished too fast"
-    records = read_log(log)
+    records = read_jsonl(log)
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert resumed, "training did not resume from a checkpoint"
     first_epoch = next(r for r in records if "valid_loss" in r)
@@ -134,9 +134,9 @@ def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
     assert 0.0 <= sft["valid_page_rate"] <= 1.0 and sft["valid_pages_checked"] > 0
     assert (tmp_path / "sft" / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "sft" / "tokenizer.json").exists()
-    meta_log = read_log(tmp_path / "sft" / "logs" / "meta.jsonl")
+    meta_log = read_jsonl(tmp_path / "sft" / "logs" / "meta.jsonl")
     assert any("valid_loss" in r for r in meta_log) and any("lm_loss" in r for r in meta_log)
-    ft_log = read_log(tmp_path / "sft" / "logs" / "golden_ft.jsonl")
+    ft_log = read_jsonl(tmp_path / "sft" / "logs" / "golden_ft.jsonl")
     assert any("unlikelihood" in r or "train_unlikelihood" in r for r in ft_log)
     acc = tiny_stages["reward"]["accuracy"]
     assert set(acc) == {"coarse", "fine", "combined"}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO, TINY_STAGES
 from transformers import AutoTokenizer
 
 from pagellm.config import PPO_ROLES, load_config
@@ -19,11 +20,9 @@ from pagellm.errors import ConfigError
 from pagellm.rl.groups import role_bundles
 from pagellm.tune import upstream_events, upstream_key
 
-from conftest import REPO, TINY_STAGES
-
 SWEEP = [
     *TINY_STAGES, "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.max_iterations=4", "ppo.eval_every=2",
-    "ppo.checkpoint_every=2", "ppo.eval_max_users=24", "ppo.eval_page_items=20", "ppo.holdout_fraction=0.2",
+    "ppo.checkpoint_every=2", "ppo.eval_max_users=24", "eval.page_items=20", "ppo.holdout_fraction=0.2",
     "tune.betas=[0.05,0.2]", "tune.lambdas=[0.3,0.4]", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
 ]
 

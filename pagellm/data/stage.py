@@ -3,7 +3,7 @@
 Two engines run the same per-user functions (``pagellm.data.rules``) over the same tables:
 ``ray`` (Ray Data: a group-by-user shuffle, then batches of users on every core or node) and
 ``local`` (one process, the reference the benchmark compares against). Both write the layout
-documented in ``write_outputs``.
+of ``pagellm.data.layout.DataDir``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pagellm.config import DataConfig, PageLLMConfig
 from pagellm.data import rules
 from pagellm.data.ingest import load_dataset
+from pagellm.data.layout import EVAL_SPLITS, DataDir
 from pagellm.data.schema import Ingested
 
 log = logging.getLogger(__name__)
@@ -240,17 +241,10 @@ def _of_kind(records: pa.Table, kind: str) -> pa.Table:
     return records.filter(pc.equal(records.column("kind"), kind))
 
 
-def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Table, shard_rows: int) -> dict:
-    """Layout under ``out``:
-    interactions.parquet, items.parquet   canonical tables after cleaning
-    split/{train,val,test}.parquet         canonical interactions of kept users, per split
-    ft/part-*.parquet                      user_id, prompt_items, golden, window
-    pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected, window
-    eval/{val,test}.parquet                user_id, prompt_items, target
-    Returns counts for stats.json.
-    """
-    _write(ingested.interactions, out / "interactions.parquet")
-    _write(ingested.items, out / "items.parquet")
+def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa.Table, shard_rows: int) -> dict:
+    """Every file of the data directory (``DataDir``) but stats.json; returns its counts."""
+    _write(ingested.interactions, out.interactions_path)
+    _write(ingested.items, out.items_path)
     kept = users.filter(pc.equal(users.column("dropped"), ""))
     flat = pa.table(
         {
@@ -264,7 +258,7 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     split_rows = {}
     for label, name in SPLIT_NAMES.items():
         part = flat.filter(pc.equal(flat.column("label"), label)).drop_columns(["label"])
-        _write(part, out / "split" / f"{name}.parquet")
+        _write(part, out.split_path(name))
         split_rows[name] = part.num_rows
 
     # window: "main" (golden_fraction; the pairs use it) or "extra" (extra_ft_fractions)
@@ -273,15 +267,15 @@ def write_outputs(out: Path, ingested: Ingested, users: pa.Table, records: pa.Ta
     )
     pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected", "reason"])
     pairs = pairs.rename_columns(["user_id", "family", "prompt_items", "chosen", "rejected", "window"])
-    for name, table in (("ft", ft), ("pairs", pairs)):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for old in (out / name).glob("part-*.parquet"):
+    for directory, table in ((out.ft_path, ft), (out.pairs_path, pairs)):
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("part-*.parquet"):
             old.unlink()
         for i, lo in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
-            _write(table.slice(lo, shard_rows), out / name / f"part-{i:05d}.parquet")
-    for split in ("val", "test"):
+            _write(table.slice(lo, shard_rows), directory / f"part-{i:05d}.parquet")
+    for split in EVAL_SPLITS:
         ev = _of_kind(records, split).select(["user_id", "prompt_items", "chosen"])
-        _write(ev.rename_columns(["user_id", "prompt_items", "target"]), out / "eval" / f"{split}.parquet")
+        _write(ev.rename_columns(["user_id", "prompt_items", "target"]), out.eval_path(split))
 
     skips = _of_kind(records, "skip")
     skipped = Counter(f"{f}: {r}" for f, r in zip(skips.column("family").to_pylist(), skips.column("reason").to_pylist()))
@@ -324,7 +318,7 @@ def build_dataset(cfg: PageLLMConfig, out_dir: str | Path, engine: str = "ray", 
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
 
     t = time.perf_counter()
-    counts = write_outputs(out, ingested, users, records, shard_rows=max(1000, 20 * data_cfg.users_per_block))
+    counts = write_outputs(DataDir(out), ingested, users, records, shard_rows=max(1000, 20 * data_cfg.users_per_block))
     timings["write"] = time.perf_counter() - t
 
     inter = ingested.interactions
@@ -342,5 +336,5 @@ def build_dataset(cfg: PageLLMConfig, out_dir: str | Path, engine: str = "ray", 
         "ingest_notes": ingested.notes,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    DataDir(out).stats_path.write_text(json.dumps(stats, indent=2, default=str) + "\n")
     return stats

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -42,31 +42,25 @@ class Protocol:
 
 
 def load_protocol(data_dir: Path, split: str, positive_threshold: float = 3.0) -> Protocol:
-    data_dir = Path(data_dir)
-    if not (data_dir / "eval" / f"{split}.parquet").exists():
-        raise InputError(f"{data_dir} is not a data-stage output (missing eval/{split}.parquet)")
-    items = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
+    """The data directory's split with item ids as indices into the catalogue."""
+    data = DataDir(data_dir)
+    items = data.read_items(["item_id"]).column("item_id").to_pylist()
     index = {item: k for k, item in enumerate(items)}
-    parts = ["train"] if split == "val" else ["train", "val"]
-    before = pd.concat([pq.read_table(data_dir / "split" / f"{p}.parquet").to_pandas().assign(part=p) for p in parts])
-    before["item"] = before.item_id.map(index)
-    if before.item.isna().any():
-        raise InputError(f"{data_dir}: {int(before.item.isna().sum())} interactions name items missing from items.parquet")
-    before = before.sort_values(["user_id", "ts"], kind="stable")
-    positives = before[before.rating > positive_threshold]
-    history = positives.groupby("user_id").item.agg(list)
-    seen = before.groupby("user_id").item.agg(list)
-    targets = pq.read_table(data_dir / "eval" / f"{split}.parquet").to_pandas()
+    view = data.eval_users(split, positive_threshold)
+    unknown = {i for seen in view.seen for i in seen} - index.keys()
+    if unknown:
+        raise InputError(f"{data_dir}: interactions name {len(unknown)} items missing from {data.items_path.name}, e.g. {sorted(unknown)[:5]}")
     users = pd.DataFrame(
         {
-            "user_id": targets.user_id,
-            "history": [history.get(u, []) for u in targets.user_id],
-            "seen": [seen.get(u, []) for u in targets.user_id],
-            "target": [list(t) for t in targets.target],
+            "user_id": view.user_id,
+            "history": [[index[i] for i in h] for h in view.history],
+            "seen": [[index[i] for i in s] for s in view.seen],
+            "target": view.target,
         }
     )
-    train_pos = positives[positives.part == "train"][["user_id", "item", "ts"]]
-    return Protocol(items, train_pos, users)
+    train = data.read_split("train").to_pandas().sort_values(["user_id", "ts"], kind="stable")
+    train = train[train.rating > positive_threshold].assign(item=lambda t: t.item_id.map(index))
+    return Protocol(items, train[["user_id", "item", "ts"]], users)
 
 
 def _top_k(scores: np.ndarray, seen: list, k: int) -> np.ndarray:

@@ -21,28 +21,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pagellm.config import EvalConfig, PageLLMConfig
-from pagellm.errors import InputError
+from pagellm.data.layout import DataDir
 from pagellm.eval.metrics import mean_metrics, page_metrics
+from pagellm.model.artifact import require_policy
 
 log = logging.getLogger(__name__)
-SPLITS = ("val", "test")
 
 
-def eval_users(data_dir: Path, split: str, mask_seen: bool) -> pd.DataFrame:
-    """user_id, prompt_items, target and seen_items (what the page may not contain)."""
-    if split not in SPLITS:
-        raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
-    path = Path(data_dir) / "eval" / f"{split}.parquet"
-    if not path.exists():
-        raise InputError(f"{data_dir} is not a data-stage output (missing eval/{split}.parquet); run `pagellm data` first")
-    users = pq.read_table(path).to_pandas()
-    if mask_seen:
-        earlier = ["train"] if split == "val" else ["train", "val"]
-        seen = pd.concat([pq.read_table(Path(data_dir) / "split" / f"{s}.parquet", columns=["user_id", "item_id"]).to_pandas() for s in earlier])
-        by_user = seen.groupby("user_id").item_id.agg(list)
-        users["seen_items"] = [by_user.get(u, []) for u in users.user_id]
-    else:
-        users["seen_items"] = [list(p) for p in users.prompt_items]
+def eval_users(data_dir: Path, split: str, cfg: PageLLMConfig) -> pd.DataFrame:
+    """user_id, prompt_items, target and seen_items (what the page may not contain: every item
+    seen before the split with ``eval.mask_seen``, else only the prompt's)."""
+    users = DataDir(data_dir).eval_users(split, cfg.data.positive_threshold)
+    users["seen_items"] = users.seen if cfg.eval.mask_seen else users.prompt_items
     return users
 
 
@@ -51,36 +41,27 @@ class PageGenerator:
 
     def __init__(self, model_dir: str, cfg: EvalConfig):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pagellm.model.prompts import PromptCodec
-        from pagellm.model.vocab import Vocab
-        from pagellm.model.decoding import PageConstraint
+        from pagellm.model.artifact import load_policy
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
-        self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(model_dir))
-        self.codec = PromptCodec(self.vocab)
-        lo, hi = self.vocab.item_id_range
-        self.constraint = PageConstraint(lo, hi - lo, self.vocab.eos_id, cfg.page_items, cfg.page_items, exclude_history=True)
+        device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.policy = load_policy(model_dir, device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def __call__(self, batch: dict) -> dict:
-        from pagellm.model.decoding import generate_pages
-
-        prompts = [self.codec.prompt(u, list(p)) for u, p in zip(batch["user_id"], batch["prompt_items"])]
-        banned = [[self.vocab.item_token[i] for i in seen if i in self.vocab.item_token] for seen in batch["seen_items"]]
-        pages = generate_pages(
-            self.model, prompts, self.constraint, self.vocab.pad_id, greedy=self.cfg.decoding == "greedy",
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=self.generator, banned_items=banned,
-        )
-        items = [[self.vocab.token_item[t] for t in row] for row in pages.item_tokens(self.constraint)]
+        items = self.policy.write_pages(batch["user_id"], batch["prompt_items"], batch["seen_items"], self.cfg, self.generator)
         pages_col = np.empty(len(items), dtype=object)  # one list per row, not a 2-d array
         for row, page in enumerate(items):
             pages_col[row] = page
         return {"user_id": batch["user_id"], "page": pages_col}
+
+
+def score_pages(pages, targets, category: dict) -> tuple[list[dict], dict]:
+    """Per-user metrics (docs/metrics.md) of pages against targets, and their means."""
+    rows = [page_metrics(list(p), list(t), category) for p, t in zip(pages, targets)]
+    return rows, mean_metrics(rows)
 
 
 def generate_all(model_dir: Path, users: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
@@ -107,18 +88,13 @@ def generate_all(model_dir: Path, users: pd.DataFrame, cfg: EvalConfig) -> pd.Da
 def run_evaluate(cfg: PageLLMConfig, model_dir, data_dir, split: str, out_dir) -> dict:
     from pagellm.ray_utils import init_ray
 
-    model_dir, out = Path(model_dir).resolve(), Path(out_dir)
-    if not (model_dir / "config.json").exists():
-        raise InputError(f"{model_dir} holds no model (config.json missing): pass an SFT_DIR or PPO_DIR/policy")
-    users = eval_users(Path(data_dir), split, cfg.eval.mask_seen)
+    model_dir, out = require_policy(Path(model_dir).resolve()), Path(out_dir)
+    users = eval_users(Path(data_dir), split, cfg)
     init_ray(cfg.ray)
     scored = generate_all(model_dir, users, cfg.eval)
     if scored.page.isna().any():
         raise RuntimeError(f"no page came back for {int(scored.page.isna().sum())} users")
-    items = pq.read_table(Path(data_dir) / "items.parquet", columns=["item_id", "category"]).to_pandas()
-    category = dict(zip(items.item_id, items.category))
-    rows = [page_metrics(list(p), list(t), category) for p, t in zip(scored.page, scored.target)]
-    metrics = mean_metrics(rows)
+    rows, metrics = score_pages(scored.page, scored.target, DataDir(data_dir).categories())
     metrics.update(split=split, model=str(model_dir), page_items=cfg.eval.page_items, config=asdict(cfg.eval))
     out.mkdir(parents=True, exist_ok=True)
     per_user = pd.concat([scored.reset_index(drop=True), pd.DataFrame(rows)], axis=1)

@@ -15,6 +15,9 @@ from typing import Mapping, Optional, Sequence
 
 from pagellm.data.rules import category_entropy
 
+# what reports show, in this order (``page_metrics`` computes each for one page)
+METRICS = ("recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild", "category_entropy")
+
 
 def _discount(rank: int) -> float:
     """1 / log2(rank + 1) for a 1-based rank (the DCG discount)."""

@@ -32,6 +32,12 @@ class PageConstraint:
     max_items: int = 20
     exclude_history: bool = True
 
+    @classmethod
+    def for_vocab(cls, vocab, min_items: int, max_items: int, exclude_history: bool = True) -> "PageConstraint":
+        """The constraint over a ``Vocab``'s item block and its EOS."""
+        lo, hi = vocab.item_id_range
+        return cls(lo, hi - lo, vocab.eos_id, min_items, max_items, exclude_history)
+
     @property
     def eos_action(self) -> int:
         return self.n_items
@@ -125,19 +131,6 @@ class Pages:
     # log-probability of each written action under the masked distribution it was drawn from
     # (``generate_pages(with_logprobs=True)``; serving returns them as item scores)
     logprobs: Optional[torch.Tensor] = None
-
-    @staticmethod
-    def concat(parts: Sequence["Pages"], pad_id: int) -> "Pages":
-        """Pages of several batches in one, padded to the longest (batches stop when all end)."""
-        width = max(p.actions.shape[1] for p in parts)
-
-        def cat(name: str, value) -> torch.Tensor:
-            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, width - p.actions.shape[1]), value=value) for p in parts])
-
-        return Pages(cat("actions", -1), cat("tokens", pad_id), cat("step_mask", False))
-
-    def as_dict(self) -> dict:
-        return {"actions": self.actions, "tokens": self.tokens, "step_mask": self.step_mask}
 
     def item_tokens(self, constraint: PageConstraint) -> list[list[int]]:
         return [[int(t) for t, m in zip(row, mask) if m and t != constraint.eos_id] for row, mask in zip(self.tokens, self.step_mask)]

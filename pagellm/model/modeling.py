@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -232,3 +233,27 @@ class RewardModel(nn.Module):
     def from_policy(cls, policy_dir: str | Path, kind: str) -> "RewardModel":
         """Backbone initialised from the SFT policy (its LM head is dropped)."""
         return cls(AutoModel.from_pretrained(policy_dir), kind)
+
+
+def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:
+    """Right-pad a sequence of 1-d arrays into a [rows, longest] tensor."""
+    longest = max((len(r) for r in rows), default=1)
+    out = np.full((len(rows), max(longest, 1)), pad_value, dtype=np.int64 if dtype == torch.long else np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.as_tensor(out, dtype=dtype)
+
+
+@torch.no_grad()
+def score_lists(model: RewardModel, ids: list, masks: list, pad_id: int, batch_size: int = 128) -> np.ndarray:
+    """Reward scores of ``encode_list`` rows, in batches."""
+    model.eval()
+    out = []
+    for lo in range(0, len(ids), batch_size):
+        chunk_ids, chunk_masks = ids[lo : lo + batch_size], masks[lo : lo + batch_size]
+        out.append(
+            model.score(
+                pad_batch(chunk_ids, pad_id), pad_batch([np.ones(len(x)) for x in chunk_ids], 0), pad_batch(chunk_masks, 0)
+            ).numpy()
+        )
+    return np.concatenate(out) if out else np.zeros(0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from pagellm.model.vocab import Vocab
 
 
@@ -35,6 +37,11 @@ class PromptCodec:
         self.vocab = vocab
         self.history_ids = vocab.text_ids(" history:")
         self.page_ids = vocab.text_ids(" page:")
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "PromptCodec":
+        """The codec of a tokenizer that holds the user and item tokens (its ``vocab``)."""
+        return cls(Vocab.from_tokenizer(tokenizer))
 
     def prompt(self, user_id: Optional[str], history: Sequence[str]) -> list[int]:
         """Prompt ids; a user without a token (unseen at training) gets no user token."""
@@ -60,3 +67,11 @@ class PromptCodec:
                 seen.add(item)
                 page.items.append(item)
         return page
+
+
+def encode_list(codec: PromptCodec, user: Optional[str], prompt_items: Sequence[str], page: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[prompt || page || eos] ids and a mask of the page's item positions: what a reward head
+    scores (``RewardModel.score``)."""
+    prompt, target = codec.prompt(user, list(prompt_items)), codec.target(list(page))
+    mask = [0] * len(prompt) + [1] * (len(target) - 1) + [0]
+    return np.asarray(prompt + target, np.int64), np.asarray(mask, np.int64)

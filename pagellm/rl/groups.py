@@ -10,36 +10,12 @@ the driver starts the roles' work together and waits once.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
+from typing import Callable
 
 from pagellm.config import PPOConfig, RoleConfig
 
 # a role: the worker class and its constructor keyword arguments for (rank, world)
 RoleSpec = tuple[type, Callable[[int, int], dict]]
-
-
-def shard_rows(n: int, parts: int) -> list[slice]:
-    """Contiguous, near-equal slices of n rows (equal when parts divides n)."""
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-
-def slice_batch(prompts: list, batch: dict, part: slice) -> tuple[list, dict]:
-    return prompts[part], {k: (v[part] if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def merge(results: list) -> Any:
-    """Concatenate the per-shard results of one role (tensors, dicts of tensors, metric dicts)."""
-    first = results[0]
-    if torch.is_tensor(first):
-        return torch.cat(results)
-    if isinstance(first, dict) and all(torch.is_tensor(v) for v in first.values()):
-        return {k: torch.cat([r[k] for r in results]) for k in first}
-    if isinstance(first, dict):  # metrics: mean over workers
-        return {k: sum(r[k] for r in results) / len(results) for k in first}
-    return results
 
 
 class LocalRoles:

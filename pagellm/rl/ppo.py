@@ -7,8 +7,10 @@ One driver (single controller) runs every iteration:
                  last token (terminal) or per item (dense); per-token KL penalty beta against
                  the reference; GAE with gamma = 1
   4. train       policy (clipped surrogate) and critic (clipped value loss) in parallel
-Every ``eval_every`` iterations it reports validation NDCG@100 (greedy constrained pages) and
-the reward of pages for held-out prompts; every ``checkpoint_every`` it saves the policy, the
+Every ``eval_every`` iterations it evaluates the policy on the validation split with the
+protocol of ``pagellm evaluate`` (same users, masking, page length and page-writing code, so the
+logged ``val_ndcg@100`` is what ``pagellm evaluate --split val`` gives for that checkpoint) and
+scores pages for held-out prompts with both reward heads; every ``checkpoint_every`` it saves the policy, the
 critic, their optimizer states, the normaliser, the KL controller and the iteration, and
 ``--resume`` continues from there. PPO_DIR/policy is the final policy (``from_pretrained``).
 """
@@ -21,23 +23,28 @@ import logging
 import math
 import shutil
 import time
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
+import pandas as pd
 import torch
 
+from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
+from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
-from pagellm.eval.metrics import ndcg_at_k, recall_at_k
+from pagellm.eval.evaluate import eval_users, score_pages
+from pagellm.eval.metrics import METRICS
+from pagellm.model.artifact import load_codec, require_policy
+from pagellm.model.decoding import PageConstraint
 from pagellm.model.prompts import PromptCodec
-from pagellm.model.vocab import Vocab
-from pagellm.model.decoding import PageConstraint, Pages
-from pagellm.rl.groups import LocalRoles, RayRoles, merge, shard_rows, slice_batch
+from pagellm.outputs import append_jsonl, figure, read_jsonl
+from pagellm.rl.batch import PageScores, RolloutBatch, mean_stats, shard_rows
+from pagellm.rl.groups import LocalRoles, RayRoles
 from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, token_rewards
-from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker, to_pages
+from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE, METRICS_FILE, EVENTS_FILE = "checkpoints", "state.json", "metrics.jsonl", "events.jsonl"
@@ -46,46 +53,47 @@ CHECKPOINTS, STATE_FILE, METRICS_FILE, EVENTS_FILE = "checkpoints", "state.json"
 # ------------------------------------------------------------------------------ prompts
 
 
-def load_prompts(data_dir: Path, codec: PromptCodec, holdout: float) -> dict:
-    """Rollout prompts: each validation user's training history (the prompt evaluation uses);
-    a hash-chosen share of users is held out of rollouts and only monitors the reward."""
-    path = Path(data_dir) / "eval" / "val.parquet"
-    if not path.exists():
-        raise InputError(f"{data_dir} is not a data-stage output (missing eval/val.parquet); run `pagellm data` first")
-    val = pq.read_table(path).to_pandas()
+@dataclass
+class RolloutPrompts:
+    train: list[list[int]]  # rollout prompts: each validation user's training history
+    holdout: list[list[int]]  # prompts of held-out users: their reward is monitored, never trained on
+    validation: pd.DataFrame  # the val split's users as ``pagellm evaluate`` sees them (``eval_users``)
+    category: dict[str, str]  # item -> category, for the diversity metrics
+
+
+def load_prompts(cfg: PageLLMConfig, data_dir: Path, codec: PromptCodec) -> RolloutPrompts:
+    """Rollout prompts are the validation users' prompts (their training history); a hash-chosen
+    share of users is held out of rollouts and only monitors the reward."""
+    val = eval_users(Path(data_dir), "val", cfg)
     prompts = [codec.prompt(u, list(p)) for u, p in zip(val.user_id, val.prompt_items)]
-    held = held_out(val.user_id, holdout)
-    return {
-        "train": [p for p, h in zip(prompts, held) if not h],
-        "holdout": [p for p, h in zip(prompts, held) if h],
-        "val": prompts,
-        "val_targets": [list(t) for t in val.target],
-    }
+    held = held_out(val.user_id, cfg.ppo.holdout_fraction)
+    return RolloutPrompts(
+        train=[p for p, h in zip(prompts, held) if not h],
+        holdout=[p for p, h in zip(prompts, held) if h],
+        validation=val,
+        category=DataDir(data_dir).categories(),
+    )
 
 
 def held_out(user_ids, fraction: float) -> np.ndarray:
     """Users whose prompts only monitor the reward: a stable hash, the same in every process."""
-    return np.array([zlib.crc32(f"ppo:{u}".encode()) % 10_000 < fraction * 10_000 for u in user_ids], dtype=bool)
+    return np.array([in_share(u, fraction, salt="ppo") for u in user_ids], dtype=bool)
 
 
 def planned_iterations(ppo, data_dir) -> int:
     """Iterations a run makes: ``max_iterations``, else ``epochs`` passes over the rollout prompts."""
     if ppo.max_iterations is not None:
         return ppo.max_iterations
-    users = pq.read_table(Path(data_dir) / "eval" / "val.parquet", columns=["user_id"]).column("user_id").to_pylist()
+    users = DataDir(data_dir).read_eval("val", ["user_id"]).column("user_id").to_pylist()
     return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / ppo.batch_size)
 
 
-def rollout_setup(ppo, sft_dir: Path, data_dir: Path):
-    """The reference policy's tokenizer, its prompt codec, the page constraint of rollouts and
-    the prompts (``load_prompts``)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    codec = PromptCodec(Vocab.from_tokenizer(tokenizer))
-    lo, hi = codec.vocab.item_id_range
-    constraint = PageConstraint(lo, hi - lo, codec.vocab.eos_id, ppo.page_min_items, ppo.page_max_items, ppo.exclude_history)
-    return tokenizer, codec, constraint, load_prompts(Path(data_dir), codec, ppo.holdout_fraction)
+def rollout_setup(cfg: PageLLMConfig, sft_dir: Path, data_dir: Path) -> tuple[PromptCodec, PageConstraint, RolloutPrompts]:
+    """The reference policy's prompt codec, the page constraint of rollouts and the prompts."""
+    ppo = cfg.ppo
+    codec = load_codec(sft_dir)
+    constraint = PageConstraint.for_vocab(codec.vocab, ppo.page_min_items, ppo.page_max_items, ppo.exclude_history)
+    return codec, constraint, load_prompts(cfg, Path(data_dir), codec)
 
 
 def batch_indices(n: int, batch: int, iteration: int, seed: int) -> np.ndarray:
@@ -128,15 +136,20 @@ def start_roles(cfg: PageLLMConfig, specs: dict, local: bool, placement_group=No
     return roles
 
 
-def on_shards(roles, role: str, method: str, prompts: list, batch: dict) -> list:
-    parts = shard_rows(len(prompts), roles.world(role))
-    return roles.submit(role, method, [slice_batch(prompts, batch, p) for p in parts])
+def on_shards(roles, role: str, method: str, batch: RolloutBatch, *args) -> list:
+    """Start ``method`` on every worker of ``role`` with its shard of ``batch``."""
+    return roles.submit(role, method, [(part, *args) for part in batch.shard(roles.world(role))])
 
 
-def generate(roles, prompts: list, greedy: bool, seed: int, max_items=None, min_items=None) -> dict:
+def generate(roles, prompts: list, greedy: bool, seed: int, pad_id: int) -> RolloutBatch:
     parts = shard_rows(len(prompts), roles.world("policy"))
-    pending = roles.submit("policy", "generate", [(prompts[p], greedy, seed + 7919 * i, max_items, min_items) for i, p in enumerate(parts)])
-    return Pages.concat([to_pages(p) for p in roles.collect(pending)], pad_id=0).as_dict()
+    pending = roles.submit("policy", "generate", [(prompts[p], greedy, seed + 7919 * i) for i, p in enumerate(parts)])
+    return RolloutBatch.concat(roles.collect(pending), pad_id)
+
+
+def scores_of(roles, kinds: tuple[str, ...], batch: RolloutBatch) -> dict[str, PageScores]:
+    pending = {kind: on_shards(roles, kind, "score", batch) for kind in kinds}
+    return {kind: PageScores.concat(roles.collect(p)) for kind, p in pending.items()}
 
 
 # ---------------------------------------------------------------------------- iteration
@@ -148,10 +161,10 @@ def page_reward(ppo, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return wc * coarse + wf * fine
 
 
-def place_rewards(ppo, scores: dict, mask: torch.Tensor, normalizer: RunningMeanStd) -> torch.Tensor:
+def place_rewards(ppo, coarse: PageScores, fine: PageScores, mask: torch.Tensor, normalizer: RunningMeanStd) -> torch.Tensor:
     """Task reward per step [B, T]: terminal puts the normalised R on the last step; dense puts
     each item's weighted fine score on its step and the rest of R on the last step."""
-    total = page_reward(ppo, scores["coarse"]["page"], scores["fine"]["page"])
+    total = page_reward(ppo, coarse.page, fine.page)
     if ppo.reward_normalization:
         normalizer.update(total)
         mean, std = normalizer.mean, normalizer.std + 1e-8
@@ -160,7 +173,7 @@ def place_rewards(ppo, scores: dict, mask: torch.Tensor, normalizer: RunningMean
     rows, last = torch.arange(len(mask)), mask.sum(1).long() - 1
     placed = torch.zeros(mask.shape)
     if ppo.reward_placement == "dense" and ppo.rewards in ("both", "fine"):
-        per_item = ppo.fine_weight * scores["fine"]["steps"]
+        per_item = ppo.fine_weight * fine.steps
         placed += per_item / std
         placed[rows, last] += (total - per_item.sum(1) - mean) / std
     else:
@@ -168,30 +181,28 @@ def place_rewards(ppo, scores: dict, mask: torch.Tensor, normalizer: RunningMean
     return placed * mask
 
 
-def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalizer: RunningMeanStd, kl_ctl: KLController) -> dict:
+def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalizer: RunningMeanStd, kl_ctl: KLController, pad_id: int) -> dict:
     ppo = cfg.ppo
     t0 = time.perf_counter()
-    pages = generate(roles, prompts, greedy=False, seed=seed)
+    batch = generate(roles, prompts, greedy=False, seed=seed, pad_id=pad_id)
     t1 = time.perf_counter()
     pending = {
-        "old_logp": on_shards(roles, "policy", "logprobs", prompts, pages),
-        "ref_logp": on_shards(roles, "reference", "logprobs", prompts, pages),
-        "values": on_shards(roles, "critic", "values", prompts, pages),
-        "coarse": on_shards(roles, "coarse", "score", prompts, pages),
-        "fine": on_shards(roles, "fine", "score", prompts, pages),
+        "old_logp": on_shards(roles, "policy", "logprobs", batch),
+        "ref_logp": on_shards(roles, "reference", "logprobs", batch),
+        "values": on_shards(roles, "critic", "values", batch),
     }
-    got = {k: merge(roles.collect(v)) for k, v in pending.items()}
+    scores = scores_of(roles, ("coarse", "fine"), batch)
+    old_logp, ref_logp, values = (torch.cat(roles.collect(pending[k])) for k in ("old_logp", "ref_logp", "values"))
     t2 = time.perf_counter()
-    mask = pages["step_mask"].float()
-    kl = kl_per_token(got["old_logp"], got["ref_logp"], ppo.kl_estimator) * mask
-    task = place_rewards(ppo, {"coarse": got["coarse"], "fine": got["fine"]}, mask, normalizer)
+    mask = batch.step_mask.float()
+    kl = kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
+    task = place_rewards(ppo, scores["coarse"], scores["fine"], mask, normalizer)
     rewards = token_rewards(task, kl, kl_ctl.beta, mask)
-    advantages, returns = gae(rewards, got["values"] * mask, mask, ppo.gamma, ppo.gae_lambda)
-    advantages = masked_whiten(advantages, mask)
-    batch = {**pages, "old_logp": got["old_logp"], "advantages": advantages, "old_values": got["values"], "returns": returns, "seed": seed}
+    advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.gae_lambda)
+    batch = batch.with_fields(old_logp=old_logp, advantages=masked_whiten(advantages, mask), old_values=values, returns=returns)
     t3 = time.perf_counter()
-    pending = {"policy": on_shards(roles, "policy", "train", prompts, batch), "critic": on_shards(roles, "critic", "train", prompts, batch)}
-    trained = {k: merge(roles.collect(v)) for k, v in pending.items()}
+    pending = {role: on_shards(roles, role, "train", batch, seed) for role in ("policy", "critic")}
+    trained = {role: mean_stats(roles.collect(p)) for role, p in pending.items()}
     t4 = time.perf_counter()
     sync = 0.0
     if roles.world("policy") > 1:  # the replicas must hold the same weights after the step
@@ -202,10 +213,10 @@ def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalize
     page_kl = kl.sum(1).mean().item()
     kl_ctl.update(page_kl, len(prompts))
     elapsed = time.perf_counter() - t0
-    total = page_reward(ppo, got["coarse"]["page"], got["fine"]["page"])
+    total = page_reward(ppo, scores["coarse"].page, scores["fine"].page)
     return {
-        "reward_coarse": got["coarse"]["page"].mean().item(),
-        "reward_fine": got["fine"]["page"].mean().item(),
+        "reward_coarse": scores["coarse"].page.mean().item(),
+        "reward_fine": scores["fine"].page.mean().item(),
         "reward_total": total.mean().item(),
         "kl": page_kl,
         "beta": kl_ctl.beta,
@@ -217,27 +228,31 @@ def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalize
     }
 
 
-def evaluate(roles, cfg: PageLLMConfig, prompts: dict, codec: PromptCodec, seed: int) -> dict:
-    """Validation NDCG@100 / Recall@20 of greedy constrained pages of ``eval_page_items`` items,
-    and the (unnormalised) reward of sampled pages for the held-out prompts."""
+def validate(roles, cfg: PageLLMConfig, users: pd.DataFrame, category: dict) -> dict:
+    """The evaluation protocol of ``pagellm evaluate`` on the live policy: every metric of
+    docs/metrics.md as ``val_<metric>``. Workers get whole chunks of ``eval.batch_size`` users,
+    so pages are written in the same chunks as by the evaluation actors."""
+    chunks = math.ceil(len(users) / cfg.eval.batch_size)
+    parts = [slice(s.start * cfg.eval.batch_size, min(s.stop * cfg.eval.batch_size, len(users))) for s in shard_rows(chunks, roles.world("policy"))]
+    columns = [list(users[c]) for c in ("user_id", "prompt_items", "seen_items")]
+    pending = roles.submit("policy", "validation_pages", [(*(col[p] for col in columns), cfg.eval) for p in parts])
+    pages = [page for part in roles.collect(pending) for page in part]
+    _, metrics = score_pages(pages, users.target, category)
+    return {**{f"val_{k}": metrics[k] for k in METRICS}, "val_users": len(users)}
+
+
+def evaluate(roles, cfg: PageLLMConfig, prompts: RolloutPrompts, seed: int, pad_id: int) -> dict:
+    """Validation metrics (``validate``, on ``ppo.eval_max_users`` users or all) and the
+    (unnormalised) reward of sampled pages for the held-out prompts."""
     ppo = cfg.ppo
-    users = len(prompts["val"]) if ppo.eval_max_users is None else min(ppo.eval_max_users, len(prompts["val"]))
-    val_prompts, targets = prompts["val"][:users], prompts["val_targets"][:users]
-    pages = generate(roles, val_prompts, greedy=True, seed=seed, max_items=ppo.eval_page_items, min_items=ppo.eval_page_items)
-    item_lists = [codec.parse(row[m].tolist()).items for row, m in zip(pages["tokens"], pages["step_mask"])]
-    out = {
-        "val_ndcg@100": float(np.mean([ndcg_at_k(p, t, 100) for p, t in zip(item_lists, targets)])),
-        "val_recall@20": float(np.mean([recall_at_k(p, t, 20) for p, t in zip(item_lists, targets)])),
-        "val_users": users,
-    }
-    held = prompts["holdout"]
-    if held:
-        pages = generate(roles, held, greedy=False, seed=seed + 1)
-        pending = {kind: on_shards(roles, kind, "score", held, pages) for kind in ("coarse", "fine")}
-        coarse, fine = (merge(roles.collect(pending[kind]))["page"] for kind in ("coarse", "fine"))
+    users = prompts.validation if ppo.eval_max_users is None else prompts.validation.head(ppo.eval_max_users)
+    out = validate(roles, cfg, users, prompts.category)
+    if prompts.holdout:
+        scores = scores_of(roles, ("coarse", "fine"), generate(roles, prompts.holdout, greedy=False, seed=seed + 1, pad_id=pad_id))
+        coarse, fine = scores["coarse"].page, scores["fine"].page
         out.update(
             holdout_reward_coarse=coarse.mean().item(), holdout_reward_fine=fine.mean().item(),
-            holdout_reward_total=page_reward(ppo, coarse, fine).mean().item(), holdout_prompts=len(held),
+            holdout_reward_total=page_reward(ppo, coarse, fine).mean().item(), holdout_prompts=len(prompts.holdout),
         )
     return out
 
@@ -259,15 +274,14 @@ def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
     """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
     best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
     it was better than every update, that is said in the log and the best PPO checkpoint is used."""
-    evals = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()) if "val_ndcg@100" in r]
+    evals = [r for r in read_jsonl(metrics_path) if "val_ndcg@100" in r]
     saved = [r for r in evals if (checkpoint_dir(out, r["iteration"]) / STATE_FILE).exists()]
     best = max(saved, key=lambda r: r["val_ndcg@100"])
     start = next((r for r in evals if r["iteration"] == 0), None)
     if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
         log.warning("final_policy=best_val: the SFT policy (validation NDCG@100 %.4f) beat every PPO checkpoint (best %.4f)",
                     start["val_ndcg@100"], best["val_ndcg@100"])
-    with (out / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps({"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]}) + "\n")
+    append_jsonl(out / EVENTS_FILE, {"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]})
     return checkpoint_dir(out, best["iteration"])
 
 
@@ -290,32 +304,61 @@ def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd
 
 
 def plot_ppo(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("reward (rollouts)", ["reward_total", "reward_coarse", "reward_fine"]),
         ("reward (held-out prompts)", ["holdout_reward_total", "holdout_reward_coarse", "holdout_reward_fine"]),
         ("KL to reference (per page)", ["kl"]),
         ("validation NDCG@100", ["val_ndcg@100"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.3))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["iteration"], r[key]) for r in records if key in r]
-            if pts:
-                ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", label=key, ms=3)
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(panels), panel_size=(4.5, 3.3)) as (_, axes):
+        for ax, (title, keys) in zip(axes, panels):
+            for key in keys:
+                pts = [(r["iteration"], r[key]) for r in records if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", label=key, ms=3)
+            ax.set_title(title)
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=7)
 
 
 # ---------------------------------------------------------------------------------- stage
+
+
+def check_inputs(sft_dir: Path, reward_dir: Path) -> None:
+    require_policy(sft_dir)
+    for need in (reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
+        if not need.exists():
+            raise InputError(f"missing {need}: run `pagellm reward` first")
+
+
+def restore(roles, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) -> int:
+    """Load the latest checkpoint of ``out`` into the roles and the PPO state; drop the metrics
+    of iterations after it. Returns the iteration to continue from (0 without a checkpoint)."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from iteration 0", out)
+        return 0
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    for role in ("policy", "critic"):
+        roles.collect(roles.submit(role, "load", [(str(checkpoint / role),)] * roles.world(role)))
+    normalizer.load_state_dict(state["normalizer"])
+    kl_ctl.load_state_dict(state["kl_controller"])
+    metrics_path = out / METRICS_FILE
+    kept = [r for r in read_jsonl(metrics_path) if r["iteration"] <= state["iteration"]]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    append_jsonl(out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": checkpoint.name, **state})
+    log.info("resumed from %s (iteration %d)", checkpoint, state["iteration"])
+    return state["iteration"]
+
+
+def export_policy(out: Path, final_policy: str, tokenizer) -> Path:
+    """PPO_DIR/policy: the last checkpoint's policy, or the best validated one (``best_val``)."""
+    final = best_val_checkpoint(out, out / METRICS_FILE) if final_policy == "best_val" else latest_checkpoint(out)
+    policy_dir = out / "policy"
+    shutil.rmtree(policy_dir, ignore_errors=True)
+    shutil.copytree(final / "policy", policy_dir, ignore=shutil.ignore_patterns("optim_rank*.pt", "module.safetensors"))
+    tokenizer.save_pretrained(policy_dir)
+    return policy_dir
 
 
 def run_ppo(
@@ -326,80 +369,55 @@ def run_ppo(
     ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them), the
     last one after the final policy and curves are written;
     ``placement_group``/``first_bundle`` place the roles in a caller's group (a Tune trial's)."""
+    import wandb
+    from tqdm import tqdm
+
     out, sft_dir, reward_dir = Path(out_dir), Path(sft_dir).resolve(), Path(reward_dir).resolve()
-    for need in (sft_dir / "config.json", reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
-        if not need.exists():
-            raise InputError(f"missing {need}: run `pagellm sft` and `pagellm reward` first")
+    check_inputs(sft_dir, reward_dir)
     if not local:
         from pagellm.ray_utils import init_ray
 
         init_ray(cfg.ray)
     out.mkdir(parents=True, exist_ok=True)
     ppo = cfg.ppo
-    tokenizer, codec, constraint, prompts = rollout_setup(ppo, sft_dir, data_dir)
-    vocab = codec.vocab
-    if len(prompts["train"]) == 0:
+    codec, constraint, prompts = rollout_setup(cfg, sft_dir, data_dir)
+    pad_id, tokenizer = codec.vocab.pad_id, codec.vocab.tokenizer
+    if not prompts.train:
         raise InputError(f"{data_dir}: no rollout prompts (every user is held out)")
     total = planned_iterations(ppo, data_dir)
 
-    roles = start_roles(cfg, role_specs(cfg, sft_dir, reward_dir, constraint, vocab.pad_id), local, placement_group, first_bundle)
+    roles = start_roles(cfg, role_specs(cfg, sft_dir, reward_dir, constraint, pad_id), local, placement_group, first_bundle)
     normalizer, kl_ctl = RunningMeanStd(), KLController(ppo.kl_beta, ppo.kl_adaptive, ppo.kl_target, ppo.kl_horizon)
-    start, metrics_path = 0, out / METRICS_FILE
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from iteration 0", out)
-    if checkpoint is not None:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        roles.collect(roles.submit("policy", "load", [(str(checkpoint / "policy"),)] * roles.world("policy")))
-        roles.collect(roles.submit("critic", "load", [(str(checkpoint / "critic"),)] * roles.world("critic")))
-        normalizer.load_state_dict(state["normalizer"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        start = state["iteration"]
-        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= start] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        with (out / EVENTS_FILE).open("a") as f:
-            f.write(json.dumps({"event": "resumed", "iteration": start, "checkpoint": checkpoint.name, **state}) + "\n")
-        log.info("resumed from %s (iteration %d)", checkpoint, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-
-    import wandb
-
+    metrics_path = out / METRICS_FILE
+    start = restore(roles, out, normalizer, kl_ctl) if resume else 0
+    if start == 0:
+        metrics_path.unlink(missing_ok=True)
     run = wandb.init(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, name="ppo", dir=str(out), config={"ppo": dataclasses.asdict(ppo)}, reinit="create_new")
-    from tqdm import tqdm
-
-    record: dict = {}
     try:
         if start == 0:  # the reference point: the SFT policy before any update
-            first = {"iteration": 0, **evaluate(roles, cfg, prompts, codec, ppo.seed)}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(first) + "\n")
+            first = {"iteration": 0, **evaluate(roles, cfg, prompts, ppo.seed, pad_id)}
+            append_jsonl(metrics_path, first)
             if on_evaluation:
                 on_evaluation(first)
         for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
-            idx = batch_indices(len(prompts["train"]), ppo.batch_size, it, ppo.seed)
+            idx = batch_indices(len(prompts.train), ppo.batch_size, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
-            record = {"iteration": it + 1, **ppo_iteration(roles, cfg, [prompts["train"][i] for i in idx], seed, normalizer, kl_ctl)}
+            record = {"iteration": it + 1, **ppo_iteration(roles, cfg, [prompts.train[i] for i in idx], seed, normalizer, kl_ctl, pad_id)}
             if (it + 1) % ppo.eval_every == 0 or it + 1 == total:
-                record.update(evaluate(roles, cfg, prompts, codec, ppo.seed))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                record.update(evaluate(roles, cfg, prompts, ppo.seed, pad_id))
+            append_jsonl(metrics_path, record)
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
                 save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)
             if on_evaluation and "val_ndcg@100" in record and it + 1 < total:
                 on_evaluation(record)
-        final = best_val_checkpoint(out, metrics_path) if ppo.final_policy == "best_val" else latest_checkpoint(out)
-        policy_dir = out / "policy"
-        shutil.rmtree(policy_dir, ignore_errors=True)
-        shutil.copytree(final / "policy", policy_dir, ignore=shutil.ignore_patterns("optim_rank*.pt", "module.safetensors"))
-        tokenizer.save_pretrained(policy_dir)
+        export_policy(out, ppo.final_policy, tokenizer)
     finally:
         run.finish()
         roles.shutdown()
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(metrics_path)
     plot_ppo(records, out / "ppo_curves.png")
-    last = records[-1] if records else record
+    last = records[-1]
     if on_evaluation and "val_ndcg@100" in last:
         # the last evaluation is handed over only now that every output is written: a Tune
         # scheduler may end the trial at this report (ASHA does at max_t)

@@ -7,6 +7,7 @@ critic     trainable; a value at every page step. Initialised from the coarse re
 coarse     R_c of a page (eq. 10), frozen
 fine       R_f of a page and each item's score (eq. 13), frozen
 
+Every call takes a ``RolloutBatch`` shard and returns one type (``pagellm.rl.batch``).
 Trainable roles step through ``ModelOptimizer`` (DeepSpeed or AdamW), the helper of the
 supervised stages. With several workers a role is one ``torch.distributed`` group and each
 worker takes a shard of the batch. Models stay in eval mode (no dropout) so the log-probability
@@ -23,19 +24,24 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pagellm.config import PPOConfig, TrainConfig
+from pagellm.config import EvalConfig, PPOConfig, TrainConfig
+from pagellm.model.artifact import load_policy
+from pagellm.model.decoding import (
+    PageConstraint,
+    allowed_masks,
+    gather_steps,
+    generate_pages,
+    masked_logprobs,
+    rollout_batch,
+)
 from pagellm.model.modeling import RewardModel
-from pagellm.model.decoding import PageConstraint, Pages, allowed_masks, gather_steps, generate_pages, masked_logprobs, rollout_batch
+from pagellm.rl.batch import PageScores, RolloutBatch
 from pagellm.rl.ppo_math import policy_loss, value_loss
 from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
 
 
 def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def to_pages(batch: dict) -> Pages:
-    return Pages(batch["actions"], batch["tokens"], batch["step_mask"])
 
 
 class CriticModel(nn.Module):
@@ -77,16 +83,15 @@ class RoleWorker:
     def ready(self) -> bool:
         return True
 
-    def _minibatches(self, prompts: list, batch: dict, keys: tuple):
+    def _minibatches(self, batch: RolloutBatch, seed: int):
         """``update_epochs`` seeded passes over this shard in minibatches of
-        ``minibatch_size / world`` pages: (prompts, {key: rows}) per step."""
-        n, micro = len(prompts), max(1, self.ppo.minibatch_size // self.world)
-        gen = torch.Generator().manual_seed(int(batch["seed"]))
+        ``minibatch_size / world`` pages."""
+        n, micro = len(batch), max(1, self.ppo.minibatch_size // self.world)
+        gen = torch.Generator().manual_seed(int(seed))
         for _ in range(self.ppo.update_epochs):
             order = torch.randperm(n, generator=gen)
             for lo in range(0, n, micro):
-                idx = order[lo : lo + micro]
-                yield [prompts[i] for i in idx.tolist()], {k: batch[k][idx] for k in keys}
+                yield batch.rows(order[lo : lo + micro])
 
     def _save_state(self, module: nn.Module, directory: Path) -> None:
         """Rank 0: the module's safetensors; every rank: its optimizer shard."""
@@ -120,10 +125,9 @@ class RoleWorker:
 class PolicyWorker(RoleWorker):
     def __init__(self, model_dir: str, constraint: PageConstraint, pad_id: int, trainable: bool, **kw):
         super().__init__(**kw)
-        from transformers import AutoModelForCausalLM
-
         self.constraint, self.pad_id, self.trainable = constraint, pad_id, trainable
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
+        self.policy = load_policy(model_dir, self.device)
+        self.model = self.policy.model
         if not trainable:
             self.model.requires_grad_(False)
 
@@ -134,40 +138,45 @@ class PolicyWorker(RoleWorker):
     def _forward(self):
         return self.optimizer.forward if self.optimizer is not None else self.model
 
-    def generate(self, prompts: list, greedy: bool, seed: int, max_items: Optional[int] = None, min_items: Optional[int] = None) -> dict:
-        constraint = self.constraint
-        if max_items is not None or min_items is not None:
-            from dataclasses import replace
-
-            constraint = replace(constraint, max_items=max_items or constraint.max_items, min_items=min_items or constraint.min_items)
+    def generate(self, prompts: list, greedy: bool, seed: int) -> RolloutBatch:
+        """Rollout pages under the PPO page constraint, in chunks of ``generate_batch_size``."""
         gen = torch.Generator().manual_seed(seed)
-        chunks = [  # bounded memory: the KV cache of eval_page_items steps for every user at once is large
-            generate_pages(self.model, prompts[lo : lo + self.ppo.generate_batch_size], constraint, self.pad_id, greedy, self.ppo.temperature, self.ppo.top_p, gen)
+        chunks = [
+            RolloutBatch.from_pages(
+                prompts[lo : lo + self.ppo.generate_batch_size],
+                generate_pages(self.model, prompts[lo : lo + self.ppo.generate_batch_size], self.constraint, self.pad_id, greedy,
+                               self.ppo.temperature, self.ppo.top_p, gen),
+            )
             for lo in range(0, len(prompts), self.ppo.generate_batch_size)
         ]
-        return Pages.concat(chunks, self.pad_id).as_dict()
-
-    def _logprobs(self, prompts: list, batch: dict, forward):
-        pages = to_pages(batch)
-        ids, attention, positions = rollout_batch(prompts, pages, self.pad_id)
-        out = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
-        logits = self.constraint.restrict(gather_steps(out.logits, positions))
-        allowed = allowed_masks(self.constraint, prompts, pages.actions, pages.step_mask).to(self.device)
-        return masked_logprobs(logits, allowed, pages.actions.to(self.device), self.ppo.temperature)
+        return RolloutBatch.concat(chunks, self.pad_id)
 
     @torch.no_grad()
-    def logprobs(self, prompts: list, batch: dict) -> torch.Tensor:
-        return self._logprobs(prompts, batch, self.model)[0].cpu()
+    def validation_pages(self, user_ids: list, histories: list, banned: list, eval_cfg: EvalConfig) -> list[list[str]]:
+        """Pages of the evaluation protocol (``Policy.write_pages``, as ``pagellm evaluate``)."""
+        return self.policy.write_pages(user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed))
 
-    def train(self, prompts: list, batch: dict) -> dict:
+    def _logprobs(self, batch: RolloutBatch, forward):
+        ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
+        out = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
+        logits = self.constraint.restrict(gather_steps(out.logits, positions))
+        allowed = allowed_masks(self.constraint, batch.prompts, batch.actions, batch.step_mask).to(self.device)
+        return masked_logprobs(logits, allowed, batch.actions.to(self.device), self.ppo.temperature)
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, T] log-probability of each written action."""
+        return self._logprobs(batch, self.model)[0].cpu()
+
+    def train(self, batch: RolloutBatch, seed: int) -> dict[str, float]:
         """PPO clipped surrogate over this shard's minibatches."""
         stats = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         steps = 0
-        for sub_prompts, sub in self._minibatches(prompts, batch, ("actions", "tokens", "step_mask", "old_logp", "advantages")):
-            logp, entropy = self._logprobs(sub_prompts, sub, self._forward())
-            mask = sub["step_mask"].to(self.device).float()
+        for sub in self._minibatches(batch, seed):
+            logp, entropy = self._logprobs(sub, self._forward())
+            mask = sub.step_mask.to(self.device).float()
             loss, clip_frac, approx_kl = policy_loss(
-                logp, sub["old_logp"].to(self.device), sub["advantages"].to(self.device), mask, self.ppo.clip
+                logp, sub.old_logp.to(self.device), sub.advantages.to(self.device), mask, self.ppo.clip
             )
             self.optimizer.step(loss)
             ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
@@ -202,23 +211,24 @@ class CriticWorker(RoleWorker):
         self._init_group(address)
         self.optimizer = self._optimizer(self.model, self.ppo.critic_lr)
 
-    def _values(self, prompts, batch, forward):
-        ids, attention, positions = rollout_batch(prompts, to_pages(batch), self.pad_id)
+    def _values(self, batch: RolloutBatch, forward):
+        ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
         scores = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
         return gather_steps(scores, positions).float()
 
     @torch.no_grad()
-    def values(self, prompts: list, batch: dict) -> torch.Tensor:
-        return self._values(prompts, batch, self.model).cpu()
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, T] value at each page step."""
+        return self._values(batch, self.model).cpu()
 
-    def train(self, prompts: list, batch: dict) -> dict:
+    def train(self, batch: RolloutBatch, seed: int) -> dict[str, float]:
         """Clipped value loss over this shard's minibatches."""
         total, steps = 0.0, 0
-        for sub_prompts, sub in self._minibatches(prompts, batch, ("actions", "tokens", "step_mask", "old_values", "returns")):
-            values = self._values(sub_prompts, sub, self.optimizer.forward)
-            mask = sub["step_mask"].to(self.device).float()
+        for sub in self._minibatches(batch, seed):
+            values = self._values(sub, self.optimizer.forward)
+            mask = sub.step_mask.to(self.device).float()
             loss = self.ppo.value_loss_coef * value_loss(
-                values, sub["old_values"].to(self.device), sub["returns"].to(self.device), mask, self.ppo.value_clip
+                values, sub.old_values.to(self.device), sub.returns.to(self.device), mask, self.ppo.value_clip
             )
             self.optimizer.step(loss)
             total += float(loss.detach())
@@ -234,8 +244,7 @@ class CriticWorker(RoleWorker):
 
 
 class RewardWorker(RoleWorker):
-    """R_c or R_f of pages. ``score`` returns the page score [B] and a per-step score [B, T]:
-    for the fine head each item's own score on its step (0 on EOS); for the coarse head 0."""
+    """R_c or R_f of pages (``PageScores``)."""
 
     def __init__(self, reward_dir: str, pad_id: int, eos_id: int, **kw):
         super().__init__(**kw)
@@ -244,18 +253,17 @@ class RewardWorker(RoleWorker):
         self.kind = self.model.kind
 
     @torch.no_grad()
-    def score(self, prompts: list, batch: dict) -> dict:
-        pages = to_pages(batch)
-        ids, attention, positions = rollout_batch(prompts, pages, self.pad_id)
+    def score(self, batch: RolloutBatch) -> PageScores:
+        ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
         scores = self.model.item_scores(ids.to(self.device), attention.to(self.device)).float().cpu()
-        lengths = pages.step_mask.sum(1)
-        last = torch.tensor([len(p) for p in prompts]) + lengths - 1
-        is_item = pages.step_mask & (pages.tokens != self.eos_id)
-        rows = torch.arange(len(prompts))
+        lengths = batch.step_mask.sum(1)
+        last = torch.tensor([len(p) for p in batch.prompts]) + lengths - 1
+        is_item = batch.step_mask & (batch.tokens != self.eos_id)
+        rows = torch.arange(len(batch))
         if self.kind == "coarse":
-            return {"page": scores[rows, last], "steps": torch.zeros(pages.actions.shape)}
+            return PageScores(scores[rows, last], torch.zeros(batch.actions.shape))
         # item at step s sits at position len(prompt) + s, one after the logit position
         item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1)) * is_item
         n_items = is_item.sum(1).clamp(min=1)
-        return {"page": item_scores.sum(1) / n_items, "steps": item_scores / n_items[:, None]}
+        return PageScores(item_scores.sum(1) / n_items, item_scores / n_items[:, None])
 

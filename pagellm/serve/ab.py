@@ -1,16 +1,13 @@
-"""A/B assignment: a salted, stable hash of the user id into buckets, split by weight.
+"""A/B assignment: a salted, stable hash bucket of the user id (``pagellm.buckets``), split by weight.
 
-crc32 of "salt:user_id" is the same in every process and on every replica (Python's ``hash`` of a
-str is not), so a user lands in the same arm on every request: sticky without any state.
-Changing the salt reshuffles every user; changing the weights moves only the users whose bucket
-crosses a boundary.
+The bucket is the same in every process and on every replica, so a user lands in the same arm
+on every request: sticky without any state. Changing the salt reshuffles every user; changing
+the weights moves only the users whose bucket crosses a boundary.
 """
 
 from __future__ import annotations
 
-import zlib
-
-BUCKETS = 10_000
+from pagellm.buckets import BUCKETS, bucket
 
 
 def parse_split(text: str | None, arms: list[str]) -> dict[str, float]:
@@ -33,10 +30,6 @@ def check_split(split: dict[str, float], arms: list[str]) -> None:
         raise ValueError(f"the split names arms {sorted(split)} but the arms are {sorted(arms)}")
     if any(w < 0 for w in split.values()) or sum(split.values()) <= 0:
         raise ValueError(f"split weights must be >= 0 with a positive sum, got {split}")
-
-
-def bucket(user_id: str, salt: str) -> int:
-    return zlib.crc32(f"{salt}:{user_id}".encode()) % BUCKETS
 
 
 def assign(user_id: str, split: dict[str, float], salt: str) -> str:

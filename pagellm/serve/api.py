@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from pagellm.data.layout import SPLITS, DataDir
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_HISTORY = 500
@@ -90,17 +89,13 @@ class ServingData:
 
     @classmethod
     def load(cls, data_dir: str | Path, prompt_items: int = 20) -> "ServingData":
-        data_dir = Path(data_dir)
-        parts = [data_dir / "split" / f"{s}.parquet" for s in ("train", "val", "test")]
-        missing = [str(p) for p in parts if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"{data_dir} is not a data-stage output (missing {missing}); run `pagellm data` first")
-        table = pa.concat_tables([pq.read_table(p, columns=["user_id", "item_id", "ts"]) for p in parts])
-        table = table.take(pc.sort_indices(table, [("user_id", "ascending"), ("ts", "ascending")]))
+        data = DataDir(data_dir)
+        data.require(*(data.split_path(s) for s in SPLITS))
+        known = data.interactions_before(None)
         history: dict[str, list[str]] = {}
-        for user, item in zip(table.column("user_id").to_pylist(), table.column("item_id").to_pylist()):
+        for user, item in zip(known.user_id, known.item_id):
             history.setdefault(str(user), []).append(str(item))
-        counts = Counter(str(i) for i in table.column("item_id").to_pylist())
+        counts = Counter(str(i) for i in known.item_id)
         return cls(
             history={u: items for u, items in history.items()},
             seen={u: set(items) for u, items in history.items()},

@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
+from pagellm.errors import InputError
+from pagellm.model.artifact import require_policy
 from pagellm.serve.ab import assign, check_split
 from pagellm.serve.api import (
     MAX_BODY_BYTES,
@@ -86,17 +88,13 @@ class PagePolicy:
 
     def __init__(self, policy_dir: str, data_dir: str, prompt_items: int, max_batch_size: int, batch_wait_ms: float, use_gpu: bool):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pagellm.model.prompts import PromptCodec
-        from pagellm.model.vocab import Vocab
+        from pagellm.model.artifact import load_policy
 
         torch.set_num_threads(1)
         policy_dir, data_dir = str(fetch(policy_dir)), str(fetch(data_dir))  # URIs: a local copy per replica
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(policy_dir).to(self.device).eval()
-        self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(policy_dir))
-        self.codec = PromptCodec(self.vocab)
+        self.policy = load_policy(policy_dir, torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
+        self.vocab, self.codec = self.policy.vocab, self.policy.codec
         self.version = model_version(policy_dir)
         self.data = ServingData.load(data_dir, prompt_items)
         self._generate.set_max_batch_size(max_batch_size)
@@ -125,14 +123,13 @@ class PagePolicy:
     def _write_pages(self, batch: list[tuple]) -> list[tuple[list[str], list[float]]]:
         """Greedy pages for the batch, as long as its largest k; each is cut to its own k (greedy
         with EOS banned for k steps writes the same first k items at any longer length)."""
-        from pagellm.model.decoding import PageConstraint, generate_pages
+        from pagellm.model.decoding import generate_pages
 
         k = max(r[3] for r in batch)
-        lo, hi = self.vocab.item_id_range
-        constraint = PageConstraint(lo, hi - lo, self.vocab.eos_id, k, k, exclude_history=True)
+        constraint = self.policy.constraint(k, k)
         prompts = [self.codec.prompt(user, list(history)) for user, history, _, _ in batch]
         banned = [[self.vocab.item_token[i] for i in excluded if i in self.vocab.item_token] for _, _, excluded, _ in batch]
-        pages = generate_pages(self.model, prompts, constraint, self.vocab.pad_id, greedy=True, banned_items=banned, with_logprobs=True)
+        pages = generate_pages(self.policy.model, prompts, constraint, self.vocab.pad_id, greedy=True, banned_items=banned, with_logprobs=True)
         out = []
         for row, (_, _, _, want) in enumerate(batch):
             steps = [(int(t), float(lp)) for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row]) if m and t != constraint.eos_id]
@@ -141,7 +138,7 @@ class PagePolicy:
         return out
 
     def check_health(self) -> None:
-        assert self.model is not None
+        assert self.policy.model is not None
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -151,18 +148,16 @@ class CoarseRanker:
 
     def __init__(self, reward_dir: str, data_dir: str, prompt_items: int):
         import torch
-        from transformers import AutoTokenizer
 
+        from pagellm.model.artifact import load_codec
         from pagellm.model.modeling import RewardModel
-        from pagellm.model.prompts import PromptCodec
-        from pagellm.model.vocab import Vocab
 
         torch.set_num_threads(1)
         reward_dir, data_dir = fetch(reward_dir), str(fetch(data_dir))
         coarse = Path(reward_dir) / "coarse"
         self.model = RewardModel.from_pretrained(coarse).eval()
-        self.vocab = Vocab.from_tokenizer(AutoTokenizer.from_pretrained(coarse))
-        self.codec = PromptCodec(self.vocab)
+        self.codec = load_codec(coarse)
+        self.vocab = self.codec.vocab
         self.version = model_version(coarse)
         self.data = ServingData.load(data_dir, prompt_items)
 
@@ -173,7 +168,8 @@ class CoarseRanker:
         return await asyncio.to_thread(self._rank, request)
 
     def _rank(self, request: dict) -> dict:
-        from pagellm.train.reward import encode_list, score_lists
+        from pagellm.model.modeling import score_lists
+        from pagellm.model.prompts import encode_list
 
         history = self.data.user_history(request["user_id"], request["history"])
         encoded = [encode_list(self.codec, request["user_id"], history, [c]) for c in request["candidates"]]
@@ -280,8 +276,10 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         raise ValueError("at least one arm is needed (--arm NAME=POLICY_DIR)")
     local = {arm: fetch(directory) for arm, directory in args.arms.items()}  # URIs: checked on a local copy
     for arm, directory in local.items():
-        if not (directory / "config.json").exists():
-            raise FileNotFoundError(f"arm {arm}: {args.arms[arm]} is not a policy directory (no config.json)")
+        try:
+            require_policy(directory)
+        except InputError as exc:
+            raise InputError(f"arm {arm}: {exc}") from None
     split = args.split or {arm: 1.0 for arm in args.arms}
     check_split(split, list(args.arms))
     handles = {

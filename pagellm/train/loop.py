@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from pagellm.config import TrainConfig
+from pagellm.outputs import append_jsonl
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "module.safetensors"
@@ -45,11 +45,6 @@ class FitSpec:
     export: Callable[[torch.nn.Module, Path], None]  # write the HF-format artefact
     early_stopping: bool = False
     patience: int = 1
-
-
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _deepspeed_config(train_cfg: TrainConfig, micro_batch: int, on_gpu: bool) -> dict:
@@ -172,6 +167,110 @@ class ModelOptimizer:
         self.optimizer.load_state_dict({rank: saved} if self.engine is not None and zero_stage > 0 else saved)
 
 
+@dataclass
+class _Worker:
+    """What one Ray Train worker's steps share."""
+
+    spec: FitSpec
+    train_cfg: TrainConfig
+    log_path: Path
+    rank: int
+    world: int
+    device: torch.device
+    micro_batch: int
+    state: dict  # epoch, step, best_valid_loss, best_epoch, bad_epochs: the trainer state a checkpoint holds
+    trainer: Optional[ModelOptimizer] = None
+    wandb_run: object = None
+
+
+def _resume(worker: _Worker, module: torch.nn.Module, checkpoint_root: Path) -> Optional[Path]:
+    """The weights and trainer state of the latest checkpoint, before DeepSpeed copies the
+    weights into its fp32 partitions (the optimizer state, which holds those, comes after)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = latest_checkpoint([Path(checkpoint.to_directory())] if checkpoint else [], checkpoint_root, worker.world)
+    if resume_dir:
+        load_module(module, resume_dir / WEIGHTS_FILE)
+        worker.state = json.loads((resume_dir / STATE_FILE).read_text())
+    return resume_dir
+
+
+def _resume_optimizer(worker: _Worker, resume_dir: Path) -> None:
+    opt_file = resume_dir / f"optim_rank{worker.rank}.pt"
+    if opt_file.exists():  # same number of workers as the run that saved it
+        worker.trainer.load_optimizer(opt_file, worker.rank, worker.train_cfg.zero_stage, worker.device)
+    if worker.rank == 0:
+        state = worker.state
+        append_jsonl(worker.log_path, {"stage": worker.spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]})
+
+
+def _run_batches(worker: _Worker, split: str, train: bool) -> dict[str, float]:
+    """One pass over this worker's shard of ``split``: row-weighted means of the loss and the
+    model's metrics, summed over every worker."""
+    import ray.train
+
+    spec, state = worker.spec, worker.state
+    totals, n_rows = {}, 0
+    for batch in ray.train.get_dataset_shard(split).iter_batches(batch_size=worker.micro_batch, batch_format="numpy"):
+        inputs = {k: v.to(worker.device) for k, v in spec.collate(batch).items()}
+        rows = len(next(iter(batch.values())))
+        if train:
+            loss, metrics = worker.trainer.forward(**inputs)
+            worker.trainer.step(loss)
+            state["step"] += 1
+            if worker.rank == 0 and state["step"] % worker.train_cfg.log_every_steps == 0:
+                record = {"stage": spec.stage, "epoch": state["epoch"], "step": state["step"], "loss": loss.item()}
+                record.update({k: float(v) for k, v in metrics.items()})
+                append_jsonl(worker.log_path, record)
+                worker.wandb_run.log(record, step=state["step"])
+        else:
+            with torch.no_grad():
+                loss, metrics = worker.trainer.forward(**inputs)
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * rows
+        n_rows += rows
+    keys = sorted(totals)
+    sums = _all_reduce_sum([totals[k] for k in keys] + [n_rows], worker.device)
+    return {k: s / max(sums[-1], 1) for k, s in zip(keys, sums[:-1])}
+
+
+def _end_epoch(worker: _Worker, train_metrics: dict, valid_metrics: dict, seconds: float) -> dict:
+    """Advance the trainer state (best epoch, early stopping) and return the epoch's report."""
+    state, spec = worker.state, worker.spec
+    state["epoch"] += 1
+    improved = valid_metrics.get("loss", math.inf) < state["best_valid_loss"]
+    if improved:
+        state.update(best_valid_loss=valid_metrics["loss"], best_epoch=state["epoch"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    return {
+        "stage": spec.stage, "epoch": state["epoch"], "step": state["step"],
+        **{f"train_{k}": v for k, v in train_metrics.items()},
+        **{f"valid_{k}": v for k, v in valid_metrics.items()},
+        "epoch_seconds": seconds, "improved": improved,
+        "stopped_early": spec.early_stopping and state["bad_epochs"] >= spec.patience,
+    }
+
+
+def _checkpoint(worker: _Worker, module: torch.nn.Module, metrics: dict) -> None:
+    """Every rank's optimizer shard, and from rank 0 the module, the state and the HF export,
+    reported together so Ray Train persists one checkpoint per epoch."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.save(worker.trainer.optimizer.state_dict(), tmp / f"optim_rank{worker.rank}.pt")
+        if worker.rank == 0:
+            save_module(module, tmp / WEIGHTS_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(worker.state))
+            worker.spec.export(module, tmp / EXPORT_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    if worker.rank == 0:  # logged once the checkpoint is persisted
+        append_jsonl(worker.log_path, metrics)
+        worker.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=worker.state["step"])
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker body: build, (resume,) train epochs, validate, checkpoint."""
     import ray.train
@@ -179,102 +278,38 @@ def train_loop(config: dict) -> None:
 
     spec: FitSpec = config["spec"]
     train_cfg: TrainConfig = config["train"]
-    log_path = Path(config["log_path"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(train_cfg.seed + rank)
     torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    micro_batch = max(1, spec.batch_size // world)
-
-    module = spec.build_model()
-    # Weights are restored before DeepSpeed copies them into its fp32 partitions; the
-    # optimizer state (which includes those partitions) after.
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = latest_checkpoint(
-        [Path(checkpoint.to_directory())] if checkpoint else [], Path(config["checkpoint_root"]), world
+    worker = _Worker(
+        spec, train_cfg, Path(config["log_path"]), rank, world, ray.train.torch.get_device(), max(1, spec.batch_size // world),
+        state={"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0},
     )
-    state = {"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
+    module = spec.build_model()
+    resume_dir = _resume(worker, module, Path(config["checkpoint_root"]))
+    worker.trainer = ModelOptimizer(module, spec.lr, train_cfg, worker.micro_batch, worker.device, wrap=ray.train.torch.prepare_model)
     if resume_dir:
-        load_module(module, resume_dir / WEIGHTS_FILE)
-        state = json.loads((resume_dir / STATE_FILE).read_text())
-    trainer = ModelOptimizer(module, spec.lr, train_cfg, micro_batch, device, wrap=ray.train.torch.prepare_model)
-    optimizer, forward = trainer.optimizer, trainer.forward
-    if resume_dir:
-        opt_file = resume_dir / f"optim_rank{rank}.pt"
-        if opt_file.exists():  # same number of workers as the run that saved it
-            trainer.load_optimizer(opt_file, rank, train_cfg.zero_stage, device)
-        if rank == 0:
-            _log(log_path, {"stage": spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]})
-
-    wandb_run = None
+        _resume_optimizer(worker, resume_dir)
     if rank == 0:
         import wandb
 
-        wandb_run = wandb.init(
-            project=train_cfg.wandb_project, mode=train_cfg.wandb_mode, name=spec.stage,
-            dir=str(log_path.parent), config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr}, reinit="create_new",
+        worker.wandb_run = wandb.init(
+            project=train_cfg.wandb_project, mode=train_cfg.wandb_mode, name=spec.stage, dir=str(worker.log_path.parent),
+            config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr}, reinit="create_new",
         )
-
-    def run_batches(split: str, train: bool):
-        shard = ray.train.get_dataset_shard(split)
-        totals, n_rows = {}, 0
-        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy"):
-            inputs = {k: v.to(device) for k, v in spec.collate(batch).items()}
-            rows = len(next(iter(batch.values())))
-            if train:
-                loss, metrics = forward(**inputs)
-                trainer.step(loss)
-                state["step"] += 1
-                if rank == 0 and state["step"] % train_cfg.log_every_steps == 0:
-                    record = {"stage": spec.stage, "epoch": state["epoch"], "step": state["step"], "loss": loss.item()}
-                    record.update({k: float(v) for k, v in metrics.items()})
-                    _log(log_path, record)
-                    wandb_run.log(record, step=state["step"])
-            else:
-                with torch.no_grad():
-                    loss, metrics = forward(**inputs)
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * rows
-            n_rows += rows
-        keys = sorted(totals)
-        sums = _all_reduce_sum([totals[k] for k in keys] + [n_rows], device)
-        return {k: s / max(sums[-1], 1) for k, s in zip(keys, sums[:-1])}
-
-    while state["epoch"] < spec.epochs:
+    while worker.state["epoch"] < spec.epochs:
         started = time.perf_counter()
         module.train()
-        train_metrics = run_batches("train", train=True)
+        train_metrics = _run_batches(worker, "train", train=True)
         module.eval()
-        valid_metrics = run_batches("valid", train=False)
-        state["epoch"] += 1
-        improved = valid_metrics.get("loss", math.inf) < state["best_valid_loss"]
-        if improved:
-            state.update(best_valid_loss=valid_metrics["loss"], best_epoch=state["epoch"], bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        stop = spec.early_stopping and state["bad_epochs"] >= spec.patience
-        metrics = {
-            "stage": spec.stage, "epoch": state["epoch"], "step": state["step"],
-            **{f"train_{k}": v for k, v in train_metrics.items()},
-            **{f"valid_{k}": v for k, v in valid_metrics.items()},
-            "epoch_seconds": time.perf_counter() - started, "improved": improved, "stopped_early": stop,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            torch.save(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
-            if rank == 0:
-                save_module(module, tmp / WEIGHTS_FILE)
-                (tmp / STATE_FILE).write_text(json.dumps(state))
-                spec.export(module, tmp / EXPORT_DIR)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        if rank == 0:  # logged once the checkpoint is persisted
-            _log(log_path, metrics)
-            wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state["step"])
-        if stop:
+        valid_metrics = _run_batches(worker, "valid", train=False)
+        metrics = _end_epoch(worker, train_metrics, valid_metrics, time.perf_counter() - started)
+        _checkpoint(worker, module, metrics)
+        if metrics["stopped_early"]:
             break
-    if wandb_run is not None:
-        wandb_run.finish()
+    if worker.wandb_run is not None:
+        worker.wandb_run.finish()
 
 
 def fit(
@@ -331,16 +366,3 @@ def fit(
     with ckpt.as_directory() as d:
         shutil.copytree(Path(d) / EXPORT_DIR, out_dir)
     return metrics
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).exists() else []
-
-
-def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:
-    """Right-pad a sequence of 1-d arrays into a [rows, longest] tensor."""
-    longest = max((len(r) for r in rows), default=1)
-    out = np.full((len(rows), max(longest, 1)), pad_value, dtype=np.int64 if dtype == torch.long else np.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return torch.as_tensor(out, dtype=dtype)

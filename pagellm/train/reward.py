@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import torch
 
+from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
+from pagellm.data.layout import DataDir
 from pagellm.data.rules import FAMILIES
-from pagellm.model.modeling import RewardModel
-from pagellm.model.prompts import PromptCodec
-from pagellm.model.vocab import Vocab
-from pagellm.train.loop import FitSpec, fit, pad_batch, read_log
+from pagellm.model.artifact import load_codec
+from pagellm.model.modeling import RewardModel, pad_batch, score_lists
+from pagellm.model.prompts import PromptCodec, encode_list
+from pagellm.outputs import figure, read_jsonl
+from pagellm.train.loop import FitSpec, fit
 
 log = logging.getLogger(__name__)
 KINDS = ("coarse", "fine")
@@ -33,15 +33,7 @@ KINDS = ("coarse", "fine")
 
 def user_part(user: str, holdout: float) -> str:
     """train / valid / test by a stable hash of the user id."""
-    bucket = zlib.crc32(user.encode()) % 10_000 / 10_000
-    return "test" if bucket < holdout else "valid" if bucket < 2 * holdout else "train"
-
-
-def encode_list(codec: PromptCodec, user: str, prompt_items, page) -> tuple[np.ndarray, np.ndarray]:
-    """[prompt || page || eos] ids and a mask of the page's item positions."""
-    prompt, target = codec.prompt(user, list(prompt_items)), codec.target(list(page))
-    mask = [0] * len(prompt) + [1] * (len(target) - 1) + [0]
-    return np.asarray(prompt + target, np.int64), np.asarray(mask, np.int64)
+    return "test" if in_share(user, holdout) else "valid" if in_share(user, 2 * holdout) else "train"
 
 
 def pair_rows(codec: PromptCodec, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -69,20 +61,6 @@ def collate_pairs(pad_id: int):
     return collate
 
 
-@torch.no_grad()
-def score_lists(model: RewardModel, ids: list, masks: list, pad_id: int, batch_size: int = 128) -> np.ndarray:
-    model.eval()
-    out = []
-    for lo in range(0, len(ids), batch_size):
-        chunk_ids, chunk_masks = ids[lo : lo + batch_size], masks[lo : lo + batch_size]
-        out.append(
-            model.score(
-                pad_batch(chunk_ids, pad_id), pad_batch([np.ones(len(x)) for x in chunk_ids], 0), pad_batch(chunk_masks, 0)
-            ).numpy()
-        )
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def pairwise_accuracy(margins: dict[str, np.ndarray], families: np.ndarray) -> dict:
     """Share of pairs where the chosen list scores higher, per family and overall."""
     report = {}
@@ -93,40 +71,31 @@ def pairwise_accuracy(margins: dict[str, np.ndarray], families: np.ndarray) -> d
 
 
 def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for kind, records in logs.items():
-        epochs = [r for r in records if "valid_loss" in r]
-        axes[0].plot([r["epoch"] for r in epochs], [-r["valid_loss"] for r in epochs], "o-", label=kind)
-        axes[1].plot([r["epoch"] for r in epochs], [r["valid_accuracy"] for r in epochs], "o-", label=kind)
-    axes[0].set_title("validation log-likelihood per pair")
-    axes[1].set_title("validation pairwise accuracy")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2) as (_, axes):
+        for kind, records in logs.items():
+            epochs = [r for r in records if "valid_loss" in r]
+            axes[0].plot([r["epoch"] for r in epochs], [-r["valid_loss"] for r in epochs], "o-", label=kind)
+            axes[1].plot([r["epoch"] for r in epochs], [r["valid_accuracy"] for r in epochs], "o-", label=kind)
+        axes[0].set_title("validation log-likelihood per pair")
+        axes[1].set_title("validation pairwise accuracy")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.legend()
 
 
 def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
     """Train R_c and R_f from the SFT policy; write REWARD_DIR/{coarse,fine} and metrics.json.
     ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default REWARD_DIR/logs)."""
     import ray.data
-    from transformers import AutoTokenizer
 
     from pagellm.ray_utils import init_ray
 
     init_ray(cfg.ray)
     out, sft_dir = Path(out_dir), Path(sft_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    codec = PromptCodec(Vocab.from_tokenizer(tokenizer))
-    pairs = pq.read_table(Path(data_dir) / "pairs").to_pandas()
+    codec = load_codec(sft_dir)
+    tokenizer = codec.vocab.tokenizer
+    pairs = DataDir(data_dir).read_pairs().to_pandas()
     pairs["part"] = [user_part(u, cfg.reward.holdout_fraction) for u in pairs.user_id]
     rows = pd.concat([pair_rows(codec, pairs), pairs[["family", "part"]].reset_index(drop=True)], axis=1)
     cols = ["chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]
@@ -159,7 +128,7 @@ def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, ou
         rejected = score_lists(model, list(test.rejected_ids), list(test.rejected_mask), codec.vocab.pad_id)
         margins[kind] = chosen - rejected
     margins["combined"] = margins["coarse"] + margins["fine"]  # R = R_c + R_f (eq. 15)
-    logs = {kind: read_log(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
+    logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
     plot_reward_curves(logs, out / "reward_curves.png")
     metrics = {
         "accuracy": pairwise_accuracy(margins, test.family.to_numpy()),

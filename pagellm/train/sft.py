@@ -10,32 +10,28 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
+from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
+from pagellm.data.layout import DataDir
 from pagellm.data.schema import UNKNOWN_CATEGORY
-from pagellm.errors import InputError
-from pagellm.model.modeling import PolicyLM, PolicyWithRatingHead, build_lm, unwrap_lm
+from pagellm.model.modeling import PolicyLM, PolicyWithRatingHead, build_lm, pad_batch, unwrap_lm
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer
-from pagellm.train.loop import FitSpec, fit, pad_batch, read_log
+from pagellm.outputs import figure, read_jsonl
+from pagellm.train.loop import FitSpec, fit
 
 log = logging.getLogger(__name__)
 META_DIR, SFT_LOGS = "meta", "logs"
 
 
 # ------------------------------------------------------------------------------- data -> rows
-
-
-def _held_out(key: str, fraction: float, salt: str) -> bool:
-    return zlib.crc32(f"{salt}:{key}".encode()) % 10_000 < fraction * 10_000
 
 
 def meta_rows(
@@ -142,64 +138,44 @@ def greedy_pages(model, codec: PromptCodec, users, prompts, max_items: int, batc
 
 def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
     """Training loss per step and validation loss per epoch, one panel per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5), squeeze=False)
-    for ax, (stage, records) in zip(axes[0], logs.items()):
-        steps = [r for r in records if "loss" in r and "step" in r]
-        epochs = [r for r in records if "valid_loss" in r]
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train (step)", lw=1)
-        ax.plot([r["step"] for r in epochs], [r["valid_loss"] for r in epochs], "o-", label="validation (epoch)")
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(logs)) as (_, axes):
+        for ax, (stage, records) in zip(axes, logs.items()):
+            steps = [r for r in records if "loss" in r and "step" in r]
+            epochs = [r for r in records if "valid_loss" in r]
+            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train (step)", lw=1)
+            ax.plot([r["step"] for r in epochs], [r["valid_loss"] for r in epochs], "o-", label="validation (epoch)")
+            ax.set_title(stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+            ax.legend()
 
 
 # ---------------------------------------------------------------------------------- stage
 
 
 def read_data_dir(data_dir: Path) -> dict[str, pd.DataFrame]:
-    data_dir = Path(data_dir)
-    missing = [p for p in ("items.parquet", "split/train.parquet", "ft", "eval/val.parquet") if not (data_dir / p).exists()]
-    if missing:
-        raise InputError(f"{data_dir} is not a data-stage output (missing {missing}); run `pagellm data` first")
+    """The tables SFT reads: items, training interactions, golden lists, validation targets."""
+    d = DataDir(data_dir)
+    d.require(d.items_path, d.split_path("train"), d.ft_path, d.eval_path("val"))
     return {
-        "items": pq.read_table(data_dir / "items.parquet").to_pandas(),
-        "train": pq.read_table(data_dir / "split" / "train.parquet").to_pandas(),
-        "ft": pq.read_table(data_dir / "ft").to_pandas(),
-        "val": pq.read_table(data_dir / "eval" / "val.parquet").to_pandas(),
+        "items": d.read_items().to_pandas(),
+        "train": d.read_split("train").to_pandas(),
+        "ft": d.read_ft().to_pandas(),
+        "val": d.read_eval("val").to_pandas(),
     }
 
 
-def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
-    """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy.
-    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default SFT_DIR/logs)."""
+def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, storage_path: Optional[str]) -> dict:
+    """Meta pre-training (rating regression + next-token on the meta prompts) from the new LM;
+    5% of meta rows (by hash) monitor validation loss. Exports OUT/meta."""
     import ray.data
 
-    from pagellm.ray_utils import init_ray
-
-    init_ray(cfg.ray)
-    out, data = Path(out_dir), read_data_dir(Path(data_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
-    tokenizer = build_tokenizer(cfg.model.name_or_path, pq.read_table(Path(data_dir) / "items.parquet"), users, cfg.model.bpe_vocab_size)
-    vocab = Vocab.from_tokenizer(tokenizer)
-    codec = PromptCodec(vocab)
-    model_cfg, sft_cfg, train_cfg = cfg.model, cfg.sft, cfg.train
-    base_size = vocab.base_size
-
-    # meta pre-training: 5% of meta rows (by hash) monitor validation loss
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    vocab, model_cfg, sft_cfg, train_cfg = codec.vocab, cfg.model, cfg.sft, cfg.train
     meta = meta_rows(vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed, sft_cfg.max_meta_rows_per_pattern)
-    held = np.array([_held_out(str(k), 0.05, "meta") for k in range(len(meta))])
+    held = np.array([in_share(str(k), 0.05, salt="meta") for k in range(len(meta))])
     log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
-    rating_weight = sft_cfg.rating_loss_weight
+    base_size, rating_weight = vocab.base_size, sft_cfg.rating_loss_weight
 
     def build_meta():
         return PolicyWithRatingHead(build_lm(model_cfg, tokenizer, base_size, train_cfg.seed), rating_weight)
@@ -210,14 +186,22 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         module.save_heads(directory)
 
     meta_cols = ["input_ids", "labels", "rating"]
-    meta_metrics = fit(
+    metrics = fit(
         FitSpec("meta", sft_cfg.meta_epochs, sft_cfg.meta_lr, sft_cfg.batch_size, build_meta, collate_lm(vocab.pad_id), export_meta),
         {"train": ray.data.from_pandas(meta[~held][meta_cols]), "valid": ray.data.from_pandas(meta[held][meta_cols])},
         train_cfg, out / SFT_LOGS, out / META_DIR, storage_path,
     )
+    return {"metrics": metrics, "rows": meta.pattern.value_counts().to_dict()}
 
-    # golden-list fine-tuning from the meta checkpoint; validation = next page of val users
-    meta_dir = (out / META_DIR).resolve()
+
+def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, storage_path: Optional[str]) -> dict:
+    """Golden-list fine-tuning (eq. 9) from the meta checkpoint; validation = the next page of
+    the validation users. SFT_DIR itself becomes the reference policy (``from_pretrained``)."""
+    import ray.data
+
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    vocab, model_cfg, sft_cfg = codec.vocab, cfg.model, cfg.sft
+    meta_dir, base_size = (out / META_DIR).resolve(), vocab.base_size
     ft = page_rows(codec, data["ft"].user_id, data["ft"].prompt_items, data["ft"].golden)
     val = data["val"]
     ft_valid = page_rows(codec, val.user_id, val.prompt_items, val.target)
@@ -236,27 +220,20 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         unwrap_lm(module.lm).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    ft_metrics = fit(
+    metrics = fit(
         FitSpec("golden_ft", sft_cfg.ft_epochs, sft_cfg.ft_lr, sft_cfg.batch_size, build_ft, collate_lm(vocab.pad_id), export_policy),
         {"train": ray.data.from_pandas(ft), "valid": ray.data.from_pandas(ft_valid)},
-        train_cfg, out / SFT_LOGS, out / "policy_tmp", storage_path,
+        cfg.train, out / SFT_LOGS, out / "policy_tmp", storage_path,
     )
-    # SFT_DIR itself is the reference policy (loads with from_pretrained)
     for f in (out / "policy_tmp").iterdir():
         f.replace(out / f.name)
     (out / "policy_tmp").rmdir()
+    return {"metrics": metrics, "rows": len(ft)}
 
-    from transformers import AutoModelForCausalLM
 
-    policy = AutoModelForCausalLM.from_pretrained(out)
-    pages = greedy_pages(policy, codec, list(val.user_id), list(val.prompt_items), sft_cfg.valid_page_max_items)
-    logs = {stage: read_log(out / SFT_LOGS / f"{stage}.jsonl") for stage in ("meta", "golden_ft")}
-    plot_losses(logs, out / "loss_curves.png")
-    metrics = {
-        "meta": {k: v for k, v in meta_metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))},
-        "golden_ft": {k: v for k, v in ft_metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))},
-        "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
-        "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
+def page_validity(pages: list) -> dict:
+    """How many unconstrained greedy pages are valid, and why the others are not."""
+    return {
         "valid_page_rate": float(np.mean([p.valid for p in pages])) if pages else 0.0,
         "valid_pages_checked": len(pages),
         "invalid_page_reasons": {
@@ -265,9 +242,43 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
             "repeated_items": sum(bool(p.repeated_items) for p in pages),
             "no_eos": sum(not p.ended for p in pages),
         },
-        "vocab": {"base": base_size, "users": len(vocab.user_token), "items": len(vocab.item_token), "total": len(tokenizer)},
-        "meta_rows": meta.pattern.value_counts().to_dict(),
-        "ft_rows": len(ft),
+    }
+
+
+def _epoch_summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))}
+
+
+def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
+    """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy.
+    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default SFT_DIR/logs)."""
+    from transformers import AutoModelForCausalLM
+
+    from pagellm.ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    out, data = Path(out_dir), read_data_dir(Path(data_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
+    tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
+    ft = golden_finetuning(cfg, tokenizer, data, out, storage_path)
+
+    val = data["val"]
+    pages = greedy_pages(AutoModelForCausalLM.from_pretrained(out), codec, list(val.user_id), list(val.prompt_items), cfg.sft.valid_page_max_items)
+    logs = {stage: read_jsonl(out / SFT_LOGS / f"{stage}.jsonl") for stage in ("meta", "golden_ft")}
+    plot_losses(logs, out / "loss_curves.png")
+    vocab = codec.vocab
+    metrics = {
+        "meta": _epoch_summary(meta["metrics"]),
+        "golden_ft": _epoch_summary(ft["metrics"]),
+        "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
+        "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
+        **page_validity(pages),
+        "vocab": {"base": vocab.base_size, "users": len(vocab.user_token), "items": len(vocab.item_token), "total": len(tokenizer)},
+        "meta_rows": meta["rows"],
+        "ft_rows": ft["rows"],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     return metrics
