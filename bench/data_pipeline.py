@@ -229,8 +229,9 @@ class TreeSampler:
             cores[step] = round(sum(self.cpu_between(a, b).values()) / (b - a), 2) if b - a >= 0.5 else None
         inside = [x for x in self.timeline if t0 - 0.01 <= x[0] <= t1 + self.interval]
         peak = max(inside, key=lambda x: x[1]) if inside else (t0, 0, 0, 0.0)
-        peak_step = next((k for k, (a, b) in bounds.items() if a <= peak[0] <= b),
-                         "end" if peak[0] > t1 - 0.3 else "other")
+        peak_step = next(
+            (k for k, (a, b) in bounds.items() if a <= peak[0] <= b), "end" if peak[0] > t1 - 0.3 else "other"
+        )
         thread = [x[3] for x in inside]
         step = max(1, len(inside) // 300)
         return {
@@ -278,8 +279,7 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, quiet_for: float = 30.0
         if now - t0 >= max_wait:
             return {"load_before_cores": round(busy, 2), "waited_s": round(now - t0, 1), "quiet": False}
         if busy >= threshold and now - last_log > 60:
-            log(f"machine busy ({busy:.2f} cores used by other processes); waiting "
-                f"({now - t0:.0f}/{max_wait:.0f} s)")
+            log(f"machine busy ({busy:.2f} cores used by other processes); waiting ({now - t0:.0f}/{max_wait:.0f} s)")
             last_log = now
 
 
@@ -300,15 +300,21 @@ def calibrate_cores() -> dict:
     """How much faster can 2 processes go than 1 on this machine? The same pure-Python
     workload (dicts, lists, string keys, like the per-user rules) runs alone, then as 2
     processes at once; 2 x alone / together is the best speed-up any 2-process engine can get."""
+
     def run(k: int) -> list[float]:
-        procs = [subprocess.Popen([sys.executable, "-c", CALIBRATE_CODE], stdout=subprocess.PIPE, text=True)
-                 for _ in range(k)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", CALIBRATE_CODE], stdout=subprocess.PIPE, text=True)
+            for _ in range(k)
+        ]
         return [float(p.communicate()[0].split()[0]) for p in procs]
 
     alone = min(run(1)[0] for _ in range(2))
     together = max(run(2))
-    return {"one_process_s": round(alone, 2), "two_processes_s": round(together, 2),
-            "two_process_speedup": round(2 * alone / together, 2)}
+    return {
+        "one_process_s": round(alone, 2),
+        "two_processes_s": round(together, 2),
+        "two_process_speedup": round(2 * alone / together, 2),
+    }
 
 
 # ------------------------------------------------------------------------------ child: data
@@ -328,8 +334,13 @@ def make_data(n: int, data_dir: Path) -> dict:
         with pa.OSFile(str(data_dir / f"{name}.arrow"), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-    meta = {"notes": ing.notes, "dropped": dict(ing.dropped), "generate_s": round(gen_s, 3),
-            "interactions": ing.interactions.num_rows, "items": ing.items.num_rows}
+    meta = {
+        "notes": ing.notes,
+        "dropped": dict(ing.dropped),
+        "generate_s": round(gen_s, 3),
+        "interactions": ing.interactions.num_rows,
+        "items": ing.items.num_rows,
+    }
     (data_dir / "meta.json").write_text(json.dumps(meta, default=str))
     return meta
 
@@ -347,8 +358,12 @@ def load_data(data_dir: Path):
         with pa.OSFile(str(data_dir / f"{name}.arrow"), "rb") as source:
             tables[name] = pa.ipc.open_file(source).read_all()
     meta = json.loads((data_dir / "meta.json").read_text())
-    return Ingested(interactions=tables["interactions"], items=tables["items"],
-                    dropped=Counter(meta["dropped"]), notes=meta["notes"])
+    return Ingested(
+        interactions=tables["interactions"],
+        items=tables["items"],
+        dropped=Counter(meta["dropped"]),
+        notes=meta["notes"],
+    )
 
 
 # ------------------------------------------------------------------------------ child: measure
@@ -387,8 +402,12 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
 
         t = time.perf_counter()
         warm_cfg = load_config(overrides=[f"data.dataset=synthetic:{WARMUP_INTERACTIONS}"])
-        build_dataset(warm_cfg, out_dir.parent / f"warmup_{n}", engine="ray",
-                      ingested=generate_synthetic(WARMUP_INTERACTIONS, seed=SEED + 1))
+        build_dataset(
+            warm_cfg,
+            out_dir.parent / f"warmup_{n}",
+            engine="ray",
+            ingested=generate_synthetic(WARMUP_INTERACTIONS, seed=SEED + 1),
+        )
         shutil.rmtree(out_dir.parent / f"warmup_{n}", ignore_errors=True)
         result["ray_warmup_s"] = round(time.perf_counter() - t, 3)
         log(f"ray {n:,}: ray.init {result['ray_init_s']:.1f} s, warm-up {result['ray_warmup_s']:.1f} s (untimed)")
@@ -399,8 +418,10 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
     base_shm = one_shot.timeline[-1][2]
     result["processes"] = sorted(one_shot._name.values())
     result["mode"] = mode
-    log(f"{engine} {n:,} [{mode} pass]: timing build_dataset (baseline {base / MiB:,.0f} MiB "
-        f"{'PSS' if mode == 'mem' else 'RSS'}, {len(result['processes'])} processes)")
+    log(
+        f"{engine} {n:,} [{mode} pass]: timing build_dataset (baseline {base / MiB:,.0f} MiB "
+        f"{'PSS' if mode == 'mem' else 'RSS'}, {len(result['processes'])} processes)"
+    )
     sys0, steal0 = system_busy()
     t_start = time.time()
     t = time.perf_counter()
@@ -581,20 +602,44 @@ def table_rows(results: dict) -> list[list[str]]:
                 rows.append([fmt_size(int(size)), engine, f"FAILED: {r.get('error', '?')}"] + [""] * 12)
                 continue
             s = r["seconds"]
-            rows.append([
-                fmt_size(int(size)), engine, f"{r['wall_s']:.1f}", f"{r['users_per_s']:,.0f}",
-                f"{r['pairs_per_s']:,.0f}",
-                *(f"{s.get(k, 0):.1f}" for k in STEP_NAMES), f"{max(r['other_s'], 0.0):.1f}",
-                *("n/a" if r.get(k) is None else f"{r[k]:.2f}" for k in ("cores_busy", "foreign_cores_busy")),
-                *((f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}")
-                  if r.get("mem_kind") == "PSS" else ("n/a", "n/a")),
-                f"{ratio:.2f}x" if (ratio and engine == 'ray') else "",
-            ])
+            rows.append(
+                [
+                    fmt_size(int(size)),
+                    engine,
+                    f"{r['wall_s']:.1f}",
+                    f"{r['users_per_s']:,.0f}",
+                    f"{r['pairs_per_s']:,.0f}",
+                    *(f"{s.get(k, 0):.1f}" for k in STEP_NAMES),
+                    f"{max(r['other_s'], 0.0):.1f}",
+                    *("n/a" if r.get(k) is None else f"{r[k]:.2f}" for k in ("cores_busy", "foreign_cores_busy")),
+                    *(
+                        (f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}")
+                        if r.get("mem_kind") == "PSS"
+                        else ("n/a", "n/a")
+                    ),
+                    f"{ratio:.2f}x" if (ratio and engine == "ray") else "",
+                ]
+            )
     return rows
 
 
-HEADER = ["size", "engine", "wall s", "users/s", "pairs/s", "split s", "item_stats s", "build s",
-          "write s", "other s", "cores busy", "other procs cores", "peak MiB above base", "peak MiB abs", "ray/local"]
+HEADER = [
+    "size",
+    "engine",
+    "wall s",
+    "users/s",
+    "pairs/s",
+    "split s",
+    "item_stats s",
+    "build s",
+    "write s",
+    "other s",
+    "cores busy",
+    "other procs cores",
+    "peak MiB above base",
+    "peak MiB abs",
+    "ray/local",
+]
 
 
 def render_text(results: dict) -> str:
@@ -618,9 +663,12 @@ def render_md(results: dict) -> str:
         "|" + "---|" * len(HEADER),
     ]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
-    out += ["", "ray/local = local wall s / Ray wall s. Times and cores busy from the timing pass; "
-            "peak memory (PSS of the process tree) from the separate memory pass "
-            "(see the bench/data_pipeline.py docstring)."]
+    out += [
+        "",
+        "ray/local = local wall s / Ray wall s. Times and cores busy from the timing pass; "
+        "peak memory (PSS of the process tree) from the separate memory pass "
+        "(see the bench/data_pipeline.py docstring).",
+    ]
     for size, entry in results["sizes"].items():
         if "outputs_identical" in entry:
             out.append(f"- {fmt_size(int(size))}: outputs of both engines identical: {entry['outputs_identical']}")
@@ -655,8 +703,11 @@ def plot(results: dict, path: Path) -> None:
     ymax = max(results["sizes"][s].get(e, {}).get("users_per_s", 0) for s in sizes for e in ENGINES)
     ax.set_ylim(0, ymax * 1.3)
     m = results["machine"]
-    ax.set_title(f"build_dataset throughput, {m['cpus']} CPUs / {m['memory_gib']:.0f} GiB "
-                 f"(Ray {m['ray']}, pyarrow {m['pyarrow']})", fontsize=10)
+    ax.set_title(
+        f"build_dataset throughput, {m['cpus']} CPUs / {m['memory_gib']:.0f} GiB "
+        f"(Ray {m['ray']}, pyarrow {m['pyarrow']})",
+        fontsize=10,
+    )
     ax.legend(loc="upper left", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -708,20 +759,40 @@ def parent(ns: argparse.Namespace) -> int:
                 shutil.rmtree(run_out, ignore_errors=True)
                 quiet = wait_quiet(ns.wait_idle) if ns.wait_idle > 0 else {}
                 t = time.perf_counter()
-                rc, why, sampler = run_child(["--engine", engine, "--size", str(n), "--data", str(data_dir),
-                                              "--mode", mode, "--run-out", str(run_out), "--json", str(json_path)],
-                                             ns.timeout, sample=mode)
+                rc, why, sampler = run_child(
+                    [
+                        "--engine",
+                        engine,
+                        "--size",
+                        str(n),
+                        "--data",
+                        str(data_dir),
+                        "--mode",
+                        mode,
+                        "--run-out",
+                        str(run_out),
+                        "--json",
+                        str(json_path),
+                    ],
+                    ns.timeout,
+                    sample=mode,
+                )
                 if mode != passes[0]:
                     shutil.rmtree(run_out, ignore_errors=True)
                 if rc == 0 and json_path.exists():
                     res = json.loads(json_path.read_text())
                     add_samples(res, sampler)
                     res.update(quiet)
-                    log(f"{engine} {n:,} [{mode} pass]: cores busy {res['cores_busy']}, other processes "
+                    log(
+                        f"{engine} {n:,} [{mode} pass]: cores busy {res['cores_busy']}, other processes "
                         f"{res['foreign_cores_busy']} cores, peak +{res.get('mem_peak_above_baseline_mib', 0):,.0f} MiB "
-                        f"(abs {res.get('mem_peak_mib', 0):,.0f} MiB, {'PSS' if mode == 'mem' else 'RSS'})")
+                        f"(abs {res.get('mem_peak_mib', 0):,.0f} MiB, {'PSS' if mode == 'mem' else 'RSS'})"
+                    )
                 else:
-                    res = {"error": why or "no result written", "seconds_until_failure": round(time.perf_counter() - t, 1)}
+                    res = {
+                        "error": why or "no result written",
+                        "seconds_until_failure": round(time.perf_counter() - t, 1),
+                    }
                     log(f"{engine} {n:,} [{mode} pass]: FAILED: {res['error']}")
                 if mode == passes[0]:
                     entry[engine] = res
@@ -756,20 +827,30 @@ def parent(ns: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="interaction counts")
     ap.add_argument("--quick", action="store_true", help="100k only (smoke check)")
     ap.add_argument("--out", default=str(REPO / "bench/out/data_pipeline"))
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per child process")
-    ap.add_argument("--wait-idle", type=float, default=900.0,
-                    help="before each measurement wait up to this many seconds until other processes "
-                    "have used < 0.25 cores for 30 s (0: do not wait); the load during a run is always recorded")
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=900.0,
+        help="before each measurement wait up to this many seconds until other processes "
+        "have used < 0.25 cores for 30 s (0: do not wait); the load during a run is always recorded",
+    )
     ap.add_argument("--keep", action="store_true", help="keep generated data and outputs under OUT/work")
-    ap.add_argument("--passes", choices=["two", "one", "time", "off"], default="two",
-                    help="two: a timing pass (cheap CPU/RSS sampler) then a memory pass (PSS sampler), "
-                    "each in a fresh process (default); one: only the PSS pass, timings taken from it; "
-                    "time: timing pass only (no PSS); off: no sampler thread at all (overhead check)")
+    ap.add_argument(
+        "--passes",
+        choices=["two", "one", "time", "off"],
+        default="two",
+        help="two: a timing pass (cheap CPU/RSS sampler) then a memory pass (PSS sampler), "
+        "each in a fresh process (default); one: only the PSS pass, timings taken from it; "
+        "time: timing pass only (no PSS); off: no sampler thread at all (overhead check)",
+    )
     # child modes (used by the parent)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)

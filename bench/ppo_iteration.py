@@ -44,7 +44,15 @@ def measure(cfg, args, local: bool) -> dict:
     try:
         for it in range(args.iterations + 1):
             idx = batch_indices(len(prompts), ppo.batch_size, it, ppo.seed)
-            rec = ppo_iteration(roles, cfg, [prompts[i] for i in idx], it, RunningMeanStd(), KLController(ppo.kl_beta), codec.vocab.pad_id)
+            rec = ppo_iteration(
+                roles,
+                cfg,
+                [prompts[i] for i in idx],
+                it,
+                RunningMeanStd(),
+                KLController(ppo.kl_beta),
+                codec.vocab.pad_id,
+            )
             if it > 0:  # the first iteration warms caches and DeepSpeed
                 records.append(rec)
     finally:
@@ -80,10 +88,15 @@ def main() -> None:
     if len(results) == 2:
         results["ratio_pages_per_s"] = results["ray_actors"]["pages_per_s"] / results["single_process"]["pages_per_s"]
     results["setup"] = {
-        "batch_size": cfg.ppo.batch_size, "minibatch_size": cfg.ppo.minibatch_size, "iterations": args.iterations,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "batch_size": cfg.ppo.batch_size,
+        "minibatch_size": cfg.ppo.minibatch_size,
+        "iterations": args.iterations,
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})",
         "roles": {r: vars(getattr(cfg.ppo, r)) for r in ("policy", "reference", "critic", "coarse", "fine")},
-        "deepspeed": cfg.train.deepspeed, "command": " ".join(sys.argv),
+        "deepspeed": cfg.train.deepspeed,
+        "command": " ".join(sys.argv),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -93,8 +106,10 @@ def main() -> None:
         if name not in results:
             continue
         r = results[name]
-        print(f"| {name} | {r['pages_per_s']:.1f} | {r['time_iteration']:.3f} | {r['time_generate']:.3f} | {r['time_score']:.3f} | "
-              f"{r['time_advantage']:.3f} | {r['time_train']:.3f} | {r['time_sync']:.3f} | {r['start_seconds']:.1f} |")
+        print(
+            f"| {name} | {r['pages_per_s']:.1f} | {r['time_iteration']:.3f} | {r['time_generate']:.3f} | {r['time_score']:.3f} | "
+            f"{r['time_advantage']:.3f} | {r['time_train']:.3f} | {r['time_sync']:.3f} | {r['start_seconds']:.1f} |"
+        )
     if "ratio_pages_per_s" in results:
         print(f"\nray / single-process pages/s: {results['ratio_pages_per_s']:.2f}x")
     print(f"written: {args.out}")

@@ -52,26 +52,46 @@ def main() -> None:
     summary = {"command": " ".join(sys.argv), "seeds": args.seeds, "per_seed": {}}
     for s in args.seeds:
         summary["per_seed"][s] = {
-            "reference": {k: reference[s][k] for k in ("val_ndcg@100", "val_recall@20", "holdout_reward_total") if k in reference[s]},
-            "ppo": {k: final[s][k] for k in ("iteration", "val_ndcg@100", "val_recall@20", "holdout_reward_total", "kl") if k in final[s]},
+            "reference": {
+                k: reference[s][k]
+                for k in ("val_ndcg@100", "val_recall@20", "holdout_reward_total")
+                if k in reference[s]
+            },
+            "ppo": {
+                k: final[s][k]
+                for k in ("iteration", "val_ndcg@100", "val_recall@20", "holdout_reward_total", "kl")
+                if k in final[s]
+            },
             "seconds": runs[s]["seconds"],
         }
     for key in ("val_ndcg@100", "val_recall@20", "holdout_reward_total"):
         ref = [reference[s][key] for s in args.seeds if key in reference[s]]
         ppo = [final[s][key] for s in args.seeds if key in final[s]]
         if ref and ppo:
-            summary[key] = {"reference": mean_sd(ref), "ppo": mean_sd(ppo), "delta": mean_sd([p - r for p, r in zip(ppo, ref)])}
+            summary[key] = {
+                "reference": mean_sd(ref),
+                "ppo": mean_sd(ppo),
+                "delta": mean_sd([p - r for p, r in zip(ppo, ref)]),
+            }
     last_kl = [r["kl"] for s in args.seeds for r in runs[s]["records"][-5:] if "kl" in r]
     summary["kl_last_iterations"] = mean_sd(last_kl) if last_kl else None
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    lines = [f"Command: `{summary['command']}`", "", "| metric | reference (SFT) | PPO | PPO - reference |", "|---|---|---|---|"]
+    lines = [
+        f"Command: `{summary['command']}`",
+        "",
+        "| metric | reference (SFT) | PPO | PPO - reference |",
+        "|---|---|---|---|",
+    ]
     for key in ("val_ndcg@100", "val_recall@20", "holdout_reward_total"):
         if key in summary:
             (rm, rs), (pm, ps), (dm, ds) = summary[key]["reference"], summary[key]["ppo"], summary[key]["delta"]
             lines.append(f"| {key} | {rm:.4f} ± {rs:.4f} | {pm:.4f} ± {ps:.4f} | {dm:+.4f} ± {ds:.4f} |")
-    lines += ["", f"mean ± standard deviation over seeds {args.seeds}; wall time per seed: "
-              + ", ".join(f"{runs[s]['seconds']:.0f} s" for s in args.seeds)]
+    lines += [
+        "",
+        f"mean ± standard deviation over seeds {args.seeds}; wall time per seed: "
+        + ", ".join(f"{runs[s]['seconds']:.0f} s" for s in args.seeds),
+    ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -82,10 +102,22 @@ def main() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
     for s in args.seeds:
         recs = runs[s]["records"]
-        axes[0].plot([r["iteration"] for r in recs if "reward_total" in r], [r["reward_total"] for r in recs if "reward_total" in r], lw=1, label=f"seed {s}")
-        axes[1].plot([r["iteration"] for r in evals[s]], [r.get("holdout_reward_total") for r in evals[s]], "o-", label=f"seed {s}")
+        axes[0].plot(
+            [r["iteration"] for r in recs if "reward_total" in r],
+            [r["reward_total"] for r in recs if "reward_total" in r],
+            lw=1,
+            label=f"seed {s}",
+        )
+        axes[1].plot(
+            [r["iteration"] for r in evals[s]],
+            [r.get("holdout_reward_total") for r in evals[s]],
+            "o-",
+            label=f"seed {s}",
+        )
         axes[2].plot([r["iteration"] for r in evals[s]], [r["val_ndcg@100"] for r in evals[s]], "o-", label=f"seed {s}")
-    for ax, title in zip(axes, ("rollout reward R_c + R_f", "held-out prompts: reward", "validation NDCG@100 (iteration 0 = SFT)")):
+    for ax, title in zip(
+        axes, ("rollout reward R_c + R_f", "held-out prompts: reward", "validation NDCG@100 (iteration 0 = SFT)")
+    ):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)

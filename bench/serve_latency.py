@@ -46,7 +46,9 @@ def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int
             r = session.post(f"{url}/v1/page", json={"user_id": users[i % len(users)], "k": k}, timeout=120)
             elapsed = (time.perf_counter() - started) * 1000
             with lock:
-                (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200 else r.status_code)
+                (latencies if r.status_code == 200 else errors).append(
+                    elapsed if r.status_code == 200 else r.status_code
+                )
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -55,12 +57,28 @@ def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "requests_per_s": len(latencies) / wall,
-            "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
-            "mean_ms": statistics.mean(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+        "mean_ms": statistics.mean(latencies),
+    }
 
 
-def direct_floor(policy: str, data: str, users: list[str], k: int, n: int, device: str = "cpu", dtype: str = "float32", batch: int = 1) -> dict:
+def direct_floor(
+    policy: str,
+    data: str,
+    users: list[str],
+    k: int,
+    n: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch: int = 1,
+) -> dict:
     """The same greedy K-item pages, ``batch`` users at a time, in this process: model time
     alone (no HTTP, no Serve), on ``device`` in ``dtype``."""
     import torch
@@ -84,8 +102,14 @@ def direct_floor(policy: str, data: str, users: list[str], k: int, n: int, devic
             torch.cuda.synchronize()
         if i >= 5:
             times.append((time.perf_counter() - started) * 1000)
-    return {"device": device, "dtype": dtype, "batch": batch, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
-            "pages_per_s": batch * 1000 / statistics.mean(times)}
+    return {
+        "device": device,
+        "dtype": dtype,
+        "batch": batch,
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "pages_per_s": batch * 1000 / statistics.mean(times),
+    }
 
 
 def main() -> None:
@@ -101,7 +125,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", default="bench/out/serve_latency.json")
-    parser.add_argument("--only", choices=("direct",), help="direct: only the in-process model timing (no Ray; e.g. a GPU machine)")
+    parser.add_argument(
+        "--only", choices=("direct",), help="direct: only the in-process model timing (no Ray; e.g. a GPU machine)"
+    )
     parser.add_argument("--device", default="cpu", help="direct timing device (cuda on a GPU)")
     parser.add_argument("--dtype", nargs="+", default=["float32"], help="direct timing dtypes, e.g. float32 bfloat16")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="direct timing batch sizes")
@@ -110,12 +136,20 @@ def main() -> None:
         from pagellm.serve.api import ServingData
 
         users = list(ServingData.load(args.data).history)
-        rows = [direct_floor(args.policy, args.data, users, args.k, 200, args.device, d, b) for d in args.dtype for b in args.batch]
+        rows = [
+            direct_floor(args.policy, args.data, users, args.k, 200, args.device, d, b)
+            for d in args.dtype
+            for b in args.batch
+        ]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"k": args.k, "direct": rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"k": args.k, "direct": rows, "command": " ".join(sys.argv)}, indent=2) + "\n"
+        )
         print("| device | dtype | batch | p50 ms | p99 ms | pages/s |\n|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['pages_per_s']:.0f} |")
+            print(
+                f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['pages_per_s']:.0f} |"
+            )
         return
 
     import ray
@@ -128,8 +162,16 @@ def main() -> None:
     floor = direct_floor(args.policy, args.data, users, args.k, 200)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app(AppArgs(arms={"A": args.policy}, data=args.data, policy_replicas=args.replicas, policy_cpus=args.policy_cpus,
-                            max_batch_size=args.max_batch, batch_wait_ms=args.batch_wait_ms))
+    app = build_app(
+        AppArgs(
+            arms={"A": args.policy},
+            data=args.data,
+            policy_replicas=args.replicas,
+            policy_cpus=args.policy_cpus,
+            max_batch_size=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+        )
+    )
     serve.run(app, name="pagellm", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{args.port}"
     run_clients(url, users, 4, 100, args.k)  # warm-up
@@ -137,16 +179,28 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    result = {"k": args.k, "replicas": args.replicas, "policy_cpus": args.policy_cpus, "max_batch": args.max_batch,
-              "batch_wait_ms": args.batch_wait_ms, "direct_single_process": floor, "http": rows,
-              "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}, "command": " ".join(sys.argv)}
+    result = {
+        "k": args.k,
+        "replicas": args.replicas,
+        "policy_cpus": args.policy_cpus,
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "direct_single_process": floor,
+        "http": rows,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"direct (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s")
+    print(
+        f"direct (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s"
+    )
     print("| concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |")
+        print(
+            f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

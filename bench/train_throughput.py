@@ -217,7 +217,18 @@ def ensure_data(data_dir: Path) -> None:
     if (data_dir / "stats.json").exists():
         return
     log(f"{data_dir} absent: pagellm data --dataset {DATASET} --engine local (not timed)")
-    cmd = [sys.executable, "-m", "pagellm.cli", "data", "--dataset", DATASET, "--engine", "local", "--out", str(data_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "data",
+        "--dataset",
+        DATASET,
+        "--engine",
+        "local",
+        "--out",
+        str(data_dir),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
@@ -267,8 +278,13 @@ def run_config(name: str, spec, rows, valid, tokens: int, out: Path, seed: int, 
 
     workers, backend = name.split(":")
     train_cfg = TrainConfig(
-        num_workers=int(workers), cpus_per_worker=1.0, deepspeed=backend == "deepspeed", zero_stage=1,
-        max_failures=0, log_every_steps=10, seed=seed,
+        num_workers=int(workers),
+        cpus_per_worker=1.0,
+        deepspeed=backend == "deepspeed",
+        zero_stage=1,
+        max_failures=0,
+        log_every_steps=10,
+        seed=seed,
     )
     run_dir = out / "runs" / name.replace(":", "_")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh log and no checkpoint to resume from
@@ -340,7 +356,16 @@ def run_config(name: str, spec, rows, valid, tokens: int, out: Path, seed: int, 
 # ------------------------------------------------------------------------------ report
 
 
-HEADER = ("workers", "backend", "tokens/s", "samples/s", "peak MiB above baseline", "first-epoch s", "steady epoch s", "final train loss")
+HEADER = (
+    "workers",
+    "backend",
+    "tokens/s",
+    "samples/s",
+    "peak MiB above baseline",
+    "first-epoch s",
+    "steady epoch s",
+    "final train loss",
+)
 
 
 def table(results: list[dict]) -> str:
@@ -357,7 +382,10 @@ def table(results: list[dict]) -> str:
 def write_report(out: Path, summary: dict) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     m, w = summary["machine"], summary["workload"]
-    extra = ["| config | fit wall s | steps/epoch (expected) | tree cores busy | foreign CPU s | load 1m before | sampler CPU s | baseline / peak PSS MiB | train workers' peak PSS MiB | valid loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    extra = [
+        "| config | fit wall s | steps/epoch (expected) | tree cores busy | foreign CPU s | load 1m before | sampler CPU s | baseline / peak PSS MiB | train workers' peak PSS MiB | valid loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["results"]:
         extra.append(
             f"| {r['config']} | {r['fit_wall_s']:.1f} | {r['steps_per_epoch']} ({r['expected_steps_per_epoch']}) | "
@@ -391,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=None, help="use the first N fine-tuning rows (default: all)")
     parser.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pss-interval", type=float, default=0.2, help="seconds between PSS samples; 0: no PSS (CPU times and RSS only, to gauge the sampler's cost)")
+    parser.add_argument(
+        "--pss-interval",
+        type=float,
+        default=0.2,
+        help="seconds between PSS samples; 0: no PSS (CPU times and RSS only, to gauge the sampler's cost)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up fit")
     parser.add_argument("--quick", action="store_true", help=f"1 epoch, {QUICK_ROWS} rows: a smoke check")
     args = parser.parse_args(argv)
@@ -413,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = (args.data or out / "data").resolve()
     ensure_data(data_dir)
     cuda = torch.cuda.is_available()
-    gpu_note = "GPU present but this benchmark trains on CPU workers (train.use_gpu=false)" if cuda else "no GPU was available: CPU/gloo only"
+    gpu_note = (
+        "GPU present but this benchmark trains on CPU workers (train.use_gpu=false)"
+        if cuda
+        else "no GPU was available: CPU/gloo only"
+    )
     log(f"torch.cuda.is_available() = {cuda}: {gpu_note}")
 
     model_cfg = ModelConfig()
@@ -421,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     tokenizer, vocab, rows, valid, ft_total = build_rows(data_dir, model_cfg, args.rows)
     tokens = int(sum(len(x) for x in rows.input_ids))
-    log(f"{len(rows)} of {ft_total} fine-tuning rows, {tokens} tokens/epoch, vocabulary {len(tokenizer)} ({time.perf_counter() - t:.1f} s)")
+    log(
+        f"{len(rows)} of {ft_total} fine-tuning rows, {tokens} tokens/epoch, vocabulary {len(tokenizer)} ({time.perf_counter() - t:.1f} s)"
+    )
     spec = make_spec(tokenizer, vocab.base_size, model_cfg, args.epochs, lr, args.seed)
     n_params = sum(p.numel() for p in spec.build_model().parameters())
 
@@ -444,29 +483,52 @@ def main(argv: list[str] | None = None) -> int:
         from pagellm.config import TrainConfig
         from pagellm.train.loop import fit
 
-        fit(warm, {"train": ray.data.from_pandas(rows.head(64)), "valid": ray.data.from_pandas(valid)},
-            TrainConfig(num_workers=1, deepspeed=False, max_failures=0), out / "runs" / "warmup", out / "runs" / "warmup" / "export")
+        fit(
+            warm,
+            {"train": ray.data.from_pandas(rows.head(64)), "valid": ray.data.from_pandas(valid)},
+            TrainConfig(num_workers=1, deepspeed=False, max_failures=0),
+            out / "runs" / "warmup",
+            out / "runs" / "warmup" / "export",
+        )
         shutil.rmtree(out / "runs" / "warmup", ignore_errors=True)
         warmup_s = round(time.perf_counter() - t, 1)
         log(f"warm-up done in {warmup_s} s")
 
-    command = "OMP_NUM_THREADS=1 WANDB_MODE=offline RAY_AUTH_MODE=disabled python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = (
+        "OMP_NUM_THREADS=1 WANDB_MODE=offline RAY_AUTH_MODE=disabled python bench/train_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     summary = {
         "command": command.strip(),
         "machine": {
-            "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "cuda_available": cuda, "gpu_note": gpu_note, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "deepspeed": deepspeed.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpus": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "cuda_available": cuda,
+            "gpu_note": gpu_note,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "deepspeed": deepspeed.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "workload": {
-            "data_dir": str(data_dir), "train_rows": len(rows), "ft_rows_available": ft_total,
-            "train_tokens": tokens, "mean_row_tokens": tokens / max(len(rows), 1),
+            "data_dir": str(data_dir),
+            "train_rows": len(rows),
+            "ft_rows_available": ft_total,
+            "train_tokens": tokens,
+            "mean_row_tokens": tokens / max(len(rows), 1),
             "max_row_tokens": int(max(len(x) for x in rows.input_ids)),
-            "valid_rows": len(valid), "global_batch": GLOBAL_BATCH, "epochs": args.epochs, "lr": lr,
+            "valid_rows": len(valid),
+            "global_batch": GLOBAL_BATCH,
+            "epochs": args.epochs,
+            "lr": lr,
             "model": f"GPT-2 {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} dim, {n_params} parameters",
-            "vocab_size": len(tokenizer), "quick": args.quick, "seed": args.seed,
-            "pss_interval_s": args.pss_interval, "warmup_fit_s": warmup_s,
+            "vocab_size": len(tokenizer),
+            "quick": args.quick,
+            "seed": args.seed,
+            "pss_interval_s": args.pss_interval,
+            "warmup_fit_s": warmup_s,
         },
         "results": [],
     }

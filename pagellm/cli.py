@@ -54,7 +54,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     with output(args.out) as out:
         metrics = run_sft(_config(args), fetch(args.data), out, train_storage(args.out))
-    print(f"sft: valid_page_rate {metrics['valid_page_rate']:.3f}; reference policy in {args.out} (metrics.json, loss_curves.png)")
+    print(
+        f"sft: valid_page_rate {metrics['valid_page_rate']:.3f}; reference policy in {args.out} (metrics.json, loss_curves.png)"
+    )
     return 0
 
 
@@ -64,13 +66,22 @@ def cmd_reward(args: argparse.Namespace) -> int:
     with output(args.out) as out:
         metrics = run_reward(_config(args), fetch(args.data), fetch(args.sft), out, train_storage(args.out))
     acc = metrics["accuracy"]
-    print("reward: held-out pairwise accuracy " + ", ".join(f"{k} {v['all']:.3f}" for k, v in acc.items()) + f"; heads in {args.out}")
+    print(
+        "reward: held-out pairwise accuracy "
+        + ", ".join(f"{k} {v['all']:.3f}" for k, v in acc.items())
+        + f"; heads in {args.out}"
+    )
     return 0
 
 
 def _print_ppo_summary(record: dict, out) -> None:
     keys = ("reward_total", "kl", "val_ndcg@100", "holdout_reward_total")
-    print("ppo: iteration " + str(record.get("iteration")) + ", " + ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record))
+    print(
+        "ppo: iteration "
+        + str(record.get("iteration"))
+        + ", "
+        + ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record)
+    )
     print(f"policy in {str(out).rstrip('/')}/policy (metrics.jsonl, ppo_curves.png)")
 
 
@@ -91,8 +102,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = run_evaluate(_config(args), fetch(args.model), fetch(args.data), args.split, out)
     from pagellm.eval.metrics import METRICS
 
-    print(f"evaluate ({args.split}, {metrics['users']} users): " + ", ".join(
-        f"{k} {metrics[k]:.4f}" for k in METRICS if metrics.get(k) is not None))
+    print(
+        f"evaluate ({args.split}, {metrics['users']} users): "
+        + ", ".join(f"{k} {metrics[k]:.4f}" for k in METRICS if metrics.get(k) is not None)
+    )
     print(f"wrote {target}/metrics.json and {target}/users.parquet")
     return 0
 
@@ -102,7 +115,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.kind == "ablation":
-        report = run_ablation(cfg, args.config, list(args.overrides), args.data, args.sft, args.reward, args.out, args.seeds, args.split)
+        report = run_ablation(
+            cfg, args.config, list(args.overrides), args.data, args.sft, args.reward, args.out, args.seeds, args.split
+        )
         print((Path(args.out) / "ablation.md").read_text())
     else:
         policies = dict(p.split("=", 1) for p in args.policy or [])
@@ -121,8 +136,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     summary = run_tune(args.config, list(args.overrides), args.out, resume=args.resume, command=command)
     best = summary["best"]
     if best:
-        print(f"tune: best beta {best['beta']:g}, lambda {best['lambda']:g}: validation NDCG@100 {best['ndcg@100_last']:.4f}")
-    print(f"wrote {Path(args.out) / 'trials.md'}, trials.csv, heatmap.png, best.json ({summary['wall_seconds'] / 60:.1f} min)")
+        print(
+            f"tune: best beta {best['beta']:g}, lambda {best['lambda']:g}: validation NDCG@100 {best['ndcg@100_last']:.4f}"
+        )
+    print(
+        f"wrote {Path(args.out) / 'trials.md'}, trials.csv, heatmap.png, best.json ({summary['wall_seconds'] / 60:.1f} min)"
+    )
     return 0
 
 
@@ -143,16 +162,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--arm must be NAME=POLICY_DIR, got {spec!r}")
         arms[name] = directory
     try:
-        app_args = AppArgs(arms=arms, data=args.data, split=parse_split(args.split, list(arms)), ranker=args.ranker,
-                           policy_replicas=args.replicas, policy_cpus=args.policy_cpus, policy_gpus=args.policy_gpus)
+        app_args = AppArgs(
+            arms=arms,
+            data=args.data,
+            split=parse_split(args.split, list(arms)),
+            ranker=args.ranker,
+            policy_replicas=args.replicas,
+            policy_cpus=args.policy_cpus,
+            policy_gpus=args.policy_gpus,
+        )
         application = build_app(app_args)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
     init_ray(_config(args).ray)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pagellm", route_prefix="/", blocking=False)
-    print(f"pagellm serve: listening on http://{args.host}:{args.port} (POST /v1/page, POST /v1/rank, GET /healthz); "
-          f"arms {arms}, split {app_args.split}; Ctrl-C stops", flush=True)
+    print(
+        f"pagellm serve: listening on http://{args.host}:{args.port} (POST /v1/page, POST /v1/rank, GET /healthz); "
+        f"arms {arms}, split {app_args.split}; Ctrl-C stops",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
@@ -167,7 +196,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.config or args.overrides:
-        sources = " < ".join(["defaults", *(args.config or []), *(["command-line overrides"] if args.overrides else [])])
+        sources = " < ".join(
+            ["defaults", *(args.config or []), *(["command-line overrides"] if args.overrides else [])]
+        )
         header = f"# PageLLM configuration: {sources}\n"
     else:
         header = DEFAULT_YAML_HEADER
@@ -186,10 +217,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.config:
         args.config = [str(EMBEDDED_PROFILE), str(QUICKSTART_PROFILE)]
     with output(args.out) as out:
-        summary = run_pipeline(_config(args), out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), storage=args.out if is_uri(args.out) else None)
+        summary = run_pipeline(
+            _config(args),
+            out,
+            shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            storage=args.out if is_uri(args.out) else None,
+        )
     ppo = summary["ppo_metrics"]
-    print(f"sft: valid_page_rate {summary['sft_metrics']['valid_page_rate']:.3f}; reward accuracy (held-out pairs): "
-          + json.dumps({k: round(v["all"], 3) for k, v in summary["reward_metrics"]["accuracy"].items()}))
+    print(
+        f"sft: valid_page_rate {summary['sft_metrics']['valid_page_rate']:.3f}; reward accuracy (held-out pairs): "
+        + json.dumps({k: round(v["all"], 3) for k, v in summary["reward_metrics"]["accuracy"].items()})
+    )
     _print_ppo_summary(ppo, Path(summary["ppo"]))
     for name, m in summary["test_metrics"].items():
         print(f"test {name}: ndcg@100 {m['ndcg@100']:.4f}, recall@20 {m['recall@20']:.4f}")
@@ -216,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.category_cap=0.3")
 
     p = sub.add_parser("data", help="build splits, golden lists, preference pairs and eval targets")
-    p.add_argument("--dataset", help="KIND:PATH, e.g. amazon2014:../shared/data/amazon2014-musical-instruments (default: data.dataset of the config)")
+    p.add_argument(
+        "--dataset",
+        help="KIND:PATH, e.g. amazon2014:../shared/data/amazon2014-musical-instruments (default: data.dataset of the config)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--engine", choices=("ray", "local"), default="ray", help="Ray Data (default) or one process")
     common(p)
@@ -254,14 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="ablation over reward heads, or comparison with baselines")
     kinds = p.add_subparsers(dest="kind", required=True)
-    for kind, text in (("ablation", "SFT only vs PPO with R_c, R_f, R_c + R_f over seeds"), ("compare", "baselines and PageLLM policies")):
+    for kind, text in (
+        ("ablation", "SFT only vs PPO with R_c, R_f, R_c + R_f over seeds"),
+        ("compare", "baselines and PageLLM policies"),
+    ):
         q = kinds.add_parser(kind, help=text)
         q.add_argument("--data", required=True, help="output directory of `pagellm data`")
         if kind == "ablation":
             q.add_argument("--sft", required=True, help="SFT_DIR")
             q.add_argument("--reward", required=True, help="REWARD_DIR")
         else:
-            q.add_argument("--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)")
+            q.add_argument(
+                "--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)"
+            )
             q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae"])
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--split", choices=("val", "test"), default="test")
@@ -270,13 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("tune", help="Ray Tune over beta and lambda (the `tune` config section; sweeps in tuning/)")
-    p.add_argument("--out", required=True, help="sweep directory: upstream/ (cached stages per lambda), sweep/ (Tune), results")
+    p.add_argument(
+        "--out", required=True, help="sweep directory: upstream/ (cached stages per lambda), sweep/ (Tune), results"
+    )
     p.add_argument("--resume", action="store_true", help="restore an interrupted sweep in OUT (Tuner.restore)")
     common(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="Ray Serve: policy arms behind an A/B router, R_c ranker (docs/serving.md)")
-    p.add_argument("--arm", action="append", required=True, metavar="NAME=POLICY_DIR", help="an arm (repeat): SFT_DIR or PPO_DIR/policy")
+    p.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=POLICY_DIR",
+        help="an arm (repeat): SFT_DIR or PPO_DIR/policy",
+    )
     p.add_argument("--data", required=True, help="the data-stage output: cached user histories, seen items, popularity")
     p.add_argument("--ranker", help="REWARD_DIR: serve its coarse head at /v1/rank")
     p.add_argument("--split", help="traffic weights, e.g. A=50,B=50 (default: even)")
@@ -288,11 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("config", help="print the merged configuration with every field's help (no arguments: the defaults)")
+    p = sub.add_parser(
+        "config", help="print the merged configuration with every field's help (no arguments: the defaults)"
+    )
     common(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("run", help="the whole chain (data, SFT, reward heads, PPO, evaluation, report); embedded default without --config")
+    p = sub.add_parser(
+        "run",
+        help="the whole chain (data, SFT, reward heads, PPO, evaluation, report); embedded default without --config",
+    )
     p.add_argument("--dataset", help="KIND:PATH (default: the synthetic marketplace)")
     p.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run directory (default {DEFAULT_RUN_DIR})")
     common(p)

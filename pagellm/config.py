@@ -39,33 +39,60 @@ def section(cls, help: str):
 class DataConfig:
     """Data stage: ingestion, split, golden lists, preference pairs (paper 3, 4.2, 5.1.1)."""
 
-    dataset: str = opt("synthetic", "input as KIND[:PATH]: amazon2014, amazon2018, movielens, parquet, csv or synthetic "
-                       "(for synthetic PATH is the number of interactions, e.g. synthetic:100000)")
+    dataset: str = opt(
+        "synthetic",
+        "input as KIND[:PATH]: amazon2014, amazon2018, movielens, parquet, csv or synthetic "
+        "(for synthetic PATH is the number of interactions, e.g. synthetic:100000)",
+    )
     positive_threshold: float = opt(3.0, "r > positive_threshold is a positive interaction (paper section 3: r_ui > 3)")
-    negative_threshold: float = opt(3.0, "r < negative_threshold is a non-preferred interaction (np family, section 4.2.4: r_ui < 3)")
-    rating_min: float = opt(0.5, "lowest valid rating; rows outside [rating_min, rating_max] are dropped as rating_out_of_range "
-                            "(0.5 admits MovieLens half stars; Amazon uses 1-5)")
+    negative_threshold: float = opt(
+        3.0, "r < negative_threshold is a non-preferred interaction (np family, section 4.2.4: r_ui < 3)"
+    )
+    rating_min: float = opt(
+        0.5,
+        "lowest valid rating; rows outside [rating_min, rating_max] are dropped as rating_out_of_range "
+        "(0.5 admits MovieLens half stars; Amazon uses 1-5)",
+    )
     rating_max: float = opt(5.0, "highest valid rating")
-    split: list[float] = opt([0.8, 0.1, 0.1], "per-user chronological train/validation/test fractions (section 5.1.1: 80/10/10)")
+    split: list[float] = opt(
+        [0.8, 0.1, 0.1], "per-user chronological train/validation/test fractions (section 5.1.1: 80/10/10)"
+    )
     prompt_max_items: int = opt(20, "longest prompt history, in items (the paper's case study shows a 20-item history)")
-    golden_fraction: float = opt(0.5, "share of a user's training positives (the newest) kept out of the training prompt to "
-                                 "build a golden list from (not given by the paper)")
-    extra_ft_fractions: list[float] = opt([], "more fine-tuning windows per user: each fraction holds back that share of the "
-                                          "training positives as another (prompt, golden list) row of ft/ (pairs use "
-                                          "golden_fraction only); the paper has one instance per user")
-    pairs_from_extra_windows: bool = opt(False, "also build the four negatives for every extra window (the paper has one golden "
-                                         "list, hence one pair per family, per user)")
+    golden_fraction: float = opt(
+        0.5,
+        "share of a user's training positives (the newest) kept out of the training prompt to "
+        "build a golden list from (not given by the paper)",
+    )
+    extra_ft_fractions: list[float] = opt(
+        [],
+        "more fine-tuning windows per user: each fraction holds back that share of the "
+        "training positives as another (prompt, golden list) row of ft/ (pairs use "
+        "golden_fraction only); the paper has one instance per user",
+    )
+    pairs_from_extra_windows: bool = opt(
+        False,
+        "also build the four negatives for every extra window (the paper has one golden "
+        "list, hence one pair per family, per user)",
+    )
     golden_max_items: int = opt(20, "longest golden list K (and longest negative list)")
-    category_cap: float = opt(0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)")
+    category_cap: float = opt(
+        0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)"
+    )
     rk_swaps: int = opt(2, "adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4)")
     seed: int = opt(0, "seed of every random choice of the data stage (synthetic data, swaps, replacements)")
-    columns: dict[str, str] = opt({"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"},
-                                  "csv/parquet adapters: canonical column -> column in the interactions file")
+    columns: dict[str, str] = opt(
+        {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"},
+        "csv/parquet adapters: canonical column -> column in the interactions file",
+    )
     items_path: Optional[str] = opt(None, "csv/parquet adapters: an optional items table")
-    item_columns: dict[str, str] = opt({"item_id": "item_id", "category": "category", "title": "title", "brand": "brand"},
-                                       "csv/parquet adapters: the items table's columns (category may name a column holding a "
-                                       "list or a |-separated string of categories; the first is the category)")
-    users_per_block: int = opt(2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)")
+    item_columns: dict[str, str] = opt(
+        {"item_id": "item_id", "category": "category", "title": "title", "brand": "brand"},
+        "csv/parquet adapters: the items table's columns (category may name a column holding a "
+        "list or a |-separated string of categories; the first is the category)",
+    )
+    users_per_block: int = opt(
+        2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)"
+    )
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f <= 0 for f in self.split):
@@ -79,9 +106,7 @@ class DataConfig:
         if any(not 0.0 < f < 1.0 for f in self.extra_ft_fractions):
             raise ConfigError(f"data.extra_ft_fractions must lie in (0, 1), got {self.extra_ft_fractions}")
         if self.rating_min >= self.rating_max:
-            raise ConfigError(
-                f"data.rating_min ({self.rating_min}) must be below data.rating_max ({self.rating_max})"
-            )
+            raise ConfigError(f"data.rating_min ({self.rating_min}) must be below data.rating_max ({self.rating_max})")
         for key in ("prompt_max_items", "golden_max_items", "users_per_block"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
@@ -96,15 +121,21 @@ class DataConfig:
 class ModelConfig:
     """The policy backbone (section 5.1.4: GPT-2, max sequence length 1,024)."""
 
-    name_or_path: Optional[str] = opt(None, "a pretrained model name or local path (e.g. a saved GPT-2); null builds the "
-                                      "embedded small GPT-2 below, with a BPE tokenizer trained on the catalogue text")
+    name_or_path: Optional[str] = opt(
+        None,
+        "a pretrained model name or local path (e.g. a saved GPT-2); null builds the "
+        "embedded small GPT-2 below, with a BPE tokenizer trained on the catalogue text",
+    )
     n_layer: int = opt(4, "embedded GPT-2: transformer blocks")
     n_head: int = opt(4, "embedded GPT-2: attention heads")
     n_embd: int = opt(128, "embedded GPT-2: hidden size")
     max_seq_len: int = opt(1024, "embedded GPT-2: longest sequence (positions)")
     bpe_vocab_size: int = opt(2000, "embedded tokenizer: BPE vocabulary before the user and item tokens")
-    lora_rank: int = opt(0, "LoRA through peft: 0 trains the full model; > 0 freezes the base and trains adapters on "
-                         "lora_targets plus the new user/item token embeddings")
+    lora_rank: int = opt(
+        0,
+        "LoRA through peft: 0 trains the full model; > 0 freezes the base and trains adapters on "
+        "lora_targets plus the new user/item token embeddings",
+    )
     lora_alpha: int = opt(16, "LoRA scaling alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
     lora_targets: list[str] = opt(["c_attn"], "modules that get LoRA adapters")
@@ -145,13 +176,21 @@ class SFTConfig:
     batch_size: int = opt(32, "rows per step (global, split over the workers)")
     ft_epochs: int = opt(10, "golden-list (ground-truth) fine-tuning epochs")
     ft_lr: float = opt(2e-5, "golden-list fine-tuning learning rate")
-    rating_loss_weight: float = opt(1.0, "weight of the rating regression (eq. 7) next to the meta next-token loss (eq. 8)")
+    rating_loss_weight: float = opt(
+        1.0, "weight of the rating regression (eq. 7) next to the meta next-token loss (eq. 8)"
+    )
     max_meta_tokens: int = opt(128, "meta prompts are cut to this many tokens")
-    max_meta_rows_per_pattern: Optional[int] = opt(None, "a seeded sample of at most this many meta rows per pattern (a-d, "
-                                                   "rating); null: all. Large logs otherwise make meta pre-training long")
+    max_meta_rows_per_pattern: Optional[int] = opt(
+        None,
+        "a seeded sample of at most this many meta rows per pattern (a-d, "
+        "rating); null: all. Large logs otherwise make meta pre-training long",
+    )
     valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate")
-    unlikelihood_weight: float = opt(0.0, "weight of an unlikelihood term on repeated page items and an empty page, added to "
-                                     "eq. 9 (not in the paper: 0 keeps eq. 9 alone); teaches a small model the page schema")
+    unlikelihood_weight: float = opt(
+        0.0,
+        "weight of an unlikelihood term on repeated page items and an empty page, added to "
+        "eq. 9 (not in the paper: 0 keeps eq. 9 alone); teaches a small model the page schema",
+    )
 
 
 @dataclass
@@ -163,8 +202,11 @@ class RewardConfig:
     batch_size: int = opt(64, "pairs per step (global)")
     early_stopping: bool = opt(True, "stop on validation log-likelihood and export the best epoch")
     patience: int = opt(1, "epochs without improvement before stopping")
-    holdout_fraction: float = opt(0.1, "pairs are split by user: this share of users is validation (early stopping) and "
-                                  "the same share is test (the reported pairwise accuracy)")
+    holdout_fraction: float = opt(
+        0.1,
+        "pairs are split by user: this share of users is validation (early stopping) and "
+        "the same share is test (the reported pairwise accuracy)",
+    )
 
 
 @dataclass
@@ -201,27 +243,41 @@ class PPOConfig:
     value_clip: float = opt(0.2, "clip of the value loss")
     value_loss_coef: float = opt(1.0, "scale of the critic's loss (the critic is its own model)")
     reward_normalization: bool = opt(True, "running mean/std of the page reward")
-    rewards: str = opt("both", "the reward-head ablation: both (R = w_c R_c + w_f R_f, eq. 15), coarse, fine or none (KL only)")
+    rewards: str = opt(
+        "both", "the reward-head ablation: both (R = w_c R_c + w_f R_f, eq. 15), coarse, fine or none (KL only)"
+    )
     coarse_weight: float = opt(1.0, "w_c, the weight of R_c in R")
     fine_weight: float = opt(1.0, "w_f, the weight of R_f in R")
-    reward_placement: str = opt("terminal", "terminal: all reward on the last token (the paper); dense: each item's fine score "
-                                "on its own token (divided by the page length, so the sum is R_f) and R_c on the last token")
+    reward_placement: str = opt(
+        "terminal",
+        "terminal: all reward on the last token (the paper); dense: each item's fine score "
+        "on its own token (divided by the page length, so the sum is R_f) and R_c on the last token",
+    )
     temperature: float = opt(1.0, "rollout sampling temperature")
     top_p: float = opt(1.0, "rollout nucleus sampling")
     page_min_items: int = opt(1, "shortest rollout page (EOS allowed after this many items)")
     page_max_items: int = opt(20, "longest rollout page (EOS forced after this many items)")
     exclude_history: bool = opt(True, "rollout pages may not repeat an item of the prompt")
-    eval_every: int = opt(10, "every N iterations: the validation metrics of `pagellm evaluate --split val` (the eval "
-                          "section's protocol: page length, masking, decoding) and the held-out reward")
+    eval_every: int = opt(
+        10,
+        "every N iterations: the validation metrics of `pagellm evaluate --split val` (the eval "
+        "section's protocol: page length, masking, decoding) and the held-out reward",
+    )
     eval_max_users: Optional[int] = opt(None, "validate on the first N validation users; null: all")
     generate_batch_size: int = opt(256, "prompts per rollout generation call inside a policy worker")
     checkpoint_every: int = opt(10, "every N iterations a checkpoint for --resume")
-    final_policy: str = opt("last", "PPO_DIR/policy: last (the paper: the policy after the last iteration) or best_val (the "
-                            "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)")
+    final_policy: str = opt(
+        "last",
+        "PPO_DIR/policy: last (the paper: the policy after the last iteration) or best_val (the "
+        "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)",
+    )
     holdout_fraction: float = opt(0.1, "users whose prompts are held out of rollouts (the held-out reward curve)")
     seed: int = opt(0, "seed of rollout order and sampling")
-    colocate: bool = opt(True, "pack the i-th worker of every role into one bundle (one GPU shared by fractions); false: "
-                         "every actor its own bundle")
+    colocate: bool = opt(
+        True,
+        "pack the i-th worker of every role into one bundle (one GPU shared by fractions); false: "
+        "every actor its own bundle",
+    )
     policy: RoleConfig = section(RoleConfig, "the trainable policy's actors")
     reference: RoleConfig = section(RoleConfig, "the frozen SFT policy's actors")
     critic: RoleConfig = section(RoleConfig, "the critic's actors (initialised from the coarse reward model)")
@@ -230,25 +286,37 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "kl_estimator": ("k1", "k3"), "rewards": ("both", "coarse", "fine", "none"),
-            "reward_placement": ("terminal", "dense"), "final_policy": ("last", "best_val"),
+            "kl_estimator": ("k1", "k3"),
+            "rewards": ("both", "coarse", "fine", "none"),
+            "reward_placement": ("terminal", "dense"),
+            "final_policy": ("last", "best_val"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"ppo.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.batch_size % self.minibatch_size:
-            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size ({self.minibatch_size})")
+            raise ConfigError(
+                f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size ({self.minibatch_size})"
+            )
         for role in ("policy", "critic"):
             workers = getattr(self, role).num_workers
             if self.minibatch_size % workers:
-                raise ConfigError(f"ppo.minibatch_size ({self.minibatch_size}) must split evenly over ppo.{role}.num_workers ({workers})")
+                raise ConfigError(
+                    f"ppo.minibatch_size ({self.minibatch_size}) must split evenly over ppo.{role}.num_workers ({workers})"
+                )
         if self.final_policy == "best_val" and self.eval_every % self.checkpoint_every:
-            raise ConfigError(f"ppo.final_policy=best_val needs ppo.checkpoint_every ({self.checkpoint_every}) to divide ppo.eval_every ({self.eval_every}): "
-                              "every evaluated policy must be saved")
+            raise ConfigError(
+                f"ppo.final_policy=best_val needs ppo.checkpoint_every ({self.checkpoint_every}) to divide ppo.eval_every ({self.eval_every}): "
+                "every evaluated policy must be saved"
+            )
         if not 1 <= self.page_min_items <= self.page_max_items:
-            raise ConfigError(f"need 1 <= ppo.page_min_items <= ppo.page_max_items, got {self.page_min_items}, {self.page_max_items}")
+            raise ConfigError(
+                f"need 1 <= ppo.page_min_items <= ppo.page_max_items, got {self.page_min_items}, {self.page_max_items}"
+            )
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
-            raise ConfigError(f"ppo.top_p must be in (0, 1] and ppo.temperature > 0, got {self.top_p}, {self.temperature}")
+            raise ConfigError(
+                f"ppo.top_p must be in (0, 1] and ppo.temperature > 0, got {self.top_p}, {self.temperature}"
+            )
 
 
 @dataclass
@@ -259,8 +327,11 @@ class EvalConfig:
     decoding: str = opt("greedy", "greedy or sample, both under the page constraint of PPO")
     temperature: float = opt(1.0, "sample only: temperature")
     top_p: float = opt(1.0, "sample only: nucleus")
-    mask_seen: bool = opt(True, "full-ranking protocol: every item the user interacted with before the split is excluded "
-                          "(train; train + validation for test), not only the prompt's items")
+    mask_seen: bool = opt(
+        True,
+        "full-ranking protocol: every item the user interacted with before the split is excluded "
+        "(train; train + validation for test), not only the prompt's items",
+    )
     batch_size: int = opt(64, "users per generation batch")
     num_actors: int = opt(1, "Ray Data actor pool size, each actor holding the model")
     num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
@@ -279,19 +350,31 @@ class TuneConfig:
     """`pagellm tune`: Ray Tune over the KL coefficient beta (ppo.kl_beta) and the golden-list
     category cap lambda (data.category_cap), the two the paper studies (section 5.1.4)."""
 
-    search: str = opt("grid", "grid: every (beta, lambda) of the two lists, num_samples times; optuna / hyperopt: that searcher "
-                      "proposes beta log-uniformly in [min(betas), max(betas)] and lambda among lambdas, for num_samples trials")
+    search: str = opt(
+        "grid",
+        "grid: every (beta, lambda) of the two lists, num_samples times; optuna / hyperopt: that searcher "
+        "proposes beta log-uniformly in [min(betas), max(betas)] and lambda among lambdas, for num_samples trials",
+    )
     betas: list[float] = opt([0.05, 0.1, 0.2], "values (grid) or range (searchers) of ppo.kl_beta")
-    lambdas: list[float] = opt([0.3, 0.4, 0.5], "values of data.category_cap; each changes the golden lists, so the data, SFT and "
-                               "reward stages run once per distinct lambda (cached by a hash of their configuration)")
+    lambdas: list[float] = opt(
+        [0.3, 0.4, 0.5],
+        "values of data.category_cap; each changes the golden lists, so the data, SFT and "
+        "reward stages run once per distinct lambda (cached by a hash of their configuration)",
+    )
     num_samples: int = opt(1, "grid repeats, or trials of a searcher")
-    scheduler: str = opt("asha", "asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every "
-                         "iterations); fifo: run every trial to the end")
+    scheduler: str = opt(
+        "asha",
+        "asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every "
+        "iterations); fifo: run every trial to the end",
+    )
     grace_period: int = opt(20, "ASHA: PPO iterations a trial runs before it may be stopped")
     reduction_factor: int = opt(2, "ASHA: keep the best 1/reduction_factor at each rung")
     max_concurrent_trials: Optional[int] = opt(None, "null: as many as the resources allow")
-    driver_cpus: float = opt(0.25, "CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles' bundles "
-                             "follow, from ppo.<role>")
+    driver_cpus: float = opt(
+        0.25,
+        "CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles' bundles "
+        "follow, from ppo.<role>",
+    )
     seed: int = opt(0, "the searcher's seed")
 
     def __post_init__(self) -> None:
@@ -302,11 +385,15 @@ class TuneConfig:
         if not self.betas or any(b < 0 for b in self.betas):
             raise ConfigError(f"tune.betas must be non-empty and >= 0, got {self.betas}")
         if self.search != "grid" and min(self.betas) <= 0:
-            raise ConfigError(f"tune.betas: a searcher samples beta log-uniformly, so min(betas) must be > 0, got {self.betas}")
+            raise ConfigError(
+                f"tune.betas: a searcher samples beta log-uniformly, so min(betas) must be > 0, got {self.betas}"
+            )
         if not self.lambdas or any(not 0.0 < x <= 1.0 for x in self.lambdas):
             raise ConfigError(f"tune.lambdas must be non-empty and in (0, 1], got {self.lambdas}")
         if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError("tune.num_samples >= 1, tune.grace_period >= 1 and tune.reduction_factor >= 2 are required")
+            raise ConfigError(
+                "tune.num_samples >= 1, tune.grace_period >= 1 and tune.reduction_factor >= 2 are required"
+            )
 
 
 @dataclass
@@ -337,9 +424,7 @@ EMBEDDED_PROFILE = Path(__file__).parent / "configs" / "embedded.yaml"
 QUICKSTART_PROFILE = Path(__file__).parent / "configs" / "quickstart.yaml"
 
 
-def load_config(
-    path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None
-) -> PageLLMConfig:
+def load_config(path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None) -> PageLLMConfig:
     """Defaults, then the YAML file(s) at ``path`` in order, then dotted ``key=value`` overrides."""
     where = "defaults"
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
@@ -377,7 +462,9 @@ DEFAULT_YAML_HEADER = """# Every setting of PageLLM with its default (the paper'
 def _wrap(text: str, indent: str) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(" ".join(text.split()), width=110 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+    return textwrap.wrap(
+        " ".join(text.split()), width=110 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# "
+    )
 
 
 def _value(value) -> str:

@@ -53,13 +53,21 @@ def _bar_chart(rows: dict[str, dict[str, tuple[float, float]]], keys: tuple[str,
     with figure(path, len(keys), panel_size=(4.0, 3.4)) as (fig, axes):
         for ax, key in zip(axes, keys):
             names = list(rows)
-            ax.bar(names, [rows[n][key][0] for n in names], yerr=[rows[n][key][1] for n in names], capsize=4, color="#4c72b0")
+            ax.bar(
+                names,
+                [rows[n][key][0] for n in names],
+                yerr=[rows[n][key][1] for n in names],
+                capsize=4,
+                color="#4c72b0",
+            )
             ax.set_title(key)
             ax.tick_params(axis="x", rotation=30)
         fig.suptitle(title)
 
 
-def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test") -> dict:
+def run_ablation(
+    cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test"
+) -> dict:
     """Train and evaluate each variant over ``seeds``; SFT only is evaluated once (greedy
     decoding of one model is deterministic, so its spread is 0)."""
     from pagellm.eval.evaluate import run_evaluate
@@ -81,18 +89,26 @@ def run_ablation(cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir,
             results[name].append(run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}"))
     rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     report = {
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "seeds": list(seeds), "wall_seconds": time.perf_counter() - started,
-        "mean_sd": rows, "runs": results,
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "split": split,
+        "seeds": list(seeds),
+        "wall_seconds": time.perf_counter() - started,
+        "mean_sd": rows,
+        "runs": results,
     }
     (out / "ablation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    note = (f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
-            f"wall time {report['wall_seconds'] / 60:.1f} min.")
+    note = (
+        f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
+        f"wall time {report['wall_seconds'] / 60:.1f} min."
+    )
     (out / "ablation.md").write_text(_table(rows, note, results))
     _bar_chart(rows, ("ndcg@100", "recall@20", "ild", "category_entropy"), out / "ablation.png", "reward-head ablation")
     return report
 
 
-def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)) -> dict:
+def run_compare(
+    cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)
+) -> dict:
     """Baselines (over ``seeds`` where they train) and PageLLM policies on one split."""
     from pagellm.eval.baselines import baseline_pages, load_protocol
     from pagellm.eval.evaluate import run_evaluate
@@ -107,13 +123,21 @@ def run_compare(cfg: PageLLMConfig, data_dir, policies: dict[str, str], baseline
     for name in baselines:
         deterministic = name in ("popularity", "itemknn")
         results[name] = []
-        for seed in (seeds[:1] if deterministic else seeds):
+        for seed in seeds[:1] if deterministic else seeds:
             pages = baseline_pages(name, protocol, cfg.eval.page_items, seed)
-            results[name].append(mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]))
+            results[name].append(
+                mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)])
+            )
     for name, policy in policies.items():
         results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
     rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
-    report = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "split": split, "wall_seconds": time.perf_counter() - started, "mean_sd": rows, "runs": results}
+    report = {
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "split": split,
+        "wall_seconds": time.perf_counter() - started,
+        "mean_sd": rows,
+        "runs": results,
+    }
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)
     note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."

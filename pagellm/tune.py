@@ -70,8 +70,13 @@ def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
     sft = run_sft(cfg, dirs["data"], dirs["sft"])
     reward = run_reward(cfg, dirs["data"], dirs["sft"], dirs["reward"])
     seconds = time.perf_counter() - started
-    summary = {"key": key, "category_cap": cfg.data.category_cap, "seconds": seconds, "valid_page_rate": sft["valid_page_rate"],
-               "reward_accuracy": {k: v["all"] for k, v in reward["accuracy"].items()}}
+    summary = {
+        "key": key,
+        "category_cap": cfg.data.category_cap,
+        "seconds": seconds,
+        "valid_page_rate": sft["valid_page_rate"],
+        "reward_accuracy": {k: v["all"] for k, v in reward["accuracy"].items()},
+    }
     (where / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
     _event(root, event="built", **summary)
     return dirs
@@ -103,7 +108,9 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
 
     from pagellm.rl.ppo import latest_checkpoint, planned_iterations, run_ppo
 
-    cfg = load_config(config_paths, [*overrides, f"ppo.kl_beta={params['beta']}", f"data.category_cap={params['lambda']}"])
+    cfg = load_config(
+        config_paths, [*overrides, f"ppo.kl_beta={params['beta']}", f"data.category_cap={params['lambda']}"]
+    )
     dirs = upstream[str(float(params["lambda"]))]
     out = Path(tune.get_context().get_trial_dir()) / "ppo"
     total = planned_iterations(cfg.ppo, dirs["data"])
@@ -115,8 +122,17 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
             append_jsonl(out.parent / "trial_events.jsonl", {"event": "finished", "time": time.time()})
         tune.report({k: record[k] for k in REPORT_KEYS if k in record})
 
-    run_ppo(cfg, dirs["data"], dirs["sft"], dirs["reward"], out, resume=resume, on_evaluation=report,
-            placement_group=ray.util.get_current_placement_group(), first_bundle=1)
+    run_ppo(
+        cfg,
+        dirs["data"],
+        dirs["sft"],
+        dirs["reward"],
+        out,
+        resume=resume,
+        on_evaluation=report,
+        placement_group=ray.util.get_current_placement_group(),
+        first_bundle=1,
+    )
 
 
 def search_space(cfg: PageLLMConfig) -> tuple[dict, object]:
@@ -147,8 +163,12 @@ def scheduler(cfg: PageLLMConfig, max_t: int):
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="iteration", max_t=max(max_t, cfg.tune.grace_period), grace_period=cfg.tune.grace_period,
-                         reduction_factor=cfg.tune.reduction_factor)
+    return ASHAScheduler(
+        time_attr="iteration",
+        max_t=max(max_t, cfg.tune.grace_period),
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
 # ----------------------------------------------------------------------------- results
@@ -170,20 +190,23 @@ def trial_table(results, max_t: int) -> pd.DataFrame:
         best_iteration = int(top["iteration"]) if has else 0
         checkpoint = checkpoint_dir(Path(result.path) / "ppo", best_iteration)
         before = history.loc[history["iteration"] == 0, METRIC] if has else pd.Series(dtype=float)
-        rows.append({
-            "trial": (result.metrics or {}).get("trial_id", ""),
-            "beta": result.config["beta"], "lambda": result.config["lambda"],
-            "status": "error" if result.error else "done" if iterations >= max_t else "stopped",
-            "iterations": iterations,
-            # iteration 0 is the evaluation before any PPO update: the SFT (reference) policy
-            "ndcg@100_sft": float(before.iloc[0]) if len(before) else float("nan"),
-            "ndcg@100_last": float(history[METRIC].iloc[-1]) if has else float("nan"),
-            "ndcg@100_best": float(top[METRIC]) if has else float("nan"),
-            "best_iteration": best_iteration,
-            "recall@20_best": float(top["val_recall@20"]) if has and "val_recall@20" in history else float("nan"),
-            "path": result.path,
-            "best_checkpoint": str(checkpoint) if checkpoint.is_dir() else "",
-        })
+        rows.append(
+            {
+                "trial": (result.metrics or {}).get("trial_id", ""),
+                "beta": result.config["beta"],
+                "lambda": result.config["lambda"],
+                "status": "error" if result.error else "done" if iterations >= max_t else "stopped",
+                "iterations": iterations,
+                # iteration 0 is the evaluation before any PPO update: the SFT (reference) policy
+                "ndcg@100_sft": float(before.iloc[0]) if len(before) else float("nan"),
+                "ndcg@100_last": float(history[METRIC].iloc[-1]) if has else float("nan"),
+                "ndcg@100_best": float(top[METRIC]) if has else float("nan"),
+                "best_iteration": best_iteration,
+                "recall@20_best": float(top["val_recall@20"]) if has and "val_recall@20" in history else float("nan"),
+                "path": result.path,
+                "best_checkpoint": str(checkpoint) if checkpoint.is_dir() else "",
+            }
+        )
     return pd.DataFrame(rows).sort_values(["lambda", "beta"]).reset_index(drop=True)
 
 
@@ -200,7 +223,15 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> None:
             ax.set_yticks(range(grid.shape[0]), [f"{x:g}" for x in grid.index])
             for (i, j), v in np.ndenumerate(grid.values):
                 if v == v:
-                    ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < np.nanmean(grid.values) else "black", fontsize=9)
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.4f}",
+                        ha="center",
+                        va="center",
+                        color="white" if v < np.nanmean(grid.values) else "black",
+                        fontsize=9,
+                    )
         else:
             im = ax.scatter(table["beta"], table["lambda"], c=table["ndcg@100_best"], cmap="viridis", s=60)
             ax.set_xscale("log")
@@ -222,14 +253,21 @@ def write_results(results, out: Path, wall_seconds: float, command: str, max_t: 
     summary = {"command": command, "wall_seconds": wall_seconds, "metric": METRIC, "best": best, "trials": len(table)}
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     shown = table.drop(columns=["path", "best_checkpoint"])
-    lines = [f"Command: `{command}`  ", f"Wall time {wall_seconds / 60:.1f} min; {len(table)} trials; metric: validation NDCG@100 "
-             "at every PPO evaluation; trials ranked by their best evaluation (ASHA stops weak trials early: see `iterations`).", ""]
+    lines = [
+        f"Command: `{command}`  ",
+        f"Wall time {wall_seconds / 60:.1f} min; {len(table)} trials; metric: validation NDCG@100 "
+        "at every PPO evaluation; trials ranked by their best evaluation (ASHA stops weak trials early: see `iterations`).",
+        "",
+    ]
     lines += ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     for row in shown.itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
     if best:
-        lines += ["", f"Best: beta {best['beta']:g}, lambda {best['lambda']:g}: NDCG@100 {best['ndcg@100_best']:.4f} at iteration "
-                  f"{best['best_iteration']} (checkpoint: {best['best_checkpoint'] or 'none saved at that iteration'})."]
+        lines += [
+            "",
+            f"Best: beta {best['beta']:g}, lambda {best['lambda']:g}: NDCG@100 {best['ndcg@100_best']:.4f} at iteration "
+            f"{best['best_iteration']} (checkpoint: {best['best_checkpoint'] or 'none saved at that iteration'}).",
+        ]
     (out / "trials.md").write_text("\n".join(lines) + "\n")
     plot_heatmap(table, out / "heatmap.png")
     return summary
@@ -252,10 +290,17 @@ def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False,
     started = time.perf_counter()
     upstream = {}
     for cap in dict.fromkeys(float(x) for x in cfg.tune.lambdas):
-        upstream[str(cap)] = prepare_upstream(load_config(config_paths, [*overrides, f"data.category_cap={cap}"]), out / "upstream")
+        upstream[str(cap)] = prepare_upstream(
+            load_config(config_paths, [*overrides, f"data.category_cap={cap}"]), out / "upstream"
+        )
     max_t = max(planned_iterations(cfg.ppo, dirs["data"]) for dirs in upstream.values())
     trainable = tune.with_resources(
-        tune.with_parameters(ppo_trial, config_paths=[str(Path(p).resolve()) for p in config_paths or []], overrides=list(overrides), upstream=upstream),
+        tune.with_parameters(
+            ppo_trial,
+            config_paths=[str(Path(p).resolve()) for p in config_paths or []],
+            overrides=list(overrides),
+            upstream=upstream,
+        ),
         trial_resources(cfg),
     )
     experiment = out / EXPERIMENT
@@ -269,8 +314,14 @@ def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False,
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=algo, scheduler=scheduler(cfg, max_t),
-                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=algo,
+                scheduler=scheduler(cfg, max_t),
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            ),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1),
         )
     results = tuner.fit()

@@ -1,6 +1,6 @@
 """The PPO stage as a Ray job: the same arguments as `pagellm ppo`.
 
-    ray job submit --working-dir . -- python ray_jobs/ppo.py --data DATA_DIR --sft SFT_DIR --reward REWARD_DIR --out PPO_DIR
+ray job submit --working-dir . -- python ray_jobs/ppo.py --data DATA_DIR --sft SFT_DIR --reward REWARD_DIR --out PPO_DIR
 """
 
 import sys

@@ -1,6 +1,6 @@
 """The reward stage as a Ray job: the same arguments as `pagellm reward`.
 
-    ray job submit --working-dir . -- python ray_jobs/reward.py --data DATA_DIR ... --out OUT_DIR
+ray job submit --working-dir . -- python ray_jobs/reward.py --data DATA_DIR ... --out OUT_DIR
 """
 
 import sys

@@ -1,6 +1,6 @@
 """The sft stage as a Ray job: the same arguments as `pagellm sft`.
 
-    ray job submit --working-dir . -- python ray_jobs/sft.py --data DATA_DIR ... --out OUT_DIR
+ray job submit --working-dir . -- python ray_jobs/sft.py --data DATA_DIR ... --out OUT_DIR
 """
 
 import sys

@@ -31,8 +31,16 @@ def ray_session():
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300", "model.max_seq_len=256"]
 TINY_STAGES = [
-    "data.dataset=synthetic:4000", *TINY, "sft.meta_epochs=1", "sft.ft_epochs=2", "reward.epochs=1",
-    "sft.meta_lr=1e-3", "sft.ft_lr=1e-3", "reward.lr=1e-3", "data.extra_ft_fractions=[0.3]", "sft.unlikelihood_weight=1.0",
+    "data.dataset=synthetic:4000",
+    *TINY,
+    "sft.meta_epochs=1",
+    "sft.ft_epochs=2",
+    "reward.epochs=1",
+    "sft.meta_lr=1e-3",
+    "sft.ft_lr=1e-3",
+    "reward.lr=1e-3",
+    "data.extra_ft_fractions=[0.3]",
+    "sft.unlikelihood_weight=1.0",
 ]
 
 

@@ -70,12 +70,16 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
     assert main.user_id.is_unique and set(ft.user_id) == set(main.user_id)
     assert not ft.assign(p=ft.prompt_items.map(tuple), g=ft.golden.map(tuple)).duplicated(["user_id", "p", "g"]).any()
 
-    for u, family, prompt, chosen, rejected, window in pairs[["user_id", "family", "prompt_items", "chosen", "rejected", "window"]].itertuples(index=False):
+    for u, family, prompt, chosen, rejected, window in pairs[
+        ["user_id", "family", "prompt_items", "chosen", "rejected", "window"]
+    ].itertuples(index=False):
         prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
         if window == "main":
             assert (prompt, chosen) == golden_of[u]
         else:
-            assert cfg.pairs_from_extra_windows and (prompt, chosen) in windows_of[u] and (prompt, chosen) != golden_of[u]
+            assert (
+                cfg.pairs_from_extra_windows and (prompt, chosen) in windows_of[u] and (prompt, chosen) != golden_of[u]
+            )
         assert not set(chosen + rejected + prompt) & held_out[u], f"held-out item leaked into a {family} pair of {u}"
         assert len(rejected) == len(set(rejected)) > 0
         if family == "np":

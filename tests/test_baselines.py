@@ -16,7 +16,9 @@ from pagellm.experiments import run_compare
 def toy() -> Protocol:
     items = ["a", "b", "c", "d"]
     train = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3"], "item": [0, 1, 0, 2, 0], "ts": [1, 2, 1, 2, 1]})
-    users = pd.DataFrame({"user_id": ["u1", "u3"], "history": [[0, 1], [0]], "seen": [[0, 1], [0, 3]], "target": [["c"], ["b"]]})
+    users = pd.DataFrame(
+        {"user_id": ["u1", "u3"], "history": [[0, 1], [0]], "seen": [[0, 1], [0, 3]], "target": [["c"], ["b"]]}
+    )
     return Protocol(items, train, users)
 
 
@@ -49,7 +51,9 @@ def test_trained_baselines_write_valid_pages(tiny_stages):
 def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path):
     root = tiny_stages["root"]
     cfg = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=20"])
-    report = run_compare(cfg, root / "data", {"sft": str(root / "sft")}, ["popularity", "itemknn"], tmp_path, "test", (0,))
+    report = run_compare(
+        cfg, root / "data", {"sft": str(root / "sft")}, ["popularity", "itemknn"], tmp_path, "test", (0,)
+    )
     assert set(report["mean_sd"]) == {"popularity", "itemknn", "sft"}
     text = (tmp_path / "compare.md").read_text()
     assert "sft NDCG@100 vs the best baseline" in text and "| popularity |" in text
@@ -66,7 +70,9 @@ def test_multivae_learns_co_occurrence():
         for i in rng.choice(5, 4, replace=False):
             rows.append((f"u{u}", int(block + i), 0))
     train = pd.DataFrame(rows, columns=["user_id", "item", "ts"])
-    users = pd.DataFrame({"user_id": ["x", "y"], "history": [[0, 1, 2], [7, 8]], "seen": [[0, 1, 2], [7, 8]], "target": [["d"], ["f"]]})
+    users = pd.DataFrame(
+        {"user_id": ["x", "y"], "history": [[0, 1, 2], [7, 8]], "seen": [[0, 1, 2], [7, 8]], "target": [["d"], ["f"]]}
+    )
     p = Protocol([str(i) for i in range(10)], train, users)
     pages = baseline_pages("multivae", p, k=3)
     assert set(pages[0][:2]) == {"3", "4"} and set(pages[1][:3]) == {"5", "6", "9"}

@@ -18,7 +18,9 @@ def run(*args, cwd=REPO):
 
 
 def test_ray_job_entrypoint_runs_data_stage(tmp_path):
-    proc = run(sys.executable, "ray_jobs/data.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local")
+    proc = run(
+        sys.executable, "ray_jobs/data.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "stats.json").read_text())["ft_rows"] > 0
 
@@ -26,13 +28,34 @@ def test_ray_job_entrypoint_runs_data_stage(tmp_path):
 def test_bad_input_exits_2_naming_file_and_column(tmp_path):
     bad = tmp_path / "ratings.csv"
     bad.write_text("user,item_id,rating,ts\nu1,i1,5,1\n")
-    proc = run(sys.executable, "-m", "pagellm.cli", "data", "--dataset", f"csv:{bad}", "--out", str(tmp_path / "o"), "--engine", "local")
+    proc = run(
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "data",
+        "--dataset",
+        f"csv:{bad}",
+        "--out",
+        str(tmp_path / "o"),
+        "--engine",
+        "local",
+    )
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "user" in proc.stderr
 
 
 def test_bad_override_exits_2_naming_key(tmp_path):
-    proc = run(sys.executable, "-m", "pagellm.cli", "data", "--dataset", "synthetic:1000", "--out", str(tmp_path), "data.categry_cap=0.2")
+    proc = run(
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "data",
+        "--dataset",
+        "synthetic:1000",
+        "--out",
+        str(tmp_path),
+        "data.categry_cap=0.2",
+    )
     assert proc.returncode == 2 and "data.categry_cap" in proc.stderr
 
 

@@ -45,7 +45,14 @@ def _walk(node, key: str):
 
 def test_every_manifest_is_covered_below():
     names = {p.relative_to(CLUSTER).as_posix() for p in MANIFESTS}
-    assert names == {"serve.yaml", "runtime_env.yaml", "ray-cluster.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"}
+    assert names == {
+        "serve.yaml",
+        "runtime_env.yaml",
+        "ray-cluster.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/rayservice.yaml",
+    }
 
 
 def test_dockerfile_base_matches_installed_ray_and_tag():
@@ -55,7 +62,9 @@ def test_dockerfile_base_matches_installed_ray_and_tag():
     assert f"-t {_image_tag()}" in text
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name != "runtime_env.yaml" and p.name != "serve.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in MANIFESTS if p.name != "runtime_env.yaml" and p.name != "serve.yaml"], ids=lambda p: p.name
+)
 def test_images_and_ray_version_agree(path):
     docs = _docs(path)
     images = {i for d in docs for i in _walk(d, "image") if isinstance(i, str)}
@@ -95,7 +104,10 @@ def test_rayjob_entrypoint_runs_an_existing_job_with_existing_configs():
     configs = [str(REPO / Path(c).relative_to(IMAGE_ROOT)) for c in args.config]
     assert all(Path(c).exists() for c in configs)
     cfg = load_config(configs, args.overrides)
-    assert cfg.train.use_gpu and sum(getattr(cfg.ppo, r).num_gpus for r in ("policy", "reference", "critic", "coarse", "fine")) <= 1.0
+    assert (
+        cfg.train.use_gpu
+        and sum(getattr(cfg.ppo, r).num_gpus for r in ("policy", "reference", "critic", "coarse", "fine")) <= 1.0
+    )
     volumes = {m["mountPath"] for m in _walk(job, "volumeMounts") for m in m}
     assert any(args.out.startswith(v) for v in volumes)  # outputs on the shared volume
 
@@ -112,9 +124,12 @@ def test_serve_config_and_rayservice_deploy_the_same_application():
         module, attr = application["import_path"].split(":")
         assert module == serve_app.__name__ and callable(getattr(serve_app, attr))
         args = AppArgs.model_validate(application["args"])
-        expected = {f"PagePolicy_{arm}" for arm in args.arms} | {"ABRouter"} | ({"CoarseRanker"} if args.ranker else set())
+        expected = (
+            {f"PagePolicy_{arm}" for arm in args.arms} | {"ABRouter"} | ({"CoarseRanker"} if args.ranker else set())
+        )
         assert {d["name"] for d in application["deployments"]} == expected
     strip = lambda a: {k: v for k, v in a.items() if k != "args"}  # noqa: E731
     assert strip(local["applications"][0]) == strip(remote["applications"][0])
-    assert {k: v for k, v in local["applications"][0]["args"].items() if k not in ("arms", "data", "ranker")} == \
-        {k: v for k, v in remote["applications"][0]["args"].items() if k not in ("arms", "data", "ranker")}
+    assert {k: v for k, v in local["applications"][0]["args"].items() if k not in ("arms", "data", "ranker")} == {
+        k: v for k, v in remote["applications"][0]["args"].items() if k not in ("arms", "data", "ranker")
+    }

@@ -37,7 +37,9 @@ def _walk(cfg, prefix=""):
 def test_default_yaml_is_generated_and_every_field_has_its_help():
     """configs/default.yaml is `pagellm config` of the defaults: every field, every help line."""
     text = (REPO / "configs" / "default.yaml").read_text()
-    assert text == DEFAULT_YAML_HEADER + config_yaml(PageLLMConfig()), "regenerate: pagellm config > configs/default.yaml"
+    assert text == DEFAULT_YAML_HEADER + config_yaml(PageLLMConfig()), (
+        "regenerate: pagellm config > configs/default.yaml"
+    )
     keys = list(_walk(PageLLMConfig()))
     assert len(keys) > 100
     for key, f in keys:

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pagellm.config import load_config
-from pagellm.errors import InputError
 from pagellm.data.ingest import load_dataset
 from pagellm.data.layout import DataDir
 from pagellm.data.stage import build_dataset
+from pagellm.errors import InputError
 from tests.conftest import AMAZON, MOVIELENS
 from tests.output_checks import check_outputs
 
@@ -31,12 +31,15 @@ FILES = [
 @pytest.mark.parametrize(
     "spec,min_users,extra_pairs",
     [(f"amazon2014:{AMAZON}", 1000, True), (f"movielens:{MOVIELENS}", 500, False), ("synthetic:20000", 500, True)],
-
     ids=["amazon2014", "movielens", "synthetic"],
 )
 def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users, extra_pairs):
     cfg = load_config(
-        overrides=[f"data.dataset={spec}", "data.extra_ft_fractions=[0.25,0.75]", f"data.pairs_from_extra_windows={extra_pairs}"]
+        overrides=[
+            f"data.dataset={spec}",
+            "data.extra_ft_fractions=[0.25,0.75]",
+            f"data.pairs_from_extra_windows={extra_pairs}",
+        ]
     )
     stats = build_dataset(cfg, tmp_path, engine="ray")
     for name in FILES:

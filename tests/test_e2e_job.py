@@ -18,11 +18,19 @@ import yaml
 from conftest import REPO, free_port
 
 TINY_RUN = [
-    "data.dataset=synthetic:3000", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab_size=300",
-    "sft.meta_epochs=1", "sft.ft_epochs=1", "reward.epochs=1", "ppo.max_iterations=2", "ppo.batch_size=16",
-    "ppo.eval_max_users=16", "eval.page_items=20",
+    "data.dataset=synthetic:3000",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.bpe_vocab_size=300",
+    "sft.meta_epochs=1",
+    "sft.ft_epochs=1",
+    "reward.epochs=1",
+    "ppo.max_iterations=2",
+    "ppo.batch_size=16",
+    "ppo.eval_max_users=16",
+    "eval.page_items=20",
 ]
-
 
 
 def _bin(name: str) -> str:
@@ -31,16 +39,36 @@ def _bin(name: str) -> str:
 
 def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
     # a loaded machine starts the dashboard agent slowly; the raylet waits 15 s for it by default
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "RAY_agent_register_timeout_ms": "120000",
+        "RAY_raylet_start_wait_time_s": "120",
+    }
     env.pop("RAY_ADDRESS", None)
     # every port the head binds is free (other Ray instances on this machine hold the defaults,
     # e.g. the dashboard agent's 52365)
     gcs, dashboard, http, agent, metrics = (free_port() for _ in range(5))
     head = subprocess.Popen(
-        [_bin("ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--metrics-export-port={metrics}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -54,42 +82,85 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         out = tmp_path / "run"
         for _ in range(30):  # the job agent starts a little after the dashboard answers
             job = subprocess.run(
-                [_bin("ray"), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
-                 "--", sys.executable, "ray_jobs/run.py", "--out", str(out), *TINY_RUN],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+                [
+                    _bin("ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--working-dir",
+                    ".",
+                    "--runtime-env",
+                    "cluster/runtime_env.yaml",
+                    "--",
+                    sys.executable,
+                    "ray_jobs/run.py",
+                    "--out",
+                    str(out),
+                    *TINY_RUN,
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
             )
             if "No available agent" not in job.stdout + job.stderr:
                 break
             time.sleep(2)
-        assert job.returncode == 0 and "succeeded" in (job.stdout + job.stderr).lower(), (job.stdout + job.stderr)[-4000:]
+        assert job.returncode == 0 and "succeeded" in (job.stdout + job.stderr).lower(), (job.stdout + job.stderr)[
+            -4000:
+        ]
         logs = job.stdout
         assert "[pagellm run] ppo done" in logs and "report:" in logs
 
         # the embedded default (no --config) with its extra windows, every stage's outputs, the report
         summary = json.loads((out / "run.json").read_text())
         stats = summary["stats"]
-        assert stats["dataset"] == "synthetic:3000" and stats["ft_rows"] > stats["ft_users"] and stats["pairs_total"] > 0
+        assert (
+            stats["dataset"] == "synthetic:3000" and stats["ft_rows"] > stats["ft_users"] and stats["pairs_total"] > 0
+        )
         assert (out / "sft" / "model.safetensors").exists() and (out / "ppo" / "policy" / "model.safetensors").exists()
-        assert [json.loads(line)["iteration"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+        assert [json.loads(line)["iteration"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()] == [
+            0,
+            1,
+            2,
+        ]
         tests = summary["test_metrics"]
         assert set(tests) == {"SFT (reference)", "PPO (R_c + R_f)"}
-        assert all(0 <= m["ndcg@100"] <= 1 and m["users"] == tests["SFT (reference)"]["users"] > 0 for m in tests.values())
+        assert all(
+            0 <= m["ndcg@100"] <= 1 and m["users"] == tests["SFT (reference)"]["users"] > 0 for m in tests.values()
+        )
         report = (out / "report.md").read_text()
-        assert "| SFT (reference) |" in report and "| PPO (R_c + R_f) |" in report and (out / "report.png").stat().st_size > 0
+        assert (
+            "| SFT (reference) |" in report
+            and "| PPO (R_c + R_f) |" in report
+            and (out / "report.png").stat().st_size > 0
+        )
 
         # cluster/serve.yaml, pointed at the job's outputs, deployed to the same head
         config = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
         config["http_options"] = {"host": "127.0.0.1", "port": http}
         args = config["applications"][0]["args"]
-        args.update(arms={"A": str(out / "sft"), "B": str(out / "ppo" / "policy")}, data=str(out / "data"), ranker=str(out / "reward"),
-                    policy_cpus=0.2)
+        args.update(
+            arms={"A": str(out / "sft"), "B": str(out / "ppo" / "policy")},
+            data=str(out / "data"),
+            ranker=str(out / "reward"),
+            policy_cpus=0.2,
+        )
         config["applications"][0]["deployments"] = [
             {**d, **({"ray_actor_options": {"num_cpus": 0.1}} if d["name"] in ("CoarseRanker", "ABRouter") else {})}
             for d in config["applications"][0]["deployments"]
         ]
         (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-        deploy = subprocess.run([_bin("serve"), "deploy", str(tmp_path / "serve.yaml"), "--address", address],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        deploy = subprocess.run(
+            [_bin("serve"), "deploy", str(tmp_path / "serve.yaml"), "--address", address],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         url, answer = f"http://127.0.0.1:{http}", None
         user = pq.read_table(out / "data" / "eval" / "test.parquet", columns=["user_id"]).column("user_id")[0].as_py()

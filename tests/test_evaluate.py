@@ -15,7 +15,15 @@ KEYS = {"recall@20", "recall@40", "ndcg@100", "was", "pwkt", "wmrd", "dpa", "ild
 
 def test_evaluate_writes_metrics_and_masks_seen_items(tiny_stages, tmp_path):
     root = tiny_stages["root"]
-    cfg = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=12", "eval.num_actors=2", "eval.num_cpus=0.5", "eval.batch_size=16"])
+    cfg = load_config(
+        overrides=[
+            *tiny_stages["overrides"],
+            "eval.page_items=12",
+            "eval.num_actors=2",
+            "eval.num_cpus=0.5",
+            "eval.batch_size=16",
+        ]
+    )
     metrics = run_evaluate(cfg, root / "sft", root / "data", "test", tmp_path)
     assert KEYS <= set(metrics) and json.loads((tmp_path / "metrics.json").read_text())["users"] == metrics["users"]
     users = pq.read_table(tmp_path / "users.parquet").to_pandas()

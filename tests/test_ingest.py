@@ -244,7 +244,11 @@ def test_csv_with_mapping_and_items_file(tmp_path):
     assert frame(ing.interactions).values.tolist() == expected
     rows = items_by_id(ing)
     assert rows["007"] == {
-        "item_id": "007", "category": "Rock", "categories": ["Rock", "Pop"], "title": "Song A", "brand": None
+        "item_id": "007",
+        "category": "Rock",
+        "categories": ["Rock", "Pop"],
+        "title": "Song A",
+        "brand": None,
     }
     assert rows["8"]["category"] == UNKNOWN_CATEGORY and rows["8"]["title"] == "Song B"
     assert rows["9"]["category"] == UNKNOWN_CATEGORY  # no metadata row
@@ -378,9 +382,7 @@ def test_bad_specs(tmp_path, cfg):
     assert set(KINDS) == {"amazon2014", "amazon2018", "movielens", "parquet", "csv", "synthetic"}
 
 
-@pytest.mark.parametrize(
-    "text,n", [("", None), ("100000", 100_000), ("1_000_000", 1_000_000), ("1e6", 1_000_000)]
-)
+@pytest.mark.parametrize("text,n", [("", None), ("100000", 100_000), ("1_000_000", 1_000_000), ("1e6", 1_000_000)])
 def test_synthetic_count(text, n):
     assert _parse_count(text, f"synthetic:{text}") == n
 

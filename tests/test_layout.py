@@ -47,7 +47,13 @@ def imported_parts(path: Path) -> set[str]:
     """Every pagellm part a module imports, at the top or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         for name in names:
             if name.startswith("pagellm."):
                 found.add(name.split(".")[1])
@@ -67,10 +73,23 @@ def test_serving_imports_no_training_stage():
 
 
 def test_data_directory_layout_and_bucketing_are_written_once():
-    data_files = ("items.parquet", "interactions.parquet", "stats.json", '"split" /', '/ "split"', '/ "ft"', '/ "pairs"', '"eval" / f"')
+    data_files = (
+        "items.parquet",
+        "interactions.parquet",
+        "stats.json",
+        '"split" /',
+        '/ "split"',
+        '/ "ft"',
+        '/ "pairs"',
+        '"eval" / f"',
+    )
     for path in modules():
         text = path.read_text()
         if part(path) != "data":
-            assert not [f for f in data_files if f in text], f"{path.relative_to(REPO)} names a data-stage file: use DataDir"
-        if path.name != "buckets.py" and path.relative_to(PACKAGE) != Path("data/rules.py"):  # rules seeds an RNG by user
+            assert not [f for f in data_files if f in text], (
+                f"{path.relative_to(REPO)} names a data-stage file: use DataDir"
+            )
+        if path.name != "buckets.py" and path.relative_to(PACKAGE) != Path(
+            "data/rules.py"
+        ):  # rules seeds an RNG by user
             assert "crc32" not in text, f"{path.relative_to(REPO)} hashes by hand: use pagellm.buckets"

@@ -139,9 +139,10 @@ def test_pretrained_tokenizer_path_gets_entity_tokens_on_top(tmp_path, items):
     vocab = Vocab.from_tokenizer(tok)
     assert vocab.base_size == base_len
     assert len(tok) == base_len + len(USERS) + len(ITEMS)
-    assert tok("electric guitar", add_special_tokens=False).input_ids == base_tok(
-        "electric guitar", add_special_tokens=False
-    ).input_ids
+    assert (
+        tok("electric guitar", add_special_tokens=False).input_ids
+        == base_tok("electric guitar", add_special_tokens=False).input_ids
+    )
     assert sorted(vocab.item_token.values()) == list(range(base_len + len(USERS), len(tok)))
 
 
@@ -183,9 +184,7 @@ def test_p5_init_scales_with_base_rows():
 def test_p5_init_from_pretrained_path(tmp_path, items):
     base_tok = train_bpe_tokenizer(["red electric guitar", "blue drum kit", "tube amp"], BPE)
     base_len = len(base_tok)
-    pretrained = GPT2LMHeadModel(
-        GPT2Config(vocab_size=base_len, n_positions=64, n_embd=32, n_layer=1, n_head=2)
-    )
+    pretrained = GPT2LMHeadModel(GPT2Config(vocab_size=base_len, n_positions=64, n_embd=32, n_layer=1, n_head=2))
     pretrained.save_pretrained(tmp_path)
     base_tok.save_pretrained(tmp_path)
     tok = build_tokenizer(str(tmp_path), items, USERS, BPE)
@@ -372,7 +371,9 @@ def test_rating_head_losses_are_separated(vocab, tokenizer, meta_data):
 
     # the rating MSE by hand: the head on the final hidden state at each row's last real token
     with torch.no_grad():
-        out = model.lm(input_ids=b_rate["input_ids"], attention_mask=b_rate["attention_mask"], output_hidden_states=True)
+        out = model.lm(
+            input_ids=b_rate["input_ids"], attention_mask=b_rate["attention_mask"], output_hidden_states=True
+        )
         last = b_rate["attention_mask"].sum(1).long() - 1
         pred = model.rating_head(out.hidden_states[-1][torch.arange(len(last)), last]).squeeze(-1)
     assert torch.allclose(m_rate["rating_mse"], ((pred - b_rate["rating"]) ** 2).mean(), atol=1e-5)
@@ -493,8 +494,12 @@ def test_fine_score_is_mean_over_item_positions(codec, vocab, policy_dir):
     model = RewardModel.from_policy(policy_dir, "fine").eval()
     lists = _lists(codec)
     batch = collate_pairs(vocab.pad_id)(
-        {"chosen_ids": [lists[0][0], lists[1][0]], "chosen_mask": [lists[0][1], lists[1][1]],
-         "rejected_ids": [lists[2][0]], "rejected_mask": [lists[2][1]]}
+        {
+            "chosen_ids": [lists[0][0], lists[1][0]],
+            "chosen_mask": [lists[0][1], lists[1][1]],
+            "rejected_ids": [lists[2][0]],
+            "rejected_mask": [lists[2][1]],
+        }
     )
     with torch.no_grad():
         score = model.score(batch["input_ids"], batch["attention_mask"], batch["item_mask"])
@@ -585,7 +590,8 @@ def test_meta_rows_patterns_and_ratings(vocab, meta_data):
     assert all((lab == -100).all() for lab in rating.labels)
     assert np.isfinite(rating.rating).all()
     expected = sorted(
-        ((vocab.user_token[u], vocab.item_token[i]), r) for u, i, r in train[["user_id", "item_id", "rating"]].itertuples(index=False)
+        ((vocab.user_token[u], vocab.item_token[i]), r)
+        for u, i, r in train[["user_id", "item_id", "rating"]].itertuples(index=False)
     )
     assert sorted((tuple(x), float(r)) for x, r in zip(rating.input_ids, rating.rating)) == expected
 
@@ -595,7 +601,9 @@ def test_meta_rows_patterns_and_ratings(vocab, meta_data):
 
     # (d): the user's training items in time order ("u 2" rated "A 1" at ts 40, "b" at 50)
     d_u2 = [list(x) for x, p in zip(rows.input_ids, rows.pattern) if p == "d" and x[0] == vocab.user_token["u 2"]]
-    assert d_u2 == [[vocab.user_token["u 2"], *vocab.text_ids(" history:"), vocab.item_token["A 1"], vocab.item_token["b"]]]
+    assert d_u2 == [
+        [vocab.user_token["u 2"], *vocab.text_ids(" history:"), vocab.item_token["A 1"], vocab.item_token["b"]]
+    ]
     # (b) says the rating
     b_rows = [list(x) for x, p in zip(rows.input_ids, rows.pattern) if p == "b"]
     u1, xy = vocab.user_token["u1"], vocab.item_token["x|y"]
@@ -628,7 +636,9 @@ def test_meta_rows_co_occurrence_pairs_really_share(vocab, meta_data):
 
 
 def test_meta_rows_do_not_pair_items_without_category(vocab):
-    items_df = build_items(["A 1", "b", "42"], [None, None, "drums"], [[], [], ["drums"]], ["red guitar", "blue drum", "amp"]).to_pandas()
+    items_df = build_items(
+        ["A 1", "b", "42"], [None, None, "drums"], [[], [], ["drums"]], ["red guitar", "blue drum", "amp"]
+    ).to_pandas()
     train = pd.DataFrame({"user_id": ["u1"], "item_id": ["A 1"], "rating": [4.0], "ts": [1]})
     rows = meta_rows(vocab, items_df, train, max_tokens=64, seed=0)
     assert "c" not in set(rows.pattern)
@@ -661,7 +671,8 @@ def test_page_unlikelihood_matches_hand_computation():
     want = -(
         torch.log(1 - p[0, 2, 0])  # row 0 first step: eos
         + torch.log(1 - p[0, 3, 1])  # row 0 second step: item 1 again
-        + torch.log(1 - p[0, 4, 1]) + torch.log(1 - p[0, 4, 2])  # row 0 eos step: items 1, 2
+        + torch.log(1 - p[0, 4, 1])
+        + torch.log(1 - p[0, 4, 2])  # row 0 eos step: items 1, 2
         + torch.log(1 - p[1, 3, 0])  # row 1 first step: eos
         + torch.log(1 - p[1, 4, 3])  # row 1 eos step: item 3
     )

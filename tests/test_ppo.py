@@ -26,16 +26,36 @@ def test_ppo_with_sharded_role_actors(tiny_stages, tmp_path):
     root = tiny_stages["root"]
     cfg = load_config(
         overrides=[
-            *tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=3", "ppo.eval_every=3", "ppo.checkpoint_every=3",
-            "ppo.policy.num_workers=2", "ppo.critic.num_workers=2", "ppo.policy.num_cpus=0.2", "ppo.critic.num_cpus=0.2",
-            "ppo.reward_placement=dense", "ppo.kl_estimator=k3",
+            *tiny_stages["overrides"],
+            *PPO_QUICK,
+            "ppo.max_iterations=3",
+            "ppo.eval_every=3",
+            "ppo.checkpoint_every=3",
+            "ppo.policy.num_workers=2",
+            "ppo.critic.num_workers=2",
+            "ppo.policy.num_cpus=0.2",
+            "ppo.critic.num_cpus=0.2",
+            "ppo.reward_placement=dense",
+            "ppo.kl_estimator=k3",
         ]
     )
     last = run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1, 2, 3]
-    for key in ("reward_coarse", "reward_fine", "reward_total", "kl", "clip_fraction", "entropy", "value_loss", "pages_per_s",
-                "time_generate", "time_score", "time_train", "time_sync"):
+    for key in (
+        "reward_coarse",
+        "reward_fine",
+        "reward_total",
+        "kl",
+        "clip_fraction",
+        "entropy",
+        "value_loss",
+        "pages_per_s",
+        "time_generate",
+        "time_score",
+        "time_train",
+        "time_sync",
+    ):
         assert all(key in r and r[key] == r[key] for r in records[1:]), key  # present and not NaN
     assert all(r["kl"] >= 0 for r in records[1:])  # k3 is never negative
     assert records[-1]["time_sync"] > 0  # two policy replicas were compared after each update
@@ -53,8 +73,15 @@ def test_ppo_validation_equals_pagellm_evaluate_on_the_checkpoint(tiny_stages, t
     """The logged validation metrics are `pagellm evaluate --split val` of the same weights: the
     SFT policy at iteration 0, the saved checkpoint at iteration 2 (one protocol, one code path)."""
     root = tiny_stages["root"]
-    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.eval_max_users=null", "eval.page_items=20",
-                 "ppo.max_iterations=2", "ppo.eval_every=2", "ppo.checkpoint_every=2"]
+    overrides = [
+        *tiny_stages["overrides"],
+        *PPO_QUICK,
+        "ppo.eval_max_users=null",
+        "eval.page_items=20",
+        "ppo.max_iterations=2",
+        "ppo.eval_every=2",
+        "ppo.checkpoint_every=2",
+    ]
     cfg = load_config(overrides=overrides)
     run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path / "ppo")
     logged = {r["iteration"]: r for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl") if "val_ndcg@100" in r}
@@ -70,13 +97,30 @@ def test_ppo_validation_equals_pagellm_evaluate_on_the_checkpoint(tiny_stages, t
 def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_path):
     root = tiny_stages["root"]
     args = [
-        sys.executable, "-m", "pagellm.cli", "ppo", "--data", str(root / "data"), "--sft", str(root / "sft"),
-        "--reward", str(root / "reward"), "--out", str(tmp_path), *tiny_stages["overrides"], *PPO_QUICK,
-        "ppo.max_iterations=6", "ppo.checkpoint_every=2", "ppo.eval_every=100", "ray.num_cpus=2",
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "ppo",
+        "--data",
+        str(root / "data"),
+        "--sft",
+        str(root / "sft"),
+        "--reward",
+        str(root / "reward"),
+        "--out",
+        str(tmp_path),
+        *tiny_stages["overrides"],
+        *PPO_QUICK,
+        "ppo.max_iterations=6",
+        "ppo.checkpoint_every=2",
+        "ppo.eval_every=100",
+        "ray.num_cpus=2",
     ]
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     first_ckpt = tmp_path / "checkpoints" / "iter_000002" / "state.json"
     deadline = time.time() + 300
     while not first_ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -112,14 +156,31 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
     with pytest.raises(ConfigError, match="checkpoint_every"):
         load_config(overrides=["ppo.final_policy=best_val", "ppo.eval_every=2", "ppo.checkpoint_every=4"])
     root = tiny_stages["root"]
-    cfg = load_config(overrides=[*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=6", "ppo.eval_every=2",
-                                 "ppo.checkpoint_every=2", "ppo.final_policy=best_val"])
+    cfg = load_config(
+        overrides=[
+            *tiny_stages["overrides"],
+            *PPO_QUICK,
+            "ppo.max_iterations=6",
+            "ppo.eval_every=2",
+            "ppo.checkpoint_every=2",
+            "ppo.final_policy=best_val",
+        ]
+    )
     run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val_ndcg@100" in r]
     assert [r["iteration"] for r in evals] == [0, 2, 4, 6]
     best = max(evals[1:], key=lambda r: r["val_ndcg@100"])
-    chosen = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if '"final_policy"' in line]
-    assert chosen == [{"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]}]
+    chosen = [
+        json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if '"final_policy"' in line
+    ]
+    assert chosen == [
+        {
+            "event": "final_policy",
+            "rule": "best_val",
+            "iteration": best["iteration"],
+            "val_ndcg@100": best["val_ndcg@100"],
+        }
+    ]
     policy = load_file(tmp_path / "policy" / "model.safetensors")
     for it in (2, 4, 6):
         saved = load_file(tmp_path / "checkpoints" / f"iter_{it:06d}" / "policy" / "model.safetensors")

@@ -110,10 +110,14 @@ def test_reward_placement_terminal_and_dense():
     scores = (coarse, fine)
     terminal = place_rewards(ppo, *scores, mask, RunningMeanStd())
     assert torch.allclose(terminal, torch.tensor([[0.0, 0.0, 1.5], [0.0, 1.0, 0.0]]))
-    dense = place_rewards(PPOConfig(reward_normalization=False, reward_placement="dense"), *scores, mask, RunningMeanStd())
+    dense = place_rewards(
+        PPOConfig(reward_normalization=False, reward_placement="dense"), *scores, mask, RunningMeanStd()
+    )
     assert torch.allclose(dense, torch.tensor([[0.2, 0.3, 1.0], [-1.0, 2.0, 0.0]]))
     assert torch.allclose(dense.sum(1), terminal.sum(1))
-    coarse_only = place_rewards(PPOConfig(reward_normalization=False, rewards="coarse"), *scores, mask, RunningMeanStd())
+    coarse_only = place_rewards(
+        PPOConfig(reward_normalization=False, rewards="coarse"), *scores, mask, RunningMeanStd()
+    )
     assert torch.allclose(coarse_only.sum(1), torch.tensor([1.0, 2.0]))
     none = place_rewards(PPOConfig(reward_normalization=False, rewards="none"), *scores, mask, RunningMeanStd())
     assert none.abs().sum() == 0
@@ -183,11 +187,16 @@ def test_many_sampled_rollouts_are_all_valid_pages(tiny):
     tok, vocab, lm, lo, hi = tiny
     constraint = PageConstraint(lo, hi - lo, vocab.eos_id, min_items=2, max_items=6, exclude_history=True)
     rng = np.random.default_rng(0)
-    prompts = [[vocab.user_token["u1"], *(lo + rng.choice(hi - lo, size=rng.integers(0, 4), replace=False))] for _ in range(300)]
+    prompts = [
+        [vocab.user_token["u1"], *(lo + rng.choice(hi - lo, size=rng.integers(0, 4), replace=False))]
+        for _ in range(300)
+    ]
     gen = torch.Generator().manual_seed(0)
     checked = 0
     for temperature, top_p in ((1.0, 1.0), (2.0, 1.0), (1.0, 0.5)):
-        pages = generate_pages(lm, prompts, constraint, vocab.pad_id, greedy=False, temperature=temperature, top_p=top_p, generator=gen)
+        pages = generate_pages(
+            lm, prompts, constraint, vocab.pad_id, greedy=False, temperature=temperature, top_p=top_p, generator=gen
+        )
         allowed = allowed_masks(constraint, prompts, pages.actions, pages.step_mask)
         for row, prompt in enumerate(prompts):
             n = int(pages.step_mask[row].sum())

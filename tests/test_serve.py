@@ -32,7 +32,6 @@ def test_assignment_is_stable_and_follows_weights():
         parse_split("A=half", ["A"])
 
 
-
 @pytest.fixture(scope="module")
 def served(tiny_stages, tmp_path_factory):
     """Arm A: the tiny SFT policy; arm B: another checkpoint (its weights perturbed); the
@@ -52,8 +51,16 @@ def served(tiny_stages, tmp_path_factory):
     model.save_pretrained(other)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(arms={"A": str(root / "sft"), "B": str(other)}, data=str(root / "data"), ranker=str(root / "reward"),
-                   split={"A": 50, "B": 50}, policy_replicas=2, policy_cpus=0.2, ranker_cpus=0.1, router_cpus=0.1)
+    args = AppArgs(
+        arms={"A": str(root / "sft"), "B": str(other)},
+        data=str(root / "data"),
+        ranker=str(root / "reward"),
+        split={"A": 50, "B": 50},
+        policy_replicas=2,
+        policy_cpus=0.2,
+        ranker_cpus=0.1,
+        router_cpus=0.1,
+    )
     serve.run(build_app(args), name="pagellm", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -135,20 +142,23 @@ def test_ranker_orders_candidates_by_coarse_reward(served):
     assert body["scores"] == pytest.approx([float(x) for x in expected], abs=1e-4)
 
 
-@pytest.mark.parametrize("body, status, says", [
-    ("{not json", 400, "malformed JSON"),
-    ("[1, 2]", 422, "JSON object"),
-    (json.dumps({"k": 5}), 422, "user_id"),
-    (json.dumps({"user_id": "u", "k": 0}), 422, "k"),
-    (json.dumps({"user_id": "u", "k": 101}), 422, "k"),
-    (json.dumps({"user_id": "u", "k": "ten"}), 422, "k"),
-    (json.dumps({"user_id": "u", "history": ["no-such-item"]}), 422, "no-such-item"),
-    (json.dumps({"user_id": "u", "exclude": ["nope-1", "nope-2"]}), 422, "nope-1"),
-    (json.dumps({"user_id": "u", "history": ["x"] * 501}), 422, "history"),
-    (json.dumps({"user_id": "u", "colour": "red"}), 422, "colour"),
-    (json.dumps({"user_id": "u" * 200}), 422, "user_id"),
-    (json.dumps({"user_id": "u", "history": ["a" * 200] * 400}), 413, "exceeds"),
-])
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ("{not json", 400, "malformed JSON"),
+        ("[1, 2]", 422, "JSON object"),
+        (json.dumps({"k": 5}), 422, "user_id"),
+        (json.dumps({"user_id": "u", "k": 0}), 422, "k"),
+        (json.dumps({"user_id": "u", "k": 101}), 422, "k"),
+        (json.dumps({"user_id": "u", "k": "ten"}), 422, "k"),
+        (json.dumps({"user_id": "u", "history": ["no-such-item"]}), 422, "no-such-item"),
+        (json.dumps({"user_id": "u", "exclude": ["nope-1", "nope-2"]}), 422, "nope-1"),
+        (json.dumps({"user_id": "u", "history": ["x"] * 501}), 422, "history"),
+        (json.dumps({"user_id": "u", "colour": "red"}), 422, "colour"),
+        (json.dumps({"user_id": "u" * 200}), 422, "user_id"),
+        (json.dumps({"user_id": "u", "history": ["a" * 200] * 400}), 413, "exceeds"),
+    ],
+)
 def test_bad_page_requests_get_4xx(served, body, status, says):
     r = requests.post(f"{served['url']}/v1/page", data=body, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
@@ -157,8 +167,11 @@ def test_bad_page_requests_get_4xx(served, body, status, says):
 
 def test_bad_rank_requests_get_4xx(served):
     url = served["url"]
-    for body, says in (({"user_id": "u", "candidates": []}, "candidates"), ({"user_id": "u", "candidates": ["a", "a"]}, "unique"),
-                       ({"user_id": "u", "candidates": ["missing-item"]}, "missing-item")):
+    for body, says in (
+        ({"user_id": "u", "candidates": []}, "candidates"),
+        ({"user_id": "u", "candidates": ["a", "a"]}, "unique"),
+        ({"user_id": "u", "candidates": ["missing-item"]}, "missing-item"),
+    ):
         r = requests.post(f"{url}/v1/rank", json=body, timeout=60)
         assert r.status_code == 422 and says in r.text, r.text
     assert len(json.dumps({"user_id": "u", "history": ["a" * 200] * 400})) > MAX_BODY_BYTES
@@ -170,7 +183,11 @@ def test_killing_a_replica_loses_no_request(served):
     import ray
 
     url, data = served["url"], served["data"]
-    users = [u for u in list(data.history) + [f"x{i}" for i in range(3000)] if assign(u, {"A": 50, "B": 50}, "pagellm-ab-1") == "A"][:400]
+    users = [
+        u
+        for u in list(data.history) + [f"x{i}" for i in range(3000)]
+        if assign(u, {"A": 50, "B": 50}, "pagellm-ab-1") == "A"
+    ][:400]
     statuses: list[int] = []
     stop = threading.Event()
 

@@ -34,7 +34,10 @@ def test_fetch_and_output_round_trip(tmp_path, monkeypatch):
     assert not (tmp_path / "failed").exists()
     with output(dest, resume=True) as staged:  # a resumed stage starts from what the URI holds
         assert (staged / "x.json").exists()
-    assert train_storage("s3://bucket/run", "sft") == "s3://bucket/run/sft/logs/ray_train" and train_storage("/local") is None
+    assert (
+        train_storage("s3://bucket/run", "sft") == "s3://bucket/run/sft/logs/ray_train"
+        and train_storage("/local") is None
+    )
 
 
 def test_reward_and_evaluate_read_and_write_uris(tiny_stages, tmp_path, monkeypatch):
@@ -44,13 +47,37 @@ def test_reward_and_evaluate_read_and_write_uris(tiny_stages, tmp_path, monkeypa
     root = tiny_stages["root"]
     uri = lambda p: f"file://{p}"  # noqa: E731
     out = tmp_path / "reward"
-    code = main(["reward", "--data", uri(root / "data"), "--sft", uri(root / "sft"), "--out", uri(out), *tiny_stages["overrides"]])
+    code = main(
+        [
+            "reward",
+            "--data",
+            uri(root / "data"),
+            "--sft",
+            uri(root / "sft"),
+            "--out",
+            uri(out),
+            *tiny_stages["overrides"],
+        ]
+    )
     assert code == 0
     assert (out / "coarse" / "reward_head.safetensors").exists() and (out / "fine" / "reward_head.safetensors").exists()
     assert any((out / "logs" / "ray_train" / "reward_coarse").glob("checkpoint_*"))
     assert json.loads((out / "metrics.json").read_text())["accuracy"]["coarse"]["all"] >= 0
 
-    code = main(["evaluate", "--model", uri(root / "sft"), "--data", uri(root / "data"), "--split", "test",
-                 "--out", uri(tmp_path / "eval"), "eval.page_items=20", *tiny_stages["overrides"]])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            uri(root / "sft"),
+            "--data",
+            uri(root / "data"),
+            "--split",
+            "test",
+            "--out",
+            uri(tmp_path / "eval"),
+            "eval.page_items=20",
+            *tiny_stages["overrides"],
+        ]
+    )
     assert code == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["users"] > 0

@@ -112,8 +112,13 @@ def test_checkpoint_and_export_give_identical_logits(ray_session, tmp_path, toke
 
     spec = tiny_lm_spec(1, tokenizer, Vocab.from_tokenizer(tokenizer).base_size, "roundtrip")
     rows = tiny_rows(tokenizer, 64)
-    metrics = fit(spec, {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(rows)},
-                  TrainConfig(num_workers=2, deepspeed=deepspeed), tmp_path / "runs", tmp_path / "out")
+    metrics = fit(
+        spec,
+        {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(rows)},
+        TrainConfig(num_workers=2, deepspeed=deepspeed),
+        tmp_path / "runs",
+        tmp_path / "out",
+    )
     assert metrics["epoch"] == 1 and metrics["step"] >= 1
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ckpt_dirs = list((tmp_path / "runs" / "ray_train").rglob(WEIGHTS_FILE))

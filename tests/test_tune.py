@@ -21,21 +21,40 @@ from pagellm.rl.groups import role_bundles
 from pagellm.tune import upstream_events, upstream_key
 
 SWEEP = [
-    *TINY_STAGES, "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.max_iterations=4", "ppo.eval_every=2",
-    "ppo.checkpoint_every=2", "ppo.eval_max_users=24", "eval.page_items=20", "ppo.holdout_fraction=0.2",
-    "tune.betas=[0.05,0.2]", "tune.lambdas=[0.3,0.4]", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+    *TINY_STAGES,
+    "ppo.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.max_iterations=4",
+    "ppo.eval_every=2",
+    "ppo.checkpoint_every=2",
+    "ppo.eval_max_users=24",
+    "eval.page_items=20",
+    "ppo.holdout_fraction=0.2",
+    "tune.betas=[0.05,0.2]",
+    "tune.lambdas=[0.3,0.4]",
+    "tune.scheduler=fifo",
+    "tune.max_concurrent_trials=1",
 ]
 
 
 def test_upstream_key_follows_lambda_not_beta():
     base = load_config(overrides=TINY_STAGES)
-    assert upstream_key(base) == upstream_key(load_config(overrides=[*TINY_STAGES, "ppo.kl_beta=0.3", "tune.betas=[1.0]"]))
+    assert upstream_key(base) == upstream_key(
+        load_config(overrides=[*TINY_STAGES, "ppo.kl_beta=0.3", "tune.betas=[1.0]"])
+    )
     assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "data.category_cap=0.3"]))
     assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "sft.ft_epochs=7"]))
 
 
 def test_trial_bundles_follow_role_resources():
-    cfg = load_config(overrides=["ppo.policy.num_workers=2", "ppo.critic.num_workers=2", "ppo.policy.num_gpus=0.5", "ppo.fine.num_cpus=0.5"])
+    cfg = load_config(
+        overrides=[
+            "ppo.policy.num_workers=2",
+            "ppo.critic.num_workers=2",
+            "ppo.policy.num_gpus=0.5",
+            "ppo.fine.num_cpus=0.5",
+        ]
+    )
     bundles, where = role_bundles(cfg.ppo, PPO_ROLES)
     assert bundles == [{"CPU": 0.25 * 4 + 0.5, "GPU": 0.5}, {"CPU": 0.5, "GPU": 0.5}]
     assert where[("policy", 1)] == 1 and where[("fine", 0)] == 0
@@ -57,8 +76,14 @@ def _trial_events(sweep: Path) -> dict[str, list[dict]]:
 def _start(out: Path, address: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
     log = open(out.parent / f"tune_{len(list(out.parent.glob('tune_*.log')))}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
@@ -76,7 +101,9 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     while time.time() < deadline and first.poll() is None:
         trials = _trial_events(out / "sweep")
         # one trial finished and Tune has moved on to the next (one trial at a time)
-        if any(e[-1]["event"] == "finished" for e in trials.values()) and any(e[-1]["event"] == "start" for e in trials.values()):
+        if any(e[-1]["event"] == "finished" for e in trials.values()) and any(
+            e[-1]["event"] == "start" for e in trials.values()
+        ):
             break
         time.sleep(2)
     log0 = (tmp_path / "tune_0.log").read_text()
@@ -104,7 +131,9 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
         if name in finished_before:
             assert len(starts) == 1, (name, history)  # not run again after the restore
     table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 4 and set(zip(table["beta"], table["lambda"])) == {(b, x) for b in (0.05, 0.2) for x in (0.3, 0.4)}
+    assert len(table) == 4 and set(zip(table["beta"], table["lambda"])) == {
+        (b, x) for b in (0.05, 0.2) for x in (0.3, 0.4)
+    }
     assert table["ndcg@100_last"].between(0, 1).all() and (table["iterations"] >= 2).all()
     best = json.loads((out / "best.json").read_text())["best"]
     assert best["ndcg@100_best"] == table["ndcg@100_best"].max()
@@ -140,8 +169,16 @@ def test_optuna_searcher_with_asha(tiny_stages, tmp_path):
     from pagellm.tune import run_tune
 
     _seed_cache(tmp_path, tiny_stages)
-    overrides = [*SWEEP, "tune.search=optuna", "tune.betas=[0.02,0.5]", "tune.lambdas=[0.4]", "tune.num_samples=3",
-                 "tune.scheduler=asha", "tune.grace_period=2", "tune.reduction_factor=2"]
+    overrides = [
+        *SWEEP,
+        "tune.search=optuna",
+        "tune.betas=[0.02,0.5]",
+        "tune.lambdas=[0.4]",
+        "tune.num_samples=3",
+        "tune.scheduler=asha",
+        "tune.grace_period=2",
+        "tune.reduction_factor=2",
+    ]
     summary = run_tune(None, overrides, tmp_path, command="test")
     table = pd.read_csv(tmp_path / "trials.csv")
     assert len(table) == 3 and summary["trials"] == 3
@@ -157,5 +194,7 @@ def test_optuna_searcher_with_asha(tiny_stages, tmp_path):
         finished = events[trial_dir.name][-1]["event"] == "finished"
         assert finished == (row.iterations == 4), (row, events[trial_dir.name])
         if finished:
-            assert (trial_dir / "ppo" / "policy" / "tokenizer.json").exists() and (trial_dir / "ppo" / "ppo_curves.png").exists()
+            assert (trial_dir / "ppo" / "policy" / "tokenizer.json").exists() and (
+                trial_dir / "ppo" / "ppo_curves.png"
+            ).exists()
     assert [e["event"] for e in upstream_events(tmp_path / "upstream")] == ["reused"]

@@ -57,18 +57,14 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
     kind, _, arg = str(spec).partition(":")
     kind, arg = kind.strip().lower(), arg.strip()
     if kind not in KINDS:
-        raise InputError(
-            f"data.dataset '{spec}': unknown kind '{kind}'; valid kinds: {', '.join(KINDS)}"
-        )
+        raise InputError(f"data.dataset '{spec}': unknown kind '{kind}'; valid kinds: {', '.join(KINDS)}")
     if kind == "synthetic":
         n = _parse_count(arg, spec)
         from pagellm.data.synthetic import generate_synthetic  # lazy: only this kind needs it
 
         return generate_synthetic(n, cfg.seed)
     if not arg:
-        raise InputError(
-            f"data.dataset '{spec}': missing PATH; write KIND:PATH with KIND one of {', '.join(KINDS)}"
-        )
+        raise InputError(f"data.dataset '{spec}': missing PATH; write KIND:PATH with KIND one of {', '.join(KINDS)}")
     adapters = {
         "amazon2014": _amazon2014,
         "amazon2018": _amazon2018,
@@ -180,12 +176,11 @@ def _read_csv(
                 column_names=names, skip_rows=int(header), encoding=encoding.replace("-", "")
             ),
             parse_options=pacsv.ParseOptions(
-                delimiter=sep, quote_char='"' if quoting else False,
+                delimiter=sep,
+                quote_char='"' if quoting else False,
                 invalid_row_handler=skip,
             ),  # fmt: skip
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in keep}, include_columns=keep
-            ),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in keep}, include_columns=keep),
         )
     except (pa.ArrowInvalid, UnicodeError) as exc:
         raise InputError(f"{path}: cannot parse as delimited text: {exc}") from None
@@ -224,9 +219,7 @@ def _read_json_lines(path: Path, fields: Iterable[str]) -> tuple[list[dict], int
             else:
                 malformed += 1
     if not records:
-        raise InputError(
-            f"{path}: no usable JSON line" + (f" ({malformed} malformed)" if malformed else " (empty)")
-        )
+        raise InputError(f"{path}: no usable JSON line" + (f" ({malformed} malformed)" if malformed else " (empty)"))
     return records, malformed
 
 
@@ -458,9 +451,7 @@ def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
     files = [path]
     if cfg.items_path:
         items_path = Path(cfg.items_path).expanduser()
-        meta, bad_items = _read_mapped(
-            items_path, _is_parquet(items_path), cfg.item_columns, required=("item_id",)
-        )
+        meta, bad_items = _read_mapped(items_path, _is_parquet(items_path), cfg.item_columns, required=("item_id",))
         bad += bad_items
         meta["item_id"] = meta["item_id"].str.strip()
         meta = meta[meta["item_id"].notna() & (meta["item_id"] != "")]

@@ -69,7 +69,9 @@ class DataDir:
         """Fail before any work when a file a stage needs is missing."""
         missing = [str(p.relative_to(self.root)) for p in paths if not p.exists()]
         if missing:
-            raise InputError(f"{self.root} is not a data-stage output (missing {', '.join(missing)}); run `pagellm data` first")
+            raise InputError(
+                f"{self.root} is not a data-stage output (missing {', '.join(missing)}); run `pagellm data` first"
+            )
         return self
 
     # ------------------------------------------------------------------------ tables

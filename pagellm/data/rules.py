@@ -277,7 +277,9 @@ def build_user(
         in_prompt = set(prompt)
         cand = [k for k in pos_idx if items[k] not in in_prompt]
         order = golden_order([items[k] for k in cand], [ratings[k] for k in cand], ctx)
-        golden, capped = golden_list([items[cand[j]] for j in order], ctx.category, cfg.category_cap, cfg.golden_max_items)
+        golden, capped = golden_list(
+            [items[cand[j]] for j in order], ctx.category, cfg.category_cap, cfg.golden_max_items
+        )
         return prompt, golden, capped
 
     pos_idx = np.flatnonzero((labels == TRAIN) & positive)

@@ -57,8 +57,6 @@ def require_columns(columns, needed, source: str) -> None:
         raise InputError(f"{source}: missing required column(s) {missing}; found {list(columns)}")
 
 
-
-
 def clean_interactions(
     raw: pd.DataFrame, source: str, rating_min: float, rating_max: float
 ) -> tuple[pa.Table, Counter]:

@@ -191,7 +191,9 @@ def run_ray(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa
     data_ctx.op_resource_reservation_enabled = False
     t = time.perf_counter()
     blocks = ray.data.from_arrow(user_blocks(ingested.interactions, data_cfg.users_per_block))
-    users_ds = blocks.map_batches(split_users, fn_args=(data_cfg,), batch_size=None, batch_format="pyarrow").materialize()
+    users_ds = blocks.map_batches(
+        split_users, fn_args=(data_cfg,), batch_size=None, batch_format="pyarrow"
+    ).materialize()
     timings["split"] = time.perf_counter() - t
 
     # the users come to the driver anyway (split files); s_i is a vectorised reduction there
@@ -202,9 +204,7 @@ def run_ray(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa
 
     t = time.perf_counter()
     # tasks, not actors: they reuse the warm workers of the split step; ctx is put once
-    records_ds = users_ds.map_batches(
-        build_records, fn_args=(ctx, data_cfg), batch_size=None, batch_format="pyarrow"
-    )
+    records_ds = users_ds.map_batches(build_records, fn_args=(ctx, data_cfg), batch_size=None, batch_format="pyarrow")
     records = pa.concat_tables(ray.get(records_ds.to_arrow_refs()))
     timings["build"] = time.perf_counter() - t
     return users, records
@@ -262,8 +262,10 @@ def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa
         split_rows[name] = part.num_rows
 
     # window: "main" (golden_fraction; the pairs use it) or "extra" (extra_ft_fractions)
-    ft = _of_kind(records, "ft").select(["user_id", "prompt_items", "chosen", "family"]).rename_columns(
-        ["user_id", "prompt_items", "golden", "window"]
+    ft = (
+        _of_kind(records, "ft")
+        .select(["user_id", "prompt_items", "chosen", "family"])
+        .rename_columns(["user_id", "prompt_items", "golden", "window"])
     )
     pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected", "reason"])
     pairs = pairs.rename_columns(["user_id", "family", "prompt_items", "chosen", "rejected", "window"])
@@ -278,7 +280,9 @@ def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa
         _write(ev.rename_columns(["user_id", "prompt_items", "target"]), out.eval_path(split))
 
     skips = _of_kind(records, "skip")
-    skipped = Counter(f"{f}: {r}" for f, r in zip(skips.column("family").to_pylist(), skips.column("reason").to_pylist()))
+    skipped = Counter(
+        f"{f}: {r}" for f, r in zip(skips.column("family").to_pylist(), skips.column("reason").to_pylist())
+    )
     capped = _of_kind(records, "capped").column("chosen")
     dropped_users = Counter(r for r in users.column("dropped").to_pylist() if r)
     return {
@@ -294,7 +298,9 @@ def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa
     }
 
 
-def build_dataset(cfg: PageLLMConfig, out_dir: str | Path, engine: str = "ray", ingested: Optional[Ingested] = None) -> dict:
+def build_dataset(
+    cfg: PageLLMConfig, out_dir: str | Path, engine: str = "ray", ingested: Optional[Ingested] = None
+) -> dict:
     """Run the whole data stage and write ``out_dir``; returns the stats also written to
     ``out_dir/stats.json``."""
     data_cfg = cfg.data

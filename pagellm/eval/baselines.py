@@ -49,7 +49,9 @@ def load_protocol(data_dir: Path, split: str, positive_threshold: float = 3.0) -
     view = data.eval_users(split, positive_threshold)
     unknown = {i for seen in view.seen for i in seen} - index.keys()
     if unknown:
-        raise InputError(f"{data_dir}: interactions name {len(unknown)} items missing from {data.items_path.name}, e.g. {sorted(unknown)[:5]}")
+        raise InputError(
+            f"{data_dir}: interactions name {len(unknown)} items missing from {data.items_path.name}, e.g. {sorted(unknown)[:5]}"
+        )
     users = pd.DataFrame(
         {
             "user_id": view.user_id,
@@ -106,7 +108,9 @@ def train_bprmf(p: Protocol, dim: int = 64, epochs: int = 100, lr: float = 1e-2,
             b = order[lo : lo + 1024]
             neg = torch.as_tensor(rng.integers(0, len(p.items), len(b)))
             u, i, j = user_emb(u_idx[b]), item_emb(i_idx[b]), item_emb(neg)
-            loss = -torch.nn.functional.logsigmoid((u * i).sum(1) - (u * j).sum(1)).mean() + reg * (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / len(b)
+            loss = -torch.nn.functional.logsigmoid((u * i).sum(1) - (u * j).sum(1)).mean() + reg * (
+                u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()
+            ) / len(b)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -114,7 +118,9 @@ def train_bprmf(p: Protocol, dim: int = 64, epochs: int = 100, lr: float = 1e-2,
 
 
 class SASRec(nn.Module):
-    def __init__(self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2):
+    def __init__(
+        self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2
+    ):
         super().__init__()
         self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)  # 0 = padding, items shifted by 1
         self.pos = nn.Embedding(max_len, dim)
@@ -148,7 +154,11 @@ def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int 
     """Next-item training on each user's training positives (items shifted by one, 0 = pad)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    seqs = [[i + 1 for i in s] for s in p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list) if len(s) > 1]
+    seqs = [
+        [i + 1 for i in s]
+        for s in p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list)
+        if len(s) > 1
+    ]
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     inputs, labels = _left_pad([s[:-1] for s in seqs], max_len), _left_pad([s[1:] for s in seqs], max_len)
@@ -156,7 +166,9 @@ def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int 
         model.train()
         for b in np.array_split(rng.permutation(len(seqs)), max(1, math.ceil(len(seqs) / 128))):
             logits = model(inputs[b])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), (labels[b] - 1).reshape(-1), ignore_index=-1)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), (labels[b] - 1).reshape(-1), ignore_index=-1
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -187,7 +199,9 @@ def _binary_rows(rows: list[list[int]], n_items: int) -> torch.Tensor:
     return x
 
 
-def train_multivae(p: Protocol, epochs: int = 200, lr: float = 1e-3, beta_max: float = 0.2, anneal_steps: int = 20000, seed: int = 0) -> MultiVAE:
+def train_multivae(
+    p: Protocol, epochs: int = 200, lr: float = 1e-3, beta_max: float = 0.2, anneal_steps: int = 20000, seed: int = 0
+) -> MultiVAE:
     """Multinomial log-likelihood + beta * KL, beta annealed linearly to ``beta_max`` (the
     paper's partially regularised objective), on each user's set of training positives."""
     torch.manual_seed(seed)

@@ -51,7 +51,9 @@ class PageGenerator:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def __call__(self, batch: dict) -> dict:
-        items = self.policy.write_pages(batch["user_id"], batch["prompt_items"], batch["seen_items"], self.cfg, self.generator)
+        items = self.policy.write_pages(
+            batch["user_id"], batch["prompt_items"], batch["seen_items"], self.cfg, self.generator
+        )
         pages_col = np.empty(len(items), dtype=object)  # one list per row, not a 2-d array
         for row, page in enumerate(items):
             pages_col[row] = page

@@ -90,7 +90,9 @@ def dpa(page: Sequence, target: Sequence) -> float:
     if not target:
         return 0.0
     page_rank = {item: r for r, item in enumerate(page, start=1)}
-    credit = sum(_discount(k) / (1 + abs(page_rank[item] - k)) for k, item in enumerate(target, start=1) if item in page_rank)
+    credit = sum(
+        _discount(k) / (1 + abs(page_rank[item] - k)) for k, item in enumerate(target, start=1) if item in page_rank
+    )
     return credit / sum(_discount(k) for k in range(1, len(target) + 1))
 
 

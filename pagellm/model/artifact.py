@@ -36,7 +36,11 @@ class Policy:
         return PageConstraint.for_vocab(self.vocab, min_items, max_items, exclude_history)
 
     def write_pages(
-        self, user_ids: Sequence, histories: Sequence[Sequence[str]], banned: Sequence[Sequence[str]], cfg: EvalConfig,
+        self,
+        user_ids: Sequence,
+        histories: Sequence[Sequence[str]],
+        banned: Sequence[Sequence[str]],
+        cfg: EvalConfig,
         generator: Optional[torch.Generator] = None,
     ) -> list[list[str]]:
         """Pages of exactly ``cfg.page_items`` items (the evaluation protocol) for users with these
@@ -51,8 +55,15 @@ class Policy:
             prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids[lo:hi], histories[lo:hi])]
             banned_tokens = [[token[i] for i in items if i in token] for items in banned[lo:hi]]
             written = generate_pages(
-                self.model, prompts, constraint, self.vocab.pad_id, greedy=cfg.decoding == "greedy", temperature=cfg.temperature,
-                top_p=cfg.top_p, generator=generator, banned_items=banned_tokens,
+                self.model,
+                prompts,
+                constraint,
+                self.vocab.pad_id,
+                greedy=cfg.decoding == "greedy",
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                generator=generator,
+                banned_items=banned_tokens,
             )
             pages += [[self.vocab.token_item[t] for t in row] for row in written.item_tokens(constraint)]
         return pages

@@ -83,7 +83,9 @@ def initial_banned(constraint: PageConstraint, prompts, banned_items, device) ->
     return banned
 
 
-def allowed_masks(constraint: PageConstraint, prompts: Sequence[Sequence[int]], actions: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+def allowed_masks(
+    constraint: PageConstraint, prompts: Sequence[Sequence[int]], actions: torch.Tensor, step_mask: torch.Tensor
+) -> torch.Tensor:
     """The allowed-action mask [B, T, A] at every step of given pages, rebuilt from the prompts
     and the actions written before each step (the same rule ``generate_pages`` applied)."""
     batch, steps = actions.shape
@@ -97,7 +99,9 @@ def allowed_masks(constraint: PageConstraint, prompts: Sequence[Sequence[int]], 
     return out
 
 
-def masked_logprobs(action_logits: torch.Tensor, allowed: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0):
+def masked_logprobs(
+    action_logits: torch.Tensor, allowed: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0
+):
     """log pi(a_t) and the entropy of the masked, temperature-scaled distribution at every step.
     ``action_logits`` [B, T, A] (``PageConstraint.restrict``), ``allowed`` [B, T, A]."""
     logits = (action_logits.float() / temperature).masked_fill(~allowed, NEG_INF)
@@ -133,7 +137,10 @@ class Pages:
     logprobs: Optional[torch.Tensor] = None
 
     def item_tokens(self, constraint: PageConstraint) -> list[list[int]]:
-        return [[int(t) for t, m in zip(row, mask) if m and t != constraint.eos_id] for row, mask in zip(self.tokens, self.step_mask)]
+        return [
+            [int(t) for t, m in zip(row, mask) if m and t != constraint.eos_id]
+            for row, mask in zip(self.tokens, self.step_mask)
+        ]
 
 
 @torch.no_grad()
@@ -178,7 +185,9 @@ def generate_pages(
         action = torch.where(done, torch.full_like(action, -1), action)
         if with_logprobs:
             scaled = logits if greedy else logits / temperature
-            step_logprobs.append(scaled.log_softmax(-1).gather(-1, action.clamp(min=0)[:, None]).squeeze(-1).masked_fill(done, 0.0))
+            step_logprobs.append(
+                scaled.log_softmax(-1).gather(-1, action.clamp(min=0)[:, None]).squeeze(-1).masked_fill(done, 0.0)
+            )
         actions.append(action)
         step_masks.append(~done)
         is_item = (action >= 0) & (action < constraint.n_items)
@@ -190,7 +199,13 @@ def generate_pages(
         token = constraint.to_token(action.clamp(min=0))
         attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     actions_t = torch.stack(actions, 1)
     mask = torch.stack(step_masks, 1)
     tokens = torch.where(mask, constraint.to_token(actions_t.clamp(min=0)), torch.full_like(actions_t, pad_id))

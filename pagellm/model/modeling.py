@@ -90,7 +90,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token negative log-likelihoods over labelled positions, and their count."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return nll, (shift_labels != -100).sum()
 
 
@@ -122,7 +124,10 @@ class PolicyWithRatingHead(nn.Module):
         return loss, {"lm_loss": lm_loss.detach(), "rating_mse": rating_loss.detach()}
 
     def save_heads(self, directory: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.rating_head.state_dict().items()}, str(directory / RATING_HEAD_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.rating_head.state_dict().items()},
+            str(directory / RATING_HEAD_FILE),
+        )
 
 
 def page_unlikelihood(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +223,10 @@ class RewardModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.backbone.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(directory / REWARD_HEAD_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+            str(directory / REWARD_HEAD_FILE),
+        )
         (directory / REWARD_META_FILE).write_text(json.dumps({"kind": self.kind}))
 
     @classmethod
@@ -253,7 +261,9 @@ def score_lists(model: RewardModel, ids: list, masks: list, pad_id: int, batch_s
         chunk_ids, chunk_masks = ids[lo : lo + batch_size], masks[lo : lo + batch_size]
         out.append(
             model.score(
-                pad_batch(chunk_ids, pad_id), pad_batch([np.ones(len(x)) for x in chunk_ids], 0), pad_batch(chunk_masks, 0)
+                pad_batch(chunk_ids, pad_id),
+                pad_batch([np.ones(len(x)) for x in chunk_ids], 0),
+                pad_batch(chunk_masks, 0),
             ).numpy()
         )
     return np.concatenate(out) if out else np.zeros(0)

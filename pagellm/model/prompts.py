@@ -69,7 +69,9 @@ class PromptCodec:
         return page
 
 
-def encode_list(codec: PromptCodec, user: Optional[str], prompt_items: Sequence[str], page: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode_list(
+    codec: PromptCodec, user: Optional[str], prompt_items: Sequence[str], page: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """[prompt || page || eos] ids and a mask of the page's item positions: what a reward head
     scores (``RewardModel.score``)."""
     prompt, target = codec.prompt(user, list(prompt_items)), codec.target(list(page))

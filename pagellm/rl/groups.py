@@ -82,7 +82,9 @@ class RayRoles:
                 actor_cls.options(
                     num_cpus=r.num_cpus,
                     num_gpus=r.num_gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + where[(role, i)]),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=first_bundle + where[(role, i)]
+                    ),
                 ).remote(**kwargs(i, r.num_workers))
                 for i in range(r.num_workers)
             ]
@@ -109,4 +111,3 @@ class RayRoles:
         if self.owns_pg:
             remove_placement_group(self.pg)
         self.workers.clear()
-

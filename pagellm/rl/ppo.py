@@ -88,7 +88,9 @@ def planned_iterations(ppo, data_dir) -> int:
     return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / ppo.batch_size)
 
 
-def rollout_setup(cfg: PageLLMConfig, sft_dir: Path, data_dir: Path) -> tuple[PromptCodec, PageConstraint, RolloutPrompts]:
+def rollout_setup(
+    cfg: PageLLMConfig, sft_dir: Path, data_dir: Path
+) -> tuple[PromptCodec, PageConstraint, RolloutPrompts]:
     """The reference policy's prompt codec, the page constraint of rollouts and the prompts."""
     ppo = cfg.ppo
     codec = load_codec(sft_dir)
@@ -114,14 +116,62 @@ def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: 
 
     def common(role: str, rank: int, world: int) -> dict:
         r = getattr(ppo, role)
-        return {"ppo": ppo, "train": train, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "rank": rank, "world": world}
+        return {
+            "ppo": ppo,
+            "train": train,
+            "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus,
+            "rank": rank,
+            "world": world,
+        }
 
     return {
-        "policy": (PolicyWorker, lambda rank, world: {"model_dir": str(sft_dir), "constraint": constraint, "pad_id": pad_id, "trainable": True, **common("policy", rank, world)}),
-        "reference": (PolicyWorker, lambda rank, world: {"model_dir": str(sft_dir), "constraint": constraint, "pad_id": pad_id, "trainable": False, **common("reference", rank, world)}),
-        "critic": (CriticWorker, lambda rank, world: {"coarse_dir": str(reward_dir / "coarse"), "pad_id": pad_id, **common("critic", rank, world)}),
-        "coarse": (RewardWorker, lambda rank, world: {"reward_dir": str(reward_dir / "coarse"), "pad_id": pad_id, "eos_id": constraint.eos_id, **common("coarse", rank, world)}),
-        "fine": (RewardWorker, lambda rank, world: {"reward_dir": str(reward_dir / "fine"), "pad_id": pad_id, "eos_id": constraint.eos_id, **common("fine", rank, world)}),
+        "policy": (
+            PolicyWorker,
+            lambda rank, world: {
+                "model_dir": str(sft_dir),
+                "constraint": constraint,
+                "pad_id": pad_id,
+                "trainable": True,
+                **common("policy", rank, world),
+            },
+        ),
+        "reference": (
+            PolicyWorker,
+            lambda rank, world: {
+                "model_dir": str(sft_dir),
+                "constraint": constraint,
+                "pad_id": pad_id,
+                "trainable": False,
+                **common("reference", rank, world),
+            },
+        ),
+        "critic": (
+            CriticWorker,
+            lambda rank, world: {
+                "coarse_dir": str(reward_dir / "coarse"),
+                "pad_id": pad_id,
+                **common("critic", rank, world),
+            },
+        ),
+        "coarse": (
+            RewardWorker,
+            lambda rank, world: {
+                "reward_dir": str(reward_dir / "coarse"),
+                "pad_id": pad_id,
+                "eos_id": constraint.eos_id,
+                **common("coarse", rank, world),
+            },
+        ),
+        "fine": (
+            RewardWorker,
+            lambda rank, world: {
+                "reward_dir": str(reward_dir / "fine"),
+                "pad_id": pad_id,
+                "eos_id": constraint.eos_id,
+                **common("fine", rank, world),
+            },
+        ),
     }
 
 
@@ -161,7 +211,9 @@ def page_reward(ppo, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return wc * coarse + wf * fine
 
 
-def place_rewards(ppo, coarse: PageScores, fine: PageScores, mask: torch.Tensor, normalizer: RunningMeanStd) -> torch.Tensor:
+def place_rewards(
+    ppo, coarse: PageScores, fine: PageScores, mask: torch.Tensor, normalizer: RunningMeanStd
+) -> torch.Tensor:
     """Task reward per step [B, T]: terminal puts the normalised R on the last step; dense puts
     each item's weighted fine score on its step and the rest of R on the last step."""
     total = page_reward(ppo, coarse.page, fine.page)
@@ -181,7 +233,9 @@ def place_rewards(ppo, coarse: PageScores, fine: PageScores, mask: torch.Tensor,
     return placed * mask
 
 
-def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalizer: RunningMeanStd, kl_ctl: KLController, pad_id: int) -> dict:
+def ppo_iteration(
+    roles, cfg: PageLLMConfig, prompts: list, seed: int, normalizer: RunningMeanStd, kl_ctl: KLController, pad_id: int
+) -> dict:
     ppo = cfg.ppo
     t0 = time.perf_counter()
     batch = generate(roles, prompts, greedy=False, seed=seed, pad_id=pad_id)
@@ -199,7 +253,9 @@ def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalize
     task = place_rewards(ppo, scores["coarse"], scores["fine"], mask, normalizer)
     rewards = token_rewards(task, kl, kl_ctl.beta, mask)
     advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.gae_lambda)
-    batch = batch.with_fields(old_logp=old_logp, advantages=masked_whiten(advantages, mask), old_values=values, returns=returns)
+    batch = batch.with_fields(
+        old_logp=old_logp, advantages=masked_whiten(advantages, mask), old_values=values, returns=returns
+    )
     t3 = time.perf_counter()
     pending = {role: on_shards(roles, role, "train", batch, seed) for role in ("policy", "critic")}
     trained = {role: mean_stats(roles.collect(p)) for role, p in pending.items()}
@@ -221,9 +277,14 @@ def ppo_iteration(roles, cfg: PageLLMConfig, prompts: list, seed: int, normalize
         "kl": page_kl,
         "beta": kl_ctl.beta,
         "page_items": (mask.sum(1) - 1).mean().item(),
-        **trained["policy"], **trained["critic"],
+        **trained["policy"],
+        **trained["critic"],
         "pages_per_s": len(prompts) / elapsed,
-        "time_generate": t1 - t0, "time_score": t2 - t1, "time_advantage": t3 - t2, "time_train": t4 - t3, "time_sync": sync,
+        "time_generate": t1 - t0,
+        "time_score": t2 - t1,
+        "time_advantage": t3 - t2,
+        "time_train": t4 - t3,
+        "time_sync": sync,
         "time_iteration": elapsed,
     }
 
@@ -233,7 +294,10 @@ def validate(roles, cfg: PageLLMConfig, users: pd.DataFrame, category: dict) -> 
     docs/metrics.md as ``val_<metric>``. Workers get whole chunks of ``eval.batch_size`` users,
     so pages are written in the same chunks as by the evaluation actors."""
     chunks = math.ceil(len(users) / cfg.eval.batch_size)
-    parts = [slice(s.start * cfg.eval.batch_size, min(s.stop * cfg.eval.batch_size, len(users))) for s in shard_rows(chunks, roles.world("policy"))]
+    parts = [
+        slice(s.start * cfg.eval.batch_size, min(s.stop * cfg.eval.batch_size, len(users)))
+        for s in shard_rows(chunks, roles.world("policy"))
+    ]
     columns = [list(users[c]) for c in ("user_id", "prompt_items", "seen_items")]
     pending = roles.submit("policy", "validation_pages", [(*(col[p] for col in columns), cfg.eval) for p in parts])
     pages = [page for part in roles.collect(pending) for page in part]
@@ -248,11 +312,15 @@ def evaluate(roles, cfg: PageLLMConfig, prompts: RolloutPrompts, seed: int, pad_
     users = prompts.validation if ppo.eval_max_users is None else prompts.validation.head(ppo.eval_max_users)
     out = validate(roles, cfg, users, prompts.category)
     if prompts.holdout:
-        scores = scores_of(roles, ("coarse", "fine"), generate(roles, prompts.holdout, greedy=False, seed=seed + 1, pad_id=pad_id))
+        scores = scores_of(
+            roles, ("coarse", "fine"), generate(roles, prompts.holdout, greedy=False, seed=seed + 1, pad_id=pad_id)
+        )
         coarse, fine = scores["coarse"].page, scores["fine"].page
         out.update(
-            holdout_reward_coarse=coarse.mean().item(), holdout_reward_fine=fine.mean().item(),
-            holdout_reward_total=page_reward(ppo, coarse, fine).mean().item(), holdout_prompts=len(prompts.holdout),
+            holdout_reward_coarse=coarse.mean().item(),
+            holdout_reward_fine=fine.mean().item(),
+            holdout_reward_total=page_reward(ppo, coarse, fine).mean().item(),
+            holdout_prompts=len(prompts.holdout),
         )
     return out
 
@@ -279,13 +347,26 @@ def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
     best = max(saved, key=lambda r: r["val_ndcg@100"])
     start = next((r for r in evals if r["iteration"] == 0), None)
     if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
-        log.warning("final_policy=best_val: the SFT policy (validation NDCG@100 %.4f) beat every PPO checkpoint (best %.4f)",
-                    start["val_ndcg@100"], best["val_ndcg@100"])
-    append_jsonl(out / EVENTS_FILE, {"event": "final_policy", "rule": "best_val", "iteration": best["iteration"], "val_ndcg@100": best["val_ndcg@100"]})
+        log.warning(
+            "final_policy=best_val: the SFT policy (validation NDCG@100 %.4f) beat every PPO checkpoint (best %.4f)",
+            start["val_ndcg@100"],
+            best["val_ndcg@100"],
+        )
+    append_jsonl(
+        out / EVENTS_FILE,
+        {
+            "event": "final_policy",
+            "rule": "best_val",
+            "iteration": best["iteration"],
+            "val_ndcg@100": best["val_ndcg@100"],
+        },
+    )
     return checkpoint_dir(out, best["iteration"])
 
 
-def save_checkpoint(roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer) -> Path:
+def save_checkpoint(
+    roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer
+) -> Path:
     """Written to a temporary directory and renamed: a checkpoint with state.json is complete.
     Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy directory that
     evaluation and serving load (a Tune trial stopped by ASHA never reaches the final copy)."""
@@ -346,7 +427,9 @@ def restore(roles, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) 
     metrics_path = out / METRICS_FILE
     kept = [r for r in read_jsonl(metrics_path) if r["iteration"] <= state["iteration"]]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    append_jsonl(out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": checkpoint.name, **state})
+    append_jsonl(
+        out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": checkpoint.name, **state}
+    )
     log.info("resumed from %s (iteration %d)", checkpoint, state["iteration"])
     return state["iteration"]
 
@@ -362,8 +445,16 @@ def export_policy(out: Path, final_policy: str, tokenizer) -> Path:
 
 
 def run_ppo(
-    cfg: PageLLMConfig, data_dir, sft_dir, reward_dir, out_dir, resume: bool = False, local: bool = False,
-    on_evaluation: Optional[Callable[[dict], None]] = None, placement_group=None, first_bundle: int = 0,
+    cfg: PageLLMConfig,
+    data_dir,
+    sft_dir,
+    reward_dir,
+    out_dir,
+    resume: bool = False,
+    local: bool = False,
+    on_evaluation: Optional[Callable[[dict], None]] = None,
+    placement_group=None,
+    first_bundle: int = 0,
 ) -> dict:
     """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process.
     ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them), the
@@ -386,13 +477,22 @@ def run_ppo(
         raise InputError(f"{data_dir}: no rollout prompts (every user is held out)")
     total = planned_iterations(ppo, data_dir)
 
-    roles = start_roles(cfg, role_specs(cfg, sft_dir, reward_dir, constraint, pad_id), local, placement_group, first_bundle)
+    roles = start_roles(
+        cfg, role_specs(cfg, sft_dir, reward_dir, constraint, pad_id), local, placement_group, first_bundle
+    )
     normalizer, kl_ctl = RunningMeanStd(), KLController(ppo.kl_beta, ppo.kl_adaptive, ppo.kl_target, ppo.kl_horizon)
     metrics_path = out / METRICS_FILE
     start = restore(roles, out, normalizer, kl_ctl) if resume else 0
     if start == 0:
         metrics_path.unlink(missing_ok=True)
-    run = wandb.init(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, name="ppo", dir=str(out), config={"ppo": dataclasses.asdict(ppo)}, reinit="create_new")
+    run = wandb.init(
+        project=cfg.train.wandb_project,
+        mode=cfg.train.wandb_mode,
+        name="ppo",
+        dir=str(out),
+        config={"ppo": dataclasses.asdict(ppo)},
+        reinit="create_new",
+    )
     try:
         if start == 0:  # the reference point: the SFT policy before any update
             first = {"iteration": 0, **evaluate(roles, cfg, prompts, ppo.seed, pad_id)}
@@ -402,7 +502,10 @@ def run_ppo(
         for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
             idx = batch_indices(len(prompts.train), ppo.batch_size, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
-            record = {"iteration": it + 1, **ppo_iteration(roles, cfg, [prompts.train[i] for i in idx], seed, normalizer, kl_ctl, pad_id)}
+            record = {
+                "iteration": it + 1,
+                **ppo_iteration(roles, cfg, [prompts.train[i] for i in idx], seed, normalizer, kl_ctl, pad_id),
+            }
             if (it + 1) % ppo.eval_every == 0 or it + 1 == total:
                 record.update(evaluate(roles, cfg, prompts, ppo.seed, pad_id))
             append_jsonl(metrics_path, record)

@@ -58,7 +58,9 @@ class CriticModel(nn.Module):
 class RoleWorker:
     """Shared set-up: threads, device, an optional process group for a trainable role."""
 
-    def __init__(self, ppo: PPOConfig, train: TrainConfig, num_cpus: float, num_gpus: float, rank: int = 0, world: int = 1):
+    def __init__(
+        self, ppo: PPOConfig, train: TrainConfig, num_cpus: float, num_gpus: float, rank: int = 0, world: int = 1
+    ):
         torch.set_num_threads(max(1, int(num_cpus)))
         self.ppo, self.train_cfg, self.rank, self.world = ppo, train, rank, world
         self.device = pick_device(num_gpus)
@@ -75,7 +77,9 @@ class RoleWorker:
         # what a torch launcher would set; Ray gives each actor its own visible GPU(s), so the
         # local device is always index 0
         host, port = address.removeprefix("tcp://").rsplit(":", 1) if address else ("127.0.0.1", "0")
-        os.environ.update(LOCAL_RANK="0", RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=host, MASTER_PORT=port)
+        os.environ.update(
+            LOCAL_RANK="0", RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=host, MASTER_PORT=port
+        )
         if address and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world)
@@ -144,8 +148,16 @@ class PolicyWorker(RoleWorker):
         chunks = [
             RolloutBatch.from_pages(
                 prompts[lo : lo + self.ppo.generate_batch_size],
-                generate_pages(self.model, prompts[lo : lo + self.ppo.generate_batch_size], self.constraint, self.pad_id, greedy,
-                               self.ppo.temperature, self.ppo.top_p, gen),
+                generate_pages(
+                    self.model,
+                    prompts[lo : lo + self.ppo.generate_batch_size],
+                    self.constraint,
+                    self.pad_id,
+                    greedy,
+                    self.ppo.temperature,
+                    self.ppo.top_p,
+                    gen,
+                ),
             )
             for lo in range(0, len(prompts), self.ppo.generate_batch_size)
         ]
@@ -154,7 +166,9 @@ class PolicyWorker(RoleWorker):
     @torch.no_grad()
     def validation_pages(self, user_ids: list, histories: list, banned: list, eval_cfg: EvalConfig) -> list[list[str]]:
         """Pages of the evaluation protocol (``Policy.write_pages``, as ``pagellm evaluate``)."""
-        return self.policy.write_pages(user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed))
+        return self.policy.write_pages(
+            user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed)
+        )
 
     def _logprobs(self, batch: RolloutBatch, forward):
         ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
@@ -180,7 +194,12 @@ class PolicyWorker(RoleWorker):
             )
             self.optimizer.step(loss)
             ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-            for key, value in (("policy_loss", loss), ("clip_fraction", clip_frac), ("approx_kl", approx_kl), ("entropy", ent)):
+            for key, value in (
+                ("policy_loss", loss),
+                ("clip_fraction", clip_frac),
+                ("approx_kl", approx_kl),
+                ("entropy", ent),
+            ):
                 stats[key] += float(value.detach())
             steps += 1
         self.model.eval()
@@ -266,4 +285,3 @@ class RewardWorker(RoleWorker):
         item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1)) * is_item
         n_items = is_item.sum(1).clamp(min=1)
         return PageScores(item_scores.sum(1) / n_items, item_scores / n_items[:, None])
-

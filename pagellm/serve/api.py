@@ -45,7 +45,9 @@ def _items(value):
 
 class PageRequest(_Request):
     k: int = Field(10, ge=1, le=MAX_K, description="items on the page")
-    history: Optional[list[ItemId]] = Field(None, max_length=MAX_HISTORY, description="the user's recent items, oldest first; replaces the cached history")
+    history: Optional[list[ItemId]] = Field(
+        None, max_length=MAX_HISTORY, description="the user's recent items, oldest first; replaces the cached history"
+    )
     exclude: Optional[list[ItemId]] = Field(None, max_length=MAX_EXCLUDE, description="items the page may not show")
 
     @field_validator("history", "exclude")

@@ -55,7 +55,11 @@ class AppArgs(BaseModel):
     salt: str = Field("pagellm-ab-1", description="A/B hash salt: a new salt reshuffles users across arms")
     prompt_items: int = Field(20, ge=1, description="history items in a prompt (data.prompt_max_items of training)")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests generated together")
-    batch_wait_ms: float = Field(1.0, ge=0, description="@serve.batch: how long a batch waits to fill (each request at concurrency 1 waits it in full)")
+    batch_wait_ms: float = Field(
+        1.0,
+        ge=0,
+        description="@serve.batch: how long a batch waits to fill (each request at concurrency 1 waits it in full)",
+    )
     policy_replicas: int = Field(1, ge=1)
     policy_cpus: float = Field(0.5, gt=0, description="CPUs per policy replica")
     policy_gpus: float = Field(0.0, ge=0, description="GPUs per policy replica (0: CPU)")
@@ -86,7 +90,15 @@ def _bad(message: str, status: int = 422, errors: Optional[list] = None) -> dict
 class PagePolicy:
     """One arm: a policy checkpoint writing pages of k items."""
 
-    def __init__(self, policy_dir: str, data_dir: str, prompt_items: int, max_batch_size: int, batch_wait_ms: float, use_gpu: bool):
+    def __init__(
+        self,
+        policy_dir: str,
+        data_dir: str,
+        prompt_items: int,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        use_gpu: bool,
+    ):
         import torch
 
         from pagellm.model.artifact import load_policy
@@ -111,8 +123,13 @@ class PagePolicy:
         known = user in self.data.history or user in self.vocab.user_token
         if not history and user not in self.vocab.user_token:
             # nothing to condition on: the most popular items the user may see
-            return {"items": self.data.popular_page(request["k"], excluded), "scores": None, "source": "popularity",
-                    "known_user": known, "model": self.version}
+            return {
+                "items": self.data.popular_page(request["k"], excluded),
+                "scores": None,
+                "source": "popularity",
+                "known_user": known,
+                "model": self.version,
+            }
         items, scores = await self._generate((user, tuple(history), tuple(sorted(excluded)), request["k"]))
         return {"items": items, "scores": scores, "source": "policy", "known_user": known, "model": self.version}
 
@@ -128,11 +145,25 @@ class PagePolicy:
         k = max(r[3] for r in batch)
         constraint = self.policy.constraint(k, k)
         prompts = [self.codec.prompt(user, list(history)) for user, history, _, _ in batch]
-        banned = [[self.vocab.item_token[i] for i in excluded if i in self.vocab.item_token] for _, _, excluded, _ in batch]
-        pages = generate_pages(self.policy.model, prompts, constraint, self.vocab.pad_id, greedy=True, banned_items=banned, with_logprobs=True)
+        banned = [
+            [self.vocab.item_token[i] for i in excluded if i in self.vocab.item_token] for _, _, excluded, _ in batch
+        ]
+        pages = generate_pages(
+            self.policy.model,
+            prompts,
+            constraint,
+            self.vocab.pad_id,
+            greedy=True,
+            banned_items=banned,
+            with_logprobs=True,
+        )
         out = []
         for row, (_, _, _, want) in enumerate(batch):
-            steps = [(int(t), float(lp)) for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row]) if m and t != constraint.eos_id]
+            steps = [
+                (int(t), float(lp))
+                for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row])
+                if m and t != constraint.eos_id
+            ]
             steps = steps[:want]
             out.append(([self.vocab.token_item[t] for t, _ in steps], [round(lp, 5) for _, lp in steps]))
         return out
@@ -175,7 +206,11 @@ class CoarseRanker:
         encoded = [encode_list(self.codec, request["user_id"], history, [c]) for c in request["candidates"]]
         scores = score_lists(self.model, [e[0] for e in encoded], [e[1] for e in encoded], self.vocab.pad_id)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return {"items": [request["candidates"][i] for i in order], "scores": [round(float(scores[i]), 5) for i in order], "model": self.version}
+        return {
+            "items": [request["candidates"][i] for i in order],
+            "scores": [round(float(scores[i]), 5) for i in order],
+            "model": self.version,
+        }
 
 
 app = FastAPI(title="PageLLM", description="whole-page recommendation: A/B policy arms and the R_c ranker")
@@ -194,9 +229,17 @@ class ABRouter:
         from ray.serve.metrics import Counter, Histogram
 
         self.arms, self.split, self.salt, self.versions, self.ranker = arms, split, salt, versions, ranker
-        self.requests = Counter("pagellm_requests", description="requests by route, arm and HTTP status", tag_keys=("route", "arm", "status"))
-        self.latency = Histogram("pagellm_latency_ms", description="request latency (ms) by route and arm",
-                                 boundaries=[5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560], tag_keys=("route", "arm"))
+        self.requests = Counter(
+            "pagellm_requests",
+            description="requests by route, arm and HTTP status",
+            tag_keys=("route", "arm", "status"),
+        )
+        self.latency = Histogram(
+            "pagellm_latency_ms",
+            description="request latency (ms) by route and arm",
+            boundaries=[5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560],
+            tag_keys=("route", "arm"),
+        )
         self.counts: dict[str, int] = {arm: 0 for arm in arms}  # this replica's, for /healthz
 
     async def _body(self, request: Request, model):
@@ -260,8 +303,14 @@ class ABRouter:
 
     @app.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "arms": {a: {"model": self.versions[a], "weight": self.split[a], "requests": self.counts[a]} for a in self.arms},
-                "ranker": self.ranker is not None, "max_k": MAX_K}
+        return {
+            "status": "ok",
+            "arms": {
+                a: {"model": self.versions[a], "weight": self.split[a], "requests": self.counts[a]} for a in self.arms
+            },
+            "ranker": self.ranker is not None,
+            "max_k": MAX_K,
+        }
 
 
 def _where(location: str) -> str:
@@ -284,14 +333,25 @@ def build_app(args: dict | AppArgs) -> serve.Application:
     check_split(split, list(args.arms))
     handles = {
         arm: PagePolicy.options(
-            name=f"PagePolicy_{arm}", num_replicas=args.policy_replicas,
+            name=f"PagePolicy_{arm}",
+            num_replicas=args.policy_replicas,
             ray_actor_options={"num_cpus": args.policy_cpus, "num_gpus": args.policy_gpus},
-        ).bind(_where(directory), _where(args.data), args.prompt_items, args.max_batch_size, args.batch_wait_ms, args.policy_gpus > 0)
+        ).bind(
+            _where(directory),
+            _where(args.data),
+            args.prompt_items,
+            args.max_batch_size,
+            args.batch_wait_ms,
+            args.policy_gpus > 0,
+        )
         for arm, directory in args.arms.items()
     }
     ranker = None
     if args.ranker:
         ranker = CoarseRanker.options(ray_actor_options={"num_cpus": args.ranker_cpus, "num_gpus": 0}).bind(
-            _where(args.ranker), _where(args.data), args.prompt_items)
+            _where(args.ranker), _where(args.data), args.prompt_items
+        )
     versions = {arm: model_version(directory) for arm, directory in local.items()}
-    return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(handles, split, args.salt, versions, ranker)
+    return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(
+        handles, split, args.salt, versions, ranker
+    )

@@ -84,7 +84,9 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
     """Inverse of ``save_module``: every parameter must be restored (tied ones through their twin)."""
     missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
     state = module.state_dict()
-    untied = [k for k in missing if not any(state[k].data_ptr() == state[o].data_ptr() for o in state if o not in missing)]
+    untied = [
+        k for k in missing if not any(state[k].data_ptr() == state[o].data_ptr() for o in state if o not in missing)
+    ]
     if untied or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {untied}, unexpected {unexpected})")
 
@@ -189,7 +191,9 @@ def _resume(worker: _Worker, module: torch.nn.Module, checkpoint_root: Path) -> 
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = latest_checkpoint([Path(checkpoint.to_directory())] if checkpoint else [], checkpoint_root, worker.world)
+    resume_dir = latest_checkpoint(
+        [Path(checkpoint.to_directory())] if checkpoint else [], checkpoint_root, worker.world
+    )
     if resume_dir:
         load_module(module, resume_dir / WEIGHTS_FILE)
         worker.state = json.loads((resume_dir / STATE_FILE).read_text())
@@ -202,7 +206,10 @@ def _resume_optimizer(worker: _Worker, resume_dir: Path) -> None:
         worker.trainer.load_optimizer(opt_file, worker.rank, worker.train_cfg.zero_stage, worker.device)
     if worker.rank == 0:
         state = worker.state
-        append_jsonl(worker.log_path, {"stage": worker.spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]})
+        append_jsonl(
+            worker.log_path,
+            {"stage": worker.spec.stage, "event": "resumed", "epoch": state["epoch"], "step": state["step"]},
+        )
 
 
 def _run_batches(worker: _Worker, split: str, train: bool) -> dict[str, float]:
@@ -245,10 +252,13 @@ def _end_epoch(worker: _Worker, train_metrics: dict, valid_metrics: dict, second
     else:
         state["bad_epochs"] += 1
     return {
-        "stage": spec.stage, "epoch": state["epoch"], "step": state["step"],
+        "stage": spec.stage,
+        "epoch": state["epoch"],
+        "step": state["step"],
         **{f"train_{k}": v for k, v in train_metrics.items()},
         **{f"valid_{k}": v for k, v in valid_metrics.items()},
-        "epoch_seconds": seconds, "improved": improved,
+        "epoch_seconds": seconds,
+        "improved": improved,
         "stopped_early": spec.early_stopping and state["bad_epochs"] >= spec.patience,
     }
 
@@ -268,7 +278,9 @@ def _checkpoint(worker: _Worker, module: torch.nn.Module, metrics: dict) -> None
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     if worker.rank == 0:  # logged once the checkpoint is persisted
         append_jsonl(worker.log_path, metrics)
-        worker.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=worker.state["step"])
+        worker.wandb_run.log(
+            {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=worker.state["step"]
+        )
 
 
 def train_loop(config: dict) -> None:
@@ -283,20 +295,32 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(train_cfg.seed + rank)
     torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
     worker = _Worker(
-        spec, train_cfg, Path(config["log_path"]), rank, world, ray.train.torch.get_device(), max(1, spec.batch_size // world),
+        spec,
+        train_cfg,
+        Path(config["log_path"]),
+        rank,
+        world,
+        ray.train.torch.get_device(),
+        max(1, spec.batch_size // world),
         state={"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0},
     )
     module = spec.build_model()
     resume_dir = _resume(worker, module, Path(config["checkpoint_root"]))
-    worker.trainer = ModelOptimizer(module, spec.lr, train_cfg, worker.micro_batch, worker.device, wrap=ray.train.torch.prepare_model)
+    worker.trainer = ModelOptimizer(
+        module, spec.lr, train_cfg, worker.micro_batch, worker.device, wrap=ray.train.torch.prepare_model
+    )
     if resume_dir:
         _resume_optimizer(worker, resume_dir)
     if rank == 0:
         import wandb
 
         worker.wandb_run = wandb.init(
-            project=train_cfg.wandb_project, mode=train_cfg.wandb_mode, name=spec.stage, dir=str(worker.log_path.parent),
-            config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr}, reinit="create_new",
+            project=train_cfg.wandb_project,
+            mode=train_cfg.wandb_mode,
+            name=spec.stage,
+            dir=str(worker.log_path.parent),
+            config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr},
+            reinit="create_new",
         )
     while worker.state["epoch"] < spec.epochs:
         started = time.perf_counter()
@@ -338,7 +362,9 @@ def fit(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "spec": spec, "train": train_cfg, "log_path": str(log_path),
+            "spec": spec,
+            "train": train_cfg,
+            "log_path": str(log_path),
             # scanned for checkpoints the controller missed: only where a path can be listed
             "checkpoint_root": str(Path(storage) / spec.stage) if "://" not in storage else "",
         },

@@ -38,7 +38,9 @@ def user_part(user: str, holdout: float) -> str:
 
 def pair_rows(codec: PromptCodec, pairs: pd.DataFrame) -> pd.DataFrame:
     rows = {"chosen_ids": [], "chosen_mask": [], "rejected_ids": [], "rejected_mask": []}
-    for user, prompt, chosen, rejected in pairs[["user_id", "prompt_items", "chosen", "rejected"]].itertuples(index=False):
+    for user, prompt, chosen, rejected in pairs[["user_id", "prompt_items", "chosen", "rejected"]].itertuples(
+        index=False
+    ):
         for side, page in (("chosen", chosen), ("rejected", rejected)):
             ids, mask = encode_list(codec, user, prompt, page)
             rows[f"{side}_ids"].append(ids)
@@ -65,7 +67,9 @@ def pairwise_accuracy(margins: dict[str, np.ndarray], families: np.ndarray) -> d
     """Share of pairs where the chosen list scores higher, per family and overall."""
     report = {}
     for name, margin in margins.items():
-        report[name] = {f: float((margin[families == f] > 0).mean()) if (families == f).any() else None for f in FAMILIES}
+        report[name] = {
+            f: float((margin[families == f] > 0).mean()) if (families == f).any() else None for f in FAMILIES
+        }
         report[name]["all"] = float((margin > 0).mean()) if len(margin) else None
     return report
 
@@ -83,7 +87,13 @@ def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
             ax.legend()
 
 
-def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
+def run_reward(
+    cfg: PageLLMConfig,
+    data_dir: str | Path,
+    sft_dir: str | Path,
+    out_dir: str | Path,
+    storage_path: Optional[str] = None,
+) -> dict:
     """Train R_c and R_f from the SFT policy; write REWARD_DIR/{coarse,fine} and metrics.json.
     ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default REWARD_DIR/logs)."""
     import ray.data
@@ -113,12 +123,21 @@ def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, ou
             tokenizer.save_pretrained(directory)
 
         spec = FitSpec(
-            f"reward_{kind}", cfg.reward.epochs, cfg.reward.lr, cfg.reward.batch_size, build,
-            collate_pairs(codec.vocab.pad_id), export, early_stopping=cfg.reward.early_stopping, patience=cfg.reward.patience,
+            f"reward_{kind}",
+            cfg.reward.epochs,
+            cfg.reward.lr,
+            cfg.reward.batch_size,
+            build,
+            collate_pairs(codec.vocab.pad_id),
+            export,
+            early_stopping=cfg.reward.early_stopping,
+            patience=cfg.reward.patience,
         )
         train_ds = ray.data.from_pandas(datasets["train"][cols])
         valid_ds = ray.data.from_pandas(datasets["valid"][cols])
-        fit_metrics[kind] = fit(spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind, storage_path)
+        fit_metrics[kind] = fit(
+            spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind, storage_path
+        )
 
     test = datasets["test"]
     margins = {}
@@ -134,7 +153,10 @@ def run_reward(cfg: PageLLMConfig, data_dir: str | Path, sft_dir: str | Path, ou
         "accuracy": pairwise_accuracy(margins, test.family.to_numpy()),
         "test_pairs": test.family.value_counts().to_dict(),
         "pairs": {p: len(d) for p, d in datasets.items()},
-        "fit": {k: {m: v for m, v in fm.items() if m.startswith(("train_", "valid_", "epoch", "step"))} for k, fm in fit_metrics.items()},
+        "fit": {
+            k: {m: v for m, v in fm.items() if m.startswith(("train_", "valid_", "epoch", "step"))}
+            for k, fm in fit_metrics.items()
+        },
         "margin_std": {k: float(np.std(m)) for k, m in margins.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")

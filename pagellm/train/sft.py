@@ -35,7 +35,12 @@ META_DIR, SFT_LOGS = "meta", "logs"
 
 
 def meta_rows(
-    vocab: Vocab, items: pd.DataFrame, train: pd.DataFrame, max_tokens: int, seed: int, max_rows_per_pattern: int | None = None
+    vocab: Vocab,
+    items: pd.DataFrame,
+    train: pd.DataFrame,
+    max_tokens: int,
+    seed: int,
+    max_rows_per_pattern: int | None = None,
 ) -> pd.DataFrame:
     """Meta prompts of the four patterns (paper 4.3.1) plus rating-regression rows.
 
@@ -69,7 +74,15 @@ def meta_rows(
             for item in members:
                 other = members[rng.integers(len(members))]
                 if other != item:
-                    lm([vocab.item_token[item], *text(" and"), vocab.item_token[other], *text(f" share {key}: {value}")], "c")
+                    lm(
+                        [
+                            vocab.item_token[item],
+                            *text(" and"),
+                            vocab.item_token[other],
+                            *text(f" share {key}: {value}"),
+                        ],
+                        "c",
+                    )
     for user, seq in train.sort_values(["user_id", "ts"]).groupby("user_id").item_id:
         lm([vocab.user_token[user], *text(" history:"), *vocab.items_to_ids(list(seq))], "d")
     ids, is_lm, rating, pattern = zip(*rows)
@@ -82,9 +95,11 @@ def meta_rows(
         }
     )
     if max_rows_per_pattern is not None:
-        keep = out.groupby("pattern", group_keys=False).apply(
-            lambda g: g.sample(n=min(len(g), max_rows_per_pattern), random_state=seed), include_groups=False
-        ).index
+        keep = (
+            out.groupby("pattern", group_keys=False)
+            .apply(lambda g: g.sample(n=min(len(g), max_rows_per_pattern), random_state=seed), include_groups=False)
+            .index
+        )
         out = out.loc[sorted(keep)].reset_index(drop=True)
     return out
 
@@ -129,8 +144,12 @@ def greedy_pages(model, codec: PromptCodec, users, prompts, max_items: int, batc
         ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])  # left padding
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_items + 1, do_sample=False,
-            pad_token_id=pad, eos_token_id=codec.vocab.eos_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_items + 1,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=codec.vocab.eos_id,
         )
         parsed.extend(codec.parse(row[width:].tolist()) for row in out)
     return parsed
@@ -172,7 +191,9 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
 
     codec = PromptCodec.from_tokenizer(tokenizer)
     vocab, model_cfg, sft_cfg, train_cfg = codec.vocab, cfg.model, cfg.sft, cfg.train
-    meta = meta_rows(vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed, sft_cfg.max_meta_rows_per_pattern)
+    meta = meta_rows(
+        vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed, sft_cfg.max_meta_rows_per_pattern
+    )
     held = np.array([in_share(str(k), 0.05, salt="meta") for k in range(len(meta))])
     log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
     base_size, rating_weight = vocab.base_size, sft_cfg.rating_loss_weight
@@ -187,9 +208,20 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
 
     meta_cols = ["input_ids", "labels", "rating"]
     metrics = fit(
-        FitSpec("meta", sft_cfg.meta_epochs, sft_cfg.meta_lr, sft_cfg.batch_size, build_meta, collate_lm(vocab.pad_id), export_meta),
+        FitSpec(
+            "meta",
+            sft_cfg.meta_epochs,
+            sft_cfg.meta_lr,
+            sft_cfg.batch_size,
+            build_meta,
+            collate_lm(vocab.pad_id),
+            export_meta,
+        ),
         {"train": ray.data.from_pandas(meta[~held][meta_cols]), "valid": ray.data.from_pandas(meta[held][meta_cols])},
-        train_cfg, out / SFT_LOGS, out / META_DIR, storage_path,
+        train_cfg,
+        out / SFT_LOGS,
+        out / META_DIR,
+        storage_path,
     )
     return {"metrics": metrics, "rows": meta.pattern.value_counts().to_dict()}
 
@@ -221,9 +253,20 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
         tokenizer.save_pretrained(directory)
 
     metrics = fit(
-        FitSpec("golden_ft", sft_cfg.ft_epochs, sft_cfg.ft_lr, sft_cfg.batch_size, build_ft, collate_lm(vocab.pad_id), export_policy),
+        FitSpec(
+            "golden_ft",
+            sft_cfg.ft_epochs,
+            sft_cfg.ft_lr,
+            sft_cfg.batch_size,
+            build_ft,
+            collate_lm(vocab.pad_id),
+            export_policy,
+        ),
         {"train": ray.data.from_pandas(ft), "valid": ray.data.from_pandas(ft_valid)},
-        cfg.train, out / SFT_LOGS, out / "policy_tmp", storage_path,
+        cfg.train,
+        out / SFT_LOGS,
+        out / "policy_tmp",
+        storage_path,
     )
     for f in (out / "policy_tmp").iterdir():
         f.replace(out / f.name)
@@ -266,7 +309,13 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
     ft = golden_finetuning(cfg, tokenizer, data, out, storage_path)
 
     val = data["val"]
-    pages = greedy_pages(AutoModelForCausalLM.from_pretrained(out), codec, list(val.user_id), list(val.prompt_items), cfg.sft.valid_page_max_items)
+    pages = greedy_pages(
+        AutoModelForCausalLM.from_pretrained(out),
+        codec,
+        list(val.user_id),
+        list(val.prompt_items),
+        cfg.sft.valid_page_max_items,
+    )
     logs = {stage: read_jsonl(out / SFT_LOGS / f"{stage}.jsonl") for stage in ("meta", "golden_ft")}
     plot_losses(logs, out / "loss_curves.png")
     vocab = codec.vocab
@@ -276,7 +325,12 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
         "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
         **page_validity(pages),
-        "vocab": {"base": vocab.base_size, "users": len(vocab.user_token), "items": len(vocab.item_token), "total": len(tokenizer)},
+        "vocab": {
+            "base": vocab.base_size,
+            "users": len(vocab.user_token),
+            "items": len(vocab.item_token),
+            "total": len(tokenizer),
+        },
         "meta_rows": meta["rows"],
         "ft_rows": ft["rows"],
     }
