@@ -57,7 +57,22 @@ def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path
     assert set(report["mean_sd"]) == {"popularity", "itemknn", "sft"}
     text = (tmp_path / "compare.md").read_text()
     assert "sft NDCG@100 vs the best baseline" in text and "| popularity |" in text
-    assert json.loads((tmp_path / "compare.json").read_text())["split"] == "test"
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["split"] == "test"
+    # every other model against the best baseline, user by user, with a paired interval
+    best = saved["best_baseline"]
+    assert best in ("popularity", "itemknn") and set(saved["paired_vs_best_baseline"]) == {
+        "popularity",
+        "itemknn",
+        "sft",
+    } - {best}
+    sft = saved["paired_vs_best_baseline"]["sft"]
+    assert sft["users"] == report["runs"]["sft"][0]["users"]
+    for key in ("ndcg@100", "recall@20"):
+        low, high = sft[key]["ci95"]
+        gap = report["mean_sd"]["sft"][key][0] - report["mean_sd"][best][key][0]
+        assert low <= sft[key]["mean"] <= high and abs(sft[key]["mean"] - gap) < 1e-9
+    assert "paired bootstrap 95% intervals" in text
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 

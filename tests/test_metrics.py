@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from pagellm.eval.metrics import dpa, ild, mean_metrics, ndcg_at_k, page_metrics, pwkt, recall_at_k, was, wmrd
@@ -76,3 +77,18 @@ def test_mean_skips_undefined_and_counts():
     assert mean["users"] == 2 and mean["defined"]["pwkt"] == 1 and mean["pwkt"] == pytest.approx(1.0)
     assert mean["ndcg@100"] == pytest.approx(0.5) and mean["defined"]["ndcg@100"] == 2
     assert mean["wmrd"] == 0.0 and mean["defined"]["wmrd"] == 1
+
+
+def test_paired_bootstrap_interval_cancels_the_spread_users_share():
+    from pagellm.eval.metrics import paired_bootstrap
+
+    assert paired_bootstrap([0.25] * 50) == (0.25, 0.25, 0.25)
+    rng = np.random.default_rng(1)
+    user = rng.uniform(0, 1, 1000)  # how easy each user is: shared by both models
+    a, b = user + 0.02 + rng.normal(0, 0.01, 1000), user + rng.normal(0, 0.01, 1000)
+    mean, low, high = paired_bootstrap(a - b)
+    assert low < 0.02 < high and low < mean < high and high - low < 0.003
+    # an unpaired comparison of the same models cannot separate them: the user spread dominates
+    unpaired_sd = np.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert 4 * 1.96 * unpaired_sd > 0.02 > high - low
+    assert paired_bootstrap(a - b, seed=3) != paired_bootstrap(a - b, seed=4)

@@ -13,6 +13,8 @@ import math
 from itertools import combinations
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
+
 from pagellm.data.rules import category_entropy
 
 # what reports show, in this order (``page_metrics`` computes each for one page)
@@ -133,3 +135,17 @@ def mean_metrics(rows: list[dict]) -> dict:
     out["users"] = len(rows)
     out["defined"] = defined
     return out
+
+
+def paired_bootstrap(
+    differences: Sequence[float], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of per-user differences between two models on the same users, and its percentile
+    bootstrap interval at ``level``: users are resampled with replacement, both models together,
+    so the spread that users share cancels (Efron & Tibshirani 1993, paired design)."""
+    d = np.asarray(differences, dtype=np.float64)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(low), float(high)
