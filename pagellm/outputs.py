@@ -14,6 +14,11 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace the file with these records (a log cut back to a checkpoint)."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a JSONL file (blank lines skipped); [] when it does not exist."""
     path = Path(path)

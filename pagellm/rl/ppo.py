@@ -40,7 +40,7 @@ from pagellm.eval.metrics import METRICS
 from pagellm.model.artifact import load_codec, require_policy
 from pagellm.model.decoding import PageConstraint
 from pagellm.model.prompts import PromptCodec
-from pagellm.outputs import append_jsonl, figure, read_jsonl
+from pagellm.outputs import append_jsonl, figure, read_jsonl, write_jsonl
 from pagellm.rl.batch import PageScores, RolloutBatch, mean_stats, shard_rows
 from pagellm.rl.groups import LocalRoles, RayRoles
 from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, token_rewards
@@ -426,7 +426,7 @@ def restore(roles, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) 
     kl_ctl.load_state_dict(state["kl_controller"])
     metrics_path = out / METRICS_FILE
     kept = [r for r in read_jsonl(metrics_path) if r["iteration"] <= state["iteration"]]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_jsonl(metrics_path, kept)
     append_jsonl(
         out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": checkpoint.name, **state}
     )
