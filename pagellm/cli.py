@@ -190,6 +190,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pagellm.eval.recbole_bridge import export_recbole
+
+    cfg = _config(args)
+    report = export_recbole(args.data, args.out, cfg.data.positive_threshold, args.max_history)
+    print(f"export recbole: {', '.join(f'{k} {v}' for k, v in report['rows'].items())}")
+    skipped = report["sequential_rows_without_history"]
+    if any(skipped.values()):
+        print(f"sequential form: held-out positives without any history left out: {skipped}")
+    print(f"wrote {args.out} (RecBole configs: {args.out}/recbole.yaml, {args.out}/recbole-seq.yaml)")
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from pagellm.eval.recbole_bridge import setup_env
+
+    python = setup_env(Path(args.venv))
+    print(f"RecBole environment ready: eval.recbole_python={python}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the merged configuration with every field's help (the defaults: configs/default.yaml)."""
     from pagellm.config import DEFAULT_YAML_HEADER, config_yaml
@@ -341,6 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="the data stage's split in another library's format")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser("recbole", help="RecBole atomic benchmark files + configs (docs/baselines.md)")
+    q.add_argument("--data", required=True, help="output directory of `pagellm data`")
+    q.add_argument("--out", required=True, help="export directory (its recbole.yaml loads it)")
+    q.add_argument("--max-history", type=int, default=50, help="sequential form: last items of a history kept")
+    common(q)
+    q.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("setup", help="build an optional tool's own environment")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser("recbole", help="RecBole 1.2.1's virtual environment, for recbole:MODEL baselines")
+    q.add_argument("--venv", default=".venv-recbole", help="where to create it (eval.recbole_python=VENV/bin/python)")
+    q.set_defaults(func=cmd_setup)
 
     p = sub.add_parser(
         "config", help="print the merged configuration with every field's help (no arguments: the defaults)"

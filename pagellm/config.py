@@ -14,7 +14,7 @@ import copy
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -337,6 +337,17 @@ class EvalConfig:
     num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
     num_gpus: float = opt(0.0, "GPUs per actor")
     seed: int = opt(0, "seed of sampled decoding")
+    recbole_python: str = opt(
+        ".venv-recbole/bin/python",
+        "python of RecBole's own environment, for `recbole:MODEL` baselines (built by `pagellm setup recbole`)",
+    )
+    recbole_epochs: int = opt(100, "recbole:MODEL baselines: most training epochs (one for Pop)")
+    recbole_patience: int = opt(
+        10, "recbole:MODEL baselines: epochs without a better validation NDCG@100 before stopping (best restored)"
+    )
+    recbole_settings: dict[str, Any] = opt(
+        {}, "further RecBole settings per model, e.g. {MultiVAE: {total_anneal_steps: 2000}}"
+    )
 
     def __post_init__(self) -> None:
         if self.decoding not in ("greedy", "sample"):

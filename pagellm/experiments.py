@@ -20,6 +20,7 @@ import pandas as pd
 
 from pagellm.config import PageLLMConfig, load_config
 from pagellm.data.layout import DataDir
+from pagellm.errors import ConfigError
 from pagellm.eval.metrics import METRICS, paired_bootstrap
 from pagellm.outputs import figure
 
@@ -27,6 +28,8 @@ VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "bot
 
 
 PAIRED = ("ndcg@100", "recall@20")  # metrics compared user by user, with intervals
+DETERMINISTIC = {"popularity", "itemknn", "recbole:Pop", "recbole:ItemKNN"}  # trained once, not per seed
+RECBOLE_KEYS = ("epochs_run", "best_epoch", "train_seconds", "recbole_valid", "recbole_test", "settings")
 
 
 def per_user(run_dir: Path) -> pd.DataFrame:
@@ -68,6 +71,32 @@ def _paired_table(paired: dict, reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recbole_table(results: dict[str, list[dict]]) -> str:
+    """RecBole's own figures for its rows, beside ours: epochs, and its own validation/test
+    metrics (its masking: training positives only; a sequence model scores each held-out
+    positive as its own row)."""
+    rows = {name: runs for name, runs in results.items() if runs and "recbole" in runs[0]}
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "RecBole's own numbers for its rows (its evaluator, not ours: masks training positives only, and a "
+        "sequence model scores each held-out positive as a separate row), mean over runs:",
+        "",
+        "| model | epochs run (best) | RecBole val NDCG@100 | RecBole test NDCG@100 | RecBole test Recall@20 | users without scores |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in rows.items():
+        rb = [r["recbole"] for r in runs]
+        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rb)
+        mean = lambda part, key: statistics.mean(r[part][key] for r in rb)  # noqa: E731
+        lines.append(
+            f"| {name} | {epochs} | {mean('recbole_valid', 'ndcg@100'):.4f} | {mean('recbole_test', 'ndcg@100'):.4f} "
+            f"| {mean('recbole_test', 'recall@20'):.4f} | {max(r['users_without_scores'] for r in runs)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     if not values:
@@ -76,9 +105,15 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: dict[str, list[dict]]) -> str:
-    lines = [note, "", "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    timed = any("seconds" in r for runs in results.values() for r in runs)
+    head = [*METRICS, "runs", "s/run"] if timed else [*METRICS, "runs"]
+    lines = [note, "", "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, stats in rows.items():
         cells = [f"{m:.4f} ± {s:.4f}" if s == s and s > 0 else f"{m:.4f}" for m, s in (stats[k] for k in METRICS)]
+        cells.append(str(len(results[name])))
+        if timed:
+            seconds = [r["seconds"] for r in results[name] if "seconds" in r]
+            cells.append(f"{statistics.mean(seconds):.0f}" if seconds else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     # metrics undefined for some users (docs/metrics.md) average over fewer users: say how many
     partial = []
@@ -93,19 +128,40 @@ def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: 
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(rows: dict[str, dict[str, tuple[float, float]]], keys: tuple[str, ...], path: Path, title: str) -> None:
-    with figure(path, len(keys), panel_size=(4.0, 3.4)) as (fig, axes):
+def _bar_chart(
+    rows: dict[str, dict[str, tuple[float, float]]],
+    keys: tuple[str, ...],
+    path: Path,
+    title: str,
+    pagellm: set[str],
+    paired: dict,
+    reference: str | None,
+) -> None:
+    """Bars of the mean over seeds; PageLLM's in one colour, baselines in another. For a paired
+    metric the whisker is the model's paired 95% interval against ``reference`` (drawn as
+    reference mean + interval of the difference) and a dashed line marks the reference; for the
+    other metrics it is the spread over seeds."""
+    from matplotlib.patches import Patch
+
+    colour = {True: "#c44e52", False: "#8c8c8c"}
+    with figure(path, len(keys), panel_size=(max(4.0, 0.45 * len(rows) + 1.5), 3.8)) as (fig, axes):
+        names = list(rows)
         for ax, key in zip(axes, keys):
-            names = list(rows)
-            ax.bar(
-                names,
-                [rows[n][key][0] for n in names],
-                yerr=[rows[n][key][1] for n in names],
-                capsize=4,
-                color="#4c72b0",
-            )
+            means = [rows[n][key][0] for n in names]
+            if key in PAIRED and reference is not None:
+                ref = rows[reference][key][0]
+                low = [m - (ref + paired[n][key]["ci95"][0]) if n in paired else 0.0 for n, m in zip(names, means)]
+                high = [(ref + paired[n][key]["ci95"][1]) - m if n in paired else 0.0 for n, m in zip(names, means)]
+                yerr = [[max(0.0, v) for v in low], [max(0.0, v) for v in high]]
+                ax.axhline(ref, color="black", linestyle="--", linewidth=0.8)
+            else:
+                yerr = [rows[n][key][1] if rows[n][key][1] == rows[n][key][1] else 0.0 for n in names]
+            ax.bar(names, means, yerr=yerr, capsize=3, color=[colour[n in pagellm] for n in names])
             ax.set_title(key)
-            ax.tick_params(axis="x", rotation=30)
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+        handles = [Patch(color=colour[True], label="PageLLM"), Patch(color=colour[False], label="baselines")]
+        note = f"whiskers: paired 95% interval vs {reference} (dashed)" if reference else "whiskers: sd over seeds"
+        axes[0].legend(handles=handles, fontsize=7, title=note, title_fontsize=6)
         fig.suptitle(title)
 
 
@@ -151,7 +207,15 @@ def run_ablation(
         f"wall time {report['wall_seconds'] / 60:.1f} min."
     )
     (out / "ablation.md").write_text(_table(rows, note, results) + _paired_table(paired, "sft"))
-    _bar_chart(rows, ("ndcg@100", "recall@20", "ild", "category_entropy"), out / "ablation.png", "reward-head ablation")
+    _bar_chart(
+        rows,
+        ("ndcg@100", "recall@20", "ild", "category_entropy"),
+        out / "ablation.png",
+        "reward-head ablation",
+        pagellm=set(rows),
+        paired=paired,
+        reference="sft",
+    )
     return report
 
 
@@ -159,27 +223,56 @@ def run_compare(
     cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)
 ) -> dict:
     """Baselines (over ``seeds`` where they train) and PageLLM policies on one split."""
-    from pagellm.eval.baselines import baseline_pages, load_protocol
+    from pagellm.eval.baselines import BASELINES, baseline_pages, load_protocol, pages_from_scores
     from pagellm.eval.evaluate import run_evaluate
     from pagellm.eval.metrics import mean_metrics, page_metrics
+    from pagellm.eval.recbole_bridge import export_recbole, require_env, run_recbole
 
+    unknown = [n for n in baselines if n not in BASELINES and not n.startswith("recbole:")]
+    if unknown:
+        raise ConfigError(f"unknown baselines {unknown}; choose from {list(BASELINES)} or recbole:MODEL")
+    recbole = [n for n in baselines if n.startswith("recbole:")]
+    if recbole:
+        require_env(cfg.eval.recbole_python)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     category = DataDir(data_dir).categories()
     protocol = load_protocol(Path(data_dir), split, cfg.data.positive_threshold)
+    if recbole:
+        export_recbole(data_dir, out / "recbole" / "export", cfg.data.positive_threshold)
     results: dict[str, list[dict]] = {}
     users: dict[str, list[pd.DataFrame]] = {}
     for name in baselines:
-        deterministic = name in ("popularity", "itemknn")
         results[name], users[name] = [], []
-        for seed in seeds[:1] if deterministic else seeds:
-            pages = baseline_pages(name, protocol, cfg.eval.page_items, seed)
+        for seed in seeds[:1] if name in DETERMINISTIC else seeds:
+            began, extra = time.perf_counter(), {}
+            if name in recbole:
+                model = name.split(":", 1)[1]
+                run = run_recbole(
+                    model,
+                    out / "recbole" / "export",
+                    split,
+                    out / "recbole" / model / f"seed_{seed}",
+                    cfg.eval.recbole_python,
+                    seed,
+                    cfg.eval.recbole_epochs,
+                    cfg.eval.recbole_patience,
+                    cfg.eval.recbole_settings.get(model),
+                )
+                pages, missing = pages_from_scores(
+                    protocol, run["users"], run["items"], run["scores"], cfg.eval.page_items
+                )
+                extra = {"users_without_scores": missing, "recbole": {k: run[k] for k in RECBOLE_KEYS}}
+            else:
+                pages = baseline_pages(name, protocol, cfg.eval.page_items, seed)
             scored = [page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]
-            results[name].append(mean_metrics(scored))
+            results[name].append({**mean_metrics(scored), "seconds": time.perf_counter() - began, **extra})
             users[name].append(pd.DataFrame(scored, index=protocol.users.user_id)[list(PAIRED)])
     for name, policy in policies.items():
+        began = time.perf_counter()
         results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
+        results[name][0]["seconds"] = time.perf_counter() - began
         users[name] = [per_user(out / "runs" / name)]
     rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)
@@ -199,6 +292,16 @@ def run_compare(
         for name in policies:
             gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]
             note += f"  \n{name} NDCG@100 vs the best baseline ({best}): {gap:+.4f} ({100 * gap / rows[best]['ndcg@100'][0]:+.1f}%)."
-    (out / "compare.md").write_text(_table(rows, note, results) + _paired_table(paired, f"the best baseline ({best})"))
-    _bar_chart(rows, ("ndcg@100", "recall@20"), out / "compare.png", "PageLLM and baselines")
+    (out / "compare.md").write_text(
+        _table(rows, note, results) + _paired_table(paired, f"the best baseline ({best})") + _recbole_table(results)
+    )
+    _bar_chart(
+        rows,
+        ("ndcg@100", "recall@20"),
+        out / "compare.png",
+        "PageLLM and baselines",
+        pagellm=set(policies),
+        paired=paired,
+        reference=best,
+    )
     return report

@@ -73,6 +73,28 @@ def _top_k(scores: np.ndarray, seen: list, k: int) -> np.ndarray:
     return top[np.lexsort((top, -scores[top]))]  # by score, ties by item index
 
 
+def pages_from_scores(p: Protocol, users: list[str], items: list[str], scores: np.ndarray, k: int = 100):
+    """Pages of a model scored elsewhere (RecBole): ``scores`` [len(users), len(items)] with its
+    own user and item order, masked and cut to ``k`` by ``_top_k`` like every baseline here.
+    Returns the pages in ``p.users`` order and the number of users the model could not score
+    (no history for a sequence model), whose page is empty."""
+    column = {item: j for j, item in enumerate(p.items)}
+    unknown = [i for i in items if i not in column]
+    if unknown:
+        raise InputError(f"scored items missing from the catalogue, e.g. {unknown[:5]}")
+    full = np.full((len(users), len(p.items)), -np.inf)
+    full[:, [column[i] for i in items]] = scores
+    row = {u: r for r, u in enumerate(users)}
+    pages, missing = [], 0
+    for user in p.users.itertuples(index=False):
+        if user.user_id not in row:
+            pages.append([])
+            missing += 1
+            continue
+        pages.append([p.items[j] for j in _top_k(full[row[user.user_id]], user.seen, k)])
+    return pages, missing
+
+
 def popularity_scores(p: Protocol) -> np.ndarray:
     return np.bincount(p.train_pos.item.to_numpy(), minlength=len(p.items)).astype(np.float64)
 
