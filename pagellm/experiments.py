@@ -239,6 +239,7 @@ def run_compare(
     started = time.perf_counter()
     category = DataDir(data_dir).categories()
     protocol = load_protocol(Path(data_dir), split, cfg.data.positive_threshold)
+    val = load_protocol(Path(data_dir), "val", cfg.data.positive_threshold)  # epoch / neighbourhood selection
     if recbole:
         export_recbole(data_dir, out / "recbole" / "export", cfg.data.positive_threshold)
     results: dict[str, list[dict]] = {}
@@ -265,7 +266,7 @@ def run_compare(
                 )
                 extra = {"users_without_scores": missing, "recbole": {k: run[k] for k in RECBOLE_KEYS}}
             else:
-                pages = baseline_pages(name, protocol, cfg.eval.page_items, seed)
+                pages = baseline_pages(name, protocol, cfg.eval.page_items, seed, val)
             scored = [page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]
             results[name].append({**mean_metrics(scored), "seconds": time.perf_counter() - began, **extra})
             users[name].append(pd.DataFrame(scored, index=protocol.users.user_id)[list(PAIRED)])

@@ -17,6 +17,7 @@ multivae    variational autoencoder over a user's positive set with a multinomia
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch import nn
 
 from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
+from pagellm.eval.metrics import ndcg_at_k
 
 log = logging.getLogger(__name__)
 BASELINES = ("popularity", "itemknn", "bprmf", "sasrec", "multivae")
@@ -113,18 +115,86 @@ def itemknn_similarity(p: Protocol, neighbours: int = 100) -> np.ndarray:
     return sim
 
 
-def train_bprmf(p: Protocol, dim: int = 64, epochs: int = 100, lr: float = 1e-2, reg: float = 1e-4, seed: int = 0):
+def _itemknn_scores(sim: np.ndarray, q: Protocol) -> np.ndarray:
+    return np.stack([sim[h].sum(0) if h else np.zeros(len(q.items)) for h in q.users.history])
+
+
+def validation_ndcg(scores: np.ndarray, val: Protocol, k: int = 100) -> float:
+    """Mean NDCG@k of full-ranking pages from ``scores`` [val users, items] on the validation
+    split: the number every trained baseline selects its epoch (or ItemKNN its neighbourhood) by."""
+    return float(
+        np.mean(
+            [
+                ndcg_at_k([val.items[j] for j in _top_k(row, seen, k)], target, k)
+                for row, seen, target in zip(scores, val.users.seen, val.users.target)
+            ]
+        )
+    )
+
+
+class BestEpoch:
+    """Early stopping on validation NDCG@100: scored after every epoch, stop after ``patience``
+    epochs without a better score, the best epoch's parameters restored. Without a validation
+    protocol every epoch runs and the last is kept."""
+
+    def __init__(self, modules: list[nn.Module], val: Protocol | None, scores, patience: int = 10):
+        self.modules, self.val, self.scores, self.patience = modules, val, scores, patience
+        self.best, self.best_epoch, self.state, self.history = -1.0, 0, None, []
+
+    def stop(self, epoch: int) -> bool:
+        if self.val is None:
+            return False
+        for m in self.modules:
+            m.eval()
+        with torch.no_grad():
+            score = validation_ndcg(self.scores(self.val), self.val)
+        for m in self.modules:
+            m.train()
+        self.history.append(score)
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
+            self.state = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        return epoch - self.best_epoch >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            for m, state in zip(self.modules, self.state):
+                m.load_state_dict(state)
+        for m in self.modules:
+            m.eval()
+        if self.val is not None:
+            log.info("best validation NDCG@100 %.4f at epoch %d of %d", self.best, self.best_epoch, len(self.history))
+
+
+def train_bprmf(
+    p: Protocol,
+    dim: int = 64,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    reg: float = 1e-4,
+    seed: int = 0,
+    val: Protocol | None = None,
+    patience: int = 10,
+):
+    """Returns a function from a protocol to its users' scores [users, items]."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    users = {u: k for k, u in enumerate(p.users.user_id)}
-    known = p.train_pos[p.train_pos.user_id.isin(users)]
-    u_idx = torch.as_tensor(known.user_id.map(users).to_numpy())
-    i_idx = torch.as_tensor(known.item.to_numpy())
-    user_emb, item_emb = nn.Embedding(len(users), dim), nn.Embedding(len(p.items), dim)
+    users = {u: k for k, u in enumerate(p.train_pos.user_id.unique())}
+    u_idx = torch.as_tensor(p.train_pos.user_id.map(users).to_numpy().copy())
+    i_idx = torch.as_tensor(p.train_pos.item.to_numpy().copy())
+    user_emb, item_emb = nn.Embedding(len(users) + 1, dim), nn.Embedding(len(p.items), dim)  # last row: unknown
     nn.init.normal_(user_emb.weight, std=0.1)
     nn.init.normal_(item_emb.weight, std=0.1)
+    with torch.no_grad():
+        user_emb.weight[-1] = 0.0  # a user without training positives scores every item 0
+
+    def scores(q: Protocol) -> np.ndarray:
+        rows = torch.as_tensor([users.get(u, len(users)) for u in q.users.user_id])
+        return (user_emb(rows) @ item_emb.weight.T).detach().numpy()
+
     opt = torch.optim.Adam([*user_emb.parameters(), *item_emb.parameters()], lr=lr)
-    for _ in range(epochs):
+    best = BestEpoch([user_emb, item_emb], val, scores, patience)
+    for epoch in range(1, epochs + 1):
         order = torch.as_tensor(rng.permutation(len(u_idx)))
         for lo in range(0, len(order), 1024):
             b = order[lo : lo + 1024]
@@ -136,7 +206,11 @@ def train_bprmf(p: Protocol, dim: int = 64, epochs: int = 100, lr: float = 1e-2,
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return users, user_emb.weight.detach().numpy(), item_emb.weight.detach().numpy()
+        if best.stop(epoch):
+            break
+    best.restore()
+    scores.selection = best
+    return scores
 
 
 class SASRec(nn.Module):
@@ -172,7 +246,15 @@ def _left_pad(seqs: list[list[int]], length: int) -> torch.Tensor:
     return out
 
 
-def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int = 50, seed: int = 0) -> SASRec:
+def train_sasrec(
+    p: Protocol,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    max_len: int = 50,
+    seed: int = 0,
+    val: Protocol | None = None,
+    patience: int = 10,
+) -> SASRec:
     """Next-item training on each user's training positives (items shifted by one, 0 = pad)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -184,8 +266,9 @@ def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int 
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     inputs, labels = _left_pad([s[:-1] for s in seqs], max_len), _left_pad([s[1:] for s in seqs], max_len)
-    for _ in range(epochs):
-        model.train()
+    best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience)
+    model.train()
+    for epoch in range(1, epochs + 1):
         for b in np.array_split(rng.permutation(len(seqs)), max(1, math.ceil(len(seqs) / 128))):
             logits = model(inputs[b])
             loss = nn.functional.cross_entropy(
@@ -194,7 +277,18 @@ def train_sasrec(p: Protocol, epochs: int = 100, lr: float = 1e-3, max_len: int 
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model.eval()
+        if best.stop(epoch):
+            break
+    best.restore()
+    model.selection = best
+    return model
+
+
+def sasrec_scores(model: SASRec, q: Protocol) -> np.ndarray:
+    """Logits at the last position of each user's history (the last ``max_len`` items)."""
+    with torch.no_grad():
+        hist = _left_pad([[i + 1 for i in h] for h in q.users.history], model.max_len)
+        return torch.cat([model(hist[lo : lo + 256])[:, -1] for lo in range(0, len(hist), 256)]).numpy()
 
 
 class MultiVAE(nn.Module):
@@ -222,7 +316,14 @@ def _binary_rows(rows: list[list[int]], n_items: int) -> torch.Tensor:
 
 
 def train_multivae(
-    p: Protocol, epochs: int = 200, lr: float = 1e-3, beta_max: float = 0.2, anneal_steps: int = 20000, seed: int = 0
+    p: Protocol,
+    epochs: int = 200,
+    lr: float = 1e-3,
+    beta_max: float = 0.2,
+    anneal_steps: int = 20000,
+    seed: int = 0,
+    val: Protocol | None = None,
+    patience: int = 10,
 ) -> MultiVAE:
     """Multinomial log-likelihood + beta * KL, beta annealed linearly to ``beta_max`` (the
     paper's partially regularised objective), on each user's set of training positives."""
@@ -231,8 +332,9 @@ def train_multivae(
     x = _binary_rows(list(p.train_pos.groupby("user_id").item.agg(list)), len(p.items))
     model, step = MultiVAE(len(p.items)), 0
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        model.train()
+    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience)
+    model.train()
+    for epoch in range(1, epochs + 1):
         for b in np.array_split(rng.permutation(len(x)), max(1, math.ceil(len(x) / 256))):
             logits, kl = model(x[b])
             nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
@@ -241,33 +343,46 @@ def train_multivae(
             loss.backward()
             opt.step()
             step += 1
-    return model.eval()
+        if best.stop(epoch):
+            break
+    best.restore()
+    model.selection = best
+    return model
 
 
-def baseline_pages(name: str, p: Protocol, k: int = 100, seed: int = 0) -> list[list[str]]:
-    """Top-k pages (item ids) of one baseline for every evaluation user."""
+def multivae_scores(model: MultiVAE, q: Protocol) -> np.ndarray:
+    with torch.no_grad():
+        return model(_binary_rows(list(q.users.history), len(q.items)))[0].numpy()
+
+
+ITEMKNN_NEIGHBOURS = (10, 20, 50, 100, 200, 400)  # candidates when a validation protocol is given
+
+
+def baseline_scores(name: str, p: Protocol, seed: int = 0, val: Protocol | None = None) -> np.ndarray:
+    """Scores [users of ``p``, items] of one baseline. With ``val`` (the validation split's
+    protocol) trained baselines keep their best epoch by validation NDCG@100 (patience 10) and
+    ItemKNN takes the neighbourhood size that scores best there; without it, the fixed
+    defaults (every epoch, 100 neighbours)."""
     if name == "popularity":
-        pop = popularity_scores(p)
-        score = lambda row: pop  # noqa: E731
-    elif name == "itemknn":
-        sim = itemknn_similarity(p)
-        score = lambda row: sim[row.history].sum(0) if row.history else np.zeros(len(p.items))  # noqa: E731
-    elif name == "bprmf":
-        users, u_emb, i_emb = train_bprmf(p, seed=seed)
-        score = lambda row: i_emb @ u_emb[users[row.user_id]]  # noqa: E731
-    elif name == "sasrec":
-        model = train_sasrec(p, seed=seed)
-        with torch.no_grad():
-            hist = _left_pad([[i + 1 for i in h] for h in p.users.history], model.max_len)
-            last = torch.cat([model(hist[lo : lo + 256])[:, -1] for lo in range(0, len(hist), 256)]).numpy()
-        rows = {u: k for k, u in enumerate(p.users.user_id)}
-        score = lambda row: last[rows[row.user_id]]  # noqa: E731
-    elif name == "multivae":
-        model = train_multivae(p, seed=seed)
-        with torch.no_grad():
-            logits = model(_binary_rows(list(p.users.history), len(p.items)))[0].numpy()
-        rows = {u: k for k, u in enumerate(p.users.user_id)}
-        score = lambda row: logits[rows[row.user_id]]  # noqa: E731
-    else:
-        raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
-    return [[p.items[j] for j in _top_k(score(row), row.seen, k)] for row in p.users.itertuples(index=False)]
+        return np.tile(popularity_scores(p), (len(p.users), 1))
+    if name == "itemknn":
+        neighbours = 100
+        if val is not None:
+            neighbours = max(
+                ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_itemknn_scores(itemknn_similarity(p, n), val), val)
+            )
+            log.info("itemknn: %d neighbours (best validation NDCG@100)", neighbours)
+        return _itemknn_scores(itemknn_similarity(p, neighbours), p)
+    if name == "bprmf":
+        return train_bprmf(p, seed=seed, val=val)(p)
+    if name == "sasrec":
+        return sasrec_scores(train_sasrec(p, seed=seed, val=val), p)
+    if name == "multivae":
+        return multivae_scores(train_multivae(p, seed=seed, val=val), p)
+    raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+
+
+def baseline_pages(name: str, p: Protocol, k: int = 100, seed: int = 0, val: Protocol | None = None) -> list[list[str]]:
+    """Top-k pages (item ids) of one baseline for every evaluation user (``baseline_scores``)."""
+    scores = baseline_scores(name, p, seed, val)
+    return [[p.items[j] for j in _top_k(row, seen, k)] for row, seen in zip(scores, p.users.seen)]
