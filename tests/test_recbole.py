@@ -91,9 +91,14 @@ def test_export_round_trips_through_recboles_loader(data, tmp_path):
         )
 
 
-def test_recbole_models_through_compare_are_masked_and_scored_by_our_code(data, tmp_path):
+def test_recbole_models_through_compare_are_masked_and_scored_by_our_code(data, tmp_path, monkeypatch):
+    python = str(Path(CFG.eval.recbole_python).absolute())
+    cfg = load_config(
+        overrides=["data.dataset=synthetic:4000", "eval.recbole_epochs=2", f"eval.recbole_python={python}"]
+    )
+    monkeypatch.chdir(tmp_path)  # a relative report directory, as users give it
+    report = run_compare(cfg, data, {}, ["popularity", "recbole:Pop", "recbole:SASRec"], "compare", "test", seeds=(0,))
     out = tmp_path / "compare"
-    report = run_compare(CFG, data, {}, ["popularity", "recbole:Pop", "recbole:SASRec"], out, "test", seeds=(0,))
     protocol = load_protocol(data, "test", CFG.data.positive_threshold)
     category = DataDir(data).categories()
 

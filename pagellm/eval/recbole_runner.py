@@ -49,11 +49,10 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help="JSON of further RecBole settings for this model")
     args = parser.parse_args()
 
-    out = Path(args.out).resolve()
+    out, export = Path(args.out).resolve(), Path(args.export).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # RecBole writes log/ and log_tensorboard/ into the working directory
     model_class = get_model(args.model)
-    export = Path(args.export).resolve()
     sequential = model_class.type == ModelType.SEQUENTIAL
     settings = {
         "seed": args.seed,
