@@ -133,9 +133,9 @@ def _bar_chart(
     keys: tuple[str, ...],
     path: Path,
     title: str,
-    pagellm: set[str],
-    paired: dict,
-    reference: str | None,
+    pagellm: set[str] | None = None,
+    paired: dict | None = None,
+    reference: str | None = None,
 ) -> None:
     """Bars of the mean over seeds; PageLLM's in one colour, baselines in another. For a paired
     metric the whisker is the model's paired 95% interval against ``reference`` (drawn as
@@ -144,6 +144,7 @@ def _bar_chart(
     from matplotlib.patches import Patch
 
     colour = {True: "#c44e52", False: "#8c8c8c"}
+    pagellm, paired = set(rows) if pagellm is None else pagellm, paired or {}
     with figure(path, len(keys), panel_size=(max(4.0, 0.45 * len(rows) + 1.5), 3.8)) as (fig, axes):
         names = list(rows)
         for ax, key in zip(axes, keys):

@@ -9,8 +9,8 @@ popularity  items by their number of training positives
 itemknn     item-item cosine similarity of the training positives (top ``neighbours`` per item);
             a user's score for an item is the sum of its similarities to the user's history
 bprmf       matrix factorisation with the BPR loss (Rendle et al., 2009)
-sasrec      self-attentive sequential model (Kang & McAuley, 2018): causal Transformer over the
-            positive history, full softmax over items at every position
+sasrec      self-attentive sequential model (Kang & McAuley, 2018) as RecBole builds it: causal
+            Transformer over the positive history, every prefix a sample, full softmax over items
 multivae    variational autoencoder over a user's positive set with a multinomial likelihood
             (Liang et al., 2018): the user's history in, scores over all items out
 """
@@ -214,36 +214,55 @@ def train_bprmf(
 
 
 class SASRec(nn.Module):
+    """SASRec as RecBole 1.2.1 builds it: item + position embeddings, LayerNorm and dropout on
+    their sum, post-norm Transformer layers (2 heads, GELU feed-forward of 4x width, dropout 0.5
+    on hidden states and attention), N(0, 0.02) init; the state at the last history item is
+    scored against every item embedding. Sequences are right-padded with 0 (items shift by 1)."""
+
     def __init__(
-        self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2
+        self, n_items: int, dim: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50, dropout: float = 0.5
     ):
         super().__init__()
-        self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)  # 0 = padding, items shifted by 1
+        self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.pos = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.drop = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=False, layer_norm_eps=1e-12
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.max_len = max_len
+        self.apply(self._init)
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, L] (left-padded with 0) -> logits over items [B, L, n_items]."""
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """seq [B, L] right-padded, lengths [B] (>= 1) -> logits over items [B, n_items] at the
+        last history item."""
         length = seq.shape[1]
-        h = self.item(seq) * math.sqrt(self.item.embedding_dim) + self.pos(torch.arange(length))[None]
+        h = self.drop(self.norm(self.item(seq) + self.pos(torch.arange(length))[None]))
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
-        padding = seq == 0
-        padding[:, -1] = False  # a user without history still gets a (position-only) state
-        h = self.encoder(self.drop(h), mask=causal, src_key_padding_mask=padding)
-        return self.norm(h) @ self.item.weight[1:].T
+        h = self.encoder(h, mask=causal)
+        last = h[torch.arange(len(seq)), lengths - 1]
+        return last @ self.item.weight[1:].T
 
 
-def _left_pad(seqs: list[list[int]], length: int) -> torch.Tensor:
+def _right_pad(seqs: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``length`` items of each sequence, right-padded with 0, and their lengths
+    (an empty history keeps length 1: a state from the padding item and position 0)."""
     out = torch.zeros(len(seqs), length, dtype=torch.long)
+    lengths = torch.ones(len(seqs), dtype=torch.long)
     for row, s in enumerate(seqs):
         s = s[-length:]
         if s:
-            out[row, length - len(s) :] = torch.as_tensor(s)
-    return out
+            out[row, : len(s)] = torch.as_tensor(s)
+            lengths[row] = len(s)
+    return out, lengths
 
 
 def train_sasrec(
@@ -254,26 +273,27 @@ def train_sasrec(
     seed: int = 0,
     val: Protocol | None = None,
     patience: int = 10,
+    batch_size: int = 2048,
 ) -> SASRec:
-    """Next-item training on each user's training positives (items shifted by one, 0 = pad)."""
+    """Every prefix of a user's training positives (the last ``max_len`` items) is a sample
+    whose label is the next positive, as RecBole's sequential augmentation; full-softmax
+    cross-entropy over items, Adam (RecBole's defaults: lr 1e-3, batches of 2048)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    seqs = [
-        [i + 1 for i in s]
-        for s in p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list)
-        if len(s) > 1
-    ]
+    prefixes, labels = [], []
+    for seq in p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list):
+        for t in range(1, len(seq)):
+            prefixes.append([i + 1 for i in seq[max(0, t - max_len) : t]])
+            labels.append(seq[t])
+    inputs, lengths = _right_pad(prefixes, max_len)
+    labels = torch.as_tensor(labels)
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    inputs, labels = _left_pad([s[:-1] for s in seqs], max_len), _left_pad([s[1:] for s in seqs], max_len)
     best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience)
     model.train()
     for epoch in range(1, epochs + 1):
-        for b in np.array_split(rng.permutation(len(seqs)), max(1, math.ceil(len(seqs) / 128))):
-            logits = model(inputs[b])
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), (labels[b] - 1).reshape(-1), ignore_index=-1
-            )
+        for b in np.array_split(rng.permutation(len(labels)), max(1, math.ceil(len(labels) / batch_size))):
+            loss = nn.functional.cross_entropy(model(inputs[b], lengths[b]), labels[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -285,10 +305,10 @@ def train_sasrec(
 
 
 def sasrec_scores(model: SASRec, q: Protocol) -> np.ndarray:
-    """Logits at the last position of each user's history (the last ``max_len`` items)."""
+    """Logits at the last item of each user's history (its last ``max_len`` items)."""
     with torch.no_grad():
-        hist = _left_pad([[i + 1 for i in h] for h in q.users.history], model.max_len)
-        return torch.cat([model(hist[lo : lo + 256])[:, -1] for lo in range(0, len(hist), 256)]).numpy()
+        seq, lengths = _right_pad([[i + 1 for i in h] for h in q.users.history], model.max_len)
+        return torch.cat([model(seq[lo : lo + 256], lengths[lo : lo + 256]) for lo in range(0, len(seq), 256)]).numpy()
 
 
 class MultiVAE(nn.Module):
