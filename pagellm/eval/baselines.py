@@ -18,6 +18,7 @@ multivae    variational autoencoder over a user's positive set with a multinomia
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -156,6 +157,21 @@ class BestEpoch:
             self.state = [copy.deepcopy(m.state_dict()) for m in self.modules]
         return epoch - self.best_epoch >= self.patience
 
+    def fit(self, opt, loss_of, rows: int, batch_size: int, epochs: int, rng) -> None:
+        """At most ``epochs`` epochs of shuffled mini-batches over ``rows`` training rows
+        (``loss_of(batch indices)``), stopping by patience; the best epoch restored."""
+        for m in self.modules:
+            m.train()
+        for epoch in range(1, epochs + 1):
+            for b in np.array_split(rng.permutation(rows), max(1, math.ceil(rows / batch_size))):
+                loss = loss_of(b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if self.stop(epoch):
+                break
+        self.restore()
+
     def restore(self) -> None:
         if self.state is not None:
             for m, state in zip(self.modules, self.state):
@@ -290,16 +306,14 @@ def train_sasrec(
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience)
-    model.train()
-    for epoch in range(1, epochs + 1):
-        for b in np.array_split(rng.permutation(len(labels)), max(1, math.ceil(len(labels) / batch_size))):
-            loss = nn.functional.cross_entropy(model(inputs[b], lengths[b]), labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if best.stop(epoch):
-            break
-    best.restore()
+    best.fit(
+        opt,
+        lambda b: nn.functional.cross_entropy(model(inputs[b], lengths[b]), labels[b]),
+        len(labels),
+        batch_size,
+        epochs,
+        rng,
+    )
     model.selection = best
     return model
 
@@ -350,22 +364,17 @@ def train_multivae(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = _binary_rows(list(p.train_pos.groupby("user_id").item.agg(list)), len(p.items))
-    model, step = MultiVAE(len(p.items)), 0
+    model = MultiVAE(len(p.items))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = itertools.count()  # optimiser steps so far: the KL weight's annealing clock
+
+    def loss_of(b: np.ndarray) -> torch.Tensor:
+        logits, kl = model(x[b])
+        nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
+        return nll + min(beta_max, beta_max * next(steps) / anneal_steps) * kl
+
     best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience)
-    model.train()
-    for epoch in range(1, epochs + 1):
-        for b in np.array_split(rng.permutation(len(x)), max(1, math.ceil(len(x) / 256))):
-            logits, kl = model(x[b])
-            nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
-            loss = nll + min(beta_max, beta_max * step / anneal_steps) * kl
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-        if best.stop(epoch):
-            break
-    best.restore()
+    best.fit(opt, loss_of, len(x), 256, epochs, rng)
     model.selection = best
     return model
 
