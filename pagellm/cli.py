@@ -36,6 +36,11 @@ def _print_data_summary(stats: dict, out: Path) -> None:
         f"({stats['ft_rows']} fine-tuning rows), "
         f"pairs {stats['pairs_by_family']}"
     )
+    if stats["split_rows"]["withheld"]:
+        print(
+            f"cold start: {stats['split_rows']['withheld']} training interactions withheld "
+            f"(data.train_keep; listed in {DataDir(out).split_path('withheld')})"
+        )
     print(f"wrote {out} (stats: {DataDir(out).stats_path})")
 
 
@@ -111,8 +116,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pagellm.experiments import run_ablation, run_compare
+    import shlex
 
+    from pagellm.experiments import run_ablation, run_coldstart, run_compare
+
+    if args.kind == "coldstart":
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        report = run_coldstart(
+            args.config,
+            list(args.overrides),
+            args.fraction,
+            args.baselines,
+            args.out,
+            args.split,
+            tuple(args.seeds),
+            command,
+            pagellm=not args.baselines_only,
+        )
+        print((Path(args.out) / "coldstart.md").read_text())
+        print(f"wrote {args.out} ({report['wall_seconds'] / 60:.1f} min)")
+        return 0
     cfg = _config(args)
     if args.kind == "ablation":
         report = run_ablation(
@@ -319,16 +342,32 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, text in (
         ("ablation", "SFT only vs PPO with R_c, R_f, R_c + R_f over seeds"),
         ("compare", "baselines and PageLLM policies"),
+        ("coldstart", "the chain and the baselines on full data and on a share of each user's training data"),
     ):
         q = kinds.add_parser(kind, help=text)
-        q.add_argument("--data", required=True, help="output directory of `pagellm data`")
+        if kind != "coldstart":
+            q.add_argument("--data", required=True, help="output directory of `pagellm data`")
+        if kind == "coldstart":
+            q.add_argument(
+                "--fraction",
+                type=float,
+                nargs="+",
+                default=[0.5],
+                help="kept share(s) of each user's training interactions (data.train_keep); the full data always runs",
+            )
+            q.add_argument(
+                "--baselines-only",
+                action="store_true",
+                help="skip the PageLLM chain: the data stage and baselines only",
+            )
         if kind == "ablation":
             q.add_argument("--sft", required=True, help="SFT_DIR")
             q.add_argument("--reward", required=True, help="REWARD_DIR")
-        else:
+        if kind == "compare":
             q.add_argument(
                 "--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)"
             )
+        if kind != "ablation":
             q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae"])
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--split", choices=("val", "test"), default="test")

@@ -80,6 +80,12 @@ class DataConfig:
     )
     rk_swaps: int = opt(2, "adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4)")
     seed: int = opt(0, "seed of every random choice of the data stage (synthetic data, swaps, replacements)")
+    train_keep: float = opt(
+        1.0,
+        "cold start (paper 5.6, RQ5): keep this seeded share of each user's training interactions "
+        "(at least one; any rating) after the split; validation and test are untouched. The others "
+        "are written to withheld.parquet and count as never seen (not in prompts, pairs or masks)",
+    )
     columns: dict[str, str] = opt(
         {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"},
         "csv/parquet adapters: canonical column -> column in the interactions file",
@@ -112,6 +118,8 @@ class DataConfig:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.rk_swaps < 1:
             raise ConfigError(f"data.rk_swaps must be >= 1, got {self.rk_swaps}")
+        if not 0.0 < self.train_keep <= 1.0:
+            raise ConfigError(f"data.train_keep must be in (0, 1], got {self.train_keep}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)
         if missing:
             raise ConfigError(f"data.columns lacks a mapping for {sorted(missing)}")

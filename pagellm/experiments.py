@@ -1,10 +1,13 @@
-"""Experiments (paper 5.2 and 5.4): the ablation over reward heads and the comparison with
-baselines, each one command writing Markdown, JSON and a PNG with the command that made it.
+"""Experiments (paper 5.2, 5.4, 5.6): the ablation over reward heads, the comparison with
+baselines and the cold-start simulation, each one command writing Markdown, JSON and a PNG with
+the command that made it.
 
-ablation  SFT only (the reference policy), PPO with R_c only, R_f only and R_c + R_f, over
-          several seeds, each policy evaluated on the test split (Figure 5 style bar chart)
-compare   baselines (docs/baselines.md) and given PageLLM policies evaluated on the same split
-          with the same metric code (Table 2 style)
+ablation   SFT only (the reference policy), PPO with R_c only, R_f only and R_c + R_f, over
+           several seeds, each policy evaluated on the test split (Figure 5 style bar chart)
+compare    baselines (docs/baselines.md) and given PageLLM policies evaluated on the same split
+           with the same metric code (Table 2 style)
+coldstart  the whole chain and the baselines again on a seeded share of each user's training
+           interactions (``data.train_keep``), each model's drop against the full data (Figure 7)
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from pagellm.config import PageLLMConfig, load_config
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError
 from pagellm.eval.metrics import METRICS, paired_bootstrap
-from pagellm.outputs import figure
+from pagellm.outputs import bar_chart, figure
 
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
 
 
 PAIRED = ("ndcg@100", "recall@20")  # metrics compared user by user, with intervals
 DETERMINISTIC = {"popularity", "itemknn", "recbole:Pop", "recbole:ItemKNN"}  # trained once, not per seed
+USERS_FILE = "users.parquet"  # compare: model, user_id and each PAIRED metric (mean over seeds)
 RECBOLE_KEYS = ("epochs_run", "best_epoch", "train_seconds", "recbole_valid", "recbole_test", "settings")
 
 
@@ -37,21 +41,26 @@ def per_user(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / "users.parquet", columns=["user_id", *PAIRED]).set_index("user_id")
 
 
-def paired_against(users: dict[str, list[pd.DataFrame]], reference: str) -> dict:
-    """Every model against ``reference`` on the same users: the mean per-user difference of each
-    ``PAIRED`` metric (per user, the mean over a model's seeds) and its paired bootstrap 95%
-    interval."""
-    means = {name: pd.concat(runs).groupby(level=0)[list(PAIRED)].mean() for name, runs in users.items()}
-    out = {}
-    for name, frame in means.items():
-        if name == reference:
-            continue
-        joined = frame.join(means[reference], rsuffix="_ref", how="inner")
-        out[name] = {"users": len(joined)}
-        for key in PAIRED:
-            mean, low, high = paired_bootstrap((joined[key] - joined[f"{key}_ref"]).to_numpy())
-            out[name][key] = {"mean": mean, "ci95": [low, high]}
+def user_means(users: dict[str, list[pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """Per model, each user's ``PAIRED`` metrics averaged over the model's seeds."""
+    return {name: pd.concat(runs).groupby(level=0)[list(PAIRED)].mean() for name, runs in users.items()}
+
+
+def paired_difference(frame: pd.DataFrame, reference: pd.DataFrame) -> dict:
+    """``frame`` minus ``reference`` on their common users: per ``PAIRED`` metric the mean
+    per-user difference and its paired bootstrap 95% interval."""
+    joined = frame.join(reference.add_suffix("_ref"), how="inner")
+    out: dict = {"users": len(joined)}
+    for key in PAIRED:
+        mean, low, high = paired_bootstrap((joined[key] - joined[f"{key}_ref"]).to_numpy())
+        out[key] = {"mean": mean, "ci95": [low, high]}
     return out
+
+
+def paired_against(users: dict[str, list[pd.DataFrame]], reference: str) -> dict:
+    """Every model against ``reference`` on the same users (``paired_difference``)."""
+    means = user_means(users)
+    return {name: paired_difference(frame, means[reference]) for name, frame in means.items() if name != reference}
 
 
 def _paired_table(paired: dict, reference: str) -> str:
@@ -128,44 +137,6 @@ def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: 
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(
-    rows: dict[str, dict[str, tuple[float, float]]],
-    keys: tuple[str, ...],
-    path: Path,
-    title: str,
-    pagellm: set[str] | None = None,
-    paired: dict | None = None,
-    reference: str | None = None,
-) -> None:
-    """Bars of the mean over seeds; PageLLM's in one colour, baselines in another. For a paired
-    metric the whisker is the model's paired 95% interval against ``reference`` (drawn as
-    reference mean + interval of the difference) and a dashed line marks the reference; for the
-    other metrics it is the spread over seeds."""
-    from matplotlib.patches import Patch
-
-    colour = {True: "#c44e52", False: "#8c8c8c"}
-    pagellm, paired = set(rows) if pagellm is None else pagellm, paired or {}
-    with figure(path, len(keys), panel_size=(max(4.0, 0.45 * len(rows) + 1.5), 3.8)) as (fig, axes):
-        names = list(rows)
-        for ax, key in zip(axes, keys):
-            means = [rows[n][key][0] for n in names]
-            if key in PAIRED and reference is not None:
-                ref = rows[reference][key][0]
-                low = [m - (ref + paired[n][key]["ci95"][0]) if n in paired else 0.0 for n, m in zip(names, means)]
-                high = [(ref + paired[n][key]["ci95"][1]) - m if n in paired else 0.0 for n, m in zip(names, means)]
-                yerr = [[max(0.0, v) for v in low], [max(0.0, v) for v in high]]
-                ax.axhline(ref, color="black", linestyle="--", linewidth=0.8)
-            else:
-                yerr = [rows[n][key][1] if rows[n][key][1] == rows[n][key][1] else 0.0 for n in names]
-            ax.bar(names, means, yerr=yerr, capsize=3, color=[colour[n in pagellm] for n in names])
-            ax.set_title(key)
-            ax.tick_params(axis="x", rotation=60, labelsize=7)
-        handles = [Patch(color=colour[True], label="PageLLM"), Patch(color=colour[False], label="baselines")]
-        note = f"whiskers: paired 95% interval vs {reference} (dashed)" if reference else "whiskers: sd over seeds"
-        axes[0].legend(handles=handles, fontsize=7, title=note, title_fontsize=6)
-        fig.suptitle(title)
-
-
 def run_ablation(
     cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test"
 ) -> dict:
@@ -208,7 +179,7 @@ def run_ablation(
         f"wall time {report['wall_seconds'] / 60:.1f} min."
     )
     (out / "ablation.md").write_text(_table(rows, note, results) + _paired_table(paired, "sft"))
-    _bar_chart(
+    bar_chart(
         rows,
         ("ndcg@100", "recall@20", "ild", "category_entropy"),
         out / "ablation.png",
@@ -289,6 +260,7 @@ def run_compare(
         "runs": results,
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    pd.concat(user_means(users), names=["model", "user_id"]).reset_index().to_parquet(out / USERS_FILE)
     note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."
     if best is not None:
         for name in policies:
@@ -297,7 +269,7 @@ def run_compare(
     (out / "compare.md").write_text(
         _table(rows, note, results) + _paired_table(paired, f"the best baseline ({best})") + _recbole_table(results)
     )
-    _bar_chart(
+    bar_chart(
         rows,
         ("ndcg@100", "recall@20"),
         out / "compare.png",
@@ -307,3 +279,112 @@ def run_compare(
         reference=best,
     )
     return report
+
+
+def run_coldstart(
+    config_paths,
+    overrides,
+    fractions,
+    baselines,
+    out_dir,
+    split="test",
+    seeds=(0,),
+    command: str = "",
+    pagellm: bool = True,
+) -> dict:
+    """The chain (``pagellm run``) and ``run_compare`` on the full data and on each share in
+    ``fractions`` of every user's training interactions (``data.train_keep``; validation and
+    test untouched, so the users and targets are the same), then each model's change against
+    its full-data run, user by user with paired intervals. ``pagellm=False``: the data stage and
+    the baselines only (minutes, not a chain per share)."""
+    from pagellm.data.stage import build_dataset
+    from pagellm.run import run_pipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    keeps = [1.0, *sorted({float(f) for f in fractions if f < 1.0}, reverse=True)]
+    runs: dict[float, dict] = {}
+    users: dict[float, dict[str, pd.DataFrame]] = {}
+    for keep in keeps:
+        cfg = load_config(config_paths, [*overrides, f"data.train_keep={keep}"])
+        run_dir = out / f"keep_{keep:g}"
+        if pagellm:
+            chain = run_pipeline(cfg, run_dir / "chain", command)
+            stats, policies = (
+                chain["stats"],
+                {"PageLLM SFT": chain["sft"], "PageLLM PPO": str(Path(chain["ppo"]) / "policy")},
+            )
+        else:
+            stats, policies = build_dataset(cfg, run_dir / "chain" / "data"), {}
+        data = run_dir / "chain" / "data"
+        runs[keep] = run_compare(cfg, data, policies, baselines, run_dir / "compare", split, seeds)
+        runs[keep]["withheld"] = stats["split_rows"]["withheld"]
+        frame = pd.read_parquet(run_dir / "compare" / USERS_FILE)
+        users[keep] = {name: part.set_index("user_id")[list(PAIRED)] for name, part in frame.groupby("model")}
+    models = list(runs[1.0]["mean_sd"])
+    drops: dict[str, dict] = {}
+    for keep in keeps[1:]:
+        for name in models:
+            change = paired_difference(users[keep][name], users[1.0][name])
+            for key in PAIRED:
+                full = runs[1.0]["mean_sd"][name][key][0]
+                change[key]["full"] = full
+                change[key]["relative"] = change[key]["mean"] / full if full else float("nan")
+            drops.setdefault(f"{keep:g}", {})[name] = change
+    report = {
+        "command": command,
+        "split": split,
+        "seeds": list(seeds),
+        "train_keep": keeps,
+        "wall_seconds": time.perf_counter() - started,
+        "withheld": {f"{k:g}": runs[k]["withheld"] for k in keeps},
+        "mean_sd": {f"{k:g}": runs[k]["mean_sd"] for k in keeps},
+        "change_vs_full": drops,
+    }
+    (out / "coldstart.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    lines = [
+        f"Command: `{command}`  ",
+        f"Split: {split}; baselines over seeds {list(seeds)}; wall time {report['wall_seconds'] / 60:.1f} min; "
+        "training interactions withheld: " + ", ".join(f"keep {k} -> {n}" for k, n in report["withheld"].items()) + ".",
+        "",
+        "Each model trained on the full data and on the kept share of every user's training interactions (validation "
+        "and test untouched); the change is user by user against the same model's full-data run (paired bootstrap "
+        "95% interval), relative to its full-data mean.",
+        "",
+        "| model | keep | " + " | ".join(f"{k} | Δ {k} [95% interval] | relative" for k in PAIRED) + " |",
+        "|---|---|" + "---|---|---|" * len(PAIRED),
+    ]
+    for name in models:
+        lines.append(
+            f"| {name} | 1 | " + " | ".join(f"{runs[1.0]['mean_sd'][name][k][0]:.4f} | | " for k in PAIRED) + " |"
+        )
+        for keep in keeps[1:]:
+            d = drops[f"{keep:g}"][name]
+            cells = [
+                f"{runs[keep]['mean_sd'][name][k][0]:.4f} | {d[k]['mean']:+.4f} [{d[k]['ci95'][0]:+.4f}, "
+                f"{d[k]['ci95'][1]:+.4f}] | {100 * d[k]['relative']:+.1f}%"
+                for k in PAIRED
+            ]
+            lines.append(f"| | {keep:g} | " + " | ".join(cells) + " |")
+    (out / "coldstart.md").write_text("\n".join(lines) + "\n")
+    _drop_chart(drops, out / "coldstart.png", pagellm={n for n in models if n.startswith("PageLLM")})
+    return report
+
+
+def _drop_chart(drops: dict[str, dict], path: Path, pagellm: set[str]) -> None:
+    """Relative change (%) of each model per kept share, whiskers the paired 95% interval."""
+    colour = {True: "#c44e52", False: "#8c8c8c"}
+    panels = [(keep, key) for keep in drops for key in PAIRED]
+    names = list(next(iter(drops.values())))
+    with figure(path, len(panels), panel_size=(max(4.0, 0.45 * len(names) + 1.5), 3.8)) as (fig, axes):
+        for ax, (keep, key) in zip(axes, panels):
+            cells = [drops[keep][n][key] for n in names]
+            rel = [100 * c["relative"] for c in cells]
+            low = [r - 100 * c["ci95"][0] / c["full"] if c["full"] else 0.0 for c, r in zip(cells, rel)]
+            high = [100 * c["ci95"][1] / c["full"] - r if c["full"] else 0.0 for c, r in zip(cells, rel)]
+            ax.bar(names, rel, yerr=[low, high], capsize=3, color=[colour[n in pagellm] for n in names])
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{key}: change at keep {keep} (%)")
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+        fig.suptitle("cold start: each model against its full-data run")

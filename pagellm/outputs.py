@@ -56,3 +56,41 @@ def figure(path: Path, ncols: int = 1, panel_size: tuple[float, float] = (5.0, 3
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def bar_chart(
+    rows: dict[str, dict[str, tuple[float, float]]],
+    keys: tuple[str, ...],
+    path: Path,
+    title: str,
+    pagellm: set[str] | None = None,
+    paired: dict | None = None,
+    reference: str | None = None,
+) -> None:
+    """Bars of the mean over seeds; PageLLM's in one colour, baselines in another. For a metric
+    in ``paired`` (model -> metric -> {"ci95": ...} against ``reference``) the whisker is the
+    model's paired 95% interval (drawn as reference mean + interval of the difference) and a
+    dashed line marks the reference; for the other metrics it is the spread over seeds."""
+    from matplotlib.patches import Patch
+
+    colour = {True: "#c44e52", False: "#8c8c8c"}
+    pagellm, paired = set(rows) if pagellm is None else pagellm, paired or {}
+    with figure(path, len(keys), panel_size=(max(4.0, 0.45 * len(rows) + 1.5), 3.8)) as (fig, axes):
+        names = list(rows)
+        for ax, key in zip(axes, keys):
+            means = [rows[n][key][0] for n in names]
+            if reference is not None and any(key in p for p in paired.values()):
+                ref = rows[reference][key][0]
+                low = [m - (ref + paired[n][key]["ci95"][0]) if n in paired else 0.0 for n, m in zip(names, means)]
+                high = [(ref + paired[n][key]["ci95"][1]) - m if n in paired else 0.0 for n, m in zip(names, means)]
+                yerr = [[max(0.0, v) for v in low], [max(0.0, v) for v in high]]
+                ax.axhline(ref, color="black", linestyle="--", linewidth=0.8)
+            else:
+                yerr = [rows[n][key][1] if rows[n][key][1] == rows[n][key][1] else 0.0 for n in names]
+            ax.bar(names, means, yerr=yerr, capsize=3, color=[colour[n in pagellm] for n in names])
+            ax.set_title(key)
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+        handles = [Patch(color=colour[True], label="PageLLM"), Patch(color=colour[False], label="baselines")]
+        note = f"whiskers: paired 95% interval vs {reference} (dashed)" if reference else "whiskers: sd over seeds"
+        axes[0].legend(handles=handles, fontsize=7, title=note, title_fontsize=6)
+        fig.suptitle(title)

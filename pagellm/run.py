@@ -13,8 +13,7 @@ from typing import Optional
 
 from pagellm.config import PageLLMConfig
 from pagellm.eval.metrics import METRICS
-from pagellm.experiments import _bar_chart
-from pagellm.outputs import StageTimer
+from pagellm.outputs import StageTimer, bar_chart
 from pagellm.storage import train_storage
 
 
@@ -54,7 +53,7 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     rows = {name: {k: (m.get(k) or 0.0, 0.0) for k in METRICS} for name, m in evals.items()}
-    _bar_chart(
+    bar_chart(
         rows,
         ("ndcg@100", "recall@20", "ild", "category_entropy"),
         out / "report.png",

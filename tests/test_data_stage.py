@@ -120,3 +120,33 @@ def test_data_dir_views_match_the_split_files(tmp_path):
             assert row.seen == list(mine.item_id)
             assert row.history == list(mine[mine.rating > cfg.data.positive_threshold].item_id)
             assert set(row.prompt_items) <= set(row.history) and not set(row.target) & set(row.seen)
+
+
+def test_cold_start_keeps_a_seeded_share_of_training_only(ray_session, tmp_path):
+    """data.train_keep (paper 5.6): validation and test are the full run's; every user keeps
+    round(keep * n) of their n training interactions (at least one); the rest are written to
+    split/withheld.parquet and appear in no prompt, golden list, pair or evaluation mask."""
+    full_cfg = load_config(overrides=["data.dataset=synthetic:8000", "data.users_per_block=50"])
+    cold_cfg = load_config(overrides=["data.dataset=synthetic:8000", "data.users_per_block=50", "data.train_keep=0.5"])
+    build_dataset(full_cfg, tmp_path / "full", engine="local")
+    stats = build_dataset(cold_cfg, tmp_path / "cold", engine="ray")
+    build_dataset(cold_cfg, tmp_path / "local", engine="local")
+    full, cold = DataDir(tmp_path / "full"), DataDir(tmp_path / "cold")
+    for split in ("val", "test"):
+        assert cold.read_split(split).equals(full.read_split(split))
+    assert cold.read_split("train").equals(DataDir(tmp_path / "local").read_split("train"))
+    train, withheld = cold.read_split("train").to_pandas(), cold.read_split("withheld").to_pandas()
+    assert stats["split_rows"]["withheld"] == len(withheld) > 0
+    whole = pd.concat([train, withheld]).sort_values(["user_id", "ts", "item_id"]).reset_index(drop=True)
+    expected = full.read_split("train").to_pandas().sort_values(["user_id", "ts", "item_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(whole, expected)
+    n_full, n_kept = expected.groupby("user_id").size(), train.groupby("user_id").size()
+    assert (n_kept == (0.5 * n_full + 0.5).astype(int).clip(lower=1)).all()
+    gone = set(zip(withheld.user_id, withheld.item_id))
+    for table in (cold.read_ft().to_pandas(), cold.read_pairs().to_pandas()):
+        for row in table.itertuples():
+            lists = [row.prompt_items, *(getattr(row, c) for c in ("golden", "chosen") if hasattr(row, c))]
+            assert not any((row.user_id, i) in gone for items in lists for i in items)
+    users = cold.eval_users("test", cold_cfg.data.positive_threshold)
+    assert not any((u, i) in gone for u, seen in zip(users.user_id, users.seen) for i in seen)
+    check_outputs(tmp_path / "cold", cold_cfg.data)

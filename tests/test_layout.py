@@ -26,9 +26,9 @@ ALLOWED = {
     "eval": BASE | {"model", "data"},
     "serve": BASE | {"model", "data"},
     "rl": BASE | {"model", "data", "train", "eval"},
-    "run": BASE | {"model", "data", "train", "rl", "eval", "experiments"},
+    "run": BASE | {"model", "data", "train", "rl", "eval"},
     "tune": BASE | {"model", "data", "train", "rl", "eval"},
-    "experiments": BASE | {"model", "data", "train", "rl", "eval"},
+    "experiments": BASE | {"model", "data", "train", "rl", "eval", "run"},
 }
 
 

@@ -8,6 +8,7 @@ here once.
 
     interactions.parquet, items.parquet   canonical tables after cleaning
     split/{train,val,test}.parquet         canonical interactions of kept users, per split
+    split/withheld.parquet                 training interactions left out by data.train_keep (cold start)
     ft/part-*.parquet                      user_id, prompt_items, golden, window
     pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected, window
     eval/{val,test}.parquet                user_id, prompt_items, target
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from pagellm.errors import InputError
 
 SPLITS = ("train", "val", "test")
+WITHHELD = "withheld"  # not a split: what data.train_keep left out of train, kept to be locatable
 EVAL_SPLITS = ("val", "test")
 
 
@@ -48,7 +50,7 @@ class DataDir:
         return self.root / "items.parquet"
 
     def split_path(self, split: str) -> Path:
-        return self.root / "split" / f"{_check(split, SPLITS)}.parquet"
+        return self.root / "split" / f"{_check(split, (*SPLITS, WITHHELD))}.parquet"
 
     @property
     def ft_path(self) -> Path:

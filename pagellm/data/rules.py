@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 TRAIN, VAL, TEST = 0, 1, 2
+WITHHELD = 3  # a training interaction left out by the cold-start simulation (data.train_keep)
 FAMILIES = ("np", "rk", "d", "rd")
 
 
@@ -222,10 +223,21 @@ def redundancy_negative(golden: Sequence[str], category: Mapping[str, str]) -> O
     return None if out == list(golden) else out
 
 
-def user_rng(seed: int, user_id: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the user, so outputs do not depend on
-    how users are partitioned across workers."""
-    return np.random.default_rng([seed, zlib.crc32(user_id.encode())])
+def user_rng(seed: int, user_id: str, *stream: int) -> np.random.Generator:
+    """A generator that depends only on the seed and the user (and ``stream``, for a draw that
+    must not shift the others), so outputs do not depend on how users are partitioned."""
+    return np.random.default_rng([seed, zlib.crc32(user_id.encode()), *stream])
+
+
+def withhold_training(labels: np.ndarray, keep: float, rng: np.random.Generator) -> np.ndarray:
+    """Cold start (section 5.6): relabel all but a random ``round(keep * n)`` (at least one) of
+    the user's ``n`` training interactions WITHHELD; validation and test labels are untouched."""
+    labels = np.array(labels, copy=True)
+    train = np.flatnonzero(labels == TRAIN)
+    n_keep = max(1, round_half_up(keep * len(train)))
+    if n_keep < len(train):
+        labels[np.sort(rng.choice(train, size=len(train) - n_keep, replace=False))] = WITHHELD
+    return labels
 
 
 @dataclass
@@ -297,6 +309,7 @@ def build_user(
     if out.golden:
         rng = user_rng(cfg.seed, user_id)
         rating_of = {items[k]: ratings[k] for k in np.flatnonzero(labels == TRAIN)}
+        interacted = {items[k] for k in np.flatnonzero(labels != WITHHELD)}
         disliked = [items[k] for k in np.flatnonzero((labels == TRAIN) & (ratings < cfg.negative_threshold))]
         disliked = [disliked[j] for j in golden_order(disliked, [rating_of[i] for i in disliked], ctx)]
 
@@ -305,7 +318,7 @@ def build_user(
             return {
                 "np": (non_preferred_list(disliked, len(golden)), "no_disliked_items"),
                 "rk": (ranking_negative(golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
-                "d": diversity_negative(golden, ctx, set(items), rng),
+                "d": diversity_negative(golden, ctx, interacted, rng),
                 "rd": (redundancy_negative(golden, ctx.category), "golden_already_clustered"),
             }
 

@@ -52,7 +52,7 @@ RECORDS_SCHEMA = pa.schema(
         ("rejected", STR_LIST),
     ]
 )
-SPLIT_NAMES = {rules.TRAIN: "train", rules.VAL: "val", rules.TEST: "test"}
+SPLIT_NAMES = {rules.TRAIN: "train", rules.VAL: "val", rules.TEST: "test", rules.WITHHELD: "withheld"}
 
 
 # ---------------------------------------------------------------- per-batch functions (no Ray)
@@ -77,6 +77,11 @@ def split_users(table: pa.Table, data_cfg: DataConfig) -> pa.Table:
     dropped = []
     for lo, hi in zip(starts, np.r_[starts[1:], table.num_rows]):
         user_labels, reason = rules.split_user(ratings[lo:hi], data_cfg.split, data_cfg.positive_threshold)
+        if user_labels is not None and data_cfg.train_keep < 1.0:
+            user = table.column("user_id")[lo].as_py()
+            user_labels = rules.withhold_training(
+                user_labels, data_cfg.train_keep, rules.user_rng(data_cfg.seed, user, 1)
+            )
         labels[lo:hi] = -1 if user_labels is None else user_labels
         dropped.append(reason)
 
