@@ -184,8 +184,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not name or not directory:
             raise ConfigError(f"--arm must be NAME=POLICY_DIR, got {spec!r}")
         arms[name] = directory
+    cfg = _config(args)
     try:
         app_args = AppArgs(
+            page_mode=cfg.eval.page_mode,
+            hybrid_items=cfg.eval.hybrid_items,
             arms=arms,
             data=args.data,
             split=parse_split(args.split, list(arms)),
@@ -197,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         application = build_app(app_args)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
-    init_ray(_config(args).ray)
+    init_ray(cfg.ray)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pagellm", route_prefix="/", blocking=False)
     print(

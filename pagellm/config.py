@@ -21,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pagellm.errors import ConfigError
 
+PAGE_MODES = ("generate", "score", "hybrid")  # eval.page_mode (pagellm.model.decoding.write_pages)
+
 
 def opt(default, help: str):
     """A configuration field: its default and its help, which ``pagellm config`` prints and
@@ -332,6 +334,14 @@ class EvalConfig:
     """`pagellm evaluate` and PPO's validation: pages for every user of a split, scored with docs/metrics.md."""
 
     page_items: int = opt(100, "page length K (NDCG@100 needs 100)")
+    page_mode: str = opt(
+        "generate",
+        "how a page of page_items is written: generate (every slot decoded under PPO's page constraint), "
+        "score (the item block ranked by the first slot's distribution, one forward pass) or hybrid "
+        "(hybrid_items slots decoded, the rest ranked by the distribution after them); evaluation, "
+        "PPO validation and serving alike",
+    )
+    hybrid_items: int = opt(3, "hybrid page mode: slots decoded before the rest are ranked by score")
     decoding: str = opt("greedy", "greedy or sample, both under the page constraint of PPO")
     temperature: float = opt(1.0, "sample only: temperature")
     top_p: float = opt(1.0, "sample only: nucleus")
@@ -362,6 +372,10 @@ class EvalConfig:
             raise ConfigError(f"eval.decoding must be 'greedy' or 'sample', got {self.decoding!r}")
         if not 1 <= self.page_items:
             raise ConfigError(f"eval.page_items must be >= 1, got {self.page_items}")
+        if self.page_mode not in PAGE_MODES:
+            raise ConfigError(f"eval.page_mode must be one of {PAGE_MODES}, got {self.page_mode!r}")
+        if self.hybrid_items < 1:
+            raise ConfigError(f"eval.hybrid_items must be >= 1, got {self.hybrid_items}")
 
 
 @dataclass

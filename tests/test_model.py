@@ -720,3 +720,37 @@ def test_meta_rows_sampled_per_pattern(vocab, meta_data):
     assert all(tuple(x) in full_rows for x in capped.input_ids)
     again = meta_rows(vocab, items_df, train, max_tokens=64, seed=0, max_rows_per_pattern=3)
     assert [tuple(x) for x in again.input_ids] == [tuple(x) for x in capped.input_ids]
+
+
+def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
+    """score: the page is the item block ranked by the first slot's distribution (one plain
+    forward pass of each prompt alone, so left padding changes nothing); hybrid: the first n
+    items are the greedy pages' first n, the rest ranked after them; every mode writes k
+    distinct items, none of the prompt's or banned, with log-probabilities in page order."""
+    from pagellm.config import EvalConfig
+    from pagellm.model.artifact import load_policy
+
+    policy = load_policy(policy_dir)
+    users, histories = ["u1", "u 2", "42"], [["A 1", "b", "x|y"], ["42"], []]
+    banned = [["p01"], [], ["p02", "p03"]]
+    k = 6
+    pages = {
+        mode: policy.write_tokens(users, histories, banned, k, EvalConfig(page_mode=mode, hybrid_items=2))
+        for mode in ("generate", "score", "hybrid")
+    }
+    lo, hi = vocab.item_id_range
+    for mode, (tokens, scores) in pages.items():
+        for row, (page, lp) in enumerate(zip(tokens, scores)):
+            forbidden = {vocab.item_token[i] for i in histories[row] + banned[row]}
+            assert len(page) == len(set(page)) == k and all(lo <= t < hi for t in page), mode
+            assert not forbidden & set(page) and len(lp) == k and all(v <= 0 for v in lp), mode
+    for row, (user, history) in enumerate(zip(users, histories)):
+        prompt = codec.prompt(user, history)
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([prompt])).logits[0, -1, lo:hi].clone()
+        logits[[vocab.item_token[i] - lo for i in histories[row] + banned[row]]] = float("-inf")
+        ranked = (logits.topk(k).indices + lo).tolist()
+        assert pages["score"][0][row] == ranked
+        assert pages["score"][1][row] == pytest.approx(sorted(pages["score"][1][row], reverse=True))
+        assert pages["hybrid"][0][row][:2] == pages["generate"][0][row][:2]
+    assert pages["hybrid"][0] != pages["generate"][0]

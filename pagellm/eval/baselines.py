@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
@@ -138,11 +139,13 @@ class BestEpoch:
     epochs without a better score, the best epoch's parameters restored. Without a validation
     protocol every epoch runs and the last is kept."""
 
-    def __init__(self, modules: list[nn.Module], val: Protocol | None, scores, patience: int = 10):
+    def __init__(self, modules: list[nn.Module], val: Protocol | None, scores, patience: int = 10, name: str = ""):
         self.modules, self.val, self.scores, self.patience = modules, val, scores, patience
         self.best, self.best_epoch, self.state, self.history = -1.0, 0, None, []
+        self.bar = tqdm(desc=f"{name} epochs".strip(), unit="epoch")
 
     def stop(self, epoch: int) -> bool:
+        self.bar.update()
         if self.val is None:
             return False
         for m in self.modules:
@@ -155,6 +158,7 @@ class BestEpoch:
         if score > self.best:
             self.best, self.best_epoch = score, epoch
             self.state = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        self.bar.set_postfix(val_ndcg=f"{score:.4f}", best=f"{self.best:.4f}@{self.best_epoch}")
         return epoch - self.best_epoch >= self.patience
 
     def fit(self, opt, loss_of, rows: int, batch_size: int, epochs: int, rng) -> None:
@@ -173,6 +177,7 @@ class BestEpoch:
         self.restore()
 
     def restore(self) -> None:
+        self.bar.close()
         if self.state is not None:
             for m, state in zip(self.modules, self.state):
                 m.load_state_dict(state)
@@ -209,7 +214,7 @@ def train_bprmf(
         return (user_emb(rows) @ item_emb.weight.T).detach().numpy()
 
     opt = torch.optim.Adam([*user_emb.parameters(), *item_emb.parameters()], lr=lr)
-    best = BestEpoch([user_emb, item_emb], val, scores, patience)
+    best = BestEpoch([user_emb, item_emb], val, scores, patience, "BPR-MF")
     for epoch in range(1, epochs + 1):
         order = torch.as_tensor(rng.permutation(len(u_idx)))
         for lo in range(0, len(order), 1024):
@@ -305,7 +310,7 @@ def train_sasrec(
     labels = torch.as_tensor(labels)
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience)
+    best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience, "SASRec")
     best.fit(
         opt,
         lambda b: nn.functional.cross_entropy(model(inputs[b], lengths[b]), labels[b]),
@@ -373,7 +378,7 @@ def train_multivae(
         nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
         return nll + min(beta_max, beta_max * next(steps) / anneal_steps) * kl
 
-    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience)
+    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience, "Multi-VAE")
     best.fit(opt, loss_of, len(x), 256, epochs, rng)
     model.selection = best
     return model

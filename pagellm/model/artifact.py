@@ -12,7 +12,7 @@ import torch
 
 from pagellm.config import EvalConfig
 from pagellm.errors import InputError
-from pagellm.model.decoding import PageConstraint, generate_pages
+from pagellm.model.decoding import PageConstraint, write_pages
 from pagellm.model.prompts import PromptCodec
 
 
@@ -43,30 +43,45 @@ class Policy:
         cfg: EvalConfig,
         generator: Optional[torch.Generator] = None,
     ) -> list[list[str]]:
-        """Pages of exactly ``cfg.page_items`` items (the evaluation protocol) for users with these
-        prompt histories, never showing a ``banned`` item (unknown ids are ignored), in chunks of
-        ``cfg.batch_size`` users. The same chunks give the same pages bit for bit, wherever this
-        runs (an evaluation actor or a PPO policy worker)."""
-        constraint = self.constraint(cfg.page_items, cfg.page_items)
-        token = self.vocab.item_token
+        """Pages of exactly ``cfg.page_items`` items (the evaluation protocol; ``cfg.page_mode``)
+        for users with these prompt histories, never showing a ``banned`` item (unknown ids are
+        ignored), in chunks of ``cfg.batch_size`` users. The same chunks give the same pages bit
+        for bit, wherever this runs (an evaluation actor or a PPO policy worker)."""
         pages: list[list[str]] = []
         for lo in range(0, len(user_ids), cfg.batch_size):
             hi = lo + cfg.batch_size
-            prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids[lo:hi], histories[lo:hi])]
-            banned_tokens = [[token[i] for i in items if i in token] for items in banned[lo:hi]]
-            written = generate_pages(
-                self.model,
-                prompts,
-                constraint,
-                self.vocab.pad_id,
-                greedy=cfg.decoding == "greedy",
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                generator=generator,
-                banned_items=banned_tokens,
+            written, _ = self.write_tokens(
+                user_ids[lo:hi], histories[lo:hi], banned[lo:hi], cfg.page_items, cfg, generator
             )
-            pages += [[self.vocab.token_item[t] for t in row] for row in written.item_tokens(constraint)]
+            pages += [[self.vocab.token_item[t] for t in row] for row in written]
         return pages
+
+    def write_tokens(
+        self,
+        user_ids: Sequence,
+        histories: Sequence[Sequence[str]],
+        banned: Sequence[Sequence[str]],
+        k: int,
+        cfg: EvalConfig,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """One batch of pages of ``k`` item tokens and their log-probabilities (``decoding.write_pages``
+        with ``cfg``'s page mode and decoding); serving calls this with the request's k."""
+        token = self.vocab.item_token
+        return write_pages(
+            self.model,
+            [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, histories)],
+            self.constraint(k, k),
+            self.vocab.pad_id,
+            k,
+            mode=cfg.page_mode,
+            hybrid_items=cfg.hybrid_items,
+            banned_items=[[token[i] for i in items if i in token] for items in banned],
+            greedy=cfg.decoding == "greedy",
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            generator=generator,
+        )
 
 
 def require_policy(directory: str | Path) -> Path:

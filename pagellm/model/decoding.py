@@ -15,10 +15,12 @@ far the policy moved from the reference on real pages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
+
+from pagellm.config import PAGE_MODES
 
 NEG_INF = float("-inf")
 
@@ -211,6 +213,83 @@ def generate_pages(
     tokens = torch.where(mask, constraint.to_token(actions_t.clamp(min=0)), torch.full_like(actions_t, pad_id))
     logprobs = torch.stack(step_logprobs, 1).cpu() if with_logprobs else None
     return Pages(actions_t.cpu(), tokens.cpu(), mask.cpu(), logprobs)
+
+
+@torch.no_grad()
+def fill_by_score(
+    model,
+    prompts: Sequence[Sequence[int]],
+    pages: Sequence[Sequence[int]],
+    constraint: PageConstraint,
+    pad_id: int,
+    k: int,
+    banned_items: Optional[Sequence[Sequence[int]]] = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Extend each (possibly empty) page of item tokens to ``k`` items with the items the model
+    ranks highest for the next slot: one forward pass over [prompt || page], the next-token
+    distribution renormalised over the item block less the prompt's history
+    (``exclude_history``), ``banned_items`` and the page's own items. Returns the added tokens
+    and their log-probabilities under that distribution, best first."""
+    device = next(model.parameters()).device
+    seqs = [list(p) + list(w) for p, w in zip(prompts, pages)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):  # left padding: the next slot is the last column
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        attention[row, width - len(seq) :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device))
+    items = constraint.restrict(logits.logits[:, -1].float())[:, : constraint.n_items]
+    banned = initial_banned(constraint, prompts, banned_items, device)[:, : constraint.n_items]
+    for row, page in enumerate(pages):
+        banned[row, constraint.history_actions(page)] = True
+    logp = items.masked_fill(banned, NEG_INF).log_softmax(-1)
+    tokens, scores = [], []
+    for row, page in enumerate(pages):
+        need = min(max(0, k - len(page)), int((~banned[row]).sum()))
+        top = logp[row].topk(need)
+        tokens.append((top.indices + constraint.item_lo).tolist())
+        scores.append(top.values.tolist())
+    return tokens, scores
+
+
+def write_pages(
+    model,
+    prompts: Sequence[Sequence[int]],
+    constraint: PageConstraint,
+    pad_id: int,
+    k: int,
+    mode: str = "generate",
+    hybrid_items: int = 3,
+    banned_items: Optional[Sequence[Sequence[int]]] = None,
+    **sampling,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Pages of ``k`` item tokens and each item's log-probability, by ``mode``: ``generate``
+    writes all k slots under the constraint (``generate_pages``; ``sampling``: greedy,
+    temperature, top_p, generator), ``score`` ranks the item block by the first slot's
+    distribution (one forward pass), ``hybrid`` generates the first ``hybrid_items`` and fills
+    the rest by the distribution after them (``fill_by_score``)."""
+    if mode not in PAGE_MODES:
+        raise ValueError(f"page mode must be one of {PAGE_MODES}, got {mode!r}")
+    n = {"generate": k, "score": 0, "hybrid": min(hybrid_items, k)}[mode]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    scores: list[list[float]] = [[] for _ in prompts]
+    if n:
+        head = replace(constraint, min_items=n, max_items=n)
+        pages = generate_pages(model, prompts, head, pad_id, banned_items=banned_items, with_logprobs=True, **sampling)
+        for row in range(len(prompts)):
+            steps = [
+                (int(t), float(lp))
+                for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row])
+                if m and t != constraint.eos_id
+            ]
+            tokens[row], scores[row] = [t for t, _ in steps], [lp for _, lp in steps]
+    if n < k:
+        more, more_scores = fill_by_score(model, prompts, tokens, constraint, pad_id, k, banned_items)
+        tokens = [t + m for t, m in zip(tokens, more)]
+        scores = [s + m for s, m in zip(scores, more_scores)]
+    return tokens, scores
 
 
 def rollout_batch(prompts: Sequence[Sequence[int]], pages: Pages, pad_id: int):

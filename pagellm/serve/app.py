@@ -22,13 +22,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
+from pagellm.config import PAGE_MODES, EvalConfig
 from pagellm.errors import InputError
 from pagellm.model.artifact import require_policy
 from pagellm.serve.ab import assign, check_split
@@ -54,6 +55,10 @@ class AppArgs(BaseModel):
     ranker: Optional[str] = Field(None, description="REWARD_DIR of `pagellm reward` (its coarse head serves /v1/rank)")
     salt: str = Field("pagellm-ab-1", description="A/B hash salt: a new salt reshuffles users across arms")
     prompt_items: int = Field(20, ge=1, description="history items in a prompt (data.prompt_max_items of training)")
+    page_mode: Literal[PAGE_MODES] = Field(EvalConfig.page_mode, description="how pages are written (eval.page_mode)")
+    hybrid_items: int = Field(
+        EvalConfig.hybrid_items, ge=1, description="hybrid mode: slots decoded (eval.hybrid_items)"
+    )
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests generated together")
     batch_wait_ms: float = Field(
         1.0,
@@ -98,6 +103,8 @@ class PagePolicy:
         max_batch_size: int,
         batch_wait_ms: float,
         use_gpu: bool,
+        page_mode: str = EvalConfig.page_mode,
+        hybrid_items: int = EvalConfig.hybrid_items,
     ):
         import torch
 
@@ -109,6 +116,7 @@ class PagePolicy:
         self.vocab, self.codec = self.policy.vocab, self.policy.codec
         self.version = model_version(policy_dir)
         self.data = ServingData.load(data_dir, prompt_items)
+        self.pages = EvalConfig(page_mode=page_mode, hybrid_items=hybrid_items)  # greedy, as evaluation
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
@@ -138,35 +146,16 @@ class PagePolicy:
         return await asyncio.to_thread(self._write_pages, batch)
 
     def _write_pages(self, batch: list[tuple]) -> list[tuple[list[str], list[float]]]:
-        """Greedy pages for the batch, as long as its largest k; each is cut to its own k (greedy
-        with EOS banned for k steps writes the same first k items at any longer length)."""
-        from pagellm.model.decoding import generate_pages
-
+        """Pages for the batch (``Policy.write_tokens``, the evaluation's page mode, greedy), as
+        long as its largest k; each is cut to its own k (greedy decoding with EOS banned for k
+        steps, and ranking by score, write the same first k items at any longer length)."""
         k = max(r[3] for r in batch)
-        constraint = self.policy.constraint(k, k)
-        prompts = [self.codec.prompt(user, list(history)) for user, history, _, _ in batch]
-        banned = [
-            [self.vocab.item_token[i] for i in excluded if i in self.vocab.item_token] for _, _, excluded, _ in batch
+        users, histories, excluded, wants = zip(*batch)
+        tokens, logprobs = self.policy.write_tokens(users, histories, excluded, k, self.pages)
+        return [
+            ([self.vocab.token_item[t] for t in row[:want]], [round(lp, 5) for lp in scores[:want]])
+            for row, scores, want in zip(tokens, logprobs, wants)
         ]
-        pages = generate_pages(
-            self.policy.model,
-            prompts,
-            constraint,
-            self.vocab.pad_id,
-            greedy=True,
-            banned_items=banned,
-            with_logprobs=True,
-        )
-        out = []
-        for row, (_, _, _, want) in enumerate(batch):
-            steps = [
-                (int(t), float(lp))
-                for t, lp, m in zip(pages.tokens[row], pages.logprobs[row], pages.step_mask[row])
-                if m and t != constraint.eos_id
-            ]
-            steps = steps[:want]
-            out.append(([self.vocab.token_item[t] for t, _ in steps], [round(lp, 5) for _, lp in steps]))
-        return out
 
     def check_health(self) -> None:
         assert self.policy.model is not None
@@ -343,6 +332,8 @@ def build_app(args: dict | AppArgs) -> serve.Application:
             args.max_batch_size,
             args.batch_wait_ms,
             args.policy_gpus > 0,
+            args.page_mode,
+            args.hybrid_items,
         )
         for arm, directory in args.arms.items()
     }
