@@ -76,6 +76,17 @@ class DataConfig:
         "also build the four negatives for every extra window (the paper has one golden "
         "list, hence one pair per family, per user)",
     )
+    golden_candidates: str = opt(
+        "future",
+        "a window's golden candidates: future (the training positives after its prompt cut: what the "
+        "user went on to like) or outside_prompt (every training positive not in the prompt, older ones "
+        "too: the paper's 4.2.3 step 1, which teaches pages of the past that evaluation masks)",
+    )
+    empty_history_windows: bool = opt(
+        False,
+        "keep windows whose prompt is empty (the paper does; on Amazon they were 21% of the fine-tuning "
+        "rows, pages with nothing to condition on); skipped windows are counted as ft: empty_history",
+    )
     golden_max_items: int = opt(20, "longest golden list K (and longest negative list)")
     category_cap: float = opt(
         0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)"
@@ -120,6 +131,10 @@ class DataConfig:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.rk_swaps < 1:
             raise ConfigError(f"data.rk_swaps must be >= 1, got {self.rk_swaps}")
+        if self.golden_candidates not in ("future", "outside_prompt"):
+            raise ConfigError(
+                f"data.golden_candidates must be 'future' or 'outside_prompt', got {self.golden_candidates!r}"
+            )
         if not 0.0 < self.train_keep <= 1.0:
             raise ConfigError(f"data.train_keep must be in (0, 1], got {self.train_keep}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)

@@ -53,12 +53,19 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
     assert (last_val <= first_test.reindex(last_val.index)).all()
 
     held_out = {u: every["val"].get(u, set()) | every["test"].get(u, set()) for u in users}
+    train_pos = split["train"][split["train"].rating > cfg.positive_threshold].sort_values(["user_id", "ts", "item_id"])
+    when = {(u, i): k for k, (u, i) in enumerate(train_pos[["user_id", "item_id"]].itertuples(index=False))}
     golden_of, windows_of = {}, {}
     for u, prompt, golden, window in ft[["user_id", "prompt_items", "golden", "window"]].itertuples(index=False):
         prompt, golden = list(prompt), list(golden)
         assert len(golden) == len(set(golden)) > 0
         assert set(prompt) <= pos["train"][u] and set(golden) <= pos["train"][u] - set(prompt)
         assert len(prompt) <= cfg.prompt_max_items and len(golden) <= cfg.golden_max_items
+        assert prompt or cfg.empty_history_windows, f"a window of {u} with an empty history"
+        if cfg.golden_candidates == "future" and prompt:
+            assert min(when[(u, i)] for i in golden) > max(when[(u, i)] for i in prompt), (
+                f"golden item older than the prompt of {u}"
+            )
         limit = max(1, math.ceil(cfg.category_cap * len(golden) - 1e-9))
         assert max(Counter(category[i] for i in golden).values()) <= limit, (u, golden)
         ratings = [rating[(u, i)] for i in golden]

@@ -181,9 +181,11 @@ def user_history(draw):
     return items, ratings
 
 
-@given(user_history(), st.integers(1, 8), st.sampled_from([0.3, 0.5, 0.7]))
+@given(
+    user_history(), st.integers(1, 8), st.sampled_from([0.3, 0.5, 0.7]), st.sampled_from(["future", "outside_prompt"])
+)
 @settings(max_examples=200, deadline=None)
-def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
+def test_build_user_reads_training_only(history, prompt_max, golden_fraction, candidates):
     items, ratings = history
     labels, _ = rules.split_user(ratings, [0.8, 0.1, 0.1], 3.0)
     if labels is None:
@@ -196,17 +198,31 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
         mean_rating=4.0,
         by_category={c: [i for i in catalogue if category[i] == c] for c in "ABC"},
     )
-    cfg = DataConfig(prompt_max_items=prompt_max, golden_fraction=golden_fraction, extra_ft_fractions=[0.2, 0.9])
+    cfg = DataConfig(
+        prompt_max_items=prompt_max,
+        golden_fraction=golden_fraction,
+        extra_ft_fractions=[0.2, 0.9],
+        golden_candidates=candidates,
+    )
     rec = rules.build_user("u1", items, ratings, labels, ctx, cfg)
-    train_pos = {i for i, r, lab in zip(items, ratings, labels) if lab == TRAIN and r > 3}
+    ordered = [i for i, r, lab in zip(items, ratings, labels) if lab == TRAIN and r > 3]  # time order
+    train_pos, when = set(ordered), {i: k for k, i in enumerate(ordered)}
     held_out = {i for i, lab in zip(items, labels) if lab != TRAIN}
     assert set(rec.prompt) <= train_pos and len(rec.prompt) <= prompt_max
     assert set(rec.golden) <= train_pos - set(rec.prompt)
-    assert bool(rec.golden) == bool(train_pos)
+    # the main window: the newest golden_fraction of P held back; kept only with a history
+    cut = len(ordered) - min(cfg.golden_max_items, max(1, math.ceil(golden_fraction * len(ordered))))
+    assert bool(rec.golden) == (cut >= 1) and (rec.skipped.get("ft") == "empty_history") == (
+        0 < len(ordered) and cut < 1
+    )
     windows = [(rec.prompt, rec.golden), *rec.extra_ft]
     assert len({(tuple(p), tuple(g)) for p, g in windows}) == len(windows)
+    for prompt, golden in [w for w in windows if w[1]]:
+        assert prompt and set(prompt) <= train_pos and set(golden) <= train_pos - set(prompt)
+        if candidates == "future":  # never an item older than the prompt's newest
+            assert min(when[i] for i in golden) > max(when[i] for i in prompt)
     for prompt, golden in rec.extra_ft:
-        assert golden and set(prompt) <= train_pos and set(golden) <= train_pos - set(prompt)
+        assert golden
     for family, rejected in rec.pairs.items():
         assert not set(rejected) & held_out, family
     assert set(rec.pairs) | {f for f in rec.skipped if f != "ft"} == set(rules.FAMILIES)
@@ -222,6 +238,25 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction):
     assert not set(rec.val_prompt) & (val_pos | test_pos)
     assert not set(rec.test_prompt) & test_pos
     assert set(rec.val_prompt) <= train_pos
+
+
+def test_outside_prompt_candidates_reach_back_and_empty_histories_are_opt_in():
+    """The paper's rule (outside_prompt) takes positives older than a short prompt window into
+    the golden list; the future rule never does; empty-history windows only when asked."""
+    items = [f"i{k}" for k in range(10)]
+    ratings = np.array([5.0] * 10)
+    labels = np.array([TRAIN] * 8 + [VAL, TEST])
+    ctx = rules.ItemContext(category={i: "A" for i in items}, popularity_score={}, mean_rating=4.0)
+    make = lambda **kw: DataConfig(prompt_max_items=2, category_cap=1.0, **kw)  # noqa: E731
+    future = rules.build_user("u", items, ratings, labels, ctx, make())
+    paper = rules.build_user("u", items, ratings, labels, ctx, make(golden_candidates="outside_prompt"))
+    assert future.prompt == paper.prompt == ["i2", "i3"]
+    assert set(future.golden) == {"i4", "i5", "i6", "i7"}
+    assert set(paper.golden) == {"i0", "i1", "i4", "i5", "i6", "i7"}
+    one = np.array([TRAIN, VAL, TEST])
+    assert rules.build_user("u", items[:3], ratings[:3], one, ctx, make()).skipped["ft"] == "empty_history"
+    kept = rules.build_user("u", items[:3], ratings[:3], one, ctx, make(empty_history_windows=True))
+    assert kept.prompt == [] and kept.golden == ["i0"]
 
 
 def test_user_rng_is_per_user_and_seeded():

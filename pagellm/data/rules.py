@@ -272,8 +272,10 @@ def build_user(
     their split labels; ``cfg`` is a DataConfig. Training data (prompt, golden list, pairs)
     reads TRAIN interactions only. The prompt is the newest training positives before the
     newest ``golden_fraction`` of them (at most prompt_max_items); the golden candidates are
-    all training positives not in the prompt (section 4.2.3, step 1). ``extra_ft_fractions``
-    add more (prompt, golden list) windows of the same user for fine-tuning only.
+    the held-back positives after the prompt (``golden_candidates: future``) or all training
+    positives not in the prompt (``outside_prompt``, section 4.2.3 step 1). A window with an
+    empty prompt is kept only with ``empty_history_windows``. ``extra_ft_fractions`` add more
+    (prompt, golden list) windows of the same user for fine-tuning only.
     """
     ratings = np.asarray(ratings, dtype=float)
     labels = np.asarray(labels)
@@ -287,7 +289,10 @@ def build_user(
         cut = len(train_pos) - n_target
         prompt = train_pos[max(0, cut - cfg.prompt_max_items) : cut]
         in_prompt = set(prompt)
-        cand = [k for k in pos_idx if items[k] not in in_prompt]
+        if cfg.golden_candidates == "future":
+            cand = list(pos_idx[cut:])
+        else:
+            cand = [k for k in pos_idx if items[k] not in in_prompt]
         order = golden_order([items[k] for k in cand], [ratings[k] for k in cand], ctx)
         golden, capped = golden_list(
             [items[cand[j]] for j in order], ctx.category, cfg.category_cap, cfg.golden_max_items
@@ -296,11 +301,15 @@ def build_user(
 
     pos_idx = np.flatnonzero((labels == TRAIN) & positive)
     if train_pos:
-        out.prompt, out.golden, out.capped = window(cfg.golden_fraction)
+        prompt, golden, capped = window(cfg.golden_fraction)
+        if prompt or cfg.empty_history_windows:
+            out.prompt, out.golden, out.capped = prompt, golden, capped
+        else:
+            out.skipped["ft"] = "empty_history"
         seen = {(tuple(out.prompt), tuple(out.golden))}
         for fraction in cfg.extra_ft_fractions:
             prompt, golden, _ = window(fraction)
-            if (tuple(prompt), tuple(golden)) not in seen:
+            if (prompt or cfg.empty_history_windows) and (tuple(prompt), tuple(golden)) not in seen:
                 seen.add((tuple(prompt), tuple(golden)))
                 out.extra_ft.append((prompt, golden))
     else:
