@@ -234,12 +234,13 @@ def ensure_data(data_dir: Path) -> None:
 
 def build_rows(data_dir: Path, model_cfg, n_rows: int | None):
     """Tokenizer, fine-tuning rows and a small validation set, all from library functions."""
+    from pagellm.config import DataConfig
     from pagellm.data.layout import DataDir
     from pagellm.model.prompts import PromptCodec
     from pagellm.model.vocab import build_tokenizer
     from pagellm.train.sft import page_rows, read_data_dir
 
-    data = read_data_dir(data_dir)
+    data = read_data_dir(data_dir, DataConfig().positive_threshold)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
     tokenizer = build_tokenizer(None, DataDir(data_dir).read_items(), users, model_cfg.bpe_vocab_size)
     codec = PromptCodec.from_tokenizer(tokenizer)

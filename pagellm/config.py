@@ -164,6 +164,9 @@ class ModelConfig:
     lora_alpha: int = opt(16, "LoRA scaling alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
     lora_targets: list[str] = opt(["c_attn"], "modules that get LoRA adapters")
+    dropout: float = opt(
+        0.1, "embedded GPT-2: dropout on embeddings, attention and residuals (GPT-2's own default 0.1)"
+    )
 
 
 @dataclass
@@ -177,6 +180,16 @@ class TrainConfig:
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage (0, 1 or 2)")
     bf16: bool = opt(True, "bf16 on GPU (CPU trains in fp32)")
     max_failures: int = opt(2, "worker deaths survived by resuming from the latest checkpoint")
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default)")
+    lr_schedule: str = opt(
+        "linear",
+        "linear: warm-up over warmup_fraction of a fit's steps, then linear decay to 0; constant: the "
+        "stage's learning rate throughout (the paper gives none)",
+    )
+    warmup_fraction: float = opt(0.05, "linear schedule: share of a fit's steps spent warming up")
+    shuffle: bool = opt(
+        True, "reshuffle each worker's rows every epoch (seeded): meta rows otherwise come in pattern blocks"
+    )
     log_every_steps: int = opt(10, "a training-loss line in the JSONL log every N steps")
     wandb_mode: str = opt("offline", "wandb mode: offline, or online once wandb is configured")
     wandb_project: str = opt("pagellm", "wandb project")
@@ -190,6 +203,10 @@ class TrainConfig:
             )
         if self.num_workers < 1:
             raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ConfigError(f"train.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
 
 @dataclass
@@ -210,12 +227,42 @@ class SFTConfig:
         "a seeded sample of at most this many meta rows per pattern (a-d, "
         "rating); null: all. Large logs otherwise make meta pre-training long",
     )
+    next_item_epochs: int = opt(
+        50,
+        "next-item pre-training after meta pre-training (pattern (d) as sequential recommenders train it: "
+        "each user's training positives in time order, item-block cross-entropy at every item); the most "
+        "epochs, stopped on validation NDCG@100 (the best exported); 0 skips it, as the paper does",
+    )
+    next_item_lr: float = opt(1e-3, "next-item pre-training: peak learning rate")
+    next_item_max_items: int = opt(
+        50, "next-item pre-training: items per window (the newest); longer histories give sliding windows"
+    )
+    next_item_stride: int = opt(25, "next-item pre-training: items between the ends of a user's windows")
+    patience: int = opt(
+        5,
+        "next-item pre-training and golden-list fine-tuning: epochs without a better validation NDCG@100 "
+        "(score mode, every seen item masked) before stopping; the best epoch is exported",
+    )
+    ft_select: str = opt(
+        "ndcg@100",
+        "golden-list fine-tuning exports the epoch with the best validation ndcg@100 (with patience), or "
+        "the last epoch (last, the paper's)",
+    )
     valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate")
     unlikelihood_weight: float = opt(
         0.0,
         "weight of an unlikelihood term on repeated page items and an empty page, added to "
         "eq. 9 (not in the paper: 0 keeps eq. 9 alone); teaches a small model the page schema",
     )
+
+    def __post_init__(self) -> None:
+        if self.ft_select not in ("ndcg@100", "last"):
+            raise ConfigError(f"sft.ft_select must be 'ndcg@100' or 'last', got {self.ft_select!r}")
+        if self.next_item_max_items < 2 or self.next_item_stride < 1:
+            raise ConfigError(
+                f"sft.next_item_max_items must be >= 2 and sft.next_item_stride >= 1, got "
+                f"{self.next_item_max_items}, {self.next_item_stride}"
+            )
 
 
 @dataclass

@@ -38,6 +38,7 @@ TINY_STAGES = [
     *TINY,
     "sft.meta_epochs=1",
     "sft.ft_epochs=2",
+    "sft.next_item_epochs=2",
     "reward.epochs=1",
     "sft.meta_lr=1e-3",
     "sft.ft_lr=1e-3",

@@ -25,6 +25,7 @@ TINY_RUN = [
     "model.bpe_vocab_size=300",
     "sft.meta_epochs=1",
     "sft.ft_epochs=1",
+    "sft.next_item_epochs=1",
     "reward.epochs=1",
     "ppo.max_iterations=2",
     "ppo.batch_size=16",

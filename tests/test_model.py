@@ -754,3 +754,70 @@ def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
         assert pages["score"][1][row] == pytest.approx(sorted(pages["score"][1][row], reverse=True))
         assert pages["hybrid"][0][row][:2] == pages["generate"][0][row][:2]
     assert pages["hybrid"][0] != pages["generate"][0]
+
+
+def test_next_item_rows_label_every_item_and_the_page_slot(codec, vocab):
+    """[user, history:, i_1 .. i_{n-1}, page:, i_n] per window, items labelled; windows of
+    max_items end at the newest positive and every stride before it; a lone positive gives none;
+    non-positives and other users never enter a row."""
+    from pagellm.train.sft import next_item_rows
+
+    train = pd.DataFrame(
+        {
+            "user_id": ["u1"] * 6 + ["u 2", "42", "42"],
+            "item_id": ["A 1", "x|y", "42", "b", "p00", "p01", "p02", "p03", "p04"],
+            "rating": [5.0, 4.0, 2.0, 5.0, 5.0, 4.0, 5.0, 5.0, 5.0],
+            "ts": [1, 2, 3, 4, 5, 6, 1, 2, 1],
+        }
+    )
+    rows = next_item_rows(codec, train, 3.0, max_items=4, stride=2)
+    t = vocab.item_token
+    head = [vocab.user_token["u1"], *codec.history_ids]
+    expected_u1 = [["x|y", "b", "p00", "p01"], ["A 1", "x|y", "b"]]  # "42" (r = 2) is no positive
+    # "42" in time order (p04 before p03); "u 2" has one positive: no row
+    head_42 = [vocab.user_token["42"], *codec.history_ids]
+    want = [(head, w) for w in expected_u1] + [(head_42, ["p04", "p03"])]
+    got = sorted((r.input_ids.tolist(), r.labels.tolist()) for r in rows.itertuples())
+    ref = []
+    for h, w in want:
+        ids = h + [t[i] for i in w[:-1]] + codec.page_ids + [t[w[-1]]]
+        labels = [-100] * len(h) + [t[i] for i in w[:-1]] + [-100] * len(codec.page_ids) + [t[w[-1]]]
+        ref.append((ids, labels))
+    assert got == sorted(ref)
+
+
+def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_evaluate(codec, vocab, policy_dir):
+    from pagellm.eval.metrics import ndcg_at_k
+    from pagellm.model.modeling import NextItemLM, PolicyLM
+    from pagellm.train.sft import collate_lm, ranking_rows
+
+    lm = AutoModelForCausalLM.from_pretrained(policy_dir)
+    lo, hi = vocab.item_id_range
+    module = NextItemLM(lm, lo, hi - lo).eval()
+    ids = torch.tensor([[vocab.user_token["u1"], *codec.history_ids, vocab.item_token["b"], vocab.item_token["42"]]])
+    labels = ids.clone()
+    labels[0, :-2] = -100
+    loss, _ = module(ids, torch.ones_like(ids), labels)
+    logits = lm(input_ids=ids).logits[0, :, lo:hi]
+    hand = F.cross_entropy(logits[-3:-1], torch.tensor([vocab.item_token["b"] - lo, vocab.item_token["42"] - lo]))
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
+
+    users = pd.DataFrame(
+        {
+            "user_id": ["u1", "u 2", "new"],
+            "prompt_items": [["A 1", "b"], [], ["42"]],
+            "seen": [["A 1", "b", "p00"], ["x|y"], ["42"]],
+            "target": [["p01", "p02"], ["p03"], ["p04"]],
+        }
+    )
+    batch = collate_lm(vocab.pad_id)({c: list(v) for c, v in ranking_rows(codec, users).items()})
+    for model in (module, PolicyLM(lm, item_range=(lo, hi)).eval()):
+        _, metrics = model(**batch)
+        ref = []
+        for user, prompt, seen, target in users.itertuples(index=False):
+            with torch.no_grad():
+                row = lm(input_ids=torch.tensor([codec.prompt(user, prompt)])).logits[0, -1, lo:hi].clone()
+            row[[vocab.item_token[i] - lo for i in seen]] = float("-inf")
+            page = [vocab.token_item[int(j) + lo] for j in row.topk(hi - lo - len(seen)).indices[:100]]
+            ref.append(ndcg_at_k(page, target, 100))
+        assert metrics["ndcg@100"].item() == pytest.approx(float(np.mean(ref)), abs=1e-6)

@@ -143,6 +143,13 @@ def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
     assert any("valid_loss" in r for r in meta_log) and any("lm_loss" in r for r in meta_log)
     ft_log = read_jsonl(tmp_path / "sft" / "logs" / "golden_ft.jsonl")
     assert any("unlikelihood" in r or "train_unlikelihood" in r for r in ft_log)
+    # next-item pre-training and fine-tuning select their epoch on validation NDCG@100 (the
+    # exported one is the best)
+    for stage, log in (("next_item", read_jsonl(tmp_path / "sft" / "logs" / "next_item.jsonl")), ("golden_ft", ft_log)):
+        epochs = [r for r in log if "valid_ndcg@100" in r]
+        assert epochs, stage
+        assert sft[stage]["valid_ndcg@100"] == max(r["valid_ndcg@100"] for r in epochs)
+    assert sft["next_item_rows"] > 0
     acc = tiny_stages["reward"]["accuracy"]
     assert set(acc) == {"coarse", "fine", "combined"}
     assert all(set(v) == {"np", "rk", "d", "rd", "all"} for v in acc.values())
@@ -170,3 +177,15 @@ def test_latest_checkpoint_prefers_newest_complete(tmp_path):
     assert latest_checkpoint([registered], tmp_path / "root", world=2) == newer
     assert latest_checkpoint([], tmp_path / "missing", world=2) is None
     assert latest_checkpoint([registered], tmp_path / "missing", world=2) == registered
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    from pagellm.config import TrainConfig
+    from pagellm.train.loop import lr_factor
+
+    cfg = TrainConfig(warmup_fraction=0.1)
+    factors = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(1 / 90)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(50, 100, TrainConfig(lr_schedule="constant")) == 1.0

@@ -47,6 +47,9 @@ def build_lm(model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0) -
             n_embd=model_cfg.n_embd,
             n_layer=model_cfg.n_layer,
             n_head=model_cfg.n_head,
+            resid_pdrop=model_cfg.dropout,
+            embd_pdrop=model_cfg.dropout,
+            attn_pdrop=model_cfg.dropout,
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -164,17 +167,76 @@ def page_unlikelihood(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) -
     return loss, lengths.sum()
 
 
+def ranking_validation(
+    item_logits: torch.Tensor, banned: torch.Tensor, target: torch.Tensor, k: int = 100
+) -> tuple[torch.Tensor, dict]:
+    """The evaluation protocol inside a training loop: each row's next-slot item logits [B, N]
+    rank the item block with its ``banned`` items (indices, -1 padded) masked; returns the mean
+    negative log-likelihood of the ``target`` items (indices, -1 padded) and NDCG@k with binary
+    gains (``pagellm.eval.metrics.ndcg_at_k``)."""
+    rows = torch.arange(len(item_logits), device=item_logits.device)[:, None]
+    masked = item_logits.float().masked_fill(
+        torch.zeros_like(item_logits, dtype=torch.bool).index_put(
+            (rows.expand_as(banned)[banned >= 0], banned[banned >= 0]), torch.tensor(True, device=banned.device)
+        ),
+        float("-inf"),
+    )
+    logp = masked.log_softmax(-1)
+    real = target >= 0
+    nll = -(logp.gather(1, target.clamp(min=0)).masked_fill(~real, 0.0)).sum() / real.sum().clamp(min=1)
+    top = masked.topk(min(k, masked.shape[1]), dim=-1).indices
+    hit = (top[:, :, None] == target[:, None, :]).any(-1) & torch.isfinite(masked.gather(1, top))
+    discount = 1.0 / torch.log2(torch.arange(2, top.shape[1] + 2, device=top.device, dtype=torch.float32))
+    ideal = torch.cumsum(discount, 0)[(real.sum(1).clamp(max=top.shape[1]) - 1).clamp(min=0)]
+    ndcg = torch.where(real.any(1), (hit.float() * discount).sum(1) / ideal, torch.zeros_like(ideal))
+    return nll, {f"ndcg@{k}": ndcg.mean().detach()}
+
+
+class NextItemLM(nn.Module):
+    """Next-item pre-training (the paper's pattern (d) done as sequential recommenders do it):
+    cross-entropy over the item block only, at every position labelled with an item token id
+    (-100 elsewhere). Validation rows carry ``banned`` and ``target`` instead of labels and are
+    scored by ``ranking_validation`` at their last (left-padded) position."""
+
+    def __init__(self, lm: PreTrainedModel, item_lo: int, n_items: int):
+        super().__init__()
+        self.lm, self.item_lo, self.n_items = lm, item_lo, n_items
+
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, banned=None, target=None):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        items = logits[..., self.item_lo : self.item_lo + self.n_items]
+        if labels is None:
+            return ranking_validation(items[:, -1], banned, target)
+        shift = labels[:, 1:]
+        shift = torch.where(shift >= 0, shift - self.item_lo, shift)
+        loss = F.cross_entropy(items[:, :-1].float().reshape(-1, self.n_items), shift.reshape(-1), ignore_index=-100)
+        return loss, {"item_loss": loss.detach()}
+
+
 class PolicyLM(nn.Module):
     """Golden-list fine-tuning (eq. 9): next-token loss on the target tokens only, plus an
-    optional unlikelihood term on repeated items and an empty page (``page_unlikelihood``)."""
+    optional unlikelihood term on repeated items and an empty page (``page_unlikelihood``).
+    Validation rows with ``banned``/``target`` (and ``item_range``) are scored by
+    ``ranking_validation`` at the page's first slot, the evaluation protocol's score mode."""
 
-    def __init__(self, lm: PreTrainedModel, unlikelihood_weight: float = 0.0, eos_id: int | None = None):
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        unlikelihood_weight: float = 0.0,
+        eos_id: int | None = None,
+        item_range: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.lm = lm
         self.unlikelihood_weight = unlikelihood_weight
         self.eos_id = lm.config.eos_token_id if eos_id is None else eos_id
+        self.item_range = item_range
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, banned=None, target=None):
+        if labels is None:
+            lo, hi = self.item_range
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            return ranking_validation(logits[:, -1, lo:hi], banned, target)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
         nll, n_tokens = token_nll(out.logits, labels)
         lm_loss = nll / n_tokens.clamp(min=1)

@@ -45,6 +45,10 @@ class FitSpec:
     export: Callable[[torch.nn.Module, Path], None]  # write the HF-format artefact
     early_stopping: bool = False
     patience: int = 1
+    # the validation metric that picks the best epoch (and stops early): "loss" (lowest), or a
+    # metric the model returns on validation batches, e.g. "ndcg@100" with maximize=True
+    select: str = "loss"
+    maximize: bool = False
 
 
 def _deepspeed_config(train_cfg: TrainConfig, micro_batch: int, on_gpu: bool) -> dict:
@@ -136,7 +140,10 @@ class ModelOptimizer:
 
     def __init__(self, module: torch.nn.Module, lr: float, train_cfg: TrainConfig, micro_batch: int, device, wrap=None):
         self.module = module
-        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=train_cfg.weight_decay
+        )
         self.engine = None
         if train_cfg.deepspeed:
             import deepspeed
@@ -153,7 +160,10 @@ class ModelOptimizer:
             module.to(device)
             self.forward = wrap(module) if wrap is not None else module
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, lr_factor: float = 1.0) -> None:
+        """One update at ``lr_factor`` x the base learning rate (a schedule's value)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor
         if self.engine is not None:
             self.engine.backward(loss)
             self.engine.step()
@@ -180,7 +190,8 @@ class _Worker:
     world: int
     device: torch.device
     micro_batch: int
-    state: dict  # epoch, step, best_valid_loss, best_epoch, bad_epochs: the trainer state a checkpoint holds
+    state: dict  # epoch, step, best_valid, best_epoch, bad_epochs: the trainer state a checkpoint holds
+    total_steps: int = 0  # of the whole fit (the learning-rate schedule's length)
     trainer: Optional[ModelOptimizer] = None
     wandb_run: object = None
 
@@ -212,19 +223,34 @@ def _resume_optimizer(worker: _Worker, resume_dir: Path) -> None:
         )
 
 
+def lr_factor(step: int, total_steps: int, train_cfg: TrainConfig) -> float:
+    """The schedule's multiple of the base learning rate at ``step`` (0-based) of ``total_steps``."""
+    if train_cfg.lr_schedule == "constant" or total_steps <= 0:
+        return 1.0
+    warmup = max(1, int(train_cfg.warmup_fraction * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
 def _run_batches(worker: _Worker, split: str, train: bool) -> dict[str, float]:
-    """One pass over this worker's shard of ``split``: row-weighted means of the loss and the
-    model's metrics, summed over every worker."""
+    """One pass over this worker's shard of ``split`` (training rows reshuffled every epoch):
+    row-weighted means of the loss and the model's metrics, summed over every worker."""
     import ray.train
 
-    spec, state = worker.spec, worker.state
+    spec, state, cfg = worker.spec, worker.state, worker.train_cfg
+    shuffle = {}
+    if train and cfg.shuffle:  # a buffer as large as the shard: a full shuffle, seeded per epoch and rank
+        seed = (cfg.seed * 100_003 + state["epoch"]) * worker.world + worker.rank
+        shuffle = {"local_shuffle_buffer_size": 1_000_000, "local_shuffle_seed": seed}
     totals, n_rows = {}, 0
-    for batch in ray.train.get_dataset_shard(split).iter_batches(batch_size=worker.micro_batch, batch_format="numpy"):
+    shard = ray.train.get_dataset_shard(split)
+    for batch in shard.iter_batches(batch_size=worker.micro_batch, batch_format="numpy", **shuffle):
         inputs = {k: v.to(worker.device) for k, v in spec.collate(batch).items()}
         rows = len(next(iter(batch.values())))
         if train:
             loss, metrics = worker.trainer.forward(**inputs)
-            worker.trainer.step(loss)
+            worker.trainer.step(loss, lr_factor(state["step"], worker.total_steps, cfg))
             state["step"] += 1
             if worker.rank == 0 and state["step"] % worker.train_cfg.log_every_steps == 0:
                 record = {"stage": spec.stage, "epoch": state["epoch"], "step": state["step"], "loss": loss.item()}
@@ -246,9 +272,11 @@ def _end_epoch(worker: _Worker, train_metrics: dict, valid_metrics: dict, second
     """Advance the trainer state (best epoch, early stopping) and return the epoch's report."""
     state, spec = worker.state, worker.spec
     state["epoch"] += 1
-    improved = valid_metrics.get("loss", math.inf) < state["best_valid_loss"]
+    sign = -1.0 if spec.maximize else 1.0  # compared as "lower is better"
+    value = sign * valid_metrics[spec.select] if spec.select in valid_metrics else math.inf
+    improved = value < state["best_valid"]
     if improved:
-        state.update(best_valid_loss=valid_metrics["loss"], best_epoch=state["epoch"], bad_epochs=0)
+        state.update(best_valid=value, best_epoch=state["epoch"], bad_epochs=0)
     else:
         state["bad_epochs"] += 1
     return {
@@ -302,7 +330,8 @@ def train_loop(config: dict) -> None:
         world,
         ray.train.torch.get_device(),
         max(1, spec.batch_size // world),
-        state={"epoch": 0, "step": 0, "best_valid_loss": math.inf, "best_epoch": -1, "bad_epochs": 0},
+        state={"epoch": 0, "step": 0, "best_valid": math.inf, "best_epoch": -1, "bad_epochs": 0},
+        total_steps=config["steps_per_epoch"] * spec.epochs,
     )
     module = spec.build_model()
     resume_dir = _resume(worker, module, Path(config["checkpoint_root"]))
@@ -347,7 +376,7 @@ def fit(
     """Train ``spec`` on Ray Train and copy the chosen epoch's HF export to ``out_dir``.
 
     ``datasets`` holds Ray Datasets "train" and "valid". With early stopping the best epoch
-    (lowest validation loss) is exported, otherwise the last. Re-running with the same
+    (by ``spec.select`` on validation: lowest loss by default) is exported, otherwise the last. Re-running with the same
     ``run_dir`` resumes from its latest checkpoint. Returns the chosen epoch's metrics.
     Checkpoints go to ``storage_path`` (a URI or shared path, ``pagellm.storage``) when given,
     else to ``run_dir/ray_train``.
@@ -367,6 +396,11 @@ def fit(
             "log_path": str(log_path),
             # scanned for checkpoints the controller missed: only where a path can be listed
             "checkpoint_root": str(Path(storage) / spec.stage) if "://" not in storage else "",
+            # optimizer steps per epoch on each worker (its shard in micro-batches)
+            "steps_per_epoch": math.ceil(
+                math.ceil(datasets["train"].count() / train_cfg.num_workers)
+                / max(1, spec.batch_size // train_cfg.num_workers)
+            ),
         },
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers,
@@ -385,7 +419,8 @@ def fit(
     if result.error:
         raise result.error
     reported = list(getattr(result, "best_checkpoints", None) or [(result.checkpoint, result.metrics)])
-    best_first = (lambda m: m["valid_loss"]) if spec.early_stopping else (lambda m: -m["epoch"])
+    sign = -1.0 if spec.maximize else 1.0
+    best_first = (lambda m: sign * m[f"valid_{spec.select}"]) if spec.early_stopping else (lambda m: -m["epoch"])
     ckpt, metrics = min(reported, key=lambda pair: best_first(pair[1]))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -21,14 +21,14 @@ from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
 from pagellm.data.layout import DataDir
 from pagellm.data.schema import UNKNOWN_CATEGORY
-from pagellm.model.modeling import PolicyLM, PolicyWithRatingHead, build_lm, pad_batch, unwrap_lm
+from pagellm.model.modeling import NextItemLM, PolicyLM, PolicyWithRatingHead, build_lm, pad_batch, unwrap_lm
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer
 from pagellm.outputs import figure, read_jsonl
 from pagellm.train.loop import FitSpec, fit
 
 log = logging.getLogger(__name__)
-META_DIR, SFT_LOGS = "meta", "logs"
+META_DIR, NEXT_ITEM_DIR, SFT_LOGS = "meta", "next_item", "logs"
 
 
 # ------------------------------------------------------------------------------- data -> rows
@@ -114,9 +114,58 @@ def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
     return pd.DataFrame({"input_ids": ids, "labels": labels})
 
 
+def next_item_rows(codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int, stride: int):
+    """Next-item rows: per window of a user's training positives in time order, the ids of
+    [user, " history:", i_1 .. i_{n-1}, " page:", i_n] with every item labelled, so each history
+    position learns the item that came next and " page:" the window's newest (the slot a page
+    starts with at evaluation). Windows of ``max_items`` end at the newest positive and every
+    ``stride`` items before it, down to two items (a lone item has no history)."""
+    vocab = codec.vocab
+    positives = train[train.rating > positive_threshold].sort_values(["user_id", "ts", "item_id"], kind="stable")
+    ids, labels = [], []
+    for user, seq in positives.groupby("user_id").item_id:
+        items = vocab.items_to_ids(list(seq))
+        head = codec.prompt(user, [])[: -len(codec.page_ids)]  # user token and " history:"
+        for end in range(len(items), 1, -stride):
+            window = items[max(0, end - max_items) : end]
+            ids.append(np.asarray(head + window[:-1] + codec.page_ids + window[-1:], np.int64))
+            skip = [-100] * len(codec.page_ids)
+            labels.append(np.asarray([-100] * len(head) + window[:-1] + skip + window[-1:], np.int64))
+    return pd.DataFrame({"input_ids": ids, "labels": labels})
+
+
+def ranking_rows(codec: PromptCodec, users: pd.DataFrame) -> pd.DataFrame:
+    """Validation rows of the evaluation protocol (``DataDir.eval_users``): each user's prompt,
+    the item indices a page may not show (every item seen before the split) and the targets."""
+    vocab, lo = codec.vocab, codec.vocab.item_id_range[0]
+
+    def index(items):
+        return np.asarray([vocab.item_token[i] - lo for i in items if i in vocab.item_token] or [-1], np.int64)
+
+    return pd.DataFrame(
+        {
+            "input_ids": [
+                np.asarray(codec.prompt(u, list(p)), np.int64) for u, p in zip(users.user_id, users.prompt_items)
+            ],
+            "banned": [index(seen) for seen in users.seen],
+            "target": [index(t) for t in users.target],
+        }
+    )
+
+
 def collate_lm(pad_id: int):
     def collate(batch: dict) -> dict:
         ids = batch["input_ids"]
+        if "banned" in batch:  # ranking rows: left padding, the next slot at the last column
+            width = max(len(x) for x in ids)
+            attention = pad_batch([np.r_[np.zeros(width - len(x)), np.ones(len(x))] for x in ids], 0)
+            return {
+                "input_ids": pad_batch([np.r_[np.full(width - len(x), pad_id), x] for x in ids], pad_id),
+                "attention_mask": attention,
+                "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+                "banned": pad_batch(batch["banned"], -1),
+                "target": pad_batch(batch["target"], -1),
+            }
         out = {
             "input_ids": pad_batch(ids, pad_id),
             "attention_mask": pad_batch([np.ones(len(x)) for x in ids], 0),
@@ -172,15 +221,16 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
 # ---------------------------------------------------------------------------------- stage
 
 
-def read_data_dir(data_dir: Path) -> dict[str, pd.DataFrame]:
-    """The tables SFT reads: items, training interactions, golden lists, validation targets."""
+def read_data_dir(data_dir: Path, positive_threshold: float) -> dict[str, pd.DataFrame]:
+    """The tables SFT reads: items, training interactions, golden lists, and the validation
+    users (prompt, targets, every item seen before the split)."""
     d = DataDir(data_dir)
     d.require(d.items_path, d.split_path("train"), d.ft_path, d.eval_path("val"))
     return {
         "items": d.read_items().to_pandas(),
         "train": d.read_split("train").to_pandas(),
         "ft": d.read_ft().to_pandas(),
-        "val": d.read_eval("val").to_pandas(),
+        "val": d.eval_users("val", positive_threshold),
     }
 
 
@@ -226,27 +276,79 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
     return {"metrics": metrics, "rows": meta.pattern.value_counts().to_dict()}
 
 
-def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, storage_path: Optional[str]) -> dict:
-    """Golden-list fine-tuning (eq. 9) from the meta checkpoint; validation = the next page of
-    the validation users. SFT_DIR itself becomes the reference policy (``from_pretrained``)."""
+def _load_lm(directory: Path, model_cfg, tokenizer, base_size: int):
+    """The LM a stage starts from (a previous stage's export), with LoRA when configured."""
+    from transformers import AutoModelForCausalLM
+
+    from pagellm.model.modeling import apply_lora
+
+    lm = AutoModelForCausalLM.from_pretrained(directory)
+    if model_cfg.lora_rank > 0:
+        lm = apply_lora(lm, model_cfg, list(range(base_size, len(tokenizer))))
+    return lm
+
+
+def next_item_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, storage_path: Optional[str]) -> dict:
+    """Next-item pre-training (``next_item_rows``) from the meta checkpoint, the epoch with the
+    best validation NDCG@100 exported to OUT/next_item."""
     import ray.data
 
     codec = PromptCodec.from_tokenizer(tokenizer)
-    vocab, model_cfg, sft_cfg = codec.vocab, cfg.model, cfg.sft
-    meta_dir, base_size = (out / META_DIR).resolve(), vocab.base_size
+    vocab, sft_cfg = codec.vocab, cfg.sft
+    rows = next_item_rows(
+        codec, data["train"], cfg.data.positive_threshold, sft_cfg.next_item_max_items, sft_cfg.next_item_stride
+    )
+    log.info("next-item pre-training on %d windows", len(rows))
+    meta_dir, (lo, hi) = (out / META_DIR).resolve(), vocab.item_id_range
+
+    def build():
+        return NextItemLM(_load_lm(meta_dir, cfg.model, tokenizer, vocab.base_size), lo, hi - lo)
+
+    def export(module, directory: Path):
+        unwrap_lm(module.lm).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    metrics = fit(
+        FitSpec(
+            "next_item",
+            sft_cfg.next_item_epochs,
+            sft_cfg.next_item_lr,
+            sft_cfg.batch_size,
+            build,
+            collate_lm(vocab.pad_id),
+            export,
+            early_stopping=True,
+            patience=sft_cfg.patience,
+            select="ndcg@100",
+            maximize=True,
+        ),
+        {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(ranking_rows(codec, data["val"]))},
+        cfg.train,
+        out / SFT_LOGS,
+        out / NEXT_ITEM_DIR,
+        storage_path,
+    )
+    return {"metrics": metrics, "rows": len(rows)}
+
+
+def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, storage_path: Optional[str]) -> dict:
+    """Golden-list fine-tuning (eq. 9) from the next-item (else the meta) checkpoint. Validation:
+    NDCG@100 of the validation users' first-slot ranking (``sft.ft_select: ndcg@100``, the best
+    epoch exported) or the loss of their next page (``last``: the last epoch exported). SFT_DIR
+    itself becomes the reference policy (``from_pretrained``)."""
+    import ray.data
+
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    vocab, sft_cfg = codec.vocab, cfg.sft
+    start = (out / (NEXT_ITEM_DIR if sft_cfg.next_item_epochs > 0 else META_DIR)).resolve()
     ft = page_rows(codec, data["ft"].user_id, data["ft"].prompt_items, data["ft"].golden)
     val = data["val"]
-    ft_valid = page_rows(codec, val.user_id, val.prompt_items, val.target)
+    by_ndcg = sft_cfg.ft_select == "ndcg@100"
+    ft_valid = ranking_rows(codec, val) if by_ndcg else page_rows(codec, val.user_id, val.prompt_items, val.target)
 
     def build_ft():
-        from transformers import AutoModelForCausalLM
-
-        from pagellm.model.modeling import apply_lora
-
-        lm = AutoModelForCausalLM.from_pretrained(meta_dir)
-        if model_cfg.lora_rank > 0:
-            lm = apply_lora(lm, model_cfg, list(range(base_size, len(tokenizer))))
-        return PolicyLM(lm, sft_cfg.unlikelihood_weight, vocab.eos_id)
+        lm = _load_lm(start, cfg.model, tokenizer, vocab.base_size)
+        return PolicyLM(lm, sft_cfg.unlikelihood_weight, vocab.eos_id, vocab.item_id_range)
 
     def export_policy(module, directory: Path):
         unwrap_lm(module.lm).save_pretrained(directory)
@@ -261,6 +363,10 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
             build_ft,
             collate_lm(vocab.pad_id),
             export_policy,
+            early_stopping=by_ndcg,
+            patience=sft_cfg.patience,
+            select="ndcg@100" if by_ndcg else "loss",
+            maximize=by_ndcg,
         ),
         {"train": ray.data.from_pandas(ft), "valid": ray.data.from_pandas(ft_valid)},
         cfg.train,
@@ -300,12 +406,13 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
     from pagellm.ray_utils import init_ray
 
     init_ray(cfg.ray)
-    out, data = Path(out_dir), read_data_dir(Path(data_dir))
+    out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
     out.mkdir(parents=True, exist_ok=True)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
     tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
     codec = PromptCodec.from_tokenizer(tokenizer)
     meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
+    next_item = next_item_pretraining(cfg, tokenizer, data, out, storage_path) if cfg.sft.next_item_epochs > 0 else None
     ft = golden_finetuning(cfg, tokenizer, data, out, storage_path)
 
     val = data["val"]
@@ -316,12 +423,18 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         list(val.prompt_items),
         cfg.sft.valid_page_max_items,
     )
-    logs = {stage: read_jsonl(out / SFT_LOGS / f"{stage}.jsonl") for stage in ("meta", "golden_ft")}
+    stages = ("meta", "next_item", "golden_ft") if next_item else ("meta", "golden_ft")
+    logs = {stage: read_jsonl(out / SFT_LOGS / f"{stage}.jsonl") for stage in stages}
     plot_losses(logs, out / "loss_curves.png")
     vocab = codec.vocab
     metrics = {
         "meta": _epoch_summary(meta["metrics"]),
         "golden_ft": _epoch_summary(ft["metrics"]),
+        **(
+            {"next_item": _epoch_summary(next_item["metrics"]), "next_item_rows": next_item["rows"]}
+            if next_item
+            else {}
+        ),
         "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
         "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
         **page_validity(pages),
