@@ -39,6 +39,17 @@ def write_report(
     ]
     for name, m in evals.items():
         lines.append(f"| {name} | " + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.4f}" for k in METRICS) + " |")
+    baselines = [n for n in evals if n not in POLICIES]
+    if baselines:
+        best = max(baselines, key=lambda n: evals[n]["ndcg@100"])
+        gap = {p: evals[p]["ndcg@100"] / evals[best]["ndcg@100"] for p in POLICIES if p in evals}
+        lines += [
+            "",
+            f"Best baseline: {best} (NDCG@100 {evals[best]['ndcg@100']:.4f}); "
+            + ", ".join(f"{p} at {r:.2f}x it" for p, r in gap.items())
+            + ". Baselines are in-house (docs/baselines.md), epoch or neighbourhood chosen on validation;"
+            " `pagellm experiment compare` adds RecBole's and paired intervals.",
+        ]
     lines += [
         "",
         "Metric definitions: docs/metrics.md. Plots: `report.png` (the two policies), `ppo/ppo_curves.png`",
@@ -57,9 +68,32 @@ def write_report(
         rows,
         ("ndcg@100", "recall@20", "ild", "category_entropy"),
         out / "report.png",
-        "test split: SFT (reference) vs PPO",
+        "test split: SFT (reference), PPO and baselines",
+        pagellm=set(POLICIES),
     )
     return path
+
+
+POLICIES = ("SFT (reference)", "PPO (R_c + R_f)")  # the report's rows that are PageLLM's
+
+
+def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> dict[str, dict]:
+    """Test-split metrics of ``eval.report_baselines`` (selected on validation), for the report."""
+    from pagellm.data.layout import DataDir
+    from pagellm.eval.baselines import baseline_pages, load_protocol
+    from pagellm.eval.metrics import mean_metrics, page_metrics
+
+    threshold, category = cfg.data.positive_threshold, DataDir(data_dir).categories()
+    test, val = load_protocol(data_dir, "test", threshold), load_protocol(data_dir, "val", threshold)
+    out = {}
+    for name in cfg.eval.report_baselines:
+        pages = baseline_pages(name, test, cfg.eval.page_items, 0, val)
+        out[name] = {
+            **mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, test.users.target)]),
+            "users": len(pages),
+            "page_items": cfg.eval.page_items,
+        }
+    return out
 
 
 def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Optional[str] = None) -> dict:
@@ -84,10 +118,12 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
     ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
     timer.lap("ppo")
     evals = {
-        "SFT (reference)": run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),
-        "PPO (R_c + R_f)": run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
+        POLICIES[0]: run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),
+        POLICIES[1]: run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
     }
     timer.lap("evaluate")
+    evals.update(baseline_metrics(cfg, out / "data"))
+    timer.lap("baselines")
     seconds = {**timer.seconds, "total": sum(timer.seconds.values())}
     report = write_report(out, stats, reward, ppo, evals, seconds, command)
     summary = {

@@ -31,6 +31,7 @@ TINY_RUN = [
     "ppo.batch_size=16",
     "ppo.eval_max_users=16",
     "eval.page_items=20",
+    "eval.report_baselines=[popularity,itemknn]",
 ]
 
 
@@ -128,7 +129,7 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
             2,
         ]
         tests = summary["test_metrics"]
-        assert set(tests) == {"SFT (reference)", "PPO (R_c + R_f)"}
+        assert set(tests) == {"SFT (reference)", "PPO (R_c + R_f)", "popularity", "itemknn"}
         assert all(
             0 <= m["ndcg@100"] <= 1 and m["users"] == tests["SFT (reference)"]["users"] > 0 for m in tests.values()
         )
@@ -136,6 +137,8 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         assert (
             "| SFT (reference) |" in report
             and "| PPO (R_c + R_f) |" in report
+            and "| popularity |" in report
+            and "Best baseline: " in report
             and (out / "report.png").stat().st_size > 0
         )
 

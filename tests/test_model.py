@@ -821,3 +821,22 @@ def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_ev
             page = [vocab.token_item[int(j) + lo] for j in row.topk(hi - lo - len(seen)).indices[:100]]
             ref.append(ndcg_at_k(page, target, 100))
         assert metrics["ndcg@100"].item() == pytest.approx(float(np.mean(ref)), abs=1e-6)
+
+
+def test_without_user_tokens_prompts_are_the_history_alone(items, meta_data):
+    """model.user_tokens off: the tokenizer holds no user tokens, so every prompt (training,
+    evaluation, serving: all read the policy's tokenizer) starts at " history:", and meta
+    pre-training has no user-relation or rating rows."""
+    from pagellm.train.sft import meta_rows, next_item_rows
+
+    tok = build_tokenizer(None, items, [], BPE)
+    vocab = Vocab.from_tokenizer(tok)
+    codec = PromptCodec(vocab)
+    assert not vocab.user_token
+    assert codec.prompt("u1", ["b"]) == codec.history_ids + [vocab.item_token["b"]] + codec.page_ids
+    items_df, train = meta_data
+    rows = meta_rows(vocab, items_df, train, 128, seed=0)
+    assert set(rows.pattern) == {"a", "c", "d"}
+    assert all(list(r[: len(codec.history_ids)]) == codec.history_ids for r in rows[rows.pattern == "d"].input_ids)
+    windows = next_item_rows(codec, train, 3.0, 50, 25)
+    assert len(windows) and all(list(r[: len(codec.history_ids)]) == codec.history_ids for r in windows.input_ids)

@@ -63,6 +63,8 @@ def meta_rows(
         words = f" title: {title or ''} brand: {brand or ''} category: {category}"
         lm([vocab.item_token[item], *text(words)], "a")
     for user, item, rating in train[["user_id", "item_id", "rating"]].itertuples(index=False):
+        if user not in vocab.user_token:  # model.user_tokens off: no user to relate an item to
+            break
         u, i = vocab.user_token[user], vocab.item_token[item]
         lm([u, *text(" rated"), i, *text(f" {rating:g} stars")], "b")
         rows.append(([u, i], False, float(rating), "rating"))
@@ -84,7 +86,8 @@ def meta_rows(
                         "c",
                     )
     for user, seq in train.sort_values(["user_id", "ts"]).groupby("user_id").item_id:
-        lm([vocab.user_token[user], *text(" history:"), *vocab.items_to_ids(list(seq))], "d")
+        user_token = [vocab.user_token[user]] if user in vocab.user_token else []
+        lm([*user_token, *text(" history:"), *vocab.items_to_ids(list(seq))], "d")
     ids, is_lm, rating, pattern = zip(*rows)
     out = pd.DataFrame(
         {
@@ -408,7 +411,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
     init_ray(cfg.ray)
     out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
     out.mkdir(parents=True, exist_ok=True)
-    users = sorted(set(data["train"].user_id) | set(data["val"].user_id))
+    users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
     tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
     codec = PromptCodec.from_tokenizer(tokenizer)
     meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
