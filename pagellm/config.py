@@ -236,14 +236,12 @@ class SFTConfig:
     next_item_epochs: int = opt(
         50,
         "next-item pre-training after meta pre-training (pattern (d) as sequential recommenders train it: "
-        "each user's training positives in time order, item-block cross-entropy at every item); the most "
-        "epochs, stopped on validation NDCG@100 (the best exported); 0 skips it, as the paper does",
+        "every prefix of a user's training positives predicts the next at the page's first slot, "
+        "item-block cross-entropy); the most epochs, stopped on validation NDCG@100 (the best exported); "
+        "0 skips it, as the paper does",
     )
     next_item_lr: float = opt(1e-3, "next-item pre-training: peak learning rate")
-    next_item_max_items: int = opt(
-        50, "next-item pre-training: items per window (the newest); longer histories give sliding windows"
-    )
-    next_item_stride: int = opt(25, "next-item pre-training: items between the ends of a user's windows")
+    next_item_max_items: int = opt(50, "next-item pre-training: the longest history before a target item")
     patience: int = opt(
         10,
         "next-item pre-training and golden-list fine-tuning: epochs without a better validation NDCG@100 "
@@ -264,11 +262,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.ft_select not in ("ndcg@100", "last"):
             raise ConfigError(f"sft.ft_select must be 'ndcg@100' or 'last', got {self.ft_select!r}")
-        if self.next_item_max_items < 2 or self.next_item_stride < 1:
-            raise ConfigError(
-                f"sft.next_item_max_items must be >= 2 and sft.next_item_stride >= 1, got "
-                f"{self.next_item_max_items}, {self.next_item_stride}"
-            )
+        if self.next_item_max_items < 1:
+            raise ConfigError(f"sft.next_item_max_items must be >= 1, got {self.next_item_max_items}")
 
 
 @dataclass

@@ -756,34 +756,29 @@ def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
     assert pages["hybrid"][0] != pages["generate"][0]
 
 
-def test_next_item_rows_label_every_item_and_the_page_slot(codec, vocab):
-    """[user, history:, i_1 .. i_{n-1}, page:, i_n] per window, items labelled; windows of
-    max_items end at the newest positive and every stride before it; a lone positive gives none;
-    non-positives and other users never enter a row."""
+def test_next_item_rows_are_every_prefix_with_its_next_item_at_the_page_slot(codec, vocab):
+    """One row per positive after a user's first: the prompt of the up to max_items positives
+    before it (time order), the item labelled at the page's first slot; non-positives and other
+    users' items never enter a row, a lone positive gives none."""
     from pagellm.train.sft import next_item_rows
 
     train = pd.DataFrame(
         {
-            "user_id": ["u1"] * 6 + ["u 2", "42", "42"],
-            "item_id": ["A 1", "x|y", "42", "b", "p00", "p01", "p02", "p03", "p04"],
-            "rating": [5.0, 4.0, 2.0, 5.0, 5.0, 4.0, 5.0, 5.0, 5.0],
-            "ts": [1, 2, 3, 4, 5, 6, 1, 2, 1],
+            "user_id": ["u1"] * 5 + ["u 2", "42", "42"],
+            "item_id": ["A 1", "x|y", "42", "b", "p00", "p02", "p03", "p04"],
+            "rating": [5.0, 4.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+            "ts": [1, 2, 3, 4, 5, 1, 2, 1],
         }
     )
-    rows = next_item_rows(codec, train, 3.0, max_items=4, stride=2)
+    rows = next_item_rows(codec, train, 3.0, max_items=2)
     t = vocab.item_token
-    head = [vocab.user_token["u1"], *codec.history_ids]
-    expected_u1 = [["x|y", "b", "p00", "p01"], ["A 1", "x|y", "b"]]  # "42" (r = 2) is no positive
-    # "42" in time order (p04 before p03); "u 2" has one positive: no row
-    head_42 = [vocab.user_token["42"], *codec.history_ids]
-    want = [(head, w) for w in expected_u1] + [(head_42, ["p04", "p03"])]
-    got = sorted((r.input_ids.tolist(), r.labels.tolist()) for r in rows.itertuples())
+    # u1's positives in time order: A 1, x|y, b, p00 ("42" has r = 2); "42": p04 then p03
+    want = [("u1", ["A 1"], "x|y"), ("u1", ["A 1", "x|y"], "b"), ("u1", ["x|y", "b"], "p00"), ("42", ["p04"], "p03")]
     ref = []
-    for h, w in want:
-        ids = h + [t[i] for i in w[:-1]] + codec.page_ids + [t[w[-1]]]
-        labels = [-100] * len(h) + [t[i] for i in w[:-1]] + [-100] * len(codec.page_ids) + [t[w[-1]]]
-        ref.append((ids, labels))
-    assert got == sorted(ref)
+    for user, history, item in want:
+        prompt = codec.prompt(user, history)
+        ref.append((prompt + [t[item]], [-100] * len(prompt) + [t[item]]))
+    assert sorted((r.input_ids.tolist(), r.labels.tolist()) for r in rows.itertuples()) == sorted(ref)
 
 
 def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_evaluate(codec, vocab, policy_dir):
@@ -838,5 +833,5 @@ def test_without_user_tokens_prompts_are_the_history_alone(items, meta_data):
     rows = meta_rows(vocab, items_df, train, 128, seed=0)
     assert set(rows.pattern) == {"a", "c", "d"}
     assert all(list(r[: len(codec.history_ids)]) == codec.history_ids for r in rows[rows.pattern == "d"].input_ids)
-    windows = next_item_rows(codec, train, 3.0, 50, 25)
+    windows = next_item_rows(codec, train, 3.0, 50)
     assert len(windows) and all(list(r[: len(codec.history_ids)]) == codec.history_ids for r in windows.input_ids)

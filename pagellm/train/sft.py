@@ -117,23 +117,20 @@ def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
     return pd.DataFrame({"input_ids": ids, "labels": labels})
 
 
-def next_item_rows(codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int, stride: int):
-    """Next-item rows: per window of a user's training positives in time order, the ids of
-    [user, " history:", i_1 .. i_{n-1}, " page:", i_n] with every item labelled, so each history
-    position learns the item that came next and " page:" the window's newest (the slot a page
-    starts with at evaluation). Windows of ``max_items`` end at the newest positive and every
-    ``stride`` items before it, down to two items (a lone item has no history)."""
+def next_item_rows(codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int):
+    """Next-item rows, every prefix of a user's training positives in time order (as SASRec
+    trains): for each positive i_t after the first, the prompt of the up to ``max_items``
+    positives before it, ``[user] history: i_{t-k} .. i_{t-1} page:``, labelled with i_t at the
+    page's first slot: the position a page starts from at evaluation."""
     vocab = codec.vocab
     positives = train[train.rating > positive_threshold].sort_values(["user_id", "ts", "item_id"], kind="stable")
     ids, labels = [], []
     for user, seq in positives.groupby("user_id").item_id:
-        items = vocab.items_to_ids(list(seq))
-        head = codec.prompt(user, [])[: -len(codec.page_ids)]  # user token and " history:"
-        for end in range(len(items), 1, -stride):
-            window = items[max(0, end - max_items) : end]
-            ids.append(np.asarray(head + window[:-1] + codec.page_ids + window[-1:], np.int64))
-            skip = [-100] * len(codec.page_ids)
-            labels.append(np.asarray([-100] * len(head) + window[:-1] + skip + window[-1:], np.int64))
+        items = list(seq)
+        for t in range(1, len(items)):
+            prompt = codec.prompt(user, items[max(0, t - max_items) : t])
+            ids.append(np.asarray(prompt + [vocab.item_token[items[t]]], np.int64))
+            labels.append(np.asarray([-100] * len(prompt) + [vocab.item_token[items[t]]], np.int64))
     return pd.DataFrame({"input_ids": ids, "labels": labels})
 
 
@@ -298,10 +295,8 @@ def next_item_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, 
 
     codec = PromptCodec.from_tokenizer(tokenizer)
     vocab, sft_cfg = codec.vocab, cfg.sft
-    rows = next_item_rows(
-        codec, data["train"], cfg.data.positive_threshold, sft_cfg.next_item_max_items, sft_cfg.next_item_stride
-    )
-    log.info("next-item pre-training on %d windows", len(rows))
+    rows = next_item_rows(codec, data["train"], cfg.data.positive_threshold, sft_cfg.next_item_max_items)
+    log.info("next-item pre-training on %d prefixes", len(rows))
     meta_dir, (lo, hi) = (out / META_DIR).resolve(), vocab.item_id_range
 
     def build():
