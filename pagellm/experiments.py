@@ -307,7 +307,8 @@ def run_coldstart(
     runs: dict[float, dict] = {}
     users: dict[float, dict[str, pd.DataFrame]] = {}
     for keep in keeps:
-        cfg = load_config(config_paths, [*overrides, f"data.train_keep={keep}"])
+        # the chain's own report skips baselines: compare scores them below, once
+        cfg = load_config(config_paths, [*overrides, f"data.train_keep={keep}", "eval.report_baselines=[]"])
         run_dir = out / f"keep_{keep:g}"
         if pagellm:
             chain = run_pipeline(cfg, run_dir / "chain", command)
