@@ -276,6 +276,17 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
     return {"metrics": metrics, "rows": meta.pattern.value_counts().to_dict()}
 
 
+def _lm_exporter(tokenizer):
+    """A stage's export: the LM (LoRA merged away by ``unwrap_lm``) and its tokenizer, the
+    directory every later stage loads with ``from_pretrained``."""
+
+    def export(module, directory: Path):
+        unwrap_lm(module.lm).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return export
+
+
 def _load_lm(directory: Path, model_cfg, tokenizer, base_size: int):
     """The LM a stage starts from (a previous stage's export), with LoRA when configured."""
     from transformers import AutoModelForCausalLM
@@ -302,10 +313,6 @@ def next_item_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, 
     def build():
         return NextItemLM(_load_lm(meta_dir, cfg.model, tokenizer, vocab.base_size), lo, hi - lo)
 
-    def export(module, directory: Path):
-        unwrap_lm(module.lm).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
     metrics = fit(
         FitSpec(
             "next_item",
@@ -314,7 +321,7 @@ def next_item_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, 
             sft_cfg.batch_size,
             build,
             collate_lm(vocab.pad_id),
-            export,
+            _lm_exporter(tokenizer),
             early_stopping=True,
             patience=sft_cfg.patience,
             select="ndcg@100",
@@ -348,10 +355,6 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
         lm = _load_lm(start, cfg.model, tokenizer, vocab.base_size)
         return PolicyLM(lm, sft_cfg.unlikelihood_weight, vocab.eos_id, vocab.item_id_range)
 
-    def export_policy(module, directory: Path):
-        unwrap_lm(module.lm).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
     metrics = fit(
         FitSpec(
             "golden_ft",
@@ -360,7 +363,7 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
             sft_cfg.batch_size,
             build_ft,
             collate_lm(vocab.pad_id),
-            export_policy,
+            _lm_exporter(tokenizer),
             early_stopping=by_ndcg,
             patience=sft_cfg.patience,
             select="ndcg@100" if by_ndcg else "loss",
