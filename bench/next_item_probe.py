@@ -7,6 +7,7 @@ Exact commands behind docs/deviations.md (repository root, venv active; data fro
     OMP_NUM_THREADS=1 python bench/next_item_probe.py --data runs/amz/data --layers 4 --width 128 --heads 4 --dropout 0.3 --no-user-tokens
     OMP_NUM_THREADS=1 python bench/next_item_probe.py --data runs/amz/data --layers 2 --width 64 --heads 2 --dropout 0.3 --no-user-tokens
     OMP_NUM_THREADS=1 python bench/next_item_probe.py --data runs/amz/data --layers 2 --width 64 --heads 2 --dropout 0.3
+    OMP_NUM_THREADS=1 python bench/next_item_probe.py --data runs/amz/data --no-user-tokens --item-init cooccurrence
 
 Rows are each user's newest ``--window`` training positives (and windows every half window
 before), ``[user] history: i_1 .. i_n``, item-block cross-entropy at every item; AdamW 1e-3,
@@ -28,7 +29,7 @@ from pagellm.config import load_config
 from pagellm.data.layout import DataDir
 from pagellm.eval.baselines import baseline_pages, load_protocol
 from pagellm.eval.metrics import ndcg_at_k
-from pagellm.model.modeling import build_lm
+from pagellm.model.modeling import build_lm, collaborative_item_vectors
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import build_tokenizer
 
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--no-user-tokens", action="store_true")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--window", type=int, default=50)
+    p.add_argument("--item-init", default="p5", choices=["p5", "cooccurrence"], help="model.item_init")
     p.add_argument("--init", help="start from this model directory (e.g. SFT_DIR/meta) and its tokenizer")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -61,7 +63,10 @@ def main() -> None:
     codec = PromptCodec.from_tokenizer(tokenizer)
     vocab, (lo, hi) = codec.vocab, codec.vocab.item_id_range
     if not args.init:
-        model = build_lm(cfg.model, tokenizer, vocab.base_size, 0)
+        vectors = None
+        if args.item_init == "cooccurrence":
+            vectors = collaborative_item_vectors(train, vocab, cfg.data.positive_threshold, args.width)
+        model = build_lm(cfg.model, tokenizer, vocab.base_size, 0, vectors)
     positives = train[train.rating > cfg.data.positive_threshold].sort_values(["user_id", "ts", "item_id"])
     rows = []
     for user, seq in positives.groupby("user_id").item_id:

@@ -21,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pagellm.errors import ConfigError
 
+PAIR_FAMILIES = ("np", "rk", "d", "rd", "pm")  # data.pair_families (pagellm.data.rules builds each)
+REWARD_POOLINGS = ("mean", "dcg")  # reward.fine_pooling (pagellm.model.modeling.item_weights)
 PAGE_MODES = ("generate", "score", "hybrid")  # eval.page_mode (pagellm.model.decoding.write_pages)
 
 
@@ -88,6 +90,13 @@ class DataConfig:
         "rows, pages with nothing to condition on); skipped windows are counted as ft: empty_history",
     )
     golden_max_items: int = opt(20, "longest golden list K (and longest negative list)")
+    pair_families: list[str] = opt(
+        list(PAIR_FAMILIES),
+        "negative families of D_reward: np (disliked items), rk (ranking swaps), d (one category), rd "
+        "(regrouped), and pm (each golden item swapped for an unseen item of nearly the same training "
+        "popularity: the only family that asks the reward which items are relevant, not how they are "
+        "arranged; not in the paper, configs/paper.yaml leaves it out)",
+    )
     category_cap: float = opt(
         0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)"
     )
@@ -135,6 +144,11 @@ class DataConfig:
             raise ConfigError(
                 f"data.golden_candidates must be 'future' or 'outside_prompt', got {self.golden_candidates!r}"
             )
+        unknown = [f for f in self.pair_families if f not in PAIR_FAMILIES]
+        if unknown or not self.pair_families or len(set(self.pair_families)) < len(self.pair_families):
+            raise ConfigError(
+                f"data.pair_families must be distinct names among {list(PAIR_FAMILIES)}, got {self.pair_families}"
+            )
         if not 0.0 < self.train_keep <= 1.0:
             raise ConfigError(f"data.train_keep must be in (0, 1], got {self.train_keep}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)
@@ -173,6 +187,16 @@ class ModelConfig:
     dropout: float = opt(
         0.1, "embedded GPT-2: dropout on embeddings, attention and residuals (GPT-2's own default 0.1)"
     )
+    item_init: str = opt(
+        "p5",
+        "item-token embedding rows at the start of SFT: p5 (random, N(0, var of the base rows), paper "
+        "4.2.1) or cooccurrence (truncated SVD of the positive PMI of item co-occurrence in training "
+        "positives, rescaled to the same std; items without co-occurrence keep the random row)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.item_init not in ("p5", "cooccurrence"):
+            raise ConfigError(f"model.item_init must be 'p5' or 'cooccurrence', got {self.item_init!r}")
 
 
 @dataclass
@@ -275,11 +299,31 @@ class RewardConfig:
     batch_size: int = opt(64, "pairs per step (global)")
     early_stopping: bool = opt(True, "stop on validation log-likelihood and export the best epoch")
     patience: int = opt(1, "epochs without improvement before stopping")
+    fine_pooling: str = opt(
+        "mean",
+        "how R_f pools its item scores: mean (eq. 13, every slot alike) or dcg (slot k weighted "
+        "1/log2(1 + k), normalised: the top of the page counts as it does in NDCG)",
+    )
+    agreement_users: int = opt(
+        300,
+        "validation users whose policy-sampled pages measure how well each head ranks pages: the "
+        "Spearman correlation of reward with page NDCG (metrics.json 'agreement'); 0 skips it",
+    )
+    agreement_samples: int = opt(4, "pages sampled per agreement user (within-user correlation needs >= 2)")
     holdout_fraction: float = opt(
         0.1,
         "pairs are split by user: this share of users is validation (early stopping) and "
         "the same share is test (the reported pairwise accuracy)",
     )
+
+    def __post_init__(self) -> None:
+        if self.fine_pooling not in REWARD_POOLINGS:
+            raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
+        if self.agreement_users < 0 or self.agreement_samples < 2:
+            raise ConfigError(
+                f"need reward.agreement_users >= 0 and reward.agreement_samples >= 2, got "
+                f"{self.agreement_users}, {self.agreement_samples}"
+            )
 
 
 @dataclass

@@ -45,6 +45,9 @@ TINY_STAGES = [
     "reward.lr=1e-3",
     "data.extra_ft_fractions=[0.3]",
     "sft.unlikelihood_weight=1.0",
+    # the non-default options of item init and fine pooling, through the real stages and PPO
+    "model.item_init=cooccurrence",
+    "reward.fine_pooling=dcg",
 ]
 
 

@@ -55,6 +55,9 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
     held_out = {u: every["val"].get(u, set()) | every["test"].get(u, set()) for u in users}
     train_pos = split["train"][split["train"].rating > cfg.positive_threshold].sort_values(["user_id", "ts", "item_id"])
     when = {(u, i): k for k, (u, i) in enumerate(train_pos[["user_id", "item_id"]].itertuples(index=False))}
+    count = split["train"].item_id.value_counts()
+    by_count = sorted(count.index, key=lambda i: (-count[i], i))  # training popularity rank
+    rank = {i: r for r, i in enumerate(by_count)}
     golden_of, windows_of = {}, {}
     for u, prompt, golden, window in ft[["user_id", "prompt_items", "golden", "window"]].itertuples(index=False):
         prompt, golden = list(prompt), list(golden)
@@ -100,8 +103,16 @@ def check_outputs(out: Path, cfg: DataConfig) -> dict:
             assert not set(rejected) - set(chosen) & every["train"][u]
         elif family == "rd":
             assert sorted(rejected) == sorted(chosen) and rejected != chosen and _clustered(rejected, category)
+        elif family == "pm":  # same length, never interacted with, nearly the same popularity rank
+            assert len(rejected) == len(chosen) and not set(rejected) & (every["train"][u] | held_out[u])
+            taken = set(chosen) | every["train"][u] | held_out[u]
+            for g, r in zip(chosen, rejected):
+                gap = abs(rank[r] - rank[g])
+                assert sum(abs(rank[i] - rank[g]) < gap for i in by_count if i not in taken) < 3, (u, g, r)
+                taken.add(r)
         else:
             raise AssertionError(f"unknown family {family}")
+        assert family in cfg.pair_families
     assert not pairs[pairs.window == "main"].duplicated(["user_id", "family"]).any()
     assert not pairs.assign(p=pairs.prompt_items.map(tuple)).duplicated(["user_id", "family", "p"]).any()
 

@@ -84,6 +84,8 @@ def test_yaml_then_overrides(tmp_path):
         ("data.category_cap=1.5", "data.category_cap"),
         ("data.split=[0.5,0.5]", "data.split"),
         ("data.golden_fraction=0", "data.golden_fraction"),
+        ("data.pair_families=[np,xx]", "data.pair_families"),
+        ("data.pair_families=[rk,rk]", "data.pair_families"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):
@@ -108,4 +110,5 @@ def test_every_shipped_config_loads(name):
     cfg = load_config([REPO / "pagellm" / "configs" / "embedded.yaml", REPO / "configs" / name])
     if name == "paper.yaml":  # the paper's recipe where our defaults deviate (docs/deviations.md)
         assert cfg.data.golden_candidates == "outside_prompt" and cfg.data.empty_history_windows
+        assert cfg.data.pair_families == ["np", "rk", "d", "rd"]
         assert cfg.eval.page_mode == "generate" and cfg.model.user_tokens and cfg.sft.next_item_epochs == 0

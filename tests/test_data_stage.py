@@ -47,7 +47,7 @@ def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users, e
     assert list((tmp_path / "ft").glob("*.parquet")) and list((tmp_path / "pairs").glob("*.parquet"))
     assert json.loads((tmp_path / "stats.json").read_text()) == json.loads(json.dumps(stats, default=str))
     assert stats["users_kept"] > min_users
-    assert set(stats["pairs_by_family"]) == {"np", "rk", "d", "rd"}
+    assert set(stats["pairs_by_family"]) == set(cfg.data.pair_families) == {"np", "rk", "d", "rd", "pm"}
     assert all(n > 0 for n in stats["pairs_by_family"].values())
     assert stats["users_kept"] + sum(stats["users_dropped"].values()) == stats["users"]
     checked = check_outputs(tmp_path, cfg.data)

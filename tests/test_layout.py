@@ -22,7 +22,7 @@ ALLOWED = {
     "ray_utils": {"config"},
     "model": {"config", "errors"},
     "data": {"config", "errors", "ray_utils"},
-    "train": BASE | {"model", "data"},
+    "train": BASE | {"model", "data", "eval"},
     "eval": BASE | {"model", "data"},
     "serve": BASE | {"model", "data"},
     "rl": BASE | {"model", "data", "train", "eval"},

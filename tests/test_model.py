@@ -17,13 +17,16 @@ from pagellm.model.modeling import (
     PolicyWithRatingHead,
     RewardModel,
     build_lm,
+    collaborative_item_vectors,
+    cooccurrence_item_vectors,
+    item_weights,
     p5_init_new_embeddings,
     token_nll,
     unwrap_lm,
 )
 from pagellm.model.prompts import ParsedPage, PromptCodec, encode_list
 from pagellm.model.vocab import EOS, Vocab, build_tokenizer, train_bpe_tokenizer
-from pagellm.train.reward import collate_pairs, pair_rows, pairwise_accuracy
+from pagellm.train.reward import collate_pairs, pair_rows, pairwise_accuracy, reward_agreement, spearman
 from pagellm.train.sft import collate_lm, greedy_pages, meta_rows, page_rows
 
 torch.set_num_threads(1)
@@ -179,6 +182,40 @@ def test_p5_init_scales_with_base_rows():
     weight = model.get_input_embeddings().weight
     assert torch.equal(weight[:100], before)
     _check_p5(weight, 100)
+
+
+def test_cooccurrence_vectors_separate_items_liked_by_different_users():
+    # users like either items 0-4 or items 5-9 (sampled); item 10 is liked alone, item 11 by no one
+    rng = np.random.default_rng(0)
+    users = [rng.choice(range(5 * (u % 2), 5 * (u % 2) + 5), size=3, replace=False) for u in range(40)]
+    vectors = cooccurrence_item_vectors([*users, np.array([10])], 12, dim=2)  # one direction a group
+    assert vectors.shape == (12, 2) and not vectors[10:].any()
+    unit = vectors[:10] / np.linalg.norm(vectors[:10], axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = np.equal.outer(np.arange(10) // 5, np.arange(10) // 5) & ~np.eye(10, dtype=bool)
+    assert cos[same].min() > cos[~np.equal.outer(np.arange(10) // 5, np.arange(10) // 5)].max()
+    assert np.array_equal(vectors, cooccurrence_item_vectors([*users, np.array([10])], 12, dim=2))
+    assert not cooccurrence_item_vectors([np.array([1])], 3, dim=2).any()  # nothing co-occurs
+
+
+def test_collaborative_item_init_replaces_item_rows_only(tokenizer, vocab):
+    lo, hi = vocab.item_id_range
+    liked = list(vocab.item_token)[:10]  # two users, five items each; the other items stay P5
+    train = pd.DataFrame(
+        {"user_id": ["a"] * 5 + ["b"] * 5 + ["a"], "item_id": liked + liked[:1], "rating": [5.0] * 10 + [1.0]}
+    )
+    vectors = collaborative_item_vectors(train, vocab, 3.0, 32)
+    assert vectors.shape == (hi - lo, 32)
+    known = np.abs(vectors).sum(1) > 0
+    assert known.sum() == 10 and all(known[vocab.item_token[i] - lo] for i in liked)
+    p5 = build_lm(tiny_cfg(), tokenizer, vocab.base_size).get_input_embeddings().weight
+    weight = build_lm(tiny_cfg(), tokenizer, vocab.base_size, item_vectors=vectors).get_input_embeddings().weight
+    assert torch.equal(weight[:lo], p5[:lo]) and torch.equal(weight[lo:hi][~known], p5[lo:hi][~known])
+    rows, target = weight[lo:hi][known], torch.as_tensor(vectors[known])
+    assert torch.allclose(rows / rows.norm(dim=1, keepdim=True), target / target.norm(dim=1, keepdim=True), atol=1e-5)
+    assert abs(rows.std().item() - p5[vocab.base_size :].std().item()) < 1e-4  # P5's scale
+    with pytest.raises(ValueError, match="item_vectors"):
+        build_lm(tiny_cfg(), tokenizer, vocab.base_size, item_vectors=vectors[:-1])
 
 
 def test_p5_init_from_pretrained_path(tmp_path, items):
@@ -513,6 +550,39 @@ def test_fine_score_is_mean_over_item_positions(codec, vocab, policy_dir):
         assert torch.allclose(alone[0], score[r], atol=1e-5)
 
 
+def test_fine_score_dcg_pooling_weights_the_top_slots(codec, vocab, policy_dir, tmp_path):
+    torch.manual_seed(0)
+    model = RewardModel.from_policy(policy_dir, "fine", pooling="dcg").eval()
+    ids, mask = _lists(codec)[0]  # three items
+    with torch.no_grad():
+        score = model.score(torch.tensor(ids[None]), torch.ones(1, len(ids)), torch.tensor(mask[None]))
+        per_item = model.item_scores(torch.tensor(ids[None]), torch.ones(1, len(ids)))[0, np.flatnonzero(mask)]
+    w = 1.0 / np.log2(np.arange(2, 5))
+    assert score.item() == pytest.approx(float((per_item.numpy() * w).sum() / w.sum()), abs=1e-6)
+    weights = item_weights(torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]]), "dcg")
+    assert torch.allclose(weights.sum(1), torch.ones(2)) and weights[0, 0] == weights[0, 3] == 0
+    assert weights[0, 1] > weights[0, 2] > weights[0, 4] > 0
+    assert torch.equal(item_weights(torch.tensor([[1, 1, 0]]), "mean"), torch.tensor([[0.5, 0.5, 0.0]]))
+    model.save_pretrained(tmp_path)
+    assert RewardModel.from_pretrained(tmp_path).pooling == "dcg"
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel.from_policy(policy_dir, "fine", pooling="max")
+
+
+def test_spearman_and_reward_agreement():
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 2, 3]), np.zeros(3)) is None  # constant NDCG: undefined
+    users = np.array(["a", "a", "b", "b", "c", "c"])
+    ndcg = np.array([0.0, 1.0, 0.2, 0.1, 0.0, 0.0])
+    good, bad = np.array([0.1, 0.9, 0.5, 0.4, 0.3, 0.3]), np.array([0.9, 0.1, 0.4, 0.5, 0.3, 0.3])
+    report = reward_agreement({"good": good, "bad": bad}, ndcg, users)
+    assert report["good"]["within_user"] == pytest.approx(1.0) and report["good"]["users"] == 2  # c: all 0
+    assert report["bad"]["within_user"] == pytest.approx(-1.0)
+    assert report["good"]["pooled"] > 0.5 > report["bad"]["pooled"]
+    assert report["pages"] == 6 and report["mean_ndcg"] == pytest.approx(ndcg.mean())
+
+
 @pytest.mark.parametrize("kind", ["coarse", "fine"])
 def test_reward_bt_loss_and_save_load(tmp_path, codec, vocab, policy_dir, kind):
     torch.manual_seed(0)
@@ -557,10 +627,17 @@ def test_pairwise_accuracy_by_family():
     families = np.array(["np", "np", "rk", "d", "d"])
     margins = {"coarse": np.array([1.0, -1.0, 0.5, 2.0, 0.0]), "fine": np.array([-1.0, -1.0, -0.5, 2.0, 3.0])}
     report = pairwise_accuracy(margins, families)
-    assert report["coarse"] == {"np": 0.5, "rk": 1.0, "d": 0.5, "rd": None, "all": 0.6}  # a tie is not a win
-    assert report["fine"] == {"np": 0.0, "rk": 0.0, "d": 1.0, "rd": None, "all": 0.4}
+    assert report["coarse"] == {
+        "np": 0.5,
+        "rk": 1.0,
+        "d": 0.5,
+        "rd": None,
+        "pm": None,
+        "all": 0.6,
+    }  # a tie is not a win
+    assert report["fine"] == {"np": 0.0, "rk": 0.0, "d": 1.0, "rd": None, "pm": None, "all": 0.4}
     empty = pairwise_accuracy({"coarse": np.zeros(0)}, np.array([], dtype=object))
-    assert empty == {"coarse": {"np": None, "rk": None, "d": None, "rd": None, "all": None}}
+    assert empty == {"coarse": {"np": None, "rk": None, "d": None, "rd": None, "pm": None, "all": None}}
 
 
 def test_encode_list_marks_exactly_the_page_items(codec, vocab):

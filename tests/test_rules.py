@@ -153,6 +153,26 @@ def test_diversity_negative(data, seed):
     assert rules.category_entropy(d, category) < rules.category_entropy(golden, category)
 
 
+@given(st.integers(1, 12), st.integers(0, 40), st.integers(0, 2**16))
+@settings(max_examples=300, deadline=None)
+def test_popularity_matched_negative(k, n_other, seed):
+    rng = np.random.default_rng(seed)
+    by_count = [f"i{j}" for j in rng.permutation(k + n_other)]  # the catalogue, most rated first
+    golden = list(rng.choice(by_count, size=k, replace=False))
+    exclude = set(rng.choice(by_count, size=n_other // 3, replace=False)) - set(golden)
+    ctx = rules.ItemContext(category={}, popularity_score={}, mean_rating=4.0, by_count=by_count)
+    pm, reason = rules.popularity_matched_negative(golden, ctx, exclude, np.random.default_rng(seed))
+    unused = [i for i in by_count if i not in set(golden) | exclude]
+    if len(unused) < k:
+        assert pm is None and reason == "no_unused_items"
+        return
+    assert len(pm) == k and len(set(pm)) == k and not set(pm) & (set(golden) | exclude)
+    rank, taken = ctx.count_rank, set(golden) | exclude
+    for g, r in zip(golden, pm):  # fewer than 3 unused items strictly closer in popularity
+        assert sum(abs(rank[i] - rank[g]) < abs(rank[r] - rank[g]) for i in by_count if i not in taken) < 3
+        taken.add(r)
+
+
 @given(golden_and_catalogue())
 @settings(max_examples=300, deadline=None)
 def test_redundancy_negative(data):
@@ -197,6 +217,7 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction, ca
         popularity_score={i: 3.0 + (int(i[1:]) % 7) / 3 for i in catalogue},
         mean_rating=4.0,
         by_category={c: [i for i in catalogue if category[i] == c] for c in "ABC"},
+        by_count=catalogue,
     )
     cfg = DataConfig(
         prompt_max_items=prompt_max,
@@ -225,7 +246,7 @@ def test_build_user_reads_training_only(history, prompt_max, golden_fraction, ca
         assert golden
     for family, rejected in rec.pairs.items():
         assert not set(rejected) & held_out, family
-    assert set(rec.pairs) | {f for f in rec.skipped if f != "ft"} == set(rules.FAMILIES)
+    assert set(rec.pairs) | {f for f in rec.skipped if f != "ft"} == set(cfg.pair_families) == set(rules.FAMILIES)
     disliked = {i for i, r, lab in zip(items, ratings, labels) if lab == TRAIN and r < 3}
     if "np" in rec.pairs:
         assert set(rec.pairs["np"]) <= disliked

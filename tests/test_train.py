@@ -152,11 +152,20 @@ def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
     assert sft["next_item_rows"] > 0
     acc = tiny_stages["reward"]["accuracy"]
     assert set(acc) == {"coarse", "fine", "combined"}
-    assert all(set(v) == {"np", "rk", "d", "rd", "all"} for v in acc.values())
+    assert all(set(v) == {"np", "rk", "d", "rd", "pm", "all"} for v in acc.values())
     saved = json.loads((tmp_path / "reward" / "metrics.json").read_text())
     assert saved["accuracy"] == json.loads(json.dumps(acc))
+    # how each head ranks the SFT policy's sampled validation pages against their NDCG
+    agreement = tiny_stages["reward"]["agreement"]
+    assert agreement["pages"] == tiny_stages["cfg"].reward.agreement_samples * min(
+        tiny_stages["cfg"].reward.agreement_users, len(pd.read_parquet(tmp_path / "data" / "eval" / "val.parquet"))
+    )
+    for name in ("coarse", "fine", "combined"):
+        assert agreement[name]["pooled"] is None or -1 <= agreement[name]["pooled"] <= 1
     for kind in ("coarse", "fine"):
         assert (tmp_path / "reward" / kind / "reward_head.safetensors").exists()
+    meta = {k: json.loads((tmp_path / "reward" / k / "reward_head.json").read_text()) for k in ("coarse", "fine")}
+    assert meta == {"coarse": {"kind": "coarse", "pooling": "mean"}, "fine": {"kind": "fine", "pooling": "dcg"}}
 
 
 def test_latest_checkpoint_prefers_newest_complete(tmp_path):

@@ -11,13 +11,15 @@ import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from pagellm.config import PAIR_FAMILIES as FAMILIES
+
 TRAIN, VAL, TEST = 0, 1, 2
 WITHHELD = 3  # a training interaction left out by the cold-start simulation (data.train_keep)
-FAMILIES = ("np", "rk", "d", "rd")
 
 
 def round_half_up(x: float) -> int:
@@ -77,9 +79,15 @@ class ItemContext:
     mean_rating: float  # s_i for items with no training rating (held-out-only items)
     # items of each category, most rated in training first (the d family draws from these)
     by_category: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # every item with a training rating, most rated first, then by id (the pm family matches in it)
+    by_count: Sequence[str] = ()
 
     def s(self, item: str) -> float:
         return self.popularity_score.get(item, self.mean_rating)
+
+    @cached_property
+    def count_rank(self) -> dict[str, int]:
+        return {item: r for r, item in enumerate(self.by_count)}
 
 
 def golden_order(items: Sequence[str], ratings: Sequence[float], ctx: ItemContext) -> list[int]:
@@ -223,6 +231,38 @@ def redundancy_negative(golden: Sequence[str], category: Mapping[str, str]) -> O
     return None if out == list(golden) else out
 
 
+def popularity_matched_negative(
+    golden: Sequence[str], ctx: ItemContext, exclude: set, rng: np.random.Generator, nearest: int = 3
+) -> tuple[Optional[list[str]], str]:
+    """``pm`` family (ours, not the paper's): each golden item replaced, in place, by one of the
+    ``nearest`` unused items closest to it in training popularity rank (``ctx.by_count``).
+
+    The rejected page is as popular as the golden one and keeps its length, so only the user's
+    history can tell them apart: the contrast a reward needs to prefer relevant pages to popular
+    ones (np/rk/d/rd never ask it). Unused: not in the golden list, not in ``exclude`` (every
+    item the user interacted with, in any split) and not picked before. Invariants: same length,
+    no repeats, no item of the golden list or of ``exclude``; at each position fewer than
+    ``nearest`` unused items are strictly closer in rank than the one chosen. ``(None, reason)``
+    when the catalogue has no unused item left.
+    """
+    order, rank = ctx.by_count, ctx.count_rank
+    taken = set(golden) | set(exclude)
+    out = []
+    for item in golden:
+        r = rank.get(item, len(order))
+        near: list[str] = []
+        for d in range(len(order) + 1):
+            if len(near) >= nearest or (r - d < 0 and r + d >= len(order)):
+                break
+            near += [order[j] for j in sorted({r - d, r + d}) if 0 <= j < len(order) and order[j] not in taken]
+        if not near:
+            return None, "no_unused_items"
+        pick = near[int(rng.integers(len(near)))]
+        taken.add(pick)
+        out.append(pick)
+    return out, ""
+
+
 def user_rng(seed: int, user_id: str, *stream: int) -> np.random.Generator:
     """A generator that depends only on the seed and the user (and ``stream``, for a draw that
     must not shift the others), so outputs do not depend on how users are partitioned."""
@@ -316,7 +356,7 @@ def build_user(
         out.skipped["ft"] = "no_training_positives"
 
     if out.golden:
-        rng = user_rng(cfg.seed, user_id)
+        rng, pm_rng = user_rng(cfg.seed, user_id), user_rng(cfg.seed, user_id, 2)
         rating_of = {items[k]: ratings[k] for k in np.flatnonzero(labels == TRAIN)}
         interacted = {items[k] for k in np.flatnonzero(labels != WITHHELD)}
         disliked = [items[k] for k in np.flatnonzero((labels == TRAIN) & (ratings < cfg.negative_threshold))]
@@ -324,12 +364,15 @@ def build_user(
 
         def negatives(golden: list[str]) -> dict[str, tuple[Optional[list[str]], str]]:
             key = {i: (rating_of[i], ctx.s(i)) for i in golden}
-            return {
-                "np": (non_preferred_list(disliked, len(golden)), "no_disliked_items"),
-                "rk": (ranking_negative(golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
-                "d": diversity_negative(golden, ctx, interacted, rng),
-                "rd": (redundancy_negative(golden, ctx.category), "golden_already_clustered"),
+            made = {
+                "np": lambda: (non_preferred_list(disliked, len(golden)), "no_disliked_items"),
+                "rk": lambda: (ranking_negative(golden, key, cfg.rk_swaps, rng), "golden_shorter_than_2"),
+                "d": lambda: diversity_negative(golden, ctx, interacted, rng),
+                "rd": lambda: (redundancy_negative(golden, ctx.category), "golden_already_clustered"),
+                # its own stream: adding the family leaves the other families' draws unchanged
+                "pm": lambda: popularity_matched_negative(golden, ctx, interacted, pm_rng),
             }
+            return {family: made[family]() for family in FAMILIES if family in cfg.pair_families}
 
         for family, (rejected, reason) in negatives(out.golden).items():
             if rejected is None:
@@ -342,7 +385,7 @@ def build_user(
                 if made:
                     out.extra_pairs.append((prompt, golden, made))
     else:
-        for family in FAMILIES:
+        for family in cfg.pair_families:
             out.skipped[family] = "no_golden_list"
 
     # evaluation: held-out positives in golden-rule order (no cap), with the prompt the model

@@ -122,14 +122,16 @@ def item_context(items: pa.Table, sums: Iterable[pa.Table]) -> rules.ItemContext
     rating_sum = total.column("rating_sum_sum").to_numpy()
     count = total.column("rating_count_sum").to_numpy()
     category = dict(zip(items.column("item_id").to_pylist(), items.column("category").to_pylist()))
+    by_count = [ids[j] for j in np.lexsort((np.array(ids, dtype=object), -count))]  # most rated first, then id
     by_category: dict[str, list[str]] = {}
-    for j in np.lexsort((np.array(ids, dtype=object), -count)):  # most rated first, then id
-        by_category.setdefault(category[ids[j]], []).append(ids[j])
+    for item in by_count:
+        by_category.setdefault(category[item], []).append(item)
     return rules.ItemContext(
         category=category,
         popularity_score=dict(zip(ids, (rating_sum / count).tolist())),
         mean_rating=float(rating_sum.sum() / max(count.sum(), 1)),
         by_category=by_category,
+        by_count=by_count,
     )
 
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from pagellm.config import ModelConfig
+from pagellm.config import REWARD_POOLINGS, ModelConfig
+from pagellm.model.vocab import Vocab
 
 RATING_HEAD_FILE = "rating_head.safetensors"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -32,9 +35,56 @@ def p5_init_new_embeddings(model: PreTrainedModel, first_new: int, generator: to
         weight[first_new:] = new.to(weight.dtype)
 
 
-def build_lm(model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0) -> PreTrainedModel:
+def cooccurrence_item_vectors(user_items: Iterable[np.ndarray], n_items: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Rows ``U_k sqrt(S_k)`` of the rank-``dim`` truncated SVD of the positive PMI matrix of item
+    co-occurrence (two items co-occur when one user liked both; the diagonal left out), sparse
+    throughout so a large catalogue costs its co-occurrences, not n_items^2. ``user_items``: each
+    user's item indices in [0, n_items). An item that co-occurs with nothing gets a zero row."""
+    keys = [(a[:, None] * n_items + a[None, :]).ravel() for a in map(np.unique, user_items) if len(a) > 1]
+    out = np.zeros((n_items, dim), dtype=np.float32)
+    if not keys:
+        return out
+    pair, count = np.unique(np.concatenate(keys), return_counts=True)
+    i, j = np.divmod(pair, n_items)
+    off = i != j
+    i, j, count = i[off], j[off], count[off].astype(np.float64)
+    marginal = np.bincount(i, weights=count, minlength=n_items)
+    pmi = np.log(count * count.sum() / (marginal[i] * marginal[j]))
+    keep = pmi > 0
+    if not keep.any():
+        return out
+    matrix = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([i[keep], j[keep]])),
+        torch.from_numpy(pmi[keep]),
+        (n_items, n_items),
+        check_invariants=True,
+    ).coalesce()
+    rank = min(dim, n_items)
+    with torch.random.fork_rng():  # svd_lowrank draws its sketch from the global generator
+        torch.manual_seed(seed)
+        u, s, _ = torch.svd_lowrank(matrix, q=rank, niter=4)
+    out[:, :rank] = (u * s.sqrt()).numpy()
+    out[np.bincount(i[keep], minlength=n_items) == 0] = 0.0  # null-space noise of the sketch
+    return out
+
+
+def collaborative_item_vectors(train, vocab, positive_threshold: float, dim: int, seed: int = 0) -> np.ndarray:
+    """``cooccurrence_item_vectors`` of the training positives (a frame of user_id, item_id,
+    rating), one row per item token of ``vocab`` in token order (``model.item_init``)."""
+    lo, hi = vocab.item_id_range
+    pos = train[train.rating > positive_threshold]
+    index = np.array([vocab.item_token[i] - lo for i in pos.item_id], dtype=np.int64)
+    groups = pd.Series(index).groupby(pos.user_id.to_numpy()).agg(np.array)
+    return cooccurrence_item_vectors(groups.tolist(), hi - lo, dim, seed)
+
+
+def build_lm(
+    model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0, item_vectors: Optional[np.ndarray] = None
+) -> PreTrainedModel:
     """The policy LM with the user/item tokens: a pretrained model (name or local path) with
-    resized embeddings, or the embedded small GPT-2; optional LoRA (base frozen)."""
+    resized embeddings, or the embedded small GPT-2; optional LoRA (base frozen). New rows are
+    P5-initialised; ``item_vectors`` (one row per item token, ``collaborative_item_vectors``)
+    then replace the item rows that are not zero, rescaled to the P5 rows' std."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if model_cfg.name_or_path:
@@ -56,6 +106,17 @@ def build_lm(model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0) -
         model = GPT2LMHeadModel(config)
     model.config.pad_token_id = tokenizer.pad_token_id
     p5_init_new_embeddings(model, base_size, gen)
+    if item_vectors is not None:
+        lo, hi = Vocab.from_tokenizer(tokenizer).item_id_range
+        weight, vectors = model.get_input_embeddings().weight, torch.as_tensor(item_vectors, dtype=torch.float32)
+        known = vectors.norm(dim=1) > 0
+        if len(vectors) != hi - lo:
+            raise ValueError(f"item_vectors has {len(vectors)} rows for {hi - lo} item tokens")
+        if known.any():
+            with torch.no_grad():
+                std = weight[base_size:].float().std()
+                block = weight[lo:hi]
+                block[known] = (vectors[known] * (std / vectors[known].std())).to(weight.dtype)
     if model_cfg.lora_rank > 0:
         model = apply_lora(model, model_cfg, list(range(base_size, len(tokenizer))))
     return model
@@ -248,18 +309,32 @@ class PolicyLM(nn.Module):
         return loss, {"lm_loss": lm_loss.detach(), "unlikelihood": ul_loss.detach()}
 
 
+def item_weights(item_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Each item's weight in R_f (rows sum to 1 over a page's items, 0 elsewhere): ``mean``
+    1/n (eq. 13), ``dcg`` the slot's DCG discount 1/log2(1 + slot) normalised, so the top of the
+    page counts as it does in NDCG. Works on any layout where ``item_mask`` marks the items."""
+    mask = item_mask.float()
+    if pooling == "dcg":
+        slot = mask.cumsum(1)
+        mask = torch.where(mask > 0, 1.0 / torch.log2(slot + 1).clamp(min=1e-12), 0.0)
+    return mask / mask.sum(1, keepdim=True).clamp(min=1e-12)
+
+
 class RewardModel(nn.Module):
     """A GPT-2 backbone with a scalar head.
 
     coarse (eq. 10): R_c = head(h at the last token of [prompt || list]), the pooled final state.
-    fine (eq. 13):   R_f = mean over the list's item positions of head(h_t), one score per item.
+    fine (eq. 13):   R_f = the ``item_weights``-weighted sum over the list's item positions of
+                     head(h_t), one score per item (``pooling``: mean, the paper's, or dcg).
     """
 
-    def __init__(self, backbone: PreTrainedModel, kind: str):
+    def __init__(self, backbone: PreTrainedModel, kind: str, pooling: str = "mean"):
         super().__init__()
         if kind not in ("coarse", "fine"):
             raise ValueError(f"reward kind must be 'coarse' or 'fine', got {kind!r}")
-        self.backbone, self.kind = backbone, kind
+        if pooling not in REWARD_POOLINGS:
+            raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
+        self.backbone, self.kind, self.pooling = backbone, kind, pooling
         self.head = nn.Linear(backbone.config.n_embd, 1)
 
     def item_scores(self, input_ids, attention_mask) -> torch.Tensor:
@@ -270,8 +345,7 @@ class RewardModel(nn.Module):
         scores = self.item_scores(input_ids, attention_mask)
         if self.kind == "coarse":
             return scores[torch.arange(len(input_ids)), last_token_index(attention_mask)]
-        item_mask = item_mask.float()
-        return (scores * item_mask).sum(1) / item_mask.sum(1).clamp(min=1)
+        return (scores * item_weights(item_mask, self.pooling)).sum(1)
 
     def forward(self, input_ids, attention_mask, item_mask, n_pairs=None):
         """Bradley-Terry (eq. 11 / eq. 14): rows [0, n) are chosen lists, rows [n, 2n) the
@@ -289,20 +363,20 @@ class RewardModel(nn.Module):
             {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
             str(directory / REWARD_HEAD_FILE),
         )
-        (directory / REWARD_META_FILE).write_text(json.dumps({"kind": self.kind}))
+        (directory / REWARD_META_FILE).write_text(json.dumps({"kind": self.kind, "pooling": self.pooling}))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "RewardModel":
         directory = Path(directory)
-        kind = json.loads((directory / REWARD_META_FILE).read_text())["kind"]
-        model = cls(AutoModel.from_pretrained(directory), kind)
+        meta = json.loads((directory / REWARD_META_FILE).read_text())
+        model = cls(AutoModel.from_pretrained(directory), meta["kind"], meta.get("pooling", "mean"))
         model.head.load_state_dict(load_file(str(directory / REWARD_HEAD_FILE)))
         return model
 
     @classmethod
-    def from_policy(cls, policy_dir: str | Path, kind: str) -> "RewardModel":
+    def from_policy(cls, policy_dir: str | Path, kind: str, pooling: str = "mean") -> "RewardModel":
         """Backbone initialised from the SFT policy (its LM head is dropped)."""
-        return cls(AutoModel.from_pretrained(policy_dir), kind)
+        return cls(AutoModel.from_pretrained(policy_dir), kind, pooling)
 
 
 def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:

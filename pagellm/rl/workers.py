@@ -34,7 +34,7 @@ from pagellm.model.decoding import (
     masked_logprobs,
     rollout_batch,
 )
-from pagellm.model.modeling import RewardModel
+from pagellm.model.modeling import RewardModel, item_weights
 from pagellm.rl.batch import PageScores, RolloutBatch
 from pagellm.rl.ppo_math import policy_loss, value_loss
 from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
@@ -282,6 +282,6 @@ class RewardWorker(RoleWorker):
         if self.kind == "coarse":
             return PageScores(scores[rows, last], torch.zeros(batch.actions.shape))
         # item at step s sits at position len(prompt) + s, one after the logit position
-        item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1)) * is_item
-        n_items = is_item.sum(1).clamp(min=1)
-        return PageScores(item_scores.sum(1) / n_items, item_scores / n_items[:, None])
+        item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1))
+        steps = item_scores * item_weights(is_item, self.model.pooling)
+        return PageScores(steps.sum(1), steps)

@@ -74,6 +74,82 @@ def pairwise_accuracy(margins: dict[str, np.ndarray], families: np.ndarray) -> d
     return report
 
 
+def spearman(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def reward_agreement(rewards: dict[str, np.ndarray], ndcg: np.ndarray, users: np.ndarray) -> dict:
+    """How well each reward ranks pages as NDCG does (issue target: >= 0.3). ``pooled``: the
+    Spearman correlation over every page; ``within_user``: its mean over users whose pages differ
+    in NDCG (what a per-prompt baseline in PPO sees), with that number of users."""
+    report = {}
+    for name, reward in rewards.items():
+        per_user = [spearman(reward[users == u], ndcg[users == u]) for u in dict.fromkeys(users.tolist())]
+        per_user = [r for r in per_user if r is not None]
+        report[name] = {
+            "pooled": spearman(reward, ndcg),
+            "within_user": float(np.mean(per_user)) if per_user else None,
+            "users": len(per_user),
+        }
+    report["pages"], report["mean_ndcg"] = len(ndcg), float(ndcg.mean()) if len(ndcg) else None
+    return report
+
+
+def sampled_validation_pages(cfg: PageLLMConfig, policy, users: pd.DataFrame) -> tuple[list, list[list[str]]]:
+    """``reward.agreement_samples`` pages per user sampled from ``policy`` as PPO rolls out
+    (``ppo.page_min_items``..``page_max_items`` items, its temperature and top-p), never showing
+    an item the user saw before the split. Returns (user of each page, pages)."""
+    import torch
+
+    from pagellm.model.decoding import generate_pages
+
+    codec, vocab, k = policy.codec, policy.vocab, cfg.reward.agreement_samples
+    constraint = policy.constraint(cfg.ppo.page_min_items, cfg.ppo.page_max_items)
+    rows = [(u, list(p), list(s)) for u, p, s in zip(users.user_id, users.prompt_items, users.seen) for _ in range(k)]
+    gen, owners, pages = torch.Generator().manual_seed(cfg.train.seed), [], []
+    for lo in range(0, len(rows), 64):
+        part = rows[lo : lo + 64]
+        written = generate_pages(
+            policy.model,
+            [codec.prompt(u, p) for u, p, _ in part],
+            constraint,
+            vocab.pad_id,
+            temperature=cfg.ppo.temperature,
+            top_p=cfg.ppo.top_p,
+            generator=gen,
+            banned_items=[[vocab.item_token[i] for i in seen if i in vocab.item_token] for _, _, seen in part],
+        )
+        owners += [u for u, _, _ in part]
+        pages += [[vocab.token_item[t] for t in row] for row in written.item_tokens(constraint)]
+    return owners, pages
+
+
+def measure_agreement(cfg: PageLLMConfig, data: DataDir, sft_dir: Path, out: Path) -> dict:
+    """``reward_agreement`` of R_c, R_f and R_c + R_f on pages the SFT policy samples for a
+    seeded subset of ``reward.agreement_users`` validation users."""
+    from pagellm.eval.metrics import ndcg_at_k
+    from pagellm.model.artifact import load_policy
+
+    users = data.eval_users("val", cfg.data.positive_threshold)
+    users = users.sample(min(cfg.reward.agreement_users, len(users)), random_state=cfg.train.seed)
+    policy = load_policy(sft_dir)
+    owners, pages = sampled_validation_pages(cfg, policy, users)
+    target = dict(zip(users.user_id, users.target))
+    ndcg = np.array([ndcg_at_k(page, target[u], cfg.ppo.page_max_items) for u, page in zip(owners, pages)])
+    prompt = dict(zip(users.user_id, users.prompt_items))
+    encoded = [encode_list(policy.codec, u, list(prompt[u]), page) for u, page in zip(owners, pages)]
+    rewards = {}
+    for kind in KINDS:
+        model = RewardModel.from_pretrained(out / kind).eval()
+        rewards[kind] = score_lists(model, [e[0] for e in encoded], [e[1] for e in encoded], policy.vocab.pad_id)
+    rewards["combined"] = rewards["coarse"] + rewards["fine"]
+    return reward_agreement(rewards, ndcg, np.asarray(owners))
+
+
 def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
     with figure(path, 2) as (_, axes):
         for kind, records in logs.items():
@@ -116,7 +192,7 @@ def run_reward(
     for kind in KINDS:
 
         def build(kind=kind):
-            return RewardModel.from_policy(sft_dir, kind)
+            return RewardModel.from_policy(sft_dir, kind, cfg.reward.fine_pooling if kind == "fine" else "mean")
 
         def export(module, directory: Path):
             module.save_pretrained(directory)
@@ -147,6 +223,10 @@ def run_reward(
         rejected = score_lists(model, list(test.rejected_ids), list(test.rejected_mask), codec.vocab.pad_id)
         margins[kind] = chosen - rejected
     margins["combined"] = margins["coarse"] + margins["fine"]  # R = R_c + R_f (eq. 15)
+    agreement = None
+    if cfg.reward.agreement_users:
+        agreement = measure_agreement(cfg, DataDir(data_dir), sft_dir, out)
+        log.info("reward vs page NDCG (Spearman): %s", {k: v for k, v in agreement.items() if isinstance(v, dict)})
     logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
     plot_reward_curves(logs, out / "reward_curves.png")
     metrics = {
@@ -158,6 +238,7 @@ def run_reward(
             for k, fm in fit_metrics.items()
         },
         "margin_std": {k: float(np.std(m)) for k, m in margins.items()},
+        "agreement": agreement,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     return metrics

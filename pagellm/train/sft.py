@@ -21,7 +21,15 @@ from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
 from pagellm.data.layout import DataDir
 from pagellm.data.schema import UNKNOWN_CATEGORY
-from pagellm.model.modeling import NextItemLM, PolicyLM, PolicyWithRatingHead, build_lm, pad_batch, unwrap_lm
+from pagellm.model.modeling import (
+    NextItemLM,
+    PolicyLM,
+    PolicyWithRatingHead,
+    build_lm,
+    collaborative_item_vectors,
+    pad_batch,
+    unwrap_lm,
+)
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer
 from pagellm.outputs import figure, read_jsonl
@@ -247,9 +255,19 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
     held = np.array([in_share(str(k), 0.05, salt="meta") for k in range(len(meta))])
     log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
     base_size, rating_weight = vocab.base_size, sft_cfg.rating_loss_weight
+    item_vectors = None
+    if model_cfg.item_init == "cooccurrence":
+        width = unwrap_lm(build_lm(model_cfg, tokenizer, base_size)).get_input_embeddings().embedding_dim
+        item_vectors = collaborative_item_vectors(
+            data["train"], vocab, cfg.data.positive_threshold, width, train_cfg.seed
+        )
+        log.info(
+            "item tokens from co-occurrence: %d of %d items", (abs(item_vectors).sum(1) > 0).sum(), len(item_vectors)
+        )
 
     def build_meta():
-        return PolicyWithRatingHead(build_lm(model_cfg, tokenizer, base_size, train_cfg.seed), rating_weight)
+        lm = build_lm(model_cfg, tokenizer, base_size, train_cfg.seed, item_vectors)
+        return PolicyWithRatingHead(lm, rating_weight)
 
     def export_meta(module, directory: Path):
         unwrap_lm(module.lm).save_pretrained(directory)
