@@ -188,10 +188,11 @@ class ModelConfig:
         0.1, "embedded GPT-2: dropout on embeddings, attention and residuals (GPT-2's own default 0.1)"
     )
     item_init: str = opt(
-        "p5",
+        "cooccurrence",
         "item-token embedding rows at the start of SFT: p5 (random, N(0, var of the base rows), paper "
         "4.2.1) or cooccurrence (truncated SVD of the positive PMI of item co-occurrence in training "
-        "positives, rescaled to the same std; items without co-occurrence keep the random row)",
+        "positives, rescaled to the same std; items without co-occurrence keep the random row). Amazon "
+        "validation NDCG@100 after fine-tuning 0.1178 vs 0.0984 with p5 (docs/deviations.md)",
     )
 
     def __post_init__(self) -> None:
@@ -304,6 +305,12 @@ class RewardConfig:
         "how R_f pools its item scores: mean (eq. 13, every slot alike) or dcg (slot k weighted "
         "1/log2(1 + k), normalised: the top of the page counts as it does in NDCG)",
     )
+    policy_pairs: bool = opt(
+        False,
+        "add a ps pair per (prompt, golden list) of D_reward: the golden list against a page of its "
+        "length sampled from the SFT policy as PPO rolls out, of items the user never interacted with "
+        "(negatives from the distribution the reward will score in PPO; ours, not the paper's)",
+    )
     agreement_users: int = opt(
         300,
         "validation users whose policy-sampled pages measure how well each head ranks pages: the "
@@ -355,6 +362,12 @@ class PPOConfig:
     kl_adaptive: bool = opt(False, "adaptive KL controller (Ziegler et al. 2019) instead of a fixed beta")
     kl_target: float = opt(6.0, "adaptive controller: target KL per page")
     kl_horizon: int = opt(10000, "adaptive controller: horizon in pages")
+    advantage: str = opt(
+        "gae",
+        "gae: the critic's values and GAE (the paper); group: k = group_size pages per prompt, each "
+        "page's reward (R minus beta x its KL) standardised within its group, no critic trained",
+    )
+    group_size: int = opt(4, "advantage=group: pages sampled per prompt (batch_size pages = batch_size / k prompts)")
     gamma: float = opt(1.0, "discount (the paper: 1)")
     gae_lambda: float = opt(0.95, "GAE lambda")
     value_clip: float = opt(0.2, "clip of the value loss")
@@ -407,6 +420,7 @@ class PPOConfig:
             "rewards": ("both", "coarse", "fine", "none"),
             "reward_placement": ("terminal", "dense"),
             "final_policy": ("last", "best_val"),
+            "advantage": ("gae", "group"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -425,6 +439,11 @@ class PPOConfig:
             raise ConfigError(
                 f"ppo.final_policy=best_val needs ppo.checkpoint_every ({self.checkpoint_every}) to divide ppo.eval_every ({self.eval_every}): "
                 "every evaluated policy must be saved"
+            )
+        if self.advantage == "group" and (self.group_size < 2 or self.batch_size % self.group_size):
+            raise ConfigError(
+                f"ppo.advantage=group needs ppo.group_size >= 2 dividing ppo.batch_size ({self.batch_size}), "
+                f"got {self.group_size}"
             )
         if not 1 <= self.page_min_items <= self.page_max_items:
             raise ConfigError(

@@ -45,9 +45,10 @@ TINY_STAGES = [
     "reward.lr=1e-3",
     "data.extra_ft_fractions=[0.3]",
     "sft.unlikelihood_weight=1.0",
-    # the non-default options of item init and fine pooling, through the real stages and PPO
-    "model.item_init=cooccurrence",
+    # the non-default fine pooling and policy-sampled pairs, through the real reward stage and
+    # PPO's fine-reward actor
     "reward.fine_pooling=dcg",
+    "reward.policy_pairs=true",
 ]
 
 

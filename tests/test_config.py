@@ -110,5 +110,5 @@ def test_every_shipped_config_loads(name):
     cfg = load_config([REPO / "pagellm" / "configs" / "embedded.yaml", REPO / "configs" / name])
     if name == "paper.yaml":  # the paper's recipe where our defaults deviate (docs/deviations.md)
         assert cfg.data.golden_candidates == "outside_prompt" and cfg.data.empty_history_windows
-        assert cfg.data.pair_families == ["np", "rk", "d", "rd"]
+        assert cfg.data.pair_families == ["np", "rk", "d", "rd"] and cfg.model.item_init == "p5"
         assert cfg.eval.page_mode == "generate" and cfg.model.user_tokens and cfg.sft.next_item_epochs == 0

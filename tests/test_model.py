@@ -26,7 +26,14 @@ from pagellm.model.modeling import (
 )
 from pagellm.model.prompts import ParsedPage, PromptCodec, encode_list
 from pagellm.model.vocab import EOS, Vocab, build_tokenizer, train_bpe_tokenizer
-from pagellm.train.reward import collate_pairs, pair_rows, pairwise_accuracy, reward_agreement, spearman
+from pagellm.train.reward import (
+    collate_pairs,
+    pair_rows,
+    pairwise_accuracy,
+    policy_sample_pairs,
+    reward_agreement,
+    spearman,
+)
 from pagellm.train.sft import collate_lm, greedy_pages, meta_rows, page_rows
 
 torch.set_num_threads(1)
@@ -583,6 +590,31 @@ def test_spearman_and_reward_agreement():
     assert report["pages"] == 6 and report["mean_ndcg"] == pytest.approx(ndcg.mean())
 
 
+def test_policy_sample_pairs_contrast_each_golden_list_with_a_policy_page(policy_dir):
+    from pagellm.config import load_config
+    from pagellm.model.artifact import load_policy
+
+    pairs = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u 2", "x|y"],
+            "family": ["rk", "d", "rk", "np"],
+            "prompt_items": [["A 1"], ["A 1"], ["42", "b"], []],
+            "chosen": [["x|y", "42"], ["x|y", "42"], ["4"], ["p01", "p02", "p03"]],
+            "rejected": [["42", "x|y"], ["p09", "42"], ["p05"], ["b"]],
+            "window": ["main"] * 4,
+        }
+    )
+    interacted = {"u1": {"A 1", "x|y", "42", "p00", "p01"}, "u 2": set(FILLER_ITEMS[:30]), "x|y": {"b"}}
+    cfg = load_config(overrides=["ppo.temperature=1.0"])
+    ps = policy_sample_pairs(cfg, load_policy(policy_dir), pairs, interacted)
+    assert sorted(ps.user_id) == ["u 2", "u1", "x|y"] and set(ps.family) == {"ps"}  # one per window
+    for row in ps.itertuples():
+        assert len(row.rejected) == len(row.chosen) == len(set(row.rejected))
+        assert not set(row.rejected) & interacted[row.user_id] and set(row.rejected) <= set(ITEMS)
+    again = policy_sample_pairs(cfg, load_policy(policy_dir), pairs, interacted)
+    assert again.rejected.tolist() == ps.rejected.tolist()  # seeded by train.seed
+
+
 @pytest.mark.parametrize("kind", ["coarse", "fine"])
 def test_reward_bt_loss_and_save_load(tmp_path, codec, vocab, policy_dir, kind):
     torch.manual_seed(0)
@@ -633,11 +665,12 @@ def test_pairwise_accuracy_by_family():
         "d": 0.5,
         "rd": None,
         "pm": None,
+        "ps": None,
         "all": 0.6,
     }  # a tie is not a win
-    assert report["fine"] == {"np": 0.0, "rk": 0.0, "d": 1.0, "rd": None, "pm": None, "all": 0.4}
+    assert report["fine"] == {"np": 0.0, "rk": 0.0, "d": 1.0, "rd": None, "pm": None, "ps": None, "all": 0.4}
     empty = pairwise_accuracy({"coarse": np.zeros(0)}, np.array([], dtype=object))
-    assert empty == {"coarse": {"np": None, "rk": None, "d": None, "rd": None, "pm": None, "all": None}}
+    assert empty == {"coarse": {"np": None, "rk": None, "d": None, "rd": None, "pm": None, "ps": None, "all": None}}
 
 
 def test_encode_list_marks_exactly_the_page_items(codec, vocab):

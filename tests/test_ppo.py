@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM
 
@@ -186,3 +187,27 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
         saved = load_file(tmp_path / "checkpoints" / f"iter_{it:06d}" / "policy" / "model.safetensors")
         same = all((policy[k] == saved[k]).all() for k in policy)
         assert same == (it == best["iteration"]), it  # the policies differ after every update
+
+
+def test_group_relative_advantages_train_without_the_critic(tiny_stages, tmp_path):
+    """ppo.advantage=group: each iteration samples group_size pages for batch_size / group_size
+    prompts, trains the policy only (no critic statistics), and the policy moves."""
+    from safetensors.torch import load_file
+
+    root = tiny_stages["root"]
+    cfg = load_config(
+        overrides=[
+            *tiny_stages["overrides"],
+            *PPO_QUICK,
+            "ppo.max_iterations=2",
+            "ppo.advantage=group",
+            "ppo.group_size=4",
+        ]
+    )
+    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["iteration"] > 0]
+    assert len(trained) == 2 and all("policy_loss" in r and "value_loss" not in r for r in trained), trained[0]
+    before = load_file(root / "sft" / "model.safetensors")
+    after = load_file(tmp_path / "policy" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)

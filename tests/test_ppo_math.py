@@ -18,6 +18,7 @@ from pagellm.rl.ppo_math import (
     KLController,
     RunningMeanStd,
     gae,
+    group_advantages,
     kl_per_token,
     masked_whiten,
     policy_loss,
@@ -54,6 +55,18 @@ def test_gae_by_hand_with_padding():
     # row 1 ends at step 1 (value after it 0, the padded value 9 is never used)
     assert torch.allclose(adv[1], torch.tensor([1.9, 1.8, 0.0]))
     assert torch.allclose(ret[1], torch.tensor([2.0, 2.0, 0.0]))
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0])  # two groups of three pages
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float)
+    adv = group_advantages(rewards, 3, mask)
+    first = (np.array([1.0, 3.0, 2.0]) - 2.0) / np.std([1.0, 3.0, 2.0], ddof=1)
+    second = (np.array([2.0, 0.0, 4.0]) - 2.0) / np.std([2.0, 0.0, 4.0], ddof=1)
+    expected = np.r_[first, second][:, None] * mask.numpy()
+    assert np.allclose(adv.numpy(), expected, atol=1e-5)
+    same = group_advantages(torch.tensor([5.0, 5.0]), 2, torch.ones(2, 2))
+    assert torch.equal(same, torch.zeros(2, 2))  # pages that score alike teach nothing
 
 
 def test_clipped_policy_loss_by_hand():

@@ -152,7 +152,8 @@ def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
     assert sft["next_item_rows"] > 0
     acc = tiny_stages["reward"]["accuracy"]
     assert set(acc) == {"coarse", "fine", "combined"}
-    assert all(set(v) == {"np", "rk", "d", "rd", "pm", "all"} for v in acc.values())
+    assert all(set(v) == {"np", "rk", "d", "rd", "pm", "ps", "all"} for v in acc.values())
+    assert tiny_stages["reward"]["test_pairs"].get("ps", 0) > 0  # reward.policy_pairs
     saved = json.loads((tmp_path / "reward" / "metrics.json").read_text())
     assert saved["accuracy"] == json.loads(json.dumps(acc))
     # how each head ranks the SFT policy's sampled validation pages against their NDCG

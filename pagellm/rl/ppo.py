@@ -43,7 +43,15 @@ from pagellm.model.prompts import PromptCodec
 from pagellm.outputs import append_jsonl, figure, read_jsonl, write_jsonl
 from pagellm.rl.batch import PageScores, RolloutBatch, mean_stats, shard_rows
 from pagellm.rl.groups import LocalRoles, RayRoles
-from pagellm.rl.ppo_math import KLController, RunningMeanStd, gae, kl_per_token, masked_whiten, token_rewards
+from pagellm.rl.ppo_math import (
+    KLController,
+    RunningMeanStd,
+    gae,
+    group_advantages,
+    kl_per_token,
+    masked_whiten,
+    token_rewards,
+)
 from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker
 
 log = logging.getLogger(__name__)
@@ -85,7 +93,8 @@ def planned_iterations(ppo, data_dir) -> int:
     if ppo.max_iterations is not None:
         return ppo.max_iterations
     users = DataDir(data_dir).read_eval("val", ["user_id"]).column("user_id").to_pylist()
-    return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / ppo.batch_size)
+    prompts_per_iteration = ppo.batch_size // (ppo.group_size if ppo.advantage == "group" else 1)
+    return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / prompts_per_iteration)
 
 
 def rollout_setup(
@@ -240,24 +249,29 @@ def ppo_iteration(
     t0 = time.perf_counter()
     batch = generate(roles, prompts, greedy=False, seed=seed, pad_id=pad_id)
     t1 = time.perf_counter()
+    critic = ppo.advantage == "gae"  # group-relative advantages need no values
     pending = {
         "old_logp": on_shards(roles, "policy", "logprobs", batch),
         "ref_logp": on_shards(roles, "reference", "logprobs", batch),
-        "values": on_shards(roles, "critic", "values", batch),
+        **({"values": on_shards(roles, "critic", "values", batch)} if critic else {}),
     }
     scores = scores_of(roles, ("coarse", "fine"), batch)
-    old_logp, ref_logp, values = (torch.cat(roles.collect(pending[k])) for k in ("old_logp", "ref_logp", "values"))
+    old_logp, ref_logp = (torch.cat(roles.collect(pending[k])) for k in ("old_logp", "ref_logp"))
     t2 = time.perf_counter()
     mask = batch.step_mask.float()
     kl = kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
     task = place_rewards(ppo, scores["coarse"], scores["fine"], mask, normalizer)
     rewards = token_rewards(task, kl, kl_ctl.beta, mask)
-    advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.gae_lambda)
-    batch = batch.with_fields(
-        old_logp=old_logp, advantages=masked_whiten(advantages, mask), old_values=values, returns=returns
-    )
+    if critic:
+        values = torch.cat(roles.collect(pending["values"]))
+        advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.gae_lambda)
+        advantages = masked_whiten(advantages, mask)
+    else:
+        advantages = group_advantages(rewards.sum(1), ppo.group_size, mask)
+        values = returns = torch.zeros_like(mask)
+    batch = batch.with_fields(old_logp=old_logp, advantages=advantages, old_values=values, returns=returns)
     t3 = time.perf_counter()
-    pending = {role: on_shards(roles, role, "train", batch, seed) for role in ("policy", "critic")}
+    pending = {role: on_shards(roles, role, "train", batch, seed) for role in ("policy", "critic")[: 1 + critic]}
     trained = {role: mean_stats(roles.collect(p)) for role, p in pending.items()}
     t4 = time.perf_counter()
     sync = 0.0
@@ -278,7 +292,7 @@ def ppo_iteration(
         "beta": kl_ctl.beta,
         "page_items": (mask.sum(1) - 1).mean().item(),
         **trained["policy"],
-        **trained["critic"],
+        **trained.get("critic", {}),
         "pages_per_s": len(prompts) / elapsed,
         "time_generate": t1 - t0,
         "time_score": t2 - t1,
@@ -500,11 +514,14 @@ def run_ppo(
             if on_evaluation:
                 on_evaluation(first)
         for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
-            idx = batch_indices(len(prompts.train), ppo.batch_size, it, ppo.seed)
+            k = ppo.group_size if ppo.advantage == "group" else 1  # pages per prompt, in a row
+            idx = batch_indices(len(prompts.train), ppo.batch_size // k, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
             record = {
                 "iteration": it + 1,
-                **ppo_iteration(roles, cfg, [prompts.train[i] for i in idx], seed, normalizer, kl_ctl, pad_id),
+                **ppo_iteration(
+                    roles, cfg, [prompts.train[i] for i in idx for _ in range(k)], seed, normalizer, kl_ctl, pad_id
+                ),
             }
             if (it + 1) % ppo.eval_every == 0 or it + 1 == total:
                 record.update(evaluate(roles, cfg, prompts, ppo.seed, pad_id))

@@ -63,6 +63,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(page_rewards: torch.Tensor, group_size: int, mask: torch.Tensor, eps: float = 1e-6):
+    """Group-relative advantages (GRPO, Shao et al. 2024) instead of a critic: rows
+    ``[g * k, (g + 1) * k)`` are k pages for one prompt; each page's advantage is its reward
+    standardised within its group, on every step of the page. A group whose pages score alike
+    teaches nothing (advantage 0)."""
+    groups = page_rewards.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    spread = groups.std(1, keepdim=True) if group_size > 1 else torch.ones_like(groups)
+    return (centred / (spread + eps)).reshape(-1, 1) * mask
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
     """Clipped surrogate: mean over real steps of max(-A r, -A clip(r, 1-e, 1+e)).
     Returns (loss, clip fraction, approximate KL to the behaviour policy)."""

@@ -64,11 +64,12 @@ def collate_pairs(pad_id: int):
 
 
 def pairwise_accuracy(margins: dict[str, np.ndarray], families: np.ndarray) -> dict:
-    """Share of pairs where the chosen list scores higher, per family and overall."""
+    """Share of pairs where the chosen list scores higher, per family (the data stage's and
+    ``ps``) and overall."""
     report = {}
     for name, margin in margins.items():
         report[name] = {
-            f: float((margin[families == f] > 0).mean()) if (families == f).any() else None for f in FAMILIES
+            f: float((margin[families == f] > 0).mean()) if (families == f).any() else None for f in (*FAMILIES, "ps")
         }
         report[name]["all"] = float((margin > 0).mean()) if len(margin) else None
     return report
@@ -99,33 +100,62 @@ def reward_agreement(rewards: dict[str, np.ndarray], ndcg: np.ndarray, users: np
     return report
 
 
-def sampled_validation_pages(cfg: PageLLMConfig, policy, users: pd.DataFrame) -> tuple[list, list[list[str]]]:
-    """``reward.agreement_samples`` pages per user sampled from ``policy`` as PPO rolls out
-    (``ppo.page_min_items``..``page_max_items`` items, its temperature and top-p), never showing
-    an item the user saw before the split. Returns (user of each page, pages)."""
-    import torch
-
+def sample_pages(
+    cfg: PageLLMConfig, policy, rows: list[tuple], min_items: int, max_items: int, generator
+) -> list[list[str]]:
+    """Pages sampled from ``policy`` as PPO rolls out (its temperature and top-p) for ``rows`` of
+    (user, prompt items, items the page may not show), ``min_items``..``max_items`` long."""
     from pagellm.model.decoding import generate_pages
 
-    codec, vocab, k = policy.codec, policy.vocab, cfg.reward.agreement_samples
-    constraint = policy.constraint(cfg.ppo.page_min_items, cfg.ppo.page_max_items)
-    rows = [(u, list(p), list(s)) for u, p, s in zip(users.user_id, users.prompt_items, users.seen) for _ in range(k)]
-    gen, owners, pages = torch.Generator().manual_seed(cfg.train.seed), [], []
+    codec, vocab = policy.codec, policy.vocab
+    constraint = policy.constraint(min_items, max_items)
+    pages = []
     for lo in range(0, len(rows), 64):
         part = rows[lo : lo + 64]
         written = generate_pages(
             policy.model,
-            [codec.prompt(u, p) for u, p, _ in part],
+            [codec.prompt(u, list(p)) for u, p, _ in part],
             constraint,
             vocab.pad_id,
             temperature=cfg.ppo.temperature,
             top_p=cfg.ppo.top_p,
-            generator=gen,
-            banned_items=[[vocab.item_token[i] for i in seen if i in vocab.item_token] for _, _, seen in part],
+            generator=generator,
+            banned_items=[[vocab.item_token[i] for i in banned if i in vocab.item_token] for _, _, banned in part],
         )
-        owners += [u for u, _, _ in part]
         pages += [[vocab.token_item[t] for t in row] for row in written.item_tokens(constraint)]
-    return owners, pages
+    return pages
+
+
+def policy_sample_pairs(cfg: PageLLMConfig, policy, pairs: pd.DataFrame, interacted: dict) -> pd.DataFrame:
+    """``ps`` pairs (``reward.policy_pairs``, ours): for each (user, prompt, golden list) of
+    ``pairs``, the golden list against a page of its length sampled from the SFT policy as PPO
+    rolls out, never showing an item the user interacted with in any split. The other families
+    corrupt the golden list; these negatives come from the distribution PPO's reward will
+    score, so the heads learn to tell the user's real next items from the policy's guesses."""
+    import torch
+
+    windows = pairs.assign(
+        key=[(u, tuple(p), tuple(c)) for u, p, c in zip(pairs.user_id, pairs.prompt_items, pairs.chosen)]
+    )
+    windows = windows.drop_duplicates("key").drop(columns="key")
+    gen, parts = torch.Generator().manual_seed(cfg.train.seed), []
+    for n, group in windows.groupby(windows.chosen.map(len), sort=True):
+        rows = [(u, list(p), interacted.get(u, set())) for u, p in zip(group.user_id, group.prompt_items)]
+        parts.append(group.assign(family="ps", rejected=sample_pages(cfg, policy, rows, n, n, gen)))
+    return pd.concat(parts, ignore_index=True) if parts else windows.iloc[:0]
+
+
+def sampled_validation_pages(cfg: PageLLMConfig, policy, users: pd.DataFrame) -> tuple[list, list[list[str]]]:
+    """``reward.agreement_samples`` pages per user sampled from ``policy`` as PPO rolls out
+    (``ppo.page_min_items``..``page_max_items`` items), never showing an item the user saw
+    before the split. Returns (user of each page, pages)."""
+    import torch
+
+    k = cfg.reward.agreement_samples
+    rows = [(u, list(p), list(s)) for u, p, s in zip(users.user_id, users.prompt_items, users.seen) for _ in range(k)]
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    pages = sample_pages(cfg, policy, rows, cfg.ppo.page_min_items, cfg.ppo.page_max_items, gen)
+    return [u for u, _, _ in rows], pages
 
 
 def measure_agreement(cfg: PageLLMConfig, data: DataDir, sft_dir: Path, out: Path) -> dict:
@@ -181,7 +211,16 @@ def run_reward(
     out.mkdir(parents=True, exist_ok=True)
     codec = load_codec(sft_dir)
     tokenizer = codec.vocab.tokenizer
-    pairs = DataDir(data_dir).read_pairs().to_pandas()
+    data = DataDir(data_dir)
+    pairs = data.read_pairs().to_pandas()
+    if cfg.reward.policy_pairs:
+        from pagellm.model.artifact import load_policy
+
+        everything = data.interactions_before(None)
+        interacted = everything.groupby("user_id").item_id.agg(set).to_dict()
+        sampled = policy_sample_pairs(cfg, load_policy(sft_dir), pairs, interacted)
+        log.info("ps pairs sampled from the SFT policy: %d", len(sampled))
+        pairs = pd.concat([pairs, sampled[pairs.columns]], ignore_index=True)
     pairs["part"] = [user_part(u, cfg.reward.holdout_fraction) for u in pairs.user_id]
     rows = pd.concat([pair_rows(codec, pairs), pairs[["family", "part"]].reset_index(drop=True)], axis=1)
     cols = ["chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]
@@ -225,7 +264,7 @@ def run_reward(
     margins["combined"] = margins["coarse"] + margins["fine"]  # R = R_c + R_f (eq. 15)
     agreement = None
     if cfg.reward.agreement_users:
-        agreement = measure_agreement(cfg, DataDir(data_dir), sft_dir, out)
+        agreement = measure_agreement(cfg, data, sft_dir, out)
         log.info("reward vs page NDCG (Spearman): %s", {k: v for k, v in agreement.items() if isinstance(v, dict)})
     logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
     plot_reward_curves(logs, out / "reward_curves.png")
