@@ -1,14 +1,14 @@
 """Pair the rows of two compare reports made on the same split, user by user, without running
 the expensive baselines again (RecBole's SASRec takes ~12 min on Amazon).
 
-Refuses unless every model the two reports share has identical per-user values (then they were
-scored on the same split, masking and metric code), and prints each model of the new report
+Refuses unless the ``--same`` models (baselines both reports ran) have identical per-user values
+in both (then they were scored on the same split, masking and metric code), and prints each model of the new report
 against a reference model of either report, with paired bootstrap 95% intervals
 (``pagellm.experiments.paired_difference``). Exact command behind docs/results/amazon2014/README.md:
 
     python bench/pair_reports.py --new docs/results/amazon2014/compare_cooc/users.parquet \\
         --old docs/results/amazon2014/compare_next_item/users.parquet --reference recbole:SASRec \\
-        --out docs/results/amazon2014/compare_cooc/paired_with_compare_next_item.json
+        --same popularity itemknn multivae sasrec --out docs/results/amazon2014/compare_cooc/paired_with_compare_next_item.json
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def main() -> None:
     p.add_argument("--new", required=True, help="users.parquet of the new compare report")
     p.add_argument("--old", required=True, help="users.parquet of an earlier report on the same split")
     p.add_argument("--reference", required=True, help="the model every row is measured against")
+    p.add_argument("--same", nargs="+", required=True, help="models both reports ran, checked user by user")
     p.add_argument("--out", help="write the differences here as JSON")
     args = p.parse_args()
     new, old = per_model(args.new), per_model(args.old)
-    shared = sorted(set(new) & set(old))
+    shared = args.same
     for model in shared:
+        if model not in new or model not in old:
+            sys.exit(f"--same {model}: not in both reports")
         a, b = new[model], old[model]
         if not (a.index.equals(b.index) and np.allclose(a.to_numpy(), b.to_numpy(), atol=1e-9)):
             sys.exit(f"{model}: per-user values differ between {args.new} and {args.old}: not the same split")

@@ -368,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--reward", required=True, help="REWARD_DIR")
         if kind == "compare":
             q.add_argument(
-                "--policy", action="append", metavar="NAME=DIR", help="a PageLLM policy to evaluate (repeat)"
+                "--policy",
+                action="append",
+                metavar="NAME=DIR",
+                help="a PageLLM policy to evaluate (repeat); NAME=DIR1,DIR2,.. are its seeds (mean +- sd, per-user means)",
             )
         if kind != "ablation":
             q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae"])

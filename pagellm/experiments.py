@@ -242,11 +242,13 @@ def run_compare(
             scored = [page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]
             results[name].append({**mean_metrics(scored), "seconds": time.perf_counter() - began, **extra})
             users[name].append(pd.DataFrame(scored, index=protocol.users.user_id)[list(PAIRED)])
-    for name, policy in policies.items():
-        began = time.perf_counter()
-        results[name] = [run_evaluate(cfg, policy, data_dir, split, out / "runs" / name)]
-        results[name][0]["seconds"] = time.perf_counter() - began
-        users[name] = [per_user(out / "runs" / name)]
+    for name, policy in policies.items():  # "DIR" or "DIR1,DIR2,..": one policy per seed
+        results[name], users[name] = [], []
+        for k, directory in enumerate(policy.split(",")):
+            began, where = time.perf_counter(), out / "runs" / (name if "," not in policy else f"{name}/seed_{k}")
+            results[name].append(run_evaluate(cfg, directory, data_dir, split, where))
+            results[name][-1]["seconds"] = time.perf_counter() - began
+            users[name].append(per_user(where))
     rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
     best = max((n for n in baselines), key=lambda n: rows[n]["ndcg@100"][0], default=None)
     paired = paired_against(users, best) if best is not None else {}

@@ -51,10 +51,21 @@ def test_trained_baselines_write_valid_pages(tiny_stages):
 def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path):
     root = tiny_stages["root"]
     cfg = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=20"])
+    seeds = f"{root / 'sft'},{root / 'sft'}"  # NAME=DIR1,DIR2: one policy per seed (here twice the same)
     report = run_compare(
-        cfg, root / "data", {"sft": str(root / "sft")}, ["popularity", "itemknn"], tmp_path, "test", (0,)
+        cfg,
+        root / "data",
+        {"sft": str(root / "sft"), "sft x2": seeds},
+        ["popularity", "itemknn"],
+        tmp_path,
+        "test",
+        (0,),
     )
-    assert set(report["mean_sd"]) == {"popularity", "itemknn", "sft"}
+    assert set(report["mean_sd"]) == {"popularity", "itemknn", "sft", "sft x2"}
+    assert len(report["runs"]["sft x2"]) == 2
+    assert list(report["mean_sd"]["sft x2"]["ndcg@100"]) == pytest.approx(
+        [report["mean_sd"]["sft"]["ndcg@100"][0], 0.0]
+    )
     text = (tmp_path / "compare.md").read_text()
     assert "sft NDCG@100 vs the best baseline" in text and "| popularity |" in text
     saved = json.loads((tmp_path / "compare.json").read_text())
@@ -65,6 +76,7 @@ def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path
         "popularity",
         "itemknn",
         "sft",
+        "sft x2",
     } - {best}
     sft = saved["paired_vs_best_baseline"]["sft"]
     assert sft["users"] == report["runs"]["sft"][0]["users"]
