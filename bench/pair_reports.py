@@ -9,6 +9,9 @@ against a reference model of either report, with paired bootstrap 95% intervals
     python bench/pair_reports.py --new docs/results/amazon2014/compare_cooc/users.parquet \\
         --old docs/results/amazon2014/compare_next_item/users.parquet --reference recbole:SASRec \\
         --same popularity itemknn multivae sasrec --out docs/results/amazon2014/compare_cooc/paired_with_compare_next_item.json
+    python bench/pair_reports.py --new docs/results/amazon2014/compare_cooc_seeds/users.parquet \\
+        --old docs/results/amazon2014/compare_next_item/users.parquet --reference recbole:SASRec \\
+        --same popularity --out docs/results/amazon2014/compare_cooc_seeds/paired_with_compare_next_item.json
 """
 
 from __future__ import annotations
