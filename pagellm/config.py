@@ -402,6 +402,12 @@ class PPOConfig:
         "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)",
     )
     holdout_fraction: float = opt(0.1, "users whose prompts are held out of rollouts (the held-out reward curve)")
+    rollout_prompts: str = opt(
+        "validation",
+        "validation: each validation user's training history, the prompt validation NDCG reads (the "
+        "policy is tuned on the very prompts it is selected on); training_windows: the prompts of every "
+        "fine-tuning window (data ft/, main and extra), earlier histories of the same users",
+    )
     seed: int = opt(0, "seed of rollout order and sampling")
     colocate: bool = opt(
         True,
@@ -421,6 +427,7 @@ class PPOConfig:
             "reward_placement": ("terminal", "dense"),
             "final_policy": ("last", "best_val"),
             "advantage": ("gae", "group"),
+            "rollout_prompts": ("validation", "training_windows"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

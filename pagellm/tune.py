@@ -113,7 +113,7 @@ def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict)
     )
     dirs = upstream[str(float(params["lambda"]))]
     out = Path(tune.get_context().get_trial_dir()) / "ppo"
-    total = planned_iterations(cfg.ppo, dirs["data"])
+    total = planned_iterations(cfg, dirs["data"])
     resume = out.exists() and latest_checkpoint(out) is not None
     append_jsonl(out.parent / "trial_events.jsonl", {"event": "start", "resume": resume, "time": time.time(), **params})
 
@@ -293,7 +293,7 @@ def run_tune(config_paths: list, overrides: list, out_dir, resume: bool = False,
         upstream[str(cap)] = prepare_upstream(
             load_config(config_paths, [*overrides, f"data.category_cap={cap}"]), out / "upstream"
         )
-    max_t = max(planned_iterations(cfg.ppo, dirs["data"]) for dirs in upstream.values())
+    max_t = max(planned_iterations(cfg, dirs["data"]) for dirs in upstream.values())
     trainable = tune.with_resources(
         tune.with_parameters(
             ppo_trial,

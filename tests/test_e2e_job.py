@@ -32,6 +32,7 @@ TINY_RUN = [
     "ppo.eval_max_users=16",
     "eval.page_items=20",
     "eval.report_baselines=[popularity,itemknn]",
+    "reward.agreement_users=0",  # tests/test_train.py covers the agreement
 ]
 
 

@@ -211,3 +211,27 @@ def test_group_relative_advantages_train_without_the_critic(tiny_stages, tmp_pat
     before = load_file(root / "sft" / "model.safetensors")
     after = load_file(tmp_path / "policy" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+def test_rollout_prompts_from_training_windows(tiny_stages):
+    """ppo.rollout_prompts=training_windows rolls out every fine-tuning window's prompt of the
+    users not held out (never a validation prompt unless a window happens to equal it); the
+    held-out users' validation prompts still monitor the reward; epochs count those prompts."""
+    import pandas as pd
+
+    from pagellm.model.artifact import load_codec
+    from pagellm.rl.ppo import held_out, load_prompts, planned_iterations
+
+    root = tiny_stages["root"]
+    codec = load_codec(root / "sft")
+    base = [*tiny_stages["overrides"], "ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.epochs=2"]
+    by_val = load_config(overrides=base)
+    by_ft = load_config(overrides=[*base, "ppo.rollout_prompts=training_windows"])
+    val = pd.read_parquet(root / "data" / "eval" / "val.parquet")
+    ft = pd.read_parquet(root / "data" / "ft")
+    val_kept, ft_kept = ~held_out(val.user_id, 0.1), ~held_out(ft.user_id, 0.1)
+    a, b = load_prompts(by_val, root / "data", codec), load_prompts(by_ft, root / "data", codec)
+    assert a.train == [codec.prompt(u, list(p)) for u, p in zip(val.user_id[val_kept], val.prompt_items[val_kept])]
+    assert b.train == [codec.prompt(u, list(p)) for u, p in zip(ft.user_id[ft_kept], ft.prompt_items[ft_kept])]
+    assert len(b.train) > len(a.train) and a.holdout == b.holdout
+    assert planned_iterations(by_ft, root / "data") == 2 * -(-int(ft_kept.sum()) // 16)

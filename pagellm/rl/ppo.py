@@ -69,15 +69,29 @@ class RolloutPrompts:
     category: dict[str, str]  # item -> category, for the diversity metrics
 
 
+def rollout_rows(cfg: PageLLMConfig, data_dir: Path) -> pd.DataFrame:
+    """(user_id, prompt_items) of the rollout prompts (``ppo.rollout_prompts``): each validation
+    user's training history (the prompt validation itself reads), or every fine-tuning window's
+    prompt (main and extra windows: earlier histories, never the validation prompt)."""
+    if cfg.ppo.rollout_prompts == "training_windows":
+        return DataDir(data_dir).read_ft().to_pandas()[["user_id", "prompt_items"]]
+    return DataDir(data_dir).read_eval("val", ["user_id", "prompt_items"]).to_pandas()
+
+
 def load_prompts(cfg: PageLLMConfig, data_dir: Path, codec: PromptCodec) -> RolloutPrompts:
-    """Rollout prompts are the validation users' prompts (their training history); a hash-chosen
-    share of users is held out of rollouts and only monitors the reward."""
+    """Rollout prompts (``rollout_rows``); a hash-chosen share of users is held out of rollouts
+    and their validation prompts only monitor the reward."""
     val = eval_users(Path(data_dir), "val", cfg)
-    prompts = [codec.prompt(u, list(p)) for u, p in zip(val.user_id, val.prompt_items)]
+    rows = rollout_rows(cfg, Path(data_dir))
+    train = [
+        codec.prompt(u, list(p))
+        for u, p, h in zip(rows.user_id, rows.prompt_items, held_out(rows.user_id, cfg.ppo.holdout_fraction))
+        if not h
+    ]
     held = held_out(val.user_id, cfg.ppo.holdout_fraction)
     return RolloutPrompts(
-        train=[p for p, h in zip(prompts, held) if not h],
-        holdout=[p for p, h in zip(prompts, held) if h],
+        train=train,
+        holdout=[codec.prompt(u, list(p)) for u, p, h in zip(val.user_id, val.prompt_items, held) if h],
         validation=val,
         category=DataDir(data_dir).categories(),
     )
@@ -88,13 +102,13 @@ def held_out(user_ids, fraction: float) -> np.ndarray:
     return np.array([in_share(u, fraction, salt="ppo") for u in user_ids], dtype=bool)
 
 
-def planned_iterations(ppo, data_dir) -> int:
+def planned_iterations(cfg: PageLLMConfig, data_dir) -> int:
     """Iterations a run makes: ``max_iterations``, else ``epochs`` passes over the rollout prompts."""
-    if ppo.max_iterations is not None:
-        return ppo.max_iterations
-    users = DataDir(data_dir).read_eval("val", ["user_id"]).column("user_id").to_pylist()
-    prompts_per_iteration = ppo.batch_size // (ppo.group_size if ppo.advantage == "group" else 1)
-    return ppo.epochs * math.ceil(int((~held_out(users, ppo.holdout_fraction)).sum()) / prompts_per_iteration)
+    if cfg.ppo.max_iterations is not None:
+        return cfg.ppo.max_iterations
+    users = rollout_rows(cfg, Path(data_dir)).user_id
+    prompts_per_iteration = cfg.ppo.batch_size // (cfg.ppo.group_size if cfg.ppo.advantage == "group" else 1)
+    return cfg.ppo.epochs * math.ceil(int((~held_out(users, cfg.ppo.holdout_fraction)).sum()) / prompts_per_iteration)
 
 
 def rollout_setup(
@@ -489,7 +503,7 @@ def run_ppo(
     pad_id, tokenizer = codec.vocab.pad_id, codec.vocab.tokenizer
     if not prompts.train:
         raise InputError(f"{data_dir}: no rollout prompts (every user is held out)")
-    total = planned_iterations(ppo, data_dir)
+    total = planned_iterations(cfg, data_dir)
 
     roles = start_roles(
         cfg, role_specs(cfg, sft_dir, reward_dir, constraint, pad_id), local, placement_group, first_bundle
