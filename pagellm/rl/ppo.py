@@ -102,12 +102,17 @@ def held_out(user_ids, fraction: float) -> np.ndarray:
     return np.array([in_share(u, fraction, salt="ppo") for u in user_ids], dtype=bool)
 
 
+def pages_per_prompt(ppo) -> int:
+    """Pages sampled in a row for each rollout prompt: ``group_size`` for group-relative advantages, else 1."""
+    return ppo.group_size if ppo.advantage == "group" else 1
+
+
 def planned_iterations(cfg: PageLLMConfig, data_dir) -> int:
     """Iterations a run makes: ``max_iterations``, else ``epochs`` passes over the rollout prompts."""
     if cfg.ppo.max_iterations is not None:
         return cfg.ppo.max_iterations
     users = rollout_rows(cfg, Path(data_dir)).user_id
-    prompts_per_iteration = cfg.ppo.batch_size // (cfg.ppo.group_size if cfg.ppo.advantage == "group" else 1)
+    prompts_per_iteration = cfg.ppo.batch_size // pages_per_prompt(cfg.ppo)
     return cfg.ppo.epochs * math.ceil(int((~held_out(users, cfg.ppo.holdout_fraction)).sum()) / prompts_per_iteration)
 
 
@@ -528,7 +533,7 @@ def run_ppo(
             if on_evaluation:
                 on_evaluation(first)
         for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
-            k = ppo.group_size if ppo.advantage == "group" else 1  # pages per prompt, in a row
+            k = pages_per_prompt(ppo)
             idx = batch_indices(len(prompts.train), ppo.batch_size // k, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
             record = {

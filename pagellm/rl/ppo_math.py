@@ -70,8 +70,7 @@ def group_advantages(page_rewards: torch.Tensor, group_size: int, mask: torch.Te
     teaches nothing (advantage 0)."""
     groups = page_rewards.view(-1, group_size)
     centred = groups - groups.mean(1, keepdim=True)
-    spread = groups.std(1, keepdim=True) if group_size > 1 else torch.ones_like(groups)
-    return (centred / (spread + eps)).reshape(-1, 1) * mask
+    return (centred / (groups.std(1, keepdim=True) + eps)).reshape(-1, 1) * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):

@@ -21,7 +21,7 @@ from pagellm.buckets import in_share
 from pagellm.config import PageLLMConfig
 from pagellm.data.layout import DataDir
 from pagellm.data.rules import FAMILIES
-from pagellm.model.artifact import load_codec
+from pagellm.model.artifact import load_codec, load_policy
 from pagellm.model.modeling import RewardModel, pad_batch, score_lists
 from pagellm.model.prompts import PromptCodec, encode_list
 from pagellm.outputs import figure, read_jsonl
@@ -29,6 +29,7 @@ from pagellm.train.loop import FitSpec, fit
 
 log = logging.getLogger(__name__)
 KINDS = ("coarse", "fine")
+POLICY_FAMILY = "ps"  # the pair family reward.policy_pairs adds (policy_sample_pairs)
 
 
 def user_part(user: str, holdout: float) -> str:
@@ -141,7 +142,7 @@ def policy_sample_pairs(cfg: PageLLMConfig, policy, pairs: pd.DataFrame, interac
     gen, parts = torch.Generator().manual_seed(cfg.train.seed), []
     for n, group in windows.groupby(windows.chosen.map(len), sort=True):
         rows = [(u, list(p), interacted.get(u, set())) for u, p in zip(group.user_id, group.prompt_items)]
-        parts.append(group.assign(family="ps", rejected=sample_pages(cfg, policy, rows, n, n, gen)))
+        parts.append(group.assign(family=POLICY_FAMILY, rejected=sample_pages(cfg, policy, rows, n, n, gen)))
     return pd.concat(parts, ignore_index=True) if parts else windows.iloc[:0]
 
 
@@ -158,24 +159,20 @@ def sampled_validation_pages(cfg: PageLLMConfig, policy, users: pd.DataFrame) ->
     return [u for u, _, _ in rows], pages
 
 
-def measure_agreement(cfg: PageLLMConfig, data: DataDir, sft_dir: Path, out: Path) -> dict:
-    """``reward_agreement`` of R_c, R_f and R_c + R_f on pages the SFT policy samples for a
+def measure_agreement(cfg: PageLLMConfig, data: DataDir, policy, heads: dict[str, RewardModel]) -> dict:
+    """``reward_agreement`` of R_c, R_f and R_c + R_f on pages the SFT ``policy`` samples for a
     seeded subset of ``reward.agreement_users`` validation users."""
     from pagellm.eval.metrics import ndcg_at_k
-    from pagellm.model.artifact import load_policy
 
     users = data.eval_users("val", cfg.data.positive_threshold)
     users = users.sample(min(cfg.reward.agreement_users, len(users)), random_state=cfg.train.seed)
-    policy = load_policy(sft_dir)
     owners, pages = sampled_validation_pages(cfg, policy, users)
     target = dict(zip(users.user_id, users.target))
     ndcg = np.array([ndcg_at_k(page, target[u], cfg.ppo.page_max_items) for u, page in zip(owners, pages)])
     prompt = dict(zip(users.user_id, users.prompt_items))
     encoded = [encode_list(policy.codec, u, list(prompt[u]), page) for u, page in zip(owners, pages)]
-    rewards = {}
-    for kind in KINDS:
-        model = RewardModel.from_pretrained(out / kind).eval()
-        rewards[kind] = score_lists(model, [e[0] for e in encoded], [e[1] for e in encoded], policy.vocab.pad_id)
+    ids, masks = [e[0] for e in encoded], [e[1] for e in encoded]
+    rewards = {kind: score_lists(heads[kind], ids, masks, policy.vocab.pad_id) for kind in KINDS}
     rewards["combined"] = rewards["coarse"] + rewards["fine"]
     return reward_agreement(rewards, ndcg, np.asarray(owners))
 
@@ -213,12 +210,11 @@ def run_reward(
     tokenizer = codec.vocab.tokenizer
     data = DataDir(data_dir)
     pairs = data.read_pairs().to_pandas()
+    policy = load_policy(sft_dir) if cfg.reward.policy_pairs or cfg.reward.agreement_users else None
     if cfg.reward.policy_pairs:
-        from pagellm.model.artifact import load_policy
-
         everything = data.interactions_before(None)
         interacted = everything.groupby("user_id").item_id.agg(set).to_dict()
-        sampled = policy_sample_pairs(cfg, load_policy(sft_dir), pairs, interacted)
+        sampled = policy_sample_pairs(cfg, policy, pairs, interacted)
         log.info("ps pairs sampled from the SFT policy: %d", len(sampled))
         pairs = pd.concat([pairs, sampled[pairs.columns]], ignore_index=True)
     pairs["part"] = [user_part(u, cfg.reward.holdout_fraction) for u in pairs.user_id]
@@ -255,16 +251,15 @@ def run_reward(
         )
 
     test = datasets["test"]
-    margins = {}
-    for kind in KINDS:
-        model = RewardModel.from_pretrained(out / kind)
+    margins, heads = {}, {kind: RewardModel.from_pretrained(out / kind) for kind in KINDS}
+    for kind, model in heads.items():
         chosen = score_lists(model, list(test.chosen_ids), list(test.chosen_mask), codec.vocab.pad_id)
         rejected = score_lists(model, list(test.rejected_ids), list(test.rejected_mask), codec.vocab.pad_id)
         margins[kind] = chosen - rejected
     margins["combined"] = margins["coarse"] + margins["fine"]  # R = R_c + R_f (eq. 15)
     agreement = None
     if cfg.reward.agreement_users:
-        agreement = measure_agreement(cfg, data, sft_dir, out)
+        agreement = measure_agreement(cfg, data, policy, heads)
         log.info("reward vs page NDCG (Spearman): %s", {k: v for k, v in agreement.items() if isinstance(v, dict)})
     logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
     plot_reward_curves(logs, out / "reward_curves.png")

@@ -257,7 +257,14 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
     base_size, rating_weight = vocab.base_size, sft_cfg.rating_loss_weight
     item_vectors = None
     if model_cfg.item_init == "cooccurrence":
-        width = unwrap_lm(build_lm(model_cfg, tokenizer, base_size)).get_input_embeddings().embedding_dim
+        from transformers import AutoConfig
+
+        # the embedding width without building the model (a pretrained one may be large)
+        width = (
+            AutoConfig.from_pretrained(model_cfg.name_or_path).hidden_size
+            if model_cfg.name_or_path
+            else model_cfg.n_embd
+        )
         item_vectors = collaborative_item_vectors(
             data["train"], vocab, cfg.data.positive_threshold, width, train_cfg.seed
         )
