@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 from pagellm.config import load_config
-from pagellm.eval.baselines import Protocol, baseline_pages, itemknn_similarity, load_protocol, popularity_scores
+from pagellm.eval.baselines import (
+    Protocol,
+    baseline_pages,
+    itemknn_similarity,
+    load_protocol,
+    pages_from_scores,
+    popularity_scores,
+)
 from pagellm.experiments import run_compare
 
 
@@ -36,16 +43,6 @@ def test_itemknn_cosine_by_hand():
     # item columns: a = {u1, u2, u3}, b = {u1}, c = {u2}: cos(a, b) = 1 / sqrt(3)
     assert sim[0, 1] == pytest.approx(1 / np.sqrt(3)) and sim[1, 2] == 0.0 and sim[0, 0] == 0.0
     assert baseline_pages("itemknn", p, k=1)[1] in (["b"], ["c"])
-
-
-def test_trained_baselines_write_valid_pages(tiny_stages):
-    p = load_protocol(tiny_stages["root"] / "data", "test")
-    for name in ("bprmf", "sasrec", "multivae"):
-        pages = baseline_pages(name, p, k=15)
-        assert len(pages) == len(p.users)
-        for page, seen in zip(pages, p.users.seen):
-            assert len(page) == len(set(page)) == min(15, len(p.items) - len(set(seen)))
-            assert not {p.items[i] for i in seen} & set(page)
 
 
 def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path):
@@ -130,3 +127,10 @@ def test_trained_baselines_keep_their_best_validation_epoch(tmp_path):
         assert len(history) == 12 or len(history) == sel.best_epoch + 3, name  # stopped by patience
         on_val = model(val) if scores is None else scores(model, val)
         assert validation_ndcg(on_val, val) == pytest.approx(max(history), abs=1e-12), name  # best restored
+        # test pages: k distinct items, none seen before the split
+        on_test = model(p) if scores is None else scores(model, p)
+        pages, missing = pages_from_scores(p, list(p.users.user_id), p.items, on_test, 15)
+        assert missing == 0 and len(pages) == len(p.users), name
+        for page, seen in zip(pages, p.users.seen):
+            assert len(page) == len(set(page)) == min(15, len(p.items) - len(set(seen))), name
+            assert not {p.items[i] for i in seen} & set(page), name
