@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from pagellm.config import (
-    EMBEDDED_PROFILE,
-    QUICKSTART_PROFILE,
+    PROFILES,
     PageLLMConfig,
+    from_scratch_warning,
     load_config,
+    profile_paths,
 )
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError, InputError
@@ -25,7 +26,10 @@ def _config(args: argparse.Namespace) -> PageLLMConfig:
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
         overrides.append(f"data.dataset={args.dataset}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if not args.profile and (warning := from_scratch_warning(cfg)):
+        print(f"pagellm: warning: {warning}", file=sys.stderr)
+    return cfg
 
 
 def _print_data_summary(stats: dict, out: Path) -> None:
@@ -261,8 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from pagellm.run import run_pipeline
 
-    if not args.config:
-        args.config = [str(EMBEDDED_PROFILE), str(QUICKSTART_PROFILE)]
+    if not args.config:  # the embedded default
+        args.profile = ["quickstart"]
+        args.config = [str(p) for p in profile_paths(args.profile)]
     with output(args.out) as out:
         summary = run_pipeline(
             _config(args),
@@ -297,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--profile",
+            action="append",
+            choices=sorted(PROFILES),
+            help="a packaged configuration applied before any --config: embedded (the small GPT-2 from scratch "
+            "with learning rates that learn), quickstart (embedded at sizes of minutes on 2 CPUs), paper "
+            "(the paper's recipe where the defaults deviate); repeat to layer",
+        )
         p.add_argument("--config", action="append", help="YAML config file (see configs/); repeat to layer several")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.category_cap=0.3")
 
@@ -444,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "profile"):  # profiles are config files first in line, for every later loader too
+            args.config = [str(p) for p in profile_paths(args.profile)] + (args.config or []) or None
         return args.func(args)
     except (ConfigError, InputError) as exc:
         print(f"pagellm: error: {exc}", file=sys.stderr)

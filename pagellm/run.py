@@ -8,10 +8,11 @@ data, reward and PPO summaries and each stage's wall time; OUT/run.json holds ev
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from pagellm.config import PageLLMConfig
+from pagellm.config import PageLLMConfig, write_config
 from pagellm.eval.metrics import METRICS
 from pagellm.outputs import StageTimer, bar_chart
 from pagellm.storage import train_storage
@@ -106,6 +107,7 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
     from pagellm.train.sft import run_sft
 
     out = Path(out_dir)
+    write_config(cfg, out)
     timer = StageTimer("pagellm run")
     stats = build_dataset(cfg, out / "data", engine="ray")
     timer.lap("data")
@@ -133,6 +135,7 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
         "ppo": str(out / "ppo"),
         "report": str(report),
         "seconds": seconds,
+        "config": asdict(cfg),
         "stats": stats,
         "sft_metrics": sft,
         "reward_metrics": reward,

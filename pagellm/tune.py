@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, to_yaml
+from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, write_config
 from pagellm.outputs import append_jsonl, figure, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
     log.info("upstream stages for lambda=%g: building %s (data, SFT, reward)", cfg.data.category_cap, where)
     started = time.perf_counter()
     where.mkdir(parents=True, exist_ok=True)
-    (where / "config.yaml").write_text(to_yaml(cfg))
+    write_config(cfg, where)
     build_dataset(cfg, dirs["data"], engine="ray")
     sft = run_sft(cfg, dirs["data"], dirs["sft"])
     reward = run_reward(cfg, dirs["data"], dirs["sft"], dirs["reward"])

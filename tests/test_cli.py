@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from pagellm.config import load_config
 from tests.conftest import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -23,6 +24,11 @@ def test_ray_job_entrypoint_runs_data_stage(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "stats.json").read_text())["ft_rows"] > 0
+    # the resolved configuration is written beside the outputs and loads back as it ran
+    written = load_config(tmp_path / "config.yaml")
+    assert written == load_config(overrides=["data.dataset=synthetic:3000"])
+    # no profile on a from-scratch model at the paper's learning rates: one warning naming the profile
+    assert proc.stderr.count("--profile embedded") == 1
 
 
 def test_bad_input_exits_2_naming_file_and_column(tmp_path):

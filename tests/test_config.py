@@ -7,6 +7,7 @@ import dataclasses
 import io
 
 import pytest
+from omegaconf import OmegaConf
 
 from pagellm.config import DEFAULT_YAML_HEADER, PageLLMConfig, config_yaml, load_config
 from pagellm.errors import ConfigError
@@ -60,6 +61,41 @@ def test_config_command_prints_the_merged_configuration_with_help(tmp_path):
     merged = load_config(out)
     assert merged == load_config(REPO / "configs" / "amazon2014.yaml", ["ppo.kl_beta=0.05"])
     assert merged.ppo.kl_beta == 0.05 and merged.data.rating_min == 1.0
+
+
+def _config_command(*argv: str) -> tuple[PageLLMConfig, str]:
+    """`pagellm config ARGV` through the CLI: the configuration it resolves and its stderr."""
+    from pagellm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["config", *argv]) == 0
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(PageLLMConfig), OmegaConf.create(out.getvalue()))
+    ), err.getvalue()
+
+
+def test_profiles_are_the_packaged_files_and_warn_only_without_one():
+    embedded, err = _config_command("--profile", "embedded")
+    assert embedded == load_config(REPO / "pagellm" / "configs" / "embedded.yaml") and err == ""
+    assert embedded.sft.meta_lr != PageLLMConfig().sft.meta_lr
+    quick, _ = _config_command("--profile", "quickstart", "ppo.kl_beta=0.05")
+    assert quick == load_config(
+        [REPO / "pagellm" / "configs" / n for n in ("embedded.yaml", "quickstart.yaml")], ["ppo.kl_beta=0.05"]
+    )
+    # profiles come before --config files, which come before overrides
+    layered, _ = _config_command(
+        "--profile", "embedded", "--profile", "paper", "--config", str(REPO / "configs" / "amazon2014.yaml")
+    )
+    assert (
+        layered.model.item_init == "p5" and layered.data.rating_min == 1.0 and layered.sft.ft_lr == embedded.sft.ft_lr
+    )
+    # a data set config alone leaves the paper's learning rates on a from-scratch model: warned once
+    _, err = _config_command("--config", str(REPO / "configs" / "amazon2014.yaml"))
+    assert err.count("--profile embedded") == 1 and "from scratch" in err
+    # a pretrained model is what the paper's rates are for: no warning
+    _, err = _config_command("model.name_or_path=some/gpt2")
+    assert err == ""
 
 
 @pytest.mark.parametrize("name", ["amazon2014.yaml", "movielens.yaml"])

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pagellm.config import DataConfig, PageLLMConfig
+from pagellm.config import DataConfig, PageLLMConfig, write_config
 from pagellm.data import rules
 from pagellm.data.ingest import load_dataset
 from pagellm.data.layout import EVAL_SPLITS, DataDir
@@ -312,7 +312,7 @@ def build_dataset(
     ``out_dir/stats.json``."""
     data_cfg = cfg.data
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if ingested is None:

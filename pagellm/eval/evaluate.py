@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pagellm.config import EvalConfig, PageLLMConfig
+from pagellm.config import EvalConfig, PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.eval.metrics import mean_metrics, page_metrics
 from pagellm.model.artifact import require_policy
@@ -92,6 +92,7 @@ def run_evaluate(cfg: PageLLMConfig, model_dir, data_dir, split: str, out_dir) -
 
     model_dir, out = require_policy(Path(model_dir).resolve()), Path(out_dir)
     users = eval_users(Path(data_dir), split, cfg)
+    write_config(cfg, out)
     init_ray(cfg.ray)
     scored = generate_all(model_dir, users, cfg.eval)
     if scored.page.isna().any():

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from pagellm.buckets import in_share
-from pagellm.config import PageLLMConfig
+from pagellm.config import PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
 from pagellm.eval.evaluate import eval_users, score_pages
@@ -502,7 +502,7 @@ def run_ppo(
         from pagellm.ray_utils import init_ray
 
         init_ray(cfg.ray)
-    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
     ppo = cfg.ppo
     codec, constraint, prompts = rollout_setup(cfg, sft_dir, data_dir)
     pad_id, tokenizer = codec.vocab.pad_id, codec.vocab.tokenizer

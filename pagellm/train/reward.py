@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pagellm.buckets import in_share
-from pagellm.config import PageLLMConfig
+from pagellm.config import PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.data.rules import FAMILIES
 from pagellm.model.artifact import load_codec, load_policy
@@ -205,7 +205,7 @@ def run_reward(
 
     init_ray(cfg.ray)
     out, sft_dir = Path(out_dir), Path(sft_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
     codec = load_codec(sft_dir)
     tokenizer = codec.vocab.tokenizer
     data = DataDir(data_dir)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pagellm.buckets import in_share
-from pagellm.config import PageLLMConfig
+from pagellm.config import PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.data.schema import UNKNOWN_CATEGORY
 from pagellm.model.modeling import (
@@ -433,7 +433,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
 
     init_ray(cfg.ray)
     out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
-    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
     tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
     codec = PromptCodec.from_tokenizer(tokenizer)
