@@ -22,12 +22,19 @@ from pagellm.storage import fetch, is_uri, output, train_storage
 DEFAULT_RUN_DIR = "runs/default"
 
 
+def resolve_profiles(args: argparse.Namespace) -> None:
+    """Profiles become the first config files, so every later loader (Tune trials, cold-start
+    and ablation runs that reload ``args.config``) applies them too."""
+    if hasattr(args, "profile"):
+        args.config = [str(p) for p in profile_paths(args.profile)] + (args.config or []) or None
+
+
 def _config(args: argparse.Namespace) -> PageLLMConfig:
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
         overrides.append(f"data.dataset={args.dataset}")
     cfg = load_config(args.config, overrides)
-    if not args.profile and (warning := from_scratch_warning(cfg)):
+    if args.command != "config" and not args.profile and (warning := from_scratch_warning(cfg)):
         print(f"pagellm: warning: {warning}", file=sys.stderr)
     return cfg
 
@@ -457,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "profile"):  # profiles are config files first in line, for every later loader too
-            args.config = [str(p) for p in profile_paths(args.profile)] + (args.config or []) or None
+        resolve_profiles(args)
         return args.func(args)
     except (ConfigError, InputError) as exc:
         print(f"pagellm: error: {exc}", file=sys.stderr)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+import operator
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,12 +27,42 @@ REWARD_POOLINGS = ("mean", "dcg")  # reward.fine_pooling (pagellm.model.modeling
 PAGE_MODES = ("generate", "score", "hybrid")  # eval.page_mode (pagellm.model.decoding.write_pages)
 
 
-def opt(default, help: str):
-    """A configuration field: its default and its help, which ``pagellm config`` prints and
-    ``configs/default.yaml`` carries as comments (``config_yaml``)."""
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def opt(default, help: str, **bounds):
+    """A configuration field: its default, its help (which ``pagellm config`` prints and
+    ``configs/default.yaml`` carries as comments, ``config_yaml``) and, for a number, the range
+    ``load_config`` holds it to (``ge``/``gt``/``le``/``lt``; None always passes for Optional)."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"opt() got unknown bounds {sorted(unknown)}")
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def range_text(bounds: dict) -> str:
+    """``{"ge": 0, "lt": 1}`` -> ``>= 0 and < 1``."""
+    return " and ".join(f"{BOUNDS[k][0]} {v:g}" for k, v in bounds.items())
+
+
+def check_ranges(merged, cls: type, prefix: str = "") -> None:
+    """Every number of ``merged`` (an OmegaConf tree of ``cls``) inside its field's bounds and
+    finite; runs before the sections' ``__post_init__`` relations, so they see sane values."""
+    for f in fields(cls):
+        key, value = f"{prefix}{f.name}", merged[f.name]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            check_ranges(value, type(default), f"{key}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        bounds = f.metadata["bounds"]
+        if not math.isfinite(value) or not all(BOUNDS[k][1](value, v) for k, v in bounds.items()):
+            need = range_text(bounds) if bounds else "finite"
+            raise ConfigError(f"{key} must be {need}, got {value}")
 
 
 def section(cls, help: str):
@@ -61,11 +92,15 @@ class DataConfig:
     split: list[float] = opt(
         [0.8, 0.1, 0.1], "per-user chronological train/validation/test fractions (section 5.1.1: 80/10/10)"
     )
-    prompt_max_items: int = opt(20, "longest prompt history, in items (the paper's case study shows a 20-item history)")
+    prompt_max_items: int = opt(
+        20, "longest prompt history, in items (the paper's case study shows a 20-item history)", ge=1
+    )
     golden_fraction: float = opt(
         0.5,
         "share of a user's training positives (the newest) kept out of the training prompt to "
         "build a golden list from (not given by the paper)",
+        gt=0.0,
+        lt=1.0,
     )
     extra_ft_fractions: list[float] = opt(
         [],
@@ -89,7 +124,7 @@ class DataConfig:
         "keep windows whose prompt is empty (the paper does; on Amazon they were 21% of the fine-tuning "
         "rows, pages with nothing to condition on); skipped windows are counted as ft: empty_history",
     )
-    golden_max_items: int = opt(20, "longest golden list K (and longest negative list)")
+    golden_max_items: int = opt(20, "longest golden list K (and longest negative list)", ge=1)
     pair_families: list[str] = opt(
         list(PAIR_FAMILIES),
         "negative families of D_reward: np (disliked items), rk (ranking swaps), d (one category), rd "
@@ -98,15 +133,17 @@ class DataConfig:
         "arranged; not in the paper, configs/paper.yaml leaves it out)",
     )
     category_cap: float = opt(
-        0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)"
+        0.4, "lambda: no category may hold more than ceil(lambda * K) of the K golden items (4.2.3)", gt=0.0, le=1.0
     )
-    rk_swaps: int = opt(2, "adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4)")
-    seed: int = opt(0, "seed of every random choice of the data stage (synthetic data, swaps, replacements)")
+    rk_swaps: int = opt(2, "adjacent swaps applied to the golden list to make a ranking (rk) negative (4.2.4)", ge=1)
+    seed: int = opt(0, "seed of every random choice of the data stage (synthetic data, swaps, replacements)", ge=0)
     train_keep: float = opt(
         1.0,
         "cold start (paper 5.6, RQ5): keep this seeded share of each user's training interactions "
         "(at least one; any rating) after the split; validation and test are untouched. The others "
         "are written to withheld.parquet and count as never seen (not in prompts, pairs or masks)",
+        gt=0.0,
+        le=1.0,
     )
     columns: dict[str, str] = opt(
         {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "ts": "ts"},
@@ -119,7 +156,7 @@ class DataConfig:
         "list or a |-separated string of categories; the first is the category)",
     )
     users_per_block: int = opt(
-        2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)"
+        2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)", ge=1
     )
 
     def __post_init__(self) -> None:
@@ -127,19 +164,20 @@ class DataConfig:
             raise ConfigError(f"data.split must be three positive fractions, got {self.split}")
         if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
             raise ConfigError(f"data.split must sum to 1, got {self.split} (sum {sum(self.split)})")
-        if not 0.0 < self.category_cap <= 1.0:
-            raise ConfigError(f"data.category_cap must be in (0, 1], got {self.category_cap}")
-        if not 0.0 < self.golden_fraction < 1.0:
-            raise ConfigError(f"data.golden_fraction must be in (0, 1), got {self.golden_fraction}")
         if any(not 0.0 < f < 1.0 for f in self.extra_ft_fractions):
             raise ConfigError(f"data.extra_ft_fractions must lie in (0, 1), got {self.extra_ft_fractions}")
         if self.rating_min >= self.rating_max:
             raise ConfigError(f"data.rating_min ({self.rating_min}) must be below data.rating_max ({self.rating_max})")
-        for key in ("prompt_max_items", "golden_max_items", "users_per_block"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if self.rk_swaps < 1:
-            raise ConfigError(f"data.rk_swaps must be >= 1, got {self.rk_swaps}")
+        if self.positive_threshold >= self.rating_max:
+            raise ConfigError(
+                f"data.positive_threshold ({self.positive_threshold}) must be below data.rating_max "
+                f"({self.rating_max}): no rating could be a positive"
+            )
+        if self.negative_threshold > self.positive_threshold:
+            raise ConfigError(
+                f"data.negative_threshold ({self.negative_threshold}) must be <= data.positive_threshold "
+                f"({self.positive_threshold}): a rating cannot be both liked and disliked"
+            )
         if self.golden_candidates not in ("future", "outside_prompt"):
             raise ConfigError(
                 f"data.golden_candidates must be 'future' or 'outside_prompt', got {self.golden_candidates!r}"
@@ -149,8 +187,6 @@ class DataConfig:
             raise ConfigError(
                 f"data.pair_families must be distinct names among {list(PAIR_FAMILIES)}, got {self.pair_families}"
             )
-        if not 0.0 < self.train_keep <= 1.0:
-            raise ConfigError(f"data.train_keep must be in (0, 1], got {self.train_keep}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)
         if missing:
             raise ConfigError(f"data.columns lacks a mapping for {sorted(missing)}")
@@ -165,18 +201,19 @@ class ModelConfig:
         "a pretrained model name or local path (e.g. a saved GPT-2); null builds the "
         "embedded small GPT-2 below, with a BPE tokenizer trained on the catalogue text",
     )
-    n_layer: int = opt(4, "embedded GPT-2: transformer blocks")
-    n_head: int = opt(4, "embedded GPT-2: attention heads")
-    n_embd: int = opt(128, "embedded GPT-2: hidden size")
-    max_seq_len: int = opt(1024, "embedded GPT-2: longest sequence (positions)")
-    bpe_vocab_size: int = opt(2000, "embedded tokenizer: BPE vocabulary before the user and item tokens")
+    n_layer: int = opt(4, "embedded GPT-2: transformer blocks", ge=1)
+    n_head: int = opt(4, "embedded GPT-2: attention heads", ge=1)
+    n_embd: int = opt(128, "embedded GPT-2: hidden size", ge=1)
+    max_seq_len: int = opt(1024, "embedded GPT-2: longest sequence (positions)", ge=8)
+    bpe_vocab_size: int = opt(2000, "embedded tokenizer: BPE vocabulary before the user and item tokens", ge=1)
     lora_rank: int = opt(
         0,
         "LoRA through peft: 0 trains the full model; > 0 freezes the base and trains adapters on "
         "lora_targets plus the new user/item token embeddings",
+        ge=0,
     )
-    lora_alpha: int = opt(16, "LoRA scaling alpha")
-    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_alpha: int = opt(16, "LoRA scaling alpha", gt=0)
+    lora_dropout: float = opt(0.05, "LoRA dropout", ge=0.0, lt=1.0)
     lora_targets: list[str] = opt(["c_attn"], "modules that get LoRA adapters")
     user_tokens: bool = opt(
         False,
@@ -185,7 +222,7 @@ class ModelConfig:
         "with them (the tokens let the model memorise each user's sequence; docs/deviations.md)",
     )
     dropout: float = opt(
-        0.1, "embedded GPT-2: dropout on embeddings, attention and residuals (GPT-2's own default 0.1)"
+        0.1, "embedded GPT-2: dropout on embeddings, attention and residuals (GPT-2's own default 0.1)", ge=0.0, lt=1.0
     )
     item_init: str = opt(
         "cooccurrence",
@@ -198,65 +235,65 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.item_init not in ("p5", "cooccurrence"):
             raise ConfigError(f"model.item_init must be 'p5' or 'cooccurrence', got {self.item_init!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
 
 
 @dataclass
 class TrainConfig:
     """The one training path of every supervised stage: Ray Train TorchTrainer + DeepSpeed."""
 
-    num_workers: int = opt(2, "Ray Train workers (data-parallel ranks)")
+    num_workers: int = opt(2, "Ray Train workers (data-parallel ranks)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(1.0, "CPUs per worker (also its torch threads)")
+    cpus_per_worker: float = opt(1.0, "CPUs per worker (also its torch threads)", gt=0.0)
     deepspeed: bool = opt(True, "DeepSpeed engine; false: plain DDP through ray.train.torch.prepare_model")
-    zero_stage: int = opt(1, "DeepSpeed ZeRO stage (0, 1 or 2)")
+    zero_stage: int = opt(
+        1,
+        "DeepSpeed ZeRO stage (0, 1 or 2; not 3: checkpoints save the full module from rank 0, which "
+        "ZeRO-3 partitions away)",
+        ge=0,
+        le=2,
+    )
     bf16: bool = opt(True, "bf16 on GPU (CPU trains in fp32)")
-    max_failures: int = opt(2, "worker deaths survived by resuming from the latest checkpoint")
-    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default)")
+    max_failures: int = opt(2, "worker deaths survived by resuming from the latest checkpoint", ge=-1)
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default)", ge=0.0)
     lr_schedule: str = opt(
         "linear",
         "linear: warm-up over warmup_fraction of a fit's steps, then linear decay to 0; constant: the "
         "stage's learning rate throughout (the paper gives none)",
     )
-    warmup_fraction: float = opt(0.05, "linear schedule: share of a fit's steps spent warming up")
+    warmup_fraction: float = opt(0.05, "linear schedule: share of a fit's steps spent warming up", ge=0.0, lt=1.0)
     shuffle: bool = opt(
         True, "reshuffle each worker's rows every epoch (seeded): meta rows otherwise come in pattern blocks"
     )
-    log_every_steps: int = opt(10, "a training-loss line in the JSONL log every N steps")
+    log_every_steps: int = opt(10, "a training-loss line in the JSONL log every N steps", ge=1)
     wandb_mode: str = opt("offline", "wandb mode: offline, or online once wandb is configured")
     wandb_project: str = opt("pagellm", "wandb project")
-    seed: int = opt(0, "seed of model initialisation and data order")
+    seed: int = opt(0, "seed of model initialisation and data order", ge=0)
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(
-                f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}: checkpoints save the full "
-                "module from rank 0, which ZeRO-3 partitions away"
-            )
-        if self.num_workers < 1:
-            raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
         if self.lr_schedule not in ("linear", "constant"):
             raise ConfigError(f"train.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
 
 @dataclass
 class SFTConfig:
     """Supervised stages (section 4.3; values from section 5.1.4)."""
 
-    meta_epochs: int = opt(3, "meta-information pre-training epochs")
-    meta_lr: float = opt(5e-5, "meta pre-training learning rate")
-    batch_size: int = opt(32, "rows per step (global, split over the workers)")
-    ft_epochs: int = opt(10, "golden-list (ground-truth) fine-tuning epochs")
-    ft_lr: float = opt(2e-5, "golden-list fine-tuning learning rate")
+    meta_epochs: int = opt(3, "meta-information pre-training epochs", ge=0)
+    meta_lr: float = opt(5e-5, "meta pre-training learning rate", gt=0.0)
+    batch_size: int = opt(32, "rows per step (global, split over the workers)", ge=1)
+    ft_epochs: int = opt(10, "golden-list (ground-truth) fine-tuning epochs", ge=1)
+    ft_lr: float = opt(2e-5, "golden-list fine-tuning learning rate", gt=0.0)
     rating_loss_weight: float = opt(
-        1.0, "weight of the rating regression (eq. 7) next to the meta next-token loss (eq. 8)"
+        1.0, "weight of the rating regression (eq. 7) next to the meta next-token loss (eq. 8)", ge=0.0
     )
-    max_meta_tokens: int = opt(128, "meta prompts are cut to this many tokens")
+    max_meta_tokens: int = opt(128, "meta prompts are cut to this many tokens", ge=8)
     max_meta_rows_per_pattern: Optional[int] = opt(
         None,
         "a seeded sample of at most this many meta rows per pattern (a-d, "
         "rating); null: all. Large logs otherwise make meta pre-training long",
+        ge=1,
     )
     next_item_epochs: int = opt(
         50,
@@ -264,42 +301,43 @@ class SFTConfig:
         "every prefix of a user's training positives predicts the next at the page's first slot, "
         "item-block cross-entropy); the most epochs, stopped on validation NDCG@100 (the best exported); "
         "0 skips it, as the paper does",
+        ge=0,
     )
-    next_item_lr: float = opt(1e-3, "next-item pre-training: peak learning rate")
-    next_item_max_items: int = opt(50, "next-item pre-training: the longest history before a target item")
+    next_item_lr: float = opt(1e-3, "next-item pre-training: peak learning rate", gt=0.0)
+    next_item_max_items: int = opt(50, "next-item pre-training: the longest history before a target item", ge=1)
     patience: int = opt(
         10,
         "next-item pre-training and golden-list fine-tuning: epochs without a better validation NDCG@100 "
         "(score mode, every seen item masked) before stopping; the best epoch is exported",
+        ge=1,
     )
     ft_select: str = opt(
         "ndcg@100",
         "golden-list fine-tuning exports the epoch with the best validation ndcg@100 (with patience), or "
         "the last epoch (last, the paper's)",
     )
-    valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate")
+    valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate", ge=1)
     unlikelihood_weight: float = opt(
         0.0,
         "weight of an unlikelihood term on repeated page items and an empty page, added to "
         "eq. 9 (not in the paper: 0 keeps eq. 9 alone); teaches a small model the page schema",
+        ge=0.0,
     )
 
     def __post_init__(self) -> None:
         if self.ft_select not in ("ndcg@100", "last"):
             raise ConfigError(f"sft.ft_select must be 'ndcg@100' or 'last', got {self.ft_select!r}")
-        if self.next_item_max_items < 1:
-            raise ConfigError(f"sft.next_item_max_items must be >= 1, got {self.next_item_max_items}")
 
 
 @dataclass
 class RewardConfig:
     """Coarse and fine reward heads (section 4.4; values from section 5.1.4)."""
 
-    epochs: int = opt(5, "training epochs per head")
-    lr: float = opt(1e-5, "learning rate")
-    batch_size: int = opt(64, "pairs per step (global)")
+    epochs: int = opt(5, "training epochs per head", ge=1)
+    lr: float = opt(1e-5, "learning rate", gt=0.0)
+    batch_size: int = opt(64, "pairs per step (global)", ge=1)
     early_stopping: bool = opt(True, "stop on validation log-likelihood and export the best epoch")
-    patience: int = opt(1, "epochs without improvement before stopping")
+    patience: int = opt(1, "epochs without improvement before stopping", ge=1)
     fine_pooling: str = opt(
         "mean",
         "how R_f pools its item scores: mean (eq. 13, every slot alike) or dcg (slot k weighted "
@@ -315,31 +353,29 @@ class RewardConfig:
         300,
         "validation users whose policy-sampled pages measure how well each head ranks pages: the "
         "Spearman correlation of reward with page NDCG (metrics.json 'agreement'); 0 skips it",
+        ge=0,
     )
-    agreement_samples: int = opt(4, "pages sampled per agreement user (within-user correlation needs >= 2)")
+    agreement_samples: int = opt(4, "pages sampled per agreement user (within-user correlation needs >= 2)", ge=2)
     holdout_fraction: float = opt(
         0.1,
         "pairs are split by user: this share of users is validation (early stopping) and "
         "the same share is test (the reported pairwise accuracy)",
+        gt=0.0,
+        le=0.5,
     )
 
     def __post_init__(self) -> None:
         if self.fine_pooling not in REWARD_POOLINGS:
             raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
-        if self.agreement_users < 0 or self.agreement_samples < 2:
-            raise ConfigError(
-                f"need reward.agreement_users >= 0 and reward.agreement_samples >= 2, got "
-                f"{self.agreement_users}, {self.agreement_samples}"
-            )
 
 
 @dataclass
 class RoleConfig:
     """Resources of one PPO role: ``num_workers`` Ray actors, each with these CPUs/GPUs."""
 
-    num_workers: int = opt(1, "actors of this role (policy and critic: data-parallel ranks)")
-    num_cpus: float = opt(0.25, "CPUs per actor")
-    num_gpus: float = opt(0.0, "GPUs per actor (fractions share one GPU)")
+    num_workers: int = opt(1, "actors of this role (policy and critic: data-parallel ranks)", ge=1)
+    num_cpus: float = opt(0.25, "CPUs per actor", ge=0.0)
+    num_gpus: float = opt(0.0, "GPUs per actor (fractions share one GPU)", ge=0.0)
 
 
 PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
@@ -349,66 +385,71 @@ PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
 class PPOConfig:
     """PPO (section 4.5; values from section 5.1.4)."""
 
-    clip: float = opt(0.2, "clipped surrogate epsilon")
-    lr: float = opt(1e-5, "policy learning rate")
-    critic_lr: float = opt(1e-5, "critic learning rate")
-    batch_size: int = opt(64, "pages (prompts) per PPO iteration")
-    epochs: int = opt(5, "passes over the rollout prompts (the paper runs PPO for 5 epochs)")
-    max_iterations: Optional[int] = opt(None, "cap on the iterations (quick runs, tests); null: epochs decide")
-    update_epochs: int = opt(1, "optimisation passes over each iteration's rollouts")
-    minibatch_size: int = opt(16, "pages per optimisation step (batch_size / minibatch_size steps per pass)")
-    kl_beta: float = opt(0.1, "per-token KL penalty against the reference policy")
+    clip: float = opt(0.2, "clipped surrogate epsilon", gt=0.0)
+    lr: float = opt(1e-5, "policy learning rate", gt=0.0)
+    critic_lr: float = opt(1e-5, "critic learning rate", gt=0.0)
+    batch_size: int = opt(64, "pages (prompts) per PPO iteration", ge=1)
+    epochs: int = opt(5, "passes over the rollout prompts (the paper runs PPO for 5 epochs)", ge=1)
+    max_iterations: Optional[int] = opt(None, "cap on the iterations (quick runs, tests); null: epochs decide", ge=1)
+    update_epochs: int = opt(1, "optimisation passes over each iteration's rollouts", ge=1)
+    minibatch_size: int = opt(16, "pages per optimisation step (batch_size / minibatch_size steps per pass)", ge=1)
+    kl_beta: float = opt(0.1, "per-token KL penalty against the reference policy", ge=0.0)
     kl_estimator: str = opt("k1", "k1 = log pi - log pi_ref; k3 = (r - 1) - log r, always >= 0")
     kl_adaptive: bool = opt(False, "adaptive KL controller (Ziegler et al. 2019) instead of a fixed beta")
-    kl_target: float = opt(6.0, "adaptive controller: target KL per page")
-    kl_horizon: int = opt(10000, "adaptive controller: horizon in pages")
+    kl_target: float = opt(6.0, "adaptive controller: target KL per page", gt=0.0)
+    kl_horizon: int = opt(10000, "adaptive controller: horizon in pages", ge=1)
     advantage: str = opt(
         "gae",
         "gae: the critic's values and GAE (the paper); group: k = group_size pages per prompt, each "
         "page's reward (R minus beta x its KL) standardised within its group, no critic trained",
     )
-    group_size: int = opt(4, "advantage=group: pages sampled per prompt (batch_size pages = batch_size / k prompts)")
-    gamma: float = opt(1.0, "discount (the paper: 1)")
-    gae_lambda: float = opt(0.95, "GAE lambda")
-    value_clip: float = opt(0.2, "clip of the value loss")
-    value_loss_coef: float = opt(1.0, "scale of the critic's loss (the critic is its own model)")
+    group_size: int = opt(
+        4, "advantage=group: pages sampled per prompt (batch_size pages = batch_size / k prompts)", ge=1
+    )
+    gamma: float = opt(1.0, "discount (the paper: 1)", ge=0.0, le=1.0)
+    gae_lambda: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
+    value_clip: float = opt(0.2, "clip of the value loss", gt=0.0)
+    value_loss_coef: float = opt(1.0, "scale of the critic's loss (the critic is its own model)", ge=0.0)
     reward_normalization: bool = opt(True, "running mean/std of the page reward")
     rewards: str = opt(
         "both", "the reward-head ablation: both (R = w_c R_c + w_f R_f, eq. 15), coarse, fine or none (KL only)"
     )
-    coarse_weight: float = opt(1.0, "w_c, the weight of R_c in R")
-    fine_weight: float = opt(1.0, "w_f, the weight of R_f in R")
+    coarse_weight: float = opt(1.0, "w_c, the weight of R_c in R", ge=0.0)
+    fine_weight: float = opt(1.0, "w_f, the weight of R_f in R", ge=0.0)
     reward_placement: str = opt(
         "terminal",
         "terminal: all reward on the last token (the paper); dense: each item's fine score "
         "on its own token (divided by the page length, so the sum is R_f) and R_c on the last token",
     )
-    temperature: float = opt(1.0, "rollout sampling temperature")
-    top_p: float = opt(1.0, "rollout nucleus sampling")
-    page_min_items: int = opt(1, "shortest rollout page (EOS allowed after this many items)")
-    page_max_items: int = opt(20, "longest rollout page (EOS forced after this many items)")
+    temperature: float = opt(1.0, "rollout sampling temperature", gt=0.0)
+    top_p: float = opt(1.0, "rollout nucleus sampling", gt=0.0, le=1.0)
+    page_min_items: int = opt(1, "shortest rollout page (EOS allowed after this many items)", ge=1)
+    page_max_items: int = opt(20, "longest rollout page (EOS forced after this many items)", ge=1)
     exclude_history: bool = opt(True, "rollout pages may not repeat an item of the prompt")
     eval_every: int = opt(
         10,
         "every N iterations: the validation metrics of `pagellm evaluate --split val` (the eval "
         "section's protocol: page length, masking, decoding) and the held-out reward",
+        ge=1,
     )
-    eval_max_users: Optional[int] = opt(None, "validate on the first N validation users; null: all")
-    generate_batch_size: int = opt(256, "prompts per rollout generation call inside a policy worker")
-    checkpoint_every: int = opt(10, "every N iterations a checkpoint for --resume")
+    eval_max_users: Optional[int] = opt(None, "validate on the first N validation users; null: all", ge=1)
+    generate_batch_size: int = opt(256, "prompts per rollout generation call inside a policy worker", ge=1)
+    checkpoint_every: int = opt(10, "every N iterations a checkpoint for --resume", ge=1)
     final_policy: str = opt(
         "last",
         "PPO_DIR/policy: last (the paper: the policy after the last iteration) or best_val (the "
         "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)",
     )
-    holdout_fraction: float = opt(0.1, "users whose prompts are held out of rollouts (the held-out reward curve)")
+    holdout_fraction: float = opt(
+        0.1, "users whose prompts are held out of rollouts (the held-out reward curve)", ge=0.0, le=0.5
+    )
     rollout_prompts: str = opt(
         "validation",
         "validation: each validation user's training history, the prompt validation NDCG reads (the "
         "policy is tuned on the very prompts it is selected on); training_windows: the prompts of every "
         "fine-tuning window (data ft/, main and extra), earlier histories of the same users",
     )
-    seed: int = opt(0, "seed of rollout order and sampling")
+    seed: int = opt(0, "seed of rollout order and sampling", ge=0)
     colocate: bool = opt(
         True,
         "pack the i-th worker of every role into one bundle (one GPU shared by fractions); false: "
@@ -452,13 +493,9 @@ class PPOConfig:
                 f"ppo.advantage=group needs ppo.group_size >= 2 dividing ppo.batch_size ({self.batch_size}), "
                 f"got {self.group_size}"
             )
-        if not 1 <= self.page_min_items <= self.page_max_items:
+        if self.page_min_items > self.page_max_items:
             raise ConfigError(
-                f"need 1 <= ppo.page_min_items <= ppo.page_max_items, got {self.page_min_items}, {self.page_max_items}"
-            )
-        if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
-            raise ConfigError(
-                f"ppo.top_p must be in (0, 1] and ppo.temperature > 0, got {self.top_p}, {self.temperature}"
+                f"ppo.page_min_items ({self.page_min_items}) must be <= ppo.page_max_items ({self.page_max_items})"
             )
 
 
@@ -466,7 +503,7 @@ class PPOConfig:
 class EvalConfig:
     """`pagellm evaluate` and PPO's validation: pages for every user of a split, scored with docs/metrics.md."""
 
-    page_items: int = opt(100, "page length K (NDCG@100 needs 100)")
+    page_items: int = opt(100, "page length K (NDCG@100 needs 100)", ge=1)
     page_mode: str = opt(
         "score",
         "how a page of page_items is written: generate (every slot decoded under PPO's page constraint), "
@@ -475,20 +512,20 @@ class EvalConfig:
         "PPO validation and serving alike. score is the default: Amazon validation NDCG@100 of one SFT "
         "policy 0.0981 (score), 0.0956 (hybrid, 3 slots), 0.0949 (generate)",
     )
-    hybrid_items: int = opt(3, "hybrid page mode: slots decoded before the rest are ranked by score")
+    hybrid_items: int = opt(3, "hybrid page mode: slots decoded before the rest are ranked by score", ge=1)
     decoding: str = opt("greedy", "greedy or sample, both under the page constraint of PPO")
-    temperature: float = opt(1.0, "sample only: temperature")
-    top_p: float = opt(1.0, "sample only: nucleus")
+    temperature: float = opt(1.0, "sample only: temperature", gt=0.0)
+    top_p: float = opt(1.0, "sample only: nucleus", gt=0.0, le=1.0)
     mask_seen: bool = opt(
         True,
         "full-ranking protocol: every item the user interacted with before the split is excluded "
         "(train; train + validation for test), not only the prompt's items",
     )
-    batch_size: int = opt(64, "users per generation batch")
-    num_actors: int = opt(1, "Ray Data actor pool size, each actor holding the model")
-    num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
-    num_gpus: float = opt(0.0, "GPUs per actor")
-    seed: int = opt(0, "seed of sampled decoding")
+    batch_size: int = opt(64, "users per generation batch", ge=1)
+    num_actors: int = opt(1, "Ray Data actor pool size, each actor holding the model", ge=1)
+    num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)", ge=0.0)
+    num_gpus: float = opt(0.0, "GPUs per actor", ge=0.0)
+    seed: int = opt(0, "seed of sampled decoding", ge=0)
     report_baselines: list[str] = opt(
         ["popularity", "itemknn", "multivae", "sasrec"],
         "in-house baselines (docs/baselines.md; epoch or neighbourhood chosen on validation) that "
@@ -498,9 +535,9 @@ class EvalConfig:
         ".venv-recbole/bin/python",
         "python of RecBole's own environment, for `recbole:MODEL` baselines (built by `pagellm setup recbole`)",
     )
-    recbole_epochs: int = opt(100, "recbole:MODEL baselines: most training epochs (one for Pop)")
+    recbole_epochs: int = opt(100, "recbole:MODEL baselines: most training epochs (one for Pop)", ge=1)
     recbole_patience: int = opt(
-        10, "recbole:MODEL baselines: epochs without a better validation NDCG@100 before stopping (best restored)"
+        10, "recbole:MODEL baselines: epochs without a better validation NDCG@100 before stopping (best restored)", ge=1
     )
     recbole_settings: dict[str, Any] = opt(
         {}, "further RecBole settings per model, e.g. {MultiVAE: {total_anneal_steps: 2000}}"
@@ -509,12 +546,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.decoding not in ("greedy", "sample"):
             raise ConfigError(f"eval.decoding must be 'greedy' or 'sample', got {self.decoding!r}")
-        if not 1 <= self.page_items:
-            raise ConfigError(f"eval.page_items must be >= 1, got {self.page_items}")
         if self.page_mode not in PAGE_MODES:
             raise ConfigError(f"eval.page_mode must be one of {PAGE_MODES}, got {self.page_mode!r}")
-        if self.hybrid_items < 1:
-            raise ConfigError(f"eval.hybrid_items must be >= 1, got {self.hybrid_items}")
 
 
 @dataclass
@@ -533,21 +566,22 @@ class TuneConfig:
         "values of data.category_cap; each changes the golden lists, so the data, SFT and "
         "reward stages run once per distinct lambda (cached by a hash of their configuration)",
     )
-    num_samples: int = opt(1, "grid repeats, or trials of a searcher")
+    num_samples: int = opt(1, "grid repeats, or trials of a searcher", ge=1)
     scheduler: str = opt(
         "asha",
         "asha: stop weak trials early on validation NDCG@100 (reported every ppo.eval_every "
         "iterations); fifo: run every trial to the end",
     )
-    grace_period: int = opt(20, "ASHA: PPO iterations a trial runs before it may be stopped")
-    reduction_factor: int = opt(2, "ASHA: keep the best 1/reduction_factor at each rung")
-    max_concurrent_trials: Optional[int] = opt(None, "null: as many as the resources allow")
+    grace_period: int = opt(20, "ASHA: PPO iterations a trial runs before it may be stopped", ge=1)
+    reduction_factor: int = opt(2, "ASHA: keep the best 1/reduction_factor at each rung", ge=2)
+    max_concurrent_trials: Optional[int] = opt(None, "null: as many as the resources allow", ge=1)
     driver_cpus: float = opt(
         0.25,
         "CPUs of the trial's own process (bundle 0 of its placement group); the PPO roles' bundles "
         "follow, from ppo.<role>",
+        ge=0.0,
     )
-    seed: int = opt(0, "the searcher's seed")
+    seed: int = opt(0, "the searcher's seed", ge=0)
 
     def __post_init__(self) -> None:
         if self.search not in ("grid", "optuna", "hyperopt"):
@@ -562,17 +596,13 @@ class TuneConfig:
             )
         if not self.lambdas or any(not 0.0 < x <= 1.0 for x in self.lambdas):
             raise ConfigError(f"tune.lambdas must be non-empty and in (0, 1], got {self.lambdas}")
-        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError(
-                "tune.num_samples >= 1, tune.grace_period >= 1 and tune.reduction_factor >= 2 are required"
-            )
 
 
 @dataclass
 class RayConfig:
     """How the local Ray is started when no cluster is attached (RAY_ADDRESS unset)."""
 
-    num_cpus: Optional[int] = opt(None, "CPUs of the local Ray; null: all cores of this machine")
+    num_cpus: Optional[int] = opt(None, "CPUs of the local Ray; null: all cores of this machine", ge=1)
     include_dashboard: bool = opt(False, "start Ray's dashboard")
 
 
@@ -664,6 +694,7 @@ def load_config(path: Optional[str | Path | list] = None, overrides: Optional[li
                 raise ConfigError(f"overrides must look like section.key=value, got {bad}")
             where = "command-line overrides"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        check_ranges(merged, PageLLMConfig)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -705,7 +736,8 @@ def config_yaml(cfg, indent: str = "") -> str:
         value = getattr(cfg, f.name)
         if not indent and lines:
             lines.append("")  # a blank line between top-level sections
-        lines += _wrap(f.metadata["help"], indent)
+        bounds = f.metadata.get("bounds")
+        lines += _wrap(f.metadata["help"] + (f" (range: {range_text(bounds)})" if bounds else ""), indent)
         if is_dataclass(value):
             lines.append(f"{indent}{f.name}:")
             lines.append(config_yaml(value, indent + "  ").rstrip("\n"))

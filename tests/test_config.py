@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -90,12 +91,24 @@ def test_profiles_are_the_packaged_files_and_warn_only_without_one():
     assert (
         layered.model.item_init == "p5" and layered.data.rating_min == 1.0 and layered.sft.ft_lr == embedded.sft.ft_lr
     )
+    assert _stage_warning("--profile", "embedded") == ""
     # a data set config alone leaves the paper's learning rates on a from-scratch model: warned once
-    _, err = _config_command("--config", str(REPO / "configs" / "amazon2014.yaml"))
+    err = _stage_warning("--config", str(REPO / "configs" / "amazon2014.yaml"))
     assert err.count("--profile embedded") == 1 and "from scratch" in err
     # a pretrained model is what the paper's rates are for: no warning
-    _, err = _config_command("model.name_or_path=some/gpt2")
-    assert err == ""
+    assert _stage_warning("model.name_or_path=some/gpt2") == ""
+
+
+def _stage_warning(*argv: str) -> str:
+    """What `pagellm sft ARGV` prints on stderr while resolving its configuration."""
+    from pagellm.cli import _config, build_parser, resolve_profiles
+
+    args = build_parser().parse_args(["sft", "--data", "d", "--out", "o", *argv])
+    resolve_profiles(args)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        _config(args)
+    return err.getvalue()
 
 
 @pytest.mark.parametrize("name", ["amazon2014.yaml", "movielens.yaml"])
@@ -148,3 +161,56 @@ def test_every_shipped_config_loads(name):
         assert cfg.data.golden_candidates == "outside_prompt" and cfg.data.empty_history_windows
         assert cfg.data.pair_families == ["np", "rk", "d", "rd"] and cfg.model.item_init == "p5"
         assert cfg.eval.page_mode == "generate" and cfg.model.user_tokens and cfg.sft.next_item_epochs == 0
+
+
+def _numeric_fields(cls=PageLLMConfig, prefix=""):
+    """(dotted key, field) for every int / float field of the tree, Optional ones included."""
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _numeric_fields(type(default), f"{prefix}{f.name}.")
+        elif str(f.type).replace("Optional[", "").rstrip("]") in ("int", "float"):
+            yield f"{prefix}{f.name}", f
+
+
+# numbers whose only limits are relations to other fields (each: a value that breaks one)
+RELATION_ONLY = {
+    "data.positive_threshold": "99",  # >= rating_max: no rating could be a positive
+    "data.negative_threshold": "4.5",  # > positive_threshold
+    "data.rating_min": "6",  # >= rating_max
+    "data.rating_max": "0.2",  # <= rating_min
+}
+
+
+def _bad_values(key: str, f) -> list[str]:
+    """Values just outside each declared bound (and a non-finite one for floats)."""
+    bounds, is_int = f.metadata["bounds"], "int" in str(f.type)
+    step = 1 if is_int else 0.5
+    bad = {"ge": lambda v: v - step, "gt": lambda v: v, "le": lambda v: v + step, "lt": lambda v: v}
+    values = [repr(bad[kind](limit)) for kind, limit in bounds.items()]
+    return values + ([] if is_int else ["inf", "nan"])
+
+
+NUMERIC = list(_numeric_fields())
+
+
+def test_every_number_has_a_range_or_a_relation():
+    assert len(NUMERIC) > 100
+    unchecked = [k for k, f in NUMERIC if not f.metadata["bounds"] and k not in RELATION_ONLY]
+    assert unchecked == []
+
+
+@pytest.mark.parametrize("key,f", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_a_bad_number_is_a_config_error_naming_its_key(key, f):
+    values = [RELATION_ONLY[key]] if key in RELATION_ONLY else _bad_values(key, f)
+    for value in values:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(overrides=[f"{key}={value}"])
+    load_config(overrides=[f"{key}={_default(key)}"])  # and its default passes
+
+
+def _default(key: str):
+    value = PageLLMConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return "null" if value is None else value
