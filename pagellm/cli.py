@@ -20,6 +20,7 @@ from pagellm.errors import ConfigError, InputError
 from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
+TRAINING_COMMANDS = ("sft", "reward", "ppo", "run", "tune", "experiment")  # the ones a learning rate matters to
 
 
 def resolve_profiles(args: argparse.Namespace) -> None:
@@ -30,11 +31,9 @@ def resolve_profiles(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> PageLLMConfig:
-    overrides = list(args.overrides)
-    if getattr(args, "dataset", None):
-        overrides.append(f"data.dataset={args.dataset}")
-    cfg = load_config(args.config, overrides)
-    if args.command != "config" and not args.profile and (warning := from_scratch_warning(cfg)):
+    dataset = getattr(args, "dataset", None)
+    cfg = load_config(args.config, list(args.overrides), {"data": {"dataset": dataset}} if dataset else None)
+    if args.command in TRAINING_COMMANDS and not args.profile and (warning := from_scratch_warning(cfg)):
         print(f"pagellm: warning: {warning}", file=sys.stderr)
     return cfg
 

@@ -677,8 +677,12 @@ def write_config(cfg: "PageLLMConfig", directory: str | Path) -> Path:
     return path
 
 
-def load_config(path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None) -> PageLLMConfig:
-    """Defaults, then the YAML file(s) at ``path`` in order, then dotted ``key=value`` overrides."""
+def load_config(
+    path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None, values: Optional[dict] = None
+) -> PageLLMConfig:
+    """Defaults, then the YAML file(s) at ``path`` in order, then dotted ``key=value`` overrides,
+    then ``values`` (a nested dict taken verbatim: a path holding ``#`` or ``=`` stays whole,
+    where a dotlist would read a comment)."""
     where = "defaults"
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     try:
@@ -694,6 +698,9 @@ def load_config(path: Optional[str | Path | list] = None, overrides: Optional[li
                 raise ConfigError(f"overrides must look like section.key=value, got {bad}")
             where = "command-line overrides"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        if values:
+            where = "command-line options"
+            merged = OmegaConf.merge(merged, OmegaConf.create(values))
         check_ranges(merged, PageLLMConfig)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
