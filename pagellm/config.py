@@ -155,6 +155,12 @@ class DataConfig:
         "csv/parquet adapters: the items table's columns (category may name a column holding a "
         "list or a |-separated string of categories; the first is the category)",
     )
+    min_users: int = opt(
+        1,
+        "the data stage fails (exit 2, naming why users were dropped) when it keeps fewer users than this; "
+        "its outputs and stats.json are still written for inspection",
+        ge=1,
+    )
     users_per_block: int = opt(
         2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)", ge=1
     )

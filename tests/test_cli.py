@@ -70,3 +70,41 @@ def test_sft_on_a_directory_that_is_not_data_output_exits_2(tmp_path):
     proc = run(sys.executable, "-m", "pagellm.cli", "sft", "--data", str(tmp_path), "--out", str(tmp_path / "sft"))
     assert proc.returncode == 2 and "not a data-stage output" in proc.stderr
     assert str(tmp_path) in proc.stderr and "items.parquet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_log_without_positives_stops_the_data_stage_and_sft(tmp_path):
+    """All ratings <= 3: the data stage exits 2 saying why (its stats are still written), and
+    SFT on that output exits 2 naming the empty table before starting Ray."""
+    ratings = tmp_path / "ratings.csv"
+    rows = [f"u{u},i{i},{1 + (u + i) % 3},{100 * u + i}" for u in range(30) for i in range(8)]
+    ratings.write_text("user_id,item_id,rating,ts\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "data"
+    proc = run(
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "data",
+        "--dataset",
+        f"csv:{ratings}",
+        "--out",
+        str(out),
+        "--engine",
+        "local",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "kept 0 users" in proc.stderr and "no positives" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((out / "stats.json").read_text())["users_kept"] == 0
+    proc = run(
+        sys.executable,
+        "-m",
+        "pagellm.cli",
+        "sft",
+        "--profile",
+        "embedded",
+        "--data",
+        str(out),
+        "--out",
+        str(tmp_path / "sft"),
+    )
+    assert proc.returncode == 2 and "has no rows" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Started a local Ray" not in proc.stderr

@@ -76,6 +76,20 @@ class DataDir:
             )
         return self
 
+    def require_rows(self, *paths: Path) -> "DataDir":
+        """``require``, and each table (a file or a directory of parts) holds at least one row:
+        a stage stops before starting Ray instead of training on nothing."""
+        import pyarrow.dataset as ds
+
+        self.require(*paths)
+        for path in paths:
+            if ds.dataset(path, format="parquet").count_rows() == 0:
+                raise InputError(
+                    f"{path} has no rows: the data stage kept nothing for it (see {self.stats_path}); "
+                    "check data.positive_threshold and the input's ratings"
+                )
+        return self
+
     # ------------------------------------------------------------------------ tables
 
     def _read(self, path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:

@@ -26,6 +26,7 @@ from pagellm.data import rules
 from pagellm.data.ingest import load_dataset
 from pagellm.data.layout import EVAL_SPLITS, DataDir
 from pagellm.data.schema import Ingested
+from pagellm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -350,4 +351,14 @@ def build_dataset(
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
     DataDir(out).stats_path.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    if stats["users_kept"] < data_cfg.min_users:
+        why = (
+            f"no positives: no rating is above data.positive_threshold ({data_cfg.positive_threshold:g})"
+            if stats["positives"] == 0
+            else f"users dropped by reason: {stats['users_dropped']}"
+        )
+        raise InputError(
+            f"{data_cfg.dataset}: the data stage kept {stats['users_kept']} users, fewer than data.min_users "
+            f"({data_cfg.min_users}); {why} (stats: {DataDir(out).stats_path})"
+        )
     return stats

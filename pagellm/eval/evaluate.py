@@ -91,6 +91,8 @@ def run_evaluate(cfg: PageLLMConfig, model_dir, data_dir, split: str, out_dir) -
     from pagellm.ray_utils import init_ray
 
     model_dir, out = require_policy(Path(model_dir).resolve()), Path(out_dir)
+    data = DataDir(data_dir)
+    data.require_rows(data.eval_path(split))
     users = eval_users(Path(data_dir), split, cfg)
     write_config(cfg, out)
     init_ray(cfg.ray)

@@ -203,12 +203,13 @@ def run_reward(
 
     from pagellm.ray_utils import init_ray
 
+    data = DataDir(data_dir)
+    data.require_rows(data.pairs_path)
     init_ray(cfg.ray)
     out, sft_dir = Path(out_dir), Path(sft_dir).resolve()
     write_config(cfg, out)
     codec = load_codec(sft_dir)
     tokenizer = codec.vocab.tokenizer
-    data = DataDir(data_dir)
     pairs = data.read_pairs().to_pandas()
     policy = load_policy(sft_dir) if cfg.reward.policy_pairs or cfg.reward.agreement_users else None
     if cfg.reward.policy_pairs:

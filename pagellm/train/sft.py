@@ -233,7 +233,7 @@ def read_data_dir(data_dir: Path, positive_threshold: float) -> dict[str, pd.Dat
     """The tables SFT reads: items, training interactions, golden lists, and the validation
     users (prompt, targets, every item seen before the split)."""
     d = DataDir(data_dir)
-    d.require(d.items_path, d.split_path("train"), d.ft_path, d.eval_path("val"))
+    d.require_rows(d.items_path, d.split_path("train"), d.ft_path, d.eval_path("val"))
     return {
         "items": d.read_items().to_pandas(),
         "train": d.read_split("train").to_pandas(),
@@ -431,8 +431,8 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
 
     from pagellm.ray_utils import init_ray
 
-    init_ray(cfg.ray)
     out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
+    init_ray(cfg.ray)
     write_config(cfg, out)
     users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
     tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
