@@ -158,7 +158,7 @@ class DataConfig:
     min_users: int = opt(
         1,
         "the data stage fails (exit 2, naming why users were dropped) when it keeps fewer users than this; "
-        "its outputs and stats.json are still written for inspection",
+        "its outputs and statistics are still written for inspection",
         ge=1,
     )
     users_per_block: int = opt(
