@@ -197,6 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     try:
         app_args = AppArgs(
+            prompt_items=cfg.data.prompt_max_items,
+            positive_threshold=cfg.data.positive_threshold,
             page_mode=cfg.eval.page_mode,
             hybrid_items=cfg.eval.hybrid_items,
             arms=arms,

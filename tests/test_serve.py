@@ -14,6 +14,7 @@ import requests
 import torch
 from conftest import free_port
 
+from pagellm.data.layout import DataDir
 from pagellm.serve.ab import assign, parse_split
 from pagellm.serve.api import MAX_BODY_BYTES, ServingData
 
@@ -56,6 +57,8 @@ def served(tiny_stages, tmp_path_factory):
         data=str(root / "data"),
         ranker=str(root / "reward"),
         split={"A": 50, "B": 50},
+        prompt_items=tiny_stages["cfg"].data.prompt_max_items,
+        positive_threshold=tiny_stages["cfg"].data.positive_threshold,
         policy_replicas=2,
         policy_cpus=0.2,
         ranker_cpus=0.1,
@@ -71,13 +74,30 @@ def served(tiny_stages, tmp_path_factory):
         except requests.ConnectionError:
             pass
         time.sleep(1)
-    data = ServingData.load(root / "data")
+    data = ServingData.load(
+        root / "data", tiny_stages["cfg"].data.prompt_max_items, tiny_stages["cfg"].data.positive_threshold
+    )
     yield {"url": url, "data": data, "root": root, "arm_b": other}
     serve.shutdown()
 
 
 def _page(url: str, session=requests, **body) -> requests.Response:
     return session.post(f"{url}/v1/page", json=body, timeout=60)
+
+
+def test_serving_prompts_are_the_evaluation_prompts(tiny_stages):
+    """What a replica knows before the test split gives every test user exactly the prompt the
+    data stage wrote (positives only, newest prompt_max_items), and popularity counts positives."""
+    root, cfg = tiny_stages["root"], tiny_stages["cfg"]
+    data = ServingData.load(root / "data", cfg.data.prompt_max_items, cfg.data.positive_threshold, before="test")
+    test = DataDir(root / "data").read_eval("test").to_pandas()
+    assert len(test) > 20
+    for user, prompt in zip(test.user_id, test.prompt_items):
+        assert data.user_history(user, None) == list(prompt)
+    before = DataDir(root / "data").interactions_before("test")
+    counts = before[before.rating > cfg.data.positive_threshold].item_id.value_counts()
+    assert [counts[i] for i in data.popular] == sorted(counts.values, reverse=True)
+    assert len(before[before.rating <= cfg.data.positive_threshold]) > 0  # the filter had work to do
 
 
 def test_split_within_five_percent_and_sticky(served):
@@ -151,6 +171,9 @@ def test_ranker_orders_candidates_by_coarse_reward(served):
         (json.dumps({"user_id": "u", "k": 0}), 422, "k"),
         (json.dumps({"user_id": "u", "k": 101}), 422, "k"),
         (json.dumps({"user_id": "u", "k": "ten"}), 422, "k"),
+        (json.dumps({"user_id": "u", "k": "5"}), 422, "k"),  # no string-to-int coercion
+        (json.dumps({"user_id": "u", "k": True}), 422, "k"),  # no bool-to-int coercion
+        (json.dumps({"user_id": "u", "k": 5.0}), 422, "k"),
         (json.dumps({"user_id": "u", "history": ["no-such-item"]}), 422, "no-such-item"),
         (json.dumps({"user_id": "u", "exclude": ["nope-1", "nope-2"]}), 422, "nope-1"),
         (json.dumps({"user_id": "u", "history": ["x"] * 501}), 422, "history"),

@@ -44,7 +44,7 @@ def _items(value):
 
 
 class PageRequest(_Request):
-    k: int = Field(10, ge=1, le=MAX_K, description="items on the page")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description='items on the page (a JSON integer: no "5", no true)')
     history: Optional[list[ItemId]] = Field(
         None, max_length=MAX_HISTORY, description="the user's recent items, oldest first; replaces the cached history"
     )
@@ -80,9 +80,10 @@ def validation_errors(exc) -> list[dict]:
 
 @dataclass
 class ServingData:
-    """What a replica caches (paper 4.6 (i)-(ii)): every user's positive items in time order
-    (the prompt history and the items a page must not repeat) and item popularity, read once
-    from a data-stage output."""
+    """What a replica caches (paper 4.6 (i)-(ii)), read once from a data-stage output: every
+    user's positives in time order (the prompt history, built as the data stage builds
+    evaluation prompts), every item they interacted with at any rating (what a page must not
+    repeat, as evaluation masks) and item popularity by positives."""
 
     history: dict[str, list[str]]
     seen: dict[str, set[str]]
@@ -90,18 +91,24 @@ class ServingData:
     prompt_items: int
 
     @classmethod
-    def load(cls, data_dir: str | Path, prompt_items: int = 20) -> "ServingData":
+    def load(
+        cls, data_dir: str | Path, prompt_items: int = 20, positive_threshold: float = 3.0, before: Optional[str] = None
+    ) -> "ServingData":
+        """``before``: what is known before that split (``DataDir.interactions_before``; None: all)."""
         data = DataDir(data_dir)
         data.require(*(data.split_path(s) for s in SPLITS))
-        known = data.interactions_before(None)
+        known = data.interactions_before(before)
+        positives = known[known.rating > positive_threshold]
         history: dict[str, list[str]] = {}
-        for user, item in zip(known.user_id, known.item_id):
+        for user, item in zip(positives.user_id, positives.item_id):
             history.setdefault(str(user), []).append(str(item))
-        counts = Counter(str(i) for i in known.item_id)
+        seen: dict[str, set[str]] = {}
+        for user, item in zip(known.user_id, known.item_id):
+            seen.setdefault(str(user), set()).add(str(item))
         return cls(
-            history={u: items for u, items in history.items()},
-            seen={u: set(items) for u, items in history.items()},
-            popular=[item for item, _ in counts.most_common()],
+            history=history,
+            seen=seen,
+            popular=[item for item, _ in Counter(str(i) for i in positives.item_id).most_common()],
             prompt_items=prompt_items,
         )
 

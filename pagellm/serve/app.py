@@ -55,6 +55,11 @@ class AppArgs(BaseModel):
     ranker: Optional[str] = Field(None, description="REWARD_DIR of `pagellm reward` (its coarse head serves /v1/rank)")
     salt: str = Field("pagellm-ab-1", description="A/B hash salt: a new salt reshuffles users across arms")
     prompt_items: int = Field(20, ge=1, description="history items in a prompt (data.prompt_max_items of training)")
+    positive_threshold: float = Field(
+        3.0,
+        description="r > this is a positive (data.positive_threshold of training): prompts and the popularity "
+        "fallback are built from positives, as the data stage builds evaluation prompts",
+    )
     page_mode: Literal[PAGE_MODES] = Field(EvalConfig.page_mode, description="how pages are written (eval.page_mode)")
     hybrid_items: int = Field(
         EvalConfig.hybrid_items, ge=1, description="hybrid mode: slots decoded (eval.hybrid_items)"
@@ -100,6 +105,7 @@ class PagePolicy:
         policy_dir: str,
         data_dir: str,
         prompt_items: int,
+        positive_threshold: float,
         max_batch_size: int,
         batch_wait_ms: float,
         use_gpu: bool,
@@ -115,7 +121,7 @@ class PagePolicy:
         self.policy = load_policy(policy_dir, torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
         self.vocab, self.codec = self.policy.vocab, self.policy.codec
         self.version = model_version(policy_dir)
-        self.data = ServingData.load(data_dir, prompt_items)
+        self.data = ServingData.load(data_dir, prompt_items, positive_threshold)
         self.pages = EvalConfig(page_mode=page_mode, hybrid_items=hybrid_items)  # greedy, as evaluation
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -128,7 +134,7 @@ class PagePolicy:
         user = request["user_id"]
         excluded = self.data.excluded(user, request["history"], request["exclude"])
         history = self.data.user_history(user, request["history"])
-        known = user in self.data.history or user in self.vocab.user_token
+        known = user in self.data.seen or user in self.vocab.user_token
         if not history and user not in self.vocab.user_token:
             # nothing to condition on: the most popular items the user may see
             return {
@@ -166,7 +172,7 @@ class CoarseRanker:
     """R_c as a ranking feature on CPU: each candidate scored as the one-item page
     [prompt || item || eos] for the user; candidates returned by descending R_c."""
 
-    def __init__(self, reward_dir: str, data_dir: str, prompt_items: int):
+    def __init__(self, reward_dir: str, data_dir: str, prompt_items: int, positive_threshold: float):
         import torch
 
         from pagellm.model.artifact import load_codec
@@ -179,7 +185,7 @@ class CoarseRanker:
         self.codec = load_codec(coarse)
         self.vocab = self.codec.vocab
         self.version = model_version(coarse)
-        self.data = ServingData.load(data_dir, prompt_items)
+        self.data = ServingData.load(data_dir, prompt_items, positive_threshold)
 
     async def rank(self, request: dict) -> dict:
         unknown = _unknown(self.vocab, request["candidates"] + (request["history"] or []))
@@ -329,6 +335,7 @@ def build_app(args: dict | AppArgs) -> serve.Application:
             _where(directory),
             _where(args.data),
             args.prompt_items,
+            args.positive_threshold,
             args.max_batch_size,
             args.batch_wait_ms,
             args.policy_gpus > 0,
@@ -340,7 +347,7 @@ def build_app(args: dict | AppArgs) -> serve.Application:
     ranker = None
     if args.ranker:
         ranker = CoarseRanker.options(ray_actor_options={"num_cpus": args.ranker_cpus, "num_gpus": 0}).bind(
-            _where(args.ranker), _where(args.data), args.prompt_items
+            _where(args.ranker), _where(args.data), args.prompt_items, args.positive_threshold
         )
     versions = {arm: model_version(directory) for arm, directory in local.items()}
     return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(
