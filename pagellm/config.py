@@ -24,6 +24,7 @@ from pagellm.errors import ConfigError
 
 PAIR_FAMILIES = ("np", "rk", "d", "rd", "pm")  # data.pair_families (pagellm.data.rules builds each)
 REWARD_POOLINGS = ("mean", "dcg")  # reward.fine_pooling (pagellm.model.modeling.item_weights)
+TS_FORMATS = ("auto", "unix_s", "unix_ms", "iso")  # data.ts_format (pagellm.data.schema.parse_timestamps)
 PAGE_MODES = ("generate", "score", "hybrid")  # eval.page_mode (pagellm.model.decoding.write_pages)
 
 
@@ -155,6 +156,12 @@ class DataConfig:
         "csv/parquet adapters: the items table's columns (category may name a column holding a "
         "list or a |-separated string of categories; the first is the category)",
     )
+    ts_format: str = opt(
+        "auto",
+        "the time column: auto (detected per column: integer unix seconds, unix milliseconds when the median "
+        "is >= 1e11, or ISO-8601 dates / datetimes, with or without a zone; a column mixing numbers and dates "
+        "is an error naming a row), unix_s, unix_ms or iso; the stats say which was read",
+    )
     min_users: int = opt(
         1,
         "the data stage fails (exit 2, naming why users were dropped) when it keeps fewer users than this; "
@@ -193,6 +200,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.pair_families must be distinct names among {list(PAIR_FAMILIES)}, got {self.pair_families}"
             )
+        if self.ts_format not in TS_FORMATS:
+            raise ConfigError(f"data.ts_format must be one of {list(TS_FORMATS)}, got {self.ts_format!r}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)
         if missing:
             raise ConfigError(f"data.columns lacks a mapping for {sorted(missing)}")

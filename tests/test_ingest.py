@@ -391,3 +391,37 @@ def test_synthetic_count(text, n):
 def test_synthetic_count_rejects(text):
     with pytest.raises(InputError, match=f"synthetic:{text}"):
         _parse_count(text, f"synthetic:{text}")
+
+
+def _times(tmp_path, name: str, times: list[str], **cfg) -> tuple:
+    """A CSV of one user's interactions at ``times`` (item i at times[i]), loaded."""
+    rows = "".join(f"u1,i{k},5,{t}\n" for k, t in enumerate(times))
+    data = write(tmp_path / name, "user_id,item_id,rating,ts\n" + rows)
+    return load_dataset(f"csv:{data}", DataConfig(**cfg))
+
+
+def _by_time(ingested) -> list[str]:
+    return frame(ingested.interactions).sort_values("ts", kind="stable").item_id.tolist()
+
+
+def test_timestamps_as_users_have_them(tmp_path):
+    """ISO dates, zoned datetimes, unix seconds and milliseconds are read and ordered; the stats
+    say which format was read; a column mixing formats is an error naming a row of each."""
+    iso = _times(tmp_path, "dates.csv", ["2000-07-12", "1999-01-31", "2000-07-11"])
+    assert iso.notes["ts_format"] == "iso" and not iso.dropped
+    assert _by_time(iso) == ["i1", "i2", "i0"]  # time order
+    assert frame(iso.interactions).ts.min() == 917740800  # 1999-01-31T00:00Z in unix seconds
+    zoned = _times(tmp_path, "zoned.csv", ["2021-03-01T10:00:00+02:00", "2021-03-01T09:30:00Z", "2021-03-01 07:00"])
+    assert zoned.notes["ts_format"] == "iso"
+    assert _by_time(zoned) == ["i2", "i0", "i1"]  # 07:00Z, 08:00Z, 09:30Z
+    ms = _times(tmp_path, "ms.csv", ["1614592800000", "1614592799000"])
+    assert ms.notes["ts_format"] == "unix_ms" and _by_time(ms) == ["i1", "i0"]
+    assert _times(tmp_path, "s.csv", ["964982703", "964982224"]).notes["ts_format"] == "unix_s"
+    # one unreadable value is a counted drop, not a rejected file
+    one_bad = _times(tmp_path, "bad.csv", ["2000-07-12", "yesterday", "2000-07-14"])
+    assert one_bad.dropped == {"bad_timestamp": 1} and one_bad.interactions.num_rows == 2
+    with pytest.raises(InputError, match=r"mixes formats: row 1 is a number .*row 2 an ISO date"):
+        _times(tmp_path, "mixed.csv", ["964982703", "2000-07-12"])
+    # overridden: dates read as unix seconds are all bad
+    with pytest.raises(InputError, match="bad_timestamp"):
+        _times(tmp_path, "forced.csv", ["2000-07-12", "2000-07-13"], ts_format="unix_s")

@@ -34,6 +34,7 @@ from pagellm.data.schema import (
     align_items,
     build_items,
     clean_interactions,
+    parse_timestamps,
     require_columns,
 )
 from pagellm.errors import InputError
@@ -74,11 +75,12 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
     }
     raw, items, parse_drops, files = adapters[kind](arg, cfg)
     raw = _numbers_from_text(raw)
+    raw["ts"], ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(files[0]))
     interactions, dropped = clean_interactions(
         raw, source=str(files[0]), rating_min=cfg.rating_min, rating_max=cfg.rating_max
     )
     items, notes = align_items(interactions, items)
-    notes = {"kind": kind, "files": [str(f) for f in files], **notes}
+    notes = {"kind": kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
     return Ingested(interactions, items, dropped=dropped + parse_drops, notes=notes)
 
 

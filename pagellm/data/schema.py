@@ -57,6 +57,38 @@ def require_columns(columns, needed, source: str) -> None:
         raise InputError(f"{source}: missing required column(s) {missing}; found {list(columns)}")
 
 
+MS_FROM = 1e11  # a unix time this large in seconds is the year 5138: the column holds milliseconds
+
+
+def parse_timestamps(values: pd.Series, fmt: str, source: str) -> tuple[pd.Series, str]:
+    """A raw time column as numbers ``clean_interactions`` can check, and the format read:
+    unix seconds or milliseconds (kept in their unit: the data stage only orders by time) or
+    ISO-8601 dates / datetimes (with or without a zone; naive ones read as UTC) as unix seconds.
+    ``auto`` detects the format of the column; a column mixing numbers and ISO dates is an error
+    naming a row of each. Values in no format stay NaN and count as bad_timestamp."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    text = values[numeric.isna() & values.notna()]
+    iso = pd.Series(np.nan, index=values.index)
+    if len(text) and fmt in ("auto", "iso"):
+        stamps = pd.to_datetime(text.astype(str).str.strip(), format="ISO8601", errors="coerce", utc=True)
+        parsed = stamps.notna()
+        epoch = pd.Timestamp(0, tz="UTC")
+        iso[text.index[parsed]] = (stamps[parsed] - epoch) // pd.Timedelta(seconds=1)  # any datetime unit
+    has_numbers, has_iso = bool(numeric.notna().any()), bool(iso.notna().any())
+    if fmt == "auto" and has_numbers and has_iso:
+        first = lambda mask: int(np.flatnonzero(mask.to_numpy())[0])  # noqa: E731
+        n, d = first(numeric.notna()), first(iso.notna())
+        raise InputError(
+            f"{source}: the time column mixes formats: row {n + 1} is a number ({values.iloc[n]!r}), "
+            f"row {d + 1} an ISO date ({values.iloc[d]!r}); make it one format or set data.ts_format"
+        )
+    if fmt == "iso" or (fmt == "auto" and has_iso):
+        return iso, "iso"
+    if fmt == "auto":
+        fmt = "unix_ms" if has_numbers and numeric.abs().median() >= MS_FROM else "unix_s"
+    return numeric, fmt
+
+
 def clean_interactions(
     raw: pd.DataFrame, source: str, rating_min: float, rating_max: float
 ) -> tuple[pa.Table, Counter]:
