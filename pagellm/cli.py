@@ -307,9 +307,13 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagellm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pagellm {_version()}")
+    verbose_help = "on an error, the traceback as well as the one-line message"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
+        # after the command too (`pagellm sft ... -v`); SUPPRESS keeps a `pagellm -v sft` from being reset
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         p.add_argument(
             "--profile",
             action="append",
@@ -468,7 +472,25 @@ def main(argv: list[str] | None = None) -> int:
         resolve_profiles(args)
         return args.func(args)
     except (ConfigError, InputError) as exc:
+        if args.verbose:
+            raise
         print(f"pagellm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is a file / a directory / not writable, a full disk
+        if args.verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        why = {FileExistsError: "exists and is not a directory", IsADirectoryError: "is a directory, not a file"}
+        print(
+            f"pagellm: error: {where}{why.get(type(exc), exc.strerror or exc)} (-v for the traceback)", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"pagellm: interrupted; {getattr(args, 'out', None) or 'the output'} may be incomplete "
+            "(`pagellm ppo --resume` continues PPO from its last checkpoint)",
+            file=sys.stderr,
+        )
         return 2
 
 

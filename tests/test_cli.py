@@ -108,3 +108,20 @@ def test_a_log_without_positives_stops_the_data_stage_and_sft(tmp_path):
     )
     assert proc.returncode == 2 and "has no rows" in proc.stderr and "Traceback" not in proc.stderr
     assert "Started a local Ray" not in proc.stderr
+
+
+def test_paths_of_the_wrong_kind_are_one_line_errors(tmp_path):
+    """--out naming a file and csv: naming a directory: exit 2, the path named, no traceback
+    (one with -v)."""
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    data = ("data", "--dataset", "synthetic:500", "--engine", "local")
+    proc = run(sys.executable, "-m", "pagellm.cli", *data, "--out", str(a_file))
+    assert proc.returncode == 2 and str(a_file) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run(
+        sys.executable, "-m", "pagellm.cli", "data", "--dataset", f"csv:{tmp_path}", "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run(sys.executable, "-m", "pagellm.cli", *data, "--out", str(a_file), "-v")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
