@@ -359,7 +359,8 @@ def test_malformed_json_lines_are_counted(tmp_path, cfg):
     reviews = '{"reviewerID": "u1", "asin": "A1", "overall": 5, "unixReviewTime": 1}\n{"reviewerID": \n'
     root = amazon_dir(tmp_path / "a", reviews, meta, name="reviews.json")
     ing = load_dataset(f"amazon2014:{root}", cfg)
-    assert ing.dropped == {"malformed_line": 3}  # two meta lines, one review line; blank lines ignored
+    assert ing.dropped == {"malformed_line": 1}  # one review line; blank lines ignored
+    assert ing.notes["item_lines_dropped"] == {"malformed_line": 2}  # two meta lines, counted apart
     assert ing.interactions.num_rows == 1 and items_by_id(ing)["A1"]["category"] == "Picks"
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pagellm.config import DataConfig
 from pagellm.data.schema import (
+    RAW_COLUMNS,
     Ingested,
     align_items,
     build_items,
@@ -40,7 +41,7 @@ from pagellm.data.schema import (
 from pagellm.errors import InputError
 
 KINDS = ("amazon2014", "amazon2018", "movielens", "parquet", "csv", "synthetic")
-RAW = ("user_id", "item_id", "rating", "ts")
+META_DROP = "malformed_item_line"  # an adapter's count of unreadable lines of its items / meta file
 JSON_SUFFIXES = (".json", ".json.gz")
 AMAZON_FIELDS = {"user_id": "reviewerID", "item_id": "asin", "rating": "overall", "ts": "unixReviewTime"}
 AMAZON_CSV_ORDER = ("asin", "reviewerID", "overall", "unixReviewTime")  # headerless ratings CSV
@@ -74,14 +75,17 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
         "csv": _csv,
     }
     raw, items, parse_drops, files = adapters[kind](arg, cfg)
+    meta_drops = parse_drops.pop(META_DROP, 0)  # item-file lines are not interaction rows: counted apart
     raw = _numbers_from_text(raw)
-    raw["ts"], ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(files[0]))
-    interactions, dropped = clean_interactions(
-        raw, source=str(files[0]), rating_min=cfg.rating_min, rating_max=cfg.rating_max
+    ts, ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(files[0]))
+    interactions, dropped, samples = clean_interactions(
+        raw, source=str(files[0]), rating_min=cfg.rating_min, rating_max=cfg.rating_max, ts=ts
     )
     items, notes = align_items(interactions, items)
     notes = {"kind": kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
-    return Ingested(interactions, items, dropped=dropped + parse_drops, notes=notes)
+    if meta_drops:
+        notes["item_lines_dropped"] = {"malformed_line": meta_drops}
+    return Ingested(interactions, items, dropped=dropped + parse_drops, notes=notes, drop_samples=samples)
 
 
 def _parse_count(arg: str, spec: str) -> Optional[int]:
@@ -339,7 +343,7 @@ def _amazon_ratings(path: Path) -> tuple[pd.DataFrame, Counter]:
             path, names=None if has_header else _headerless_order(fields), keep=AMAZON_FIELDS.values()
         )
         raw = raw.rename(columns={f: c for c, f in AMAZON_FIELDS.items()})
-    return raw[list(RAW)], Counter({"malformed_line": malformed} if malformed else {})
+    return raw[list(RAW_COLUMNS)], Counter({"malformed_line": malformed} if malformed else {})
 
 
 def _amazon(arg: str, rating_suffixes, categories) -> tuple:
@@ -347,7 +351,7 @@ def _amazon(arg: str, rating_suffixes, categories) -> tuple:
     raw, drops = _amazon_ratings(ratings_path)
     items, malformed = _meta_items(meta_path, categories)
     if malformed:
-        drops["malformed_line"] += malformed
+        drops[META_DROP] += malformed
     return raw, items, drops, [ratings_path, meta_path]
 
 
@@ -376,23 +380,23 @@ def _movielens(arg: str, cfg: DataConfig) -> tuple:
 def _movielens_latest(root: Path) -> tuple:
     ratings_path, movies_path = root / "ratings.csv", root / "movies.csv"
     raw, bad = _read_csv(ratings_path, keep=("userId", "movieId", "rating", "timestamp"))
-    raw.columns = list(RAW)
+    raw.columns = list(RAW_COLUMNS)
     movies, bad_movies = _read_csv(movies_path, keep=("movieId", "title", "genres"))
     genres = [[] if g == ML_NO_GENRES else [x for x in g.split("|") if x] for g in movies["genres"]]
     items = _genre_items(movies["movieId"], genres, movies["title"])
-    drops = Counter({"malformed_line": bad + bad_movies} if bad + bad_movies else {})
+    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_movies)) if n})
     return raw, items, drops, [ratings_path, movies_path]
 
 
 def _movielens_100k(root: Path) -> tuple:
     data_path, item_path = root / "u.data", root / "u.item"
-    raw, bad = _read_csv(data_path, names=RAW, sep="\t", quoting=False)
+    raw, bad = _read_csv(data_path, names=RAW_COLUMNS, sep="\t", quoting=False)
     names = ["movie_id", "title", "release", "video_release", "url", *ML100K_GENRES]
     movies, bad_movies = _read_csv(item_path, names=names, sep="|", encoding="latin-1", quoting=False)
     flags = movies[list(ML100K_GENRES[1:])].to_numpy() == "1"  # "unknown" is not a genre
     genres = [[g for g, on in zip(ML100K_GENRES[1:], row) if on] for row in flags]
     items = _genre_items(movies["movie_id"], genres, movies["title"])
-    drops = Counter({"malformed_line": bad + bad_movies} if bad + bad_movies else {})
+    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_movies)) if n})
     return raw, items, drops, [data_path, item_path]
 
 
@@ -449,12 +453,12 @@ def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
     """The user's interactions file (columns mapped by ``cfg.columns``) and optional items file
     (``cfg.items_path``, mapped by ``cfg.item_columns``; without it every category is unknown)."""
     path = Path(arg).expanduser()
-    raw, bad = _read_mapped(path, as_parquet, cfg.columns, RAW)
+    raw, bad = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS)
+    bad_items = 0
     files = [path]
     if cfg.items_path:
         items_path = Path(cfg.items_path).expanduser()
         meta, bad_items = _read_mapped(items_path, _is_parquet(items_path), cfg.item_columns, required=("item_id",))
-        bad += bad_items
         meta["item_id"] = meta["item_id"].str.strip()
         meta = meta[meta["item_id"].notna() & (meta["item_id"] != "")]
         files.append(items_path)
@@ -468,8 +472,8 @@ def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
         )
     else:
         items = build_items([], [], [])
-    drops = Counter({"malformed_line": bad} if bad else {})
-    return raw[list(RAW)], items, drops, files
+    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_items)) if n})
+    return raw[list(RAW_COLUMNS)], items, drops, files
 
 
 def _split_categories(value) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,8 @@ ITEMS_SCHEMA = pa.schema(
 )
 UNKNOWN_CATEGORY = "unknown"
 
+RAW_COLUMNS = ("user_id", "item_id", "rating", "ts")  # what every adapter hands to clean_interactions
+
 # Reasons a row is dropped, in the order they are checked; a row counts under its first reason.
 DROP_REASONS = (
     "missing_user_id",
@@ -48,6 +51,11 @@ class Ingested:
     items: pa.Table
     dropped: Counter = field(default_factory=Counter)
     notes: dict = field(default_factory=dict)
+    # reason -> the first SAMPLES_PER_REASON dropped rows: {"file", "row" (1-based data row), "raw"}
+    drop_samples: dict = field(default_factory=dict)
+
+
+SAMPLES_PER_REASON = 3
 
 
 def require_columns(columns, needed, source: str) -> None:
@@ -90,26 +98,36 @@ def parse_timestamps(values: pd.Series, fmt: str, source: str) -> tuple[pd.Serie
 
 
 def clean_interactions(
-    raw: pd.DataFrame, source: str, rating_min: float, rating_max: float
-) -> tuple[pa.Table, Counter]:
+    raw: pd.DataFrame, source: str, rating_min: float, rating_max: float, ts: Optional[pd.Series] = None
+) -> tuple[pa.Table, Counter, dict]:
     """Validate raw ``user_id, item_id, rating, ts`` columns (any dtype) into the canonical table.
 
     Drops, counting each under the first reason that applies (``DROP_REASONS``): missing ids,
     a rating that is not a number or lies outside ``[rating_min, rating_max]``, a timestamp that
     is not an integer, and repeated (user, item) pairs, of which the latest rating is kept (the
-    user's current opinion; ties keep the later row of the file).
+    user's current opinion; ties keep the later row of the file). Also returns, per reason, the
+    first few dropped rows (``Ingested.drop_samples``) so that a user can find them. ``ts``: the
+    time column as numbers (``parse_timestamps``) when ``raw`` holds it as the file's text.
     """
-    require_columns(raw.columns, ("user_id", "item_id", "rating", "ts"), source)
+    require_columns(raw.columns, RAW_COLUMNS, source)
     if len(raw) == 0:
         raise InputError(f"{source}: no interaction rows")
     dropped: Counter = Counter()
+    samples: dict[str, list[dict]] = {}
     keep = np.ones(len(raw), dtype=bool)
+
+    def sample(reason: str, rows: np.ndarray) -> None:
+        samples[reason] = [
+            {"file": source, "row": int(r) + 1, "raw": {c: str(raw[c].iloc[r]) for c in RAW_COLUMNS}}
+            for r in rows[:SAMPLES_PER_REASON]
+        ]
 
     def drop(mask: np.ndarray, reason: str) -> None:
         nonlocal keep
         newly = mask & keep
         if newly.any():
             dropped[reason] += int(newly.sum())
+            sample(reason, np.flatnonzero(newly))
         keep &= ~mask
 
     # ids as stripped text, converted once; null or blank is a missing id
@@ -120,7 +138,7 @@ def clean_interactions(
     drop(~np.isfinite(rating), "bad_rating")
     with np.errstate(invalid="ignore"):
         drop((rating < rating_min) | (rating > rating_max), "rating_out_of_range")
-    ts = pd.to_numeric(raw["ts"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    ts = pd.to_numeric(raw["ts"] if ts is None else ts, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     with np.errstate(invalid="ignore"):
         drop(~np.isfinite(ts) | (ts != np.floor(ts)) | (ts < 0) | (ts > 2**62), "bad_timestamp")
 
@@ -137,12 +155,13 @@ def clean_interactions(
     dup = df.duplicated(subset=["user_id", "item_id"], keep="last").to_numpy()
     if dup.any():
         dropped["duplicate_user_item"] += int(dup.sum())
+        sample("duplicate_user_item", np.sort(df.index.to_numpy()[dup]))
         df = df[~dup]
     if len(df) == 0:
         raise InputError(f"{source}: no valid interaction rows left; dropped {dict(dropped)}")
     df = df.sort_index(kind="stable")  # back to file order
     table = pa.Table.from_pandas(df, schema=INTERACTIONS_SCHEMA, preserve_index=False)
-    return table, dropped
+    return table, dropped, samples
 
 
 def _text(value) -> str | None:

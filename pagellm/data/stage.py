@@ -345,6 +345,7 @@ def build_dataset(
         "positives": int(pc.sum(pc.greater(inter.column("rating"), data_cfg.positive_threshold)).as_py()),
         "rows_dropped": dict(ingested.dropped),
         "rows_dropped_total": int(sum(ingested.dropped.values())),
+        "rows_dropped_samples": ingested.drop_samples,
         **counts,
         "pairs_total": int(sum(counts["pairs_by_family"].values())),
         "ingest_notes": ingested.notes,
