@@ -156,6 +156,11 @@ class DataConfig:
         "csv/parquet adapters: the items table's columns (category may name a column holding a "
         "list or a |-separated string of categories; the first is the category)",
     )
+    encoding_errors: str = opt(
+        "strict",
+        "text input that is not valid UTF-8: strict stops, naming the file and its first bad line; replace "
+        "reads it with the bad bytes replaced by U+FFFD and counts the repaired lines per file in the stats",
+    )
     ts_format: str = opt(
         "auto",
         "the time column: auto (detected per column: integer unix seconds, unix milliseconds when the median "
@@ -200,6 +205,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.pair_families must be distinct names among {list(PAIR_FAMILIES)}, got {self.pair_families}"
             )
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ConfigError(f"data.encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
         if self.ts_format not in TS_FORMATS:
             raise ConfigError(f"data.ts_format must be one of {list(TS_FORMATS)}, got {self.ts_format!r}")
         missing = {"user_id", "item_id", "rating", "ts"} - set(self.columns)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -74,6 +75,7 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
         "parquet": _parquet,
         "csv": _csv,
     }
+    REPAIRED.clear()
     raw, items, parse_drops, files = adapters[kind](arg, cfg)
     meta_drops = parse_drops.pop(META_DROP, 0)  # item-file lines are not interaction rows: counted apart
     raw = _numbers_from_text(raw)
@@ -85,6 +87,8 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
     notes = {"kind": kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
     if meta_drops:
         notes["item_lines_dropped"] = {"malformed_line": meta_drops}
+    if REPAIRED:
+        notes["encoding_repaired_lines"] = dict(REPAIRED)  # data.encoding_errors=replace
     return Ingested(interactions, items, dropped=dropped + parse_drops, notes=notes, drop_samples=samples)
 
 
@@ -153,12 +157,15 @@ def _read_csv(
     sep: str = ",",
     encoding: str = "utf-8",
     quoting: bool = True,
+    errors: str = "strict",
 ) -> tuple[pd.DataFrame, int]:
     """Read a delimited file into string columns with surrounding spaces stripped.
 
     Without ``names`` the first line is the header (its names are stripped too). ``keep`` names
     the columns needed; missing ones raise ``InputError``. Rows with the wrong number of fields
-    are skipped and counted (second return value)."""
+    are skipped and counted (second return value). ``errors`` (``data.encoding_errors``): strict
+    stops at the first line that is not valid ``encoding``, naming it; replace substitutes U+FFFD
+    for the bad bytes and counts the repaired lines (``REPAIRED``)."""
     path = _existing(path)
     first = _first_line(path, encoding)
     if first is None:
@@ -175,9 +182,9 @@ def _read_csv(
         bad.append(row.text)
         return "skip"
 
-    try:
-        table = pacsv.read_csv(
-            path,
+    def read(source):
+        return pacsv.read_csv(
+            source,
             read_options=pacsv.ReadOptions(
                 column_names=names, skip_rows=int(header), encoding=encoding.replace("-", "")
             ),
@@ -188,6 +195,15 @@ def _read_csv(
             ),  # fmt: skip
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in keep}, include_columns=keep),
         )
+
+    try:
+        try:
+            table = read(path)
+        except (pa.ArrowInvalid, UnicodeError) as exc:
+            if "utf" not in str(exc).lower():
+                raise
+            bad.clear()
+            table = read(_decoded(path, errors))  # names the bad line, or reads a repaired copy
     except (pa.ArrowInvalid, UnicodeError) as exc:
         raise InputError(f"{path}: cannot parse as delimited text: {exc}") from None
     if table.num_rows == 0 and bad:
@@ -196,6 +212,33 @@ def _read_csv(
         raise InputError(f"{path}: no data rows (header only)" if header else f"{path}: no data rows")
     columns = {n: pc.utf8_trim_whitespace(table.column(n)) for n in keep}
     return pa.table(columns).to_pandas(), len(bad)
+
+
+# path -> lines repaired under data.encoding_errors=replace; load_dataset resets and reports it
+REPAIRED: Counter = Counter()
+
+
+def _decoded(path: Path, errors: str) -> io.BytesIO:
+    """A file pyarrow found not to be UTF-8: an InputError naming its first bad line (strict),
+    or an in-memory copy with the bad bytes replaced by U+FFFD (replace)."""
+    bad_lines, repaired = 0, []
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+                if errors == "replace":
+                    repaired.append(line)
+            except UnicodeDecodeError as exc:
+                if errors != "replace":
+                    raise InputError(
+                        f"{path}: line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start}: "
+                        f"{line[max(0, exc.start - 20) : exc.start + 20]!r}); set data.encoding_errors=replace "
+                        "to read it with the bad bytes replaced"
+                    ) from None
+                bad_lines += 1
+                repaired.append(line.decode("utf-8", errors="replace").encode("utf-8"))
+    REPAIRED[str(path)] += bad_lines
+    return io.BytesIO(b"".join(repaired))
 
 
 def _parse_record(line: str):
@@ -328,7 +371,7 @@ def _headerless_order(fields: list[str]) -> tuple[str, ...]:
     return AMAZON_CSV_ORDER
 
 
-def _amazon_ratings(path: Path) -> tuple[pd.DataFrame, Counter]:
+def _amazon_ratings(path: Path, errors: str) -> tuple[pd.DataFrame, Counter]:
     """Ratings CSV (``asin, reviewerID, overall, unixReviewTime``, header optional) or review
     JSON lines, by file name."""
     if path.name.lower().endswith(JSON_SUFFIXES):
@@ -340,15 +383,15 @@ def _amazon_ratings(path: Path) -> tuple[pd.DataFrame, Counter]:
         fields = next(csv.reader([first]))
         has_header = len(fields) < 3 or not _is_number(fields[2])
         raw, malformed = _read_csv(
-            path, names=None if has_header else _headerless_order(fields), keep=AMAZON_FIELDS.values()
+            path, names=None if has_header else _headerless_order(fields), keep=AMAZON_FIELDS.values(), errors=errors
         )
         raw = raw.rename(columns={f: c for c, f in AMAZON_FIELDS.items()})
     return raw[list(RAW_COLUMNS)], Counter({"malformed_line": malformed} if malformed else {})
 
 
-def _amazon(arg: str, rating_suffixes, categories) -> tuple:
+def _amazon(arg: str, rating_suffixes, categories, errors: str) -> tuple:
     ratings_path, meta_path = _amazon_files(arg, rating_suffixes)
-    raw, drops = _amazon_ratings(ratings_path)
+    raw, drops = _amazon_ratings(ratings_path, errors)
     items, malformed = _meta_items(meta_path, categories)
     if malformed:
         drops[META_DROP] += malformed
@@ -356,11 +399,11 @@ def _amazon(arg: str, rating_suffixes, categories) -> tuple:
 
 
 def _amazon2014(arg: str, cfg: DataConfig) -> tuple:
-    return _amazon(arg, (".csv", ".csv.gz") + JSON_SUFFIXES, _categories2014)
+    return _amazon(arg, (".csv", ".csv.gz") + JSON_SUFFIXES, _categories2014, cfg.encoding_errors)
 
 
 def _amazon2018(arg: str, cfg: DataConfig) -> tuple:
-    return _amazon(arg, JSON_SUFFIXES, _categories2018)
+    return _amazon(arg, JSON_SUFFIXES, _categories2018, cfg.encoding_errors)
 
 
 # --------------------------------------------------------------------------------- movielens
@@ -370,27 +413,27 @@ def _movielens(arg: str, cfg: DataConfig) -> tuple:
     if not root.is_dir():
         raise InputError(f"{root}: expected a MovieLens directory")
     if (root / "ratings.csv").is_file() and (root / "movies.csv").is_file():
-        return _movielens_latest(root)
+        return _movielens_latest(root, cfg.encoding_errors)
     if (root / "u.data").is_file() and (root / "u.item").is_file():
-        return _movielens_100k(root)
+        return _movielens_100k(root, cfg.encoding_errors)
     found = sorted(p.name for p in root.iterdir())
     raise InputError(f"{root}: need ratings.csv + movies.csv or u.data + u.item; found {found}")
 
 
-def _movielens_latest(root: Path) -> tuple:
+def _movielens_latest(root: Path, errors: str) -> tuple:
     ratings_path, movies_path = root / "ratings.csv", root / "movies.csv"
-    raw, bad = _read_csv(ratings_path, keep=("userId", "movieId", "rating", "timestamp"))
+    raw, bad = _read_csv(ratings_path, keep=("userId", "movieId", "rating", "timestamp"), errors=errors)
     raw.columns = list(RAW_COLUMNS)
-    movies, bad_movies = _read_csv(movies_path, keep=("movieId", "title", "genres"))
+    movies, bad_movies = _read_csv(movies_path, keep=("movieId", "title", "genres"), errors=errors)
     genres = [[] if g == ML_NO_GENRES else [x for x in g.split("|") if x] for g in movies["genres"]]
     items = _genre_items(movies["movieId"], genres, movies["title"])
     drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_movies)) if n})
     return raw, items, drops, [ratings_path, movies_path]
 
 
-def _movielens_100k(root: Path) -> tuple:
+def _movielens_100k(root: Path, errors: str) -> tuple:
     data_path, item_path = root / "u.data", root / "u.item"
-    raw, bad = _read_csv(data_path, names=RAW_COLUMNS, sep="\t", quoting=False)
+    raw, bad = _read_csv(data_path, names=RAW_COLUMNS, sep="\t", quoting=False, errors=errors)
     names = ["movie_id", "title", "release", "video_release", "url", *ML100K_GENRES]
     movies, bad_movies = _read_csv(item_path, names=names, sep="|", encoding="latin-1", quoting=False)
     flags = movies[list(ML100K_GENRES[1:])].to_numpy() == "1"  # "unknown" is not a genre
@@ -410,7 +453,7 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
-def _read_mapped(path: Path, as_parquet: bool, mapping: dict, required: Iterable[str]) -> tuple:
+def _read_mapped(path: Path, as_parquet: bool, mapping: dict, required: Iterable[str], errors: str) -> tuple:
     """Read the mapped columns of a CSV/Parquet file, renamed to canonical names. Columns in
     ``required`` must exist; other mapped columns are read when present. Ids are read as text
     (so 7 stays "7", not "7.0" after a null). Returns the frame and the malformed-row count."""
@@ -437,7 +480,7 @@ def _read_mapped(path: Path, as_parquet: bool, mapping: dict, required: Iterable
         as_text = {n: table.column(n).cast(pa.string()) if n in ids else table.column(n) for n in cols}
         frame, bad = pa.table(as_text).to_pandas(), 0
     else:
-        frame, bad = _read_csv(path, keep=cols)
+        frame, bad = _read_csv(path, keep=cols, errors=errors)
     return pd.DataFrame({c: frame[col] for c, col in present.items()}), bad
 
 
@@ -453,12 +496,14 @@ def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
     """The user's interactions file (columns mapped by ``cfg.columns``) and optional items file
     (``cfg.items_path``, mapped by ``cfg.item_columns``; without it every category is unknown)."""
     path = Path(arg).expanduser()
-    raw, bad = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS)
+    raw, bad = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS, cfg.encoding_errors)
     bad_items = 0
     files = [path]
     if cfg.items_path:
         items_path = Path(cfg.items_path).expanduser()
-        meta, bad_items = _read_mapped(items_path, _is_parquet(items_path), cfg.item_columns, required=("item_id",))
+        meta, bad_items = _read_mapped(
+            items_path, _is_parquet(items_path), cfg.item_columns, ("item_id",), cfg.encoding_errors
+        )
         meta["item_id"] = meta["item_id"].str.strip()
         meta = meta[meta["item_id"].notna() & (meta["item_id"] != "")]
         files.append(items_path)
