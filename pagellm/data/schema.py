@@ -65,6 +65,7 @@ def require_columns(columns, needed, source: str) -> None:
         raise InputError(f"{source}: missing required column(s) {missing}; found {list(columns)}")
 
 
+ISO_8601 = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?"
 MS_FROM = 1e11  # a unix time this large in seconds is the year 5138: the column holds milliseconds
 
 
@@ -78,7 +79,9 @@ def parse_timestamps(values: pd.Series, fmt: str, source: str) -> tuple[pd.Serie
     text = values[numeric.isna() & values.notna()]
     iso = pd.Series(np.nan, index=values.index)
     if len(text) and fmt in ("auto", "iso"):
-        stamps = pd.to_datetime(text.astype(str).str.strip(), format="ISO8601", errors="coerce", utc=True)
+        text = text.astype(str).str.strip()
+        text = text[text.str.fullmatch(ISO_8601)]  # pandas alone also takes "2000/1"
+        stamps = pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True)
         parsed = stamps.notna()
         epoch = pd.Timestamp(0, tz="UTC")
         iso[text.index[parsed]] = (stamps[parsed] - epoch) // pd.Timedelta(seconds=1)  # any datetime unit
