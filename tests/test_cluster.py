@@ -52,7 +52,26 @@ def test_every_manifest_is_covered_below():
         "kuberay/raycluster.yaml",
         "kuberay/rayjob.yaml",
         "kuberay/rayservice.yaml",
+        "kuberay/pvc.yaml",
     }
+
+
+def test_every_claim_the_manifests_mount_is_defined_read_write_many():
+    """The claim the RayJob writes and the RayService reads is one PersistentVolumeClaim of
+    cluster/kuberay/pvc.yaml, shareable across nodes."""
+    claims = {d["metadata"]["name"]: d for d in _docs(CLUSTER / "kuberay" / "pvc.yaml")}
+    assert all(d["kind"] == "PersistentVolumeClaim" for d in claims.values())
+    mounted = {
+        v["claimName"]
+        for path in MANIFESTS
+        if path.name != "pvc.yaml"
+        for doc in _docs(path)
+        for v in _walk(doc, "persistentVolumeClaim")
+    }
+    assert mounted == set(claims) == {"pagellm-runs"}
+    for claim in claims.values():
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert re.fullmatch(r"\d+(Gi|Ti)", claim["spec"]["resources"]["requests"]["storage"])
 
 
 def test_dockerfile_base_matches_installed_ray_and_tag():
@@ -63,7 +82,7 @@ def test_dockerfile_base_matches_installed_ray_and_tag():
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in MANIFESTS if p.name != "runtime_env.yaml" and p.name != "serve.yaml"], ids=lambda p: p.name
+    "path", [p for p in MANIFESTS if p.name not in ("runtime_env.yaml", "serve.yaml", "pvc.yaml")], ids=lambda p: p.name
 )
 def test_images_and_ray_version_agree(path):
     docs = _docs(path)
