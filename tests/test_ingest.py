@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pagellm.config import DataConfig
 from pagellm.data.ingest import KINDS, _parse_count, load_dataset
-from pagellm.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, UNKNOWN_CATEGORY
+from pagellm.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, RAW_COLUMNS, UNKNOWN_CATEGORY
 from pagellm.errors import InputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -486,11 +486,38 @@ def test_fuzzed_rows_are_kept_or_counted(tmp_path, kind, rows):
     (tmp_path / name).write_text(buffer.getvalue(), encoding="utf-8", errors="surrogatepass")
     for extra_name, text in extra.items():
         (tmp_path / extra_name).write_text(text)
+    _assert_every_row_accounted(f"{kind}:{tmp_path / name if kind == 'csv' else tmp_path}", len(rows))
+
+
+def _assert_every_row_accounted(spec: str, rows: int) -> None:
     try:
-        ing = load_dataset(f"{kind}:{tmp_path / name if kind == 'csv' else tmp_path}", DataConfig(rating_min=0.0))
+        ing = load_dataset(spec, DataConfig(rating_min=0.0))
     except InputError as exc:  # refused whole only when not UTF-8 or when numbers and dates mix
         assert "not valid UTF-8" in str(exc) or "mixes formats" in str(exc), exc
         return
-    assert ing.interactions.num_rows + sum(ing.dropped.values()) == len(rows)
+    assert ing.interactions.num_rows + sum(ing.dropped.values()) == rows
     for reason, samples in ing.drop_samples.items():
         assert 0 < len(samples) <= ing.dropped[reason]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row, min_size=1, max_size=25))
+def test_fuzzed_parquet_rows_are_kept_or_counted(tmp_path, rows):
+    """The parquet adapter on string columns of the same fuzzed fields (a row is cut or padded to four)."""
+    rows = [(r + [""] * 4)[:4] for r in rows] + [GOOD_ROW]
+    table = pa.table({c: [r[i].encode("utf-8", "replace").decode() for r in rows] for i, c in enumerate(RAW_COLUMNS)})
+    pq.write_table(table, tmp_path / "fuzz.parquet")
+    _assert_every_row_accounted(f"parquet:{tmp_path / 'fuzz.parquet'}", len(rows))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.one_of(_row, _field), min_size=1, max_size=25))
+def test_fuzzed_amazon2018_lines_are_kept_or_counted(tmp_path, rows):
+    """amazon2018 review JSON lines (gzip): a fuzzed row becomes a review object, a bare field a
+    line that is not one (malformed_line)."""
+    keys = ("reviewerID", "asin", "overall", "unixReviewTime")
+    lines = [json.dumps(dict(zip(keys, r))) if isinstance(r, list) else r.replace("\n", " ") for r in rows]
+    lines = [line for line in lines if line.strip()] + [json.dumps(dict(zip(keys, GOOD_ROW)))]
+    gz(tmp_path / "Music.json.gz", "\n".join(line.encode("utf-8", "replace").decode() for line in lines) + "\n")
+    gz(tmp_path / "meta_Music.json.gz", meta_lines([{"asin": "anchor-item", "category": ["X"]}]))
+    _assert_every_row_accounted(f"amazon2018:{tmp_path}", len(lines))
