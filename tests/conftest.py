@@ -33,7 +33,7 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.bpe_vocab
 TINY_STAGES = [
     "data.dataset=synthetic:4000",
     # one Ray Train worker: the stages' fits are start-up bound at this size (reward 61 s vs 103 s with
-    # two); two ranks and DeepSpeed's shard merge are covered by test_train.py and test_e2e_job.py
+    # two); two ranks and DeepSpeed's shard merge are covered by test_train.py
     "train.num_workers=1",
     *TINY,
     "sft.meta_epochs=1",

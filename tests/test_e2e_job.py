@@ -19,13 +19,14 @@ from conftest import REPO, free_port
 
 TINY_RUN = [
     "data.dataset=synthetic:3000",
+    "train.num_workers=1",  # two ranks and DeepSpeed's shard merge: tests/test_train.py
     "model.n_layer=1",
     "model.n_head=2",
     "model.n_embd=32",
     "model.bpe_vocab_size=300",
     "sft.meta_epochs=1",
     "sft.ft_epochs=1",
-    "sft.next_item_epochs=1",
+    "sft.next_item_epochs=0",  # one Ray Train fit less; the next-item phase: tests/test_train.py
     "reward.epochs=1",
     "ppo.max_iterations=2",
     "ppo.batch_size=16",
@@ -172,11 +173,11 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
-                answer = requests.post(f"{url}/v1/page", json={"user_id": user, "k": 5}, timeout=30)
+                answer = requests.post(f"{url}/v1/page", json={"user_id": user, "k": 5}, timeout=60)
                 if answer.status_code == 200:
                     break
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not up yet, or its first page still generating on a loaded machine
             time.sleep(2)
         assert answer is not None and answer.status_code == 200, answer.text if answer is not None else "no answer"
         assert answer.json()["arm"] in ("A", "B") and len(answer.json()["items"]) == 5

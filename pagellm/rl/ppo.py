@@ -525,6 +525,7 @@ def run_ppo(
         dir=str(out),
         config={"ppo": dataclasses.asdict(ppo)},
         reinit="create_new",
+        settings=wandb.Settings(quiet=True),  # 3 lines per run, not its history table
     )
     try:
         if start == 0:  # the reference point: the SFT policy before any update

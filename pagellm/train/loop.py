@@ -350,6 +350,7 @@ def train_loop(config: dict) -> None:
             dir=str(worker.log_path.parent),
             config={"stage": spec.stage, "epochs": spec.epochs, "lr": spec.lr},
             reinit="create_new",
+            settings=wandb.Settings(quiet=True),  # 3 lines per run, not its history table
         )
     while worker.state["epoch"] < spec.epochs:
         started = time.perf_counter()
@@ -363,6 +364,17 @@ def train_loop(config: dict) -> None:
             break
     if worker.wandb_run is not None:
         worker.wandb_run.finish()
+
+
+def fits_side_by_side(train_cfg: TrainConfig, fits: int) -> bool:
+    """Whether the cluster has the CPUs (and GPUs) for ``fits`` worker groups at once now."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker * fits}
+    if train_cfg.use_gpu:
+        need["GPU"] = train_cfg.num_workers * fits
+    return all(free.get(name, 0.0) >= amount for name, amount in need.items())
 
 
 def fit(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,7 @@ from pagellm.model.artifact import load_codec, load_policy
 from pagellm.model.modeling import RewardModel, pad_batch, score_lists
 from pagellm.model.prompts import PromptCodec, encode_list
 from pagellm.outputs import figure, read_jsonl
-from pagellm.train.loop import FitSpec, fit
+from pagellm.train.loop import FitSpec, fit, fits_side_by_side
 
 log = logging.getLogger(__name__)
 KINDS = ("coarse", "fine")
@@ -224,10 +225,8 @@ def run_reward(
     datasets = {part: rows[rows.part == part] for part in ("train", "valid", "test")}
     log.info("reward pairs: %s", {p: len(d) for p, d in datasets.items()})
 
-    fit_metrics = {}
-    for kind in KINDS:
-
-        def build(kind=kind):
+    def fit_head(kind: str) -> dict:
+        def build():
             return RewardModel.from_policy(sft_dir, kind, cfg.reward.fine_pooling if kind == "fine" else "mean")
 
         def export(module, directory: Path):
@@ -247,9 +246,16 @@ def run_reward(
         )
         train_ds = ray.data.from_pandas(datasets["train"][cols])
         valid_ds = ray.data.from_pandas(datasets["valid"][cols])
-        fit_metrics[kind] = fit(
-            spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind, storage_path
-        )
+        return fit(spec, {"train": train_ds, "valid": valid_ds}, cfg.train, out / "logs", out / kind, storage_path)
+
+    # the two heads are independent fits from the same SFT backbone: side by side when the
+    # cluster holds both worker groups at once (each fit's start-up and shut-down, ~40 s on a
+    # small machine, then overlaps), one after the other otherwise
+    together = fits_side_by_side(cfg.train, len(KINDS))
+    log.info("reward heads: %s", "coarse and fine side by side" if together else "coarse, then fine")
+    with ThreadPoolExecutor(max_workers=len(KINDS) if together else 1) as pool:
+        running = {kind: pool.submit(fit_head, kind) for kind in KINDS}
+    fit_metrics = {kind: job.result() for kind, job in running.items()}
 
     test = datasets["test"]
     margins, heads = {}, {kind: RewardModel.from_pretrained(out / kind) for kind in KINDS}
