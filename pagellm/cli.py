@@ -46,12 +46,22 @@ def _print_data_summary(stats: dict, out: Path) -> None:
         f"({stats['ft_rows']} fine-tuning rows), "
         f"pairs {stats['pairs_by_family']}"
     )
+    if stats["rows_dropped_total"]:
+        print("dropped rows: " + ", ".join(_drop_summary(stats, reason) for reason in stats["rows_dropped"]))
     if stats["split_rows"]["withheld"]:
         print(
             f"cold start: {stats['split_rows']['withheld']} training interactions withheld "
             f"(data.train_keep; listed in {DataDir(out).split_path('withheld')})"
         )
     print(f"wrote {out} (stats: {DataDir(out).stats_path})")
+
+
+def _drop_summary(stats: dict, reason: str) -> str:
+    """``bad_rating 3 (first: ratings.csv line 7)``: the count and where to find the first."""
+    first = (stats["rows_dropped_samples"].get(reason) or [{}])[0]
+    where = "line" if "line" in first else "row"
+    found = f" (first: {Path(first['file']).name} {where} {first[where]})" if where in first else ""
+    return f"{reason} {stats['rows_dropped'][reason]}{found}"
 
 
 def cmd_data(args: argparse.Namespace) -> int:

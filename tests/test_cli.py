@@ -18,6 +18,12 @@ def run(*args, cwd=REPO):
     return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def pagellm(command: str, *args):
+    """``pagellm COMMAND ARGS`` as a user runs it; the data stage on its local engine (no Ray)."""
+    local = ("--engine", "local") if command == "data" else ()
+    return run(sys.executable, "-m", "pagellm.cli", command, *args, *local)
+
+
 def test_ray_job_entrypoint_runs_data_stage(tmp_path):
     proc = run(
         sys.executable, "ray_jobs/data.py", "--dataset", "synthetic:3000", "--out", str(tmp_path), "--engine", "local"
@@ -35,27 +41,33 @@ def test_bad_input_exits_2_naming_file_and_column(tmp_path):
     bad = tmp_path / "logs #2 = 2026" / "ratings.csv"  # ' #' and '=' stay part of the path
     bad.parent.mkdir()
     bad.write_text("user,item_id,rating,ts\nu1,i1,5,1\n")
-    proc = run(
-        sys.executable,
-        "-m",
-        "pagellm.cli",
+    proc = pagellm(
         "data",
         "--dataset",
         f"csv:{bad}",
         "--out",
         str(tmp_path / "o"),
-        "--engine",
-        "local",
     )
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "user" in proc.stderr
 
 
+def test_data_console_says_where_dropped_rows_are(tmp_path):
+    ratings = tmp_path / "ratings.csv"
+    rows = [f"u{u},i{i},{4 + i % 2},{100 * u + i}" for u in range(20) for i in range(10)]
+    ratings.write_text(
+        "user_id,item_id,rating,ts\n" + "\n".join(rows[:7] + ["u1,i1,five,3", "u2,i2"] + rows[7:]) + "\n"
+    )
+    proc = pagellm("data", "--dataset", f"csv:{ratings}", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 input rows dropped" in proc.stdout
+    assert "dropped rows: bad_rating 1 (first: ratings.csv line 9), malformed_line 1 (first: ratings.csv line 10)" in (
+        proc.stdout
+    )
+
+
 def test_bad_override_exits_2_naming_key(tmp_path):
-    proc = run(
-        sys.executable,
-        "-m",
-        "pagellm.cli",
+    proc = pagellm(
         "data",
         "--dataset",
         "synthetic:1000",
@@ -67,7 +79,7 @@ def test_bad_override_exits_2_naming_key(tmp_path):
 
 
 def test_sft_on_a_directory_that_is_not_data_output_exits_2(tmp_path):
-    proc = run(sys.executable, "-m", "pagellm.cli", "sft", "--data", str(tmp_path), "--out", str(tmp_path / "sft"))
+    proc = pagellm("sft", "--data", str(tmp_path), "--out", str(tmp_path / "sft"))
     assert proc.returncode == 2 and "not a data-stage output" in proc.stderr
     assert str(tmp_path) in proc.stderr and "items.parquet" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -79,25 +91,17 @@ def test_a_log_without_positives_stops_the_data_stage_and_sft(tmp_path):
     rows = [f"u{u},i{i},{1 + (u + i) % 3},{100 * u + i}" for u in range(30) for i in range(8)]
     ratings.write_text("user_id,item_id,rating,ts\n" + "\n".join(rows) + "\n")
     out = tmp_path / "data"
-    proc = run(
-        sys.executable,
-        "-m",
-        "pagellm.cli",
+    proc = pagellm(
         "data",
         "--dataset",
         f"csv:{ratings}",
         "--out",
         str(out),
-        "--engine",
-        "local",
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "kept 0 users" in proc.stderr and "no positives" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((out / "stats.json").read_text())["users_kept"] == 0
-    proc = run(
-        sys.executable,
-        "-m",
-        "pagellm.cli",
+    proc = pagellm(
         "sft",
         "--profile",
         "embedded",
@@ -115,13 +119,11 @@ def test_paths_of_the_wrong_kind_are_one_line_errors(tmp_path):
     (one with -v)."""
     a_file = tmp_path / "taken"
     a_file.write_text("x")
-    data = ("data", "--dataset", "synthetic:500", "--engine", "local")
-    proc = run(sys.executable, "-m", "pagellm.cli", *data, "--out", str(a_file))
+    data = ("--dataset", "synthetic:500")
+    proc = pagellm("data", *data, "--out", str(a_file))
     assert proc.returncode == 2 and str(a_file) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run(
-        sys.executable, "-m", "pagellm.cli", "data", "--dataset", f"csv:{tmp_path}", "--out", str(tmp_path / "o")
-    )
+    proc = pagellm("data", "--dataset", f"csv:{tmp_path}", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    proc = run(sys.executable, "-m", "pagellm.cli", *data, "--out", str(a_file), "-v")
+    proc = pagellm("data", *data, "--out", str(a_file), "-v")
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -100,10 +100,15 @@ def test_dropped_rows_are_counted_in_stats(tmp_path):
         "bad_timestamp": 1,
     }
     assert stats["interactions"] == 72
-    # each reason locates its rows: the file, the data row (1-based, header not counted) and the raw values
+    # each reason locates its rows: the file, the data row (1-based, header not counted), its line, the raw values
     samples = stats["rows_dropped_samples"]
     assert samples["bad_timestamp"] == [
-        {"file": str(src), "row": 77, "raw": {"user_id": "u3", "item_id": "i6", "rating": "4", "ts": "notatime"}}
+        {
+            "file": str(src),
+            "row": 77,
+            "line": 78,  # the header is line 1
+            "raw": {"user_id": "u3", "item_id": "i6", "rating": "4", "ts": "notatime"},
+        }
     ]
     assert [s["row"] for s in samples["duplicate_user_item"]] == [1]  # u0,i0 at ts 0: the later row (73) is kept
     assert samples["missing_user_id"][0]["row"] == 75 and samples["bad_rating"][0]["raw"]["rating"] == "abc"

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagellm.config import DataConfig
-from pagellm.data.ingest import KINDS, _parse_count, load_dataset
+from pagellm.data.ingest import KINDS, META_DROP, _parse_count, load_dataset
 from pagellm.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, RAW_COLUMNS, UNKNOWN_CATEGORY
 from pagellm.errors import InputError
 
@@ -366,6 +366,70 @@ def test_malformed_json_lines_are_counted(tmp_path, cfg):
     assert ing.interactions.num_rows == 1 and items_by_id(ing)["A1"]["category"] == "Picks"
 
 
+def test_dropped_lines_are_located(tmp_path):
+    """Every reason keeps its first rows with file, line and raw text; a line counted as malformed
+    and a blank line shift the later rows' lines; item-file drops are reported apart."""
+    ratings = write(
+        tmp_path / "r.csv",
+        "user,item,stars,time\n"  # line 1
+        "u1,i1,5,10\n"  # 2
+        "\n"  # 3: blank, skipped
+        "u1,i2,5\n"  # 4: two commas, malformed_line
+        "u2,i1,lots,11\n"  # 5: bad_rating
+        "u2,i2,4,12,extra\n"  # 6: malformed_line
+        "u3,i1,4,yesterday\n",  # 7: bad_timestamp
+    )
+    items = write(tmp_path / "items.csv", "id,cat\ni1,A\n,B\ni2,C,D\ni3,E\n")  # line 3 no id, 4 malformed
+    cfg = DataConfig(
+        columns={"user_id": "user", "item_id": "item", "rating": "stars", "ts": "time"},
+        items_path=str(items),
+        item_columns={"item_id": "id", "category": "cat"},
+    )
+    ing = load_dataset(f"csv:{ratings}", cfg)
+    samples = ing.drop_samples
+    assert ing.dropped == {"malformed_line": 2, "bad_rating": 1, "bad_timestamp": 1}
+    assert samples["malformed_line"] == [
+        {"file": str(ratings), "line": 4, "raw": "u1,i2,5"},
+        {"file": str(ratings), "line": 6, "raw": "u2,i2,4,12,extra"},
+    ]
+    assert (samples["bad_rating"][0]["line"], samples["bad_rating"][0]["row"]) == (5, 2)  # the second parsed row
+    assert samples["bad_timestamp"][0]["line"] == 7
+    assert ing.notes["item_lines_dropped"] == {"malformed_line": 2}
+    assert [(s["line"], s["raw"]) for s in ing.notes["item_lines_dropped_samples"]] == [(4, "i2,C,D"), (3, ",B")]
+    assert META_DROP not in samples and META_DROP not in ing.dropped
+
+
+def test_json_lines_drops_are_located(tmp_path, cfg):
+    reviews = (
+        '{"reviewerID": "u1", "asin": "A1", "overall": 5, "unixReviewTime": 1}\n'  # 1
+        '{"reviewerID": \n'  # 2: malformed
+        "\n"  # 3: blank
+        '{"reviewerID": "u2", "asin": "A1", "overall": "x", "unixReviewTime": 2}\n'  # 4: bad_rating
+    )
+    meta = meta_lines(META_JSON[:1]) + '{"title": "no asin"}\n' + meta_lines(META_JSON[1:])
+    root = amazon_dir(tmp_path / "a", reviews, meta, name="reviews.json")
+    ing = load_dataset(f"amazon2014:{root}", cfg)
+    assert ing.drop_samples["malformed_line"] == [
+        {"file": str(root / "reviews.json"), "line": 2, "raw": '{"reviewerID": '}
+    ]
+    assert ing.drop_samples["bad_rating"][0]["line"] == 4
+    assert ing.notes["item_lines_dropped_samples"] == [
+        {"file": str(root / "x_meta.json"), "line": 2, "raw": '{"title": "no asin"}'}
+    ]
+
+
+def test_encoding_errors_strict_names_the_line_replace_counts_it(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"user_id,item_id,rating,ts\nu1,i1,5,10\nu\xe9,i2,5,11\nu3,i1,oops,12\n")
+    with pytest.raises(InputError, match=r"r\.csv: line 3 is not valid UTF-8.*data\.encoding_errors=replace"):
+        load_dataset(f"csv:{path}", DataConfig())
+    for _ in range(2):  # a second load reports its own repairs, not the sum of both
+        ing = load_dataset(f"csv:{path}", DataConfig(encoding_errors="replace"))
+        assert ing.notes["encoding_repaired_lines"] == {str(path): 1}
+        assert sorted(frame(ing.interactions).user_id) == ["u1", "u\ufffd"]
+        assert ing.drop_samples["bad_rating"][0]["line"] == 4
+
+
 def test_bad_specs(tmp_path, cfg):
     kinds = "amazon2014, amazon2018, movielens, parquet, csv, synthetic"
     with pytest.raises(InputError, match=f"nosuch:x.*{kinds}"):
@@ -496,8 +560,11 @@ def _assert_every_row_accounted(spec: str, rows: int) -> None:
         assert "not valid UTF-8" in str(exc) or "mixes formats" in str(exc), exc
         return
     assert ing.interactions.num_rows + sum(ing.dropped.values()) == rows
+    text_file = not spec.endswith(".parquet")
     for reason, samples in ing.drop_samples.items():
         assert 0 < len(samples) <= ing.dropped[reason]
+        for sample in samples:  # a dropped line of a text file is located (the header is line 1)
+            assert not text_file or (isinstance(sample["line"], int) and 1 <= sample["line"] <= rows + 1), sample
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

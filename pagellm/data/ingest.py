@@ -20,9 +20,11 @@ import gzip
 import io
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 from pagellm.config import DataConfig
 from pagellm.data.schema import (
     RAW_COLUMNS,
+    SAMPLES_PER_REASON,
     Ingested,
     align_items,
     build_items,
@@ -52,6 +55,41 @@ ML100K_GENRES = (
     "Thriller", "War", "Western",
 )  # fmt: skip
 ML_NO_GENRES = "(no genres listed)"
+SAMPLE_CHARS = 200  # a located line's raw text is cut to this many characters in stats.json
+
+
+@dataclass
+class ReadLog:
+    """What one ``load_dataset`` call could not read, kept per call rather than in module state:
+    lines dropped per reason with the first few located (file, 1-based line, raw text), lines
+    repaired under ``data.encoding_errors=replace`` per file, and per text file how to find the
+    file line of a parsed data row (so that rows dropped later by ``clean_interactions`` are
+    located by line too)."""
+
+    dropped: Counter = field(default_factory=Counter)
+    samples: dict = field(default_factory=dict)
+    repaired: Counter = field(default_factory=Counter)
+    lines: dict = field(default_factory=dict)  # file -> f(0-based data rows) -> {row: file line}
+
+    def drop(self, reason: str, path, text: str, line: Optional[int] = None, row: Optional[int] = None) -> None:
+        """Count one dropped line (or data row, 1-based) and keep it if it is among the first few."""
+        self.dropped[reason] += 1
+        found = self.samples.setdefault(reason, [])
+        if len(found) < SAMPLES_PER_REASON:
+            where = {k: v for k, v in (("line", line), ("row", row)) if v is not None}
+            found.append({"file": str(path), **where, "raw": text.rstrip("\r\n")[:SAMPLE_CHARS]})
+
+    def pop(self, reason: str) -> tuple[int, list]:
+        return self.dropped.pop(reason, 0), self.samples.pop(reason, [])
+
+    def locate(self, samples: dict) -> None:
+        """Add the file line to each ``clean_interactions`` sample (``row``: 1-based data row)."""
+        for path, line_of in self.lines.items():
+            mine = [s for rows in samples.values() for s in rows if s["file"] == path]
+            if mine:
+                lines = line_of([s["row"] - 1 for s in mine])
+                for s in mine:
+                    s["line"] = lines.get(s["row"] - 1)
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -75,21 +113,25 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
         "parquet": _parquet,
         "csv": _csv,
     }
-    REPAIRED.clear()
-    raw, items, parse_drops, files = adapters[kind](arg, cfg)
-    meta_drops = parse_drops.pop(META_DROP, 0)  # item-file lines are not interaction rows: counted apart
+    log = ReadLog()
+    raw, items, files = adapters[kind](arg, cfg, log)
+    meta_drops, meta_samples = log.pop(META_DROP)  # item-file lines are not interaction rows: counted apart
     raw = _numbers_from_text(raw)
     ts, ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(files[0]))
     interactions, dropped, samples = clean_interactions(
         raw, source=str(files[0]), rating_min=cfg.rating_min, rating_max=cfg.rating_max, ts=ts
     )
+    log.locate(samples)
     items, notes = align_items(interactions, items)
     notes = {"kind": kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
     if meta_drops:
         notes["item_lines_dropped"] = {"malformed_line": meta_drops}
-    if REPAIRED:
-        notes["encoding_repaired_lines"] = dict(REPAIRED)  # data.encoding_errors=replace
-    return Ingested(interactions, items, dropped=dropped + parse_drops, notes=notes, drop_samples=samples)
+        notes["item_lines_dropped_samples"] = meta_samples
+    if log.repaired:
+        notes["encoding_repaired_lines"] = dict(log.repaired)  # data.encoding_errors=replace
+    return Ingested(
+        interactions, items, dropped=dropped + log.dropped, notes=notes, drop_samples={**log.samples, **samples}
+    )
 
 
 def _parse_count(arg: str, spec: str) -> Optional[int]:
@@ -151,21 +193,23 @@ def _first_line(path: Path, encoding: str = "utf-8") -> Optional[str]:
 
 def _read_csv(
     path: Path,
+    log: ReadLog,
     *,
+    reason: str = "malformed_line",
     names: Optional[Iterable[str]] = None,
     keep: Optional[Iterable[str]] = None,
     sep: str = ",",
     encoding: str = "utf-8",
     quoting: bool = True,
     errors: str = "strict",
-) -> tuple[pd.DataFrame, int]:
+) -> pd.DataFrame:
     """Read a delimited file into string columns with surrounding spaces stripped.
 
     Without ``names`` the first line is the header (its names are stripped too). ``keep`` names
     the columns needed; missing ones raise ``InputError``. Rows with the wrong number of fields
-    are skipped and counted (second return value). ``errors`` (``data.encoding_errors``): strict
-    stops at the first line that is not valid ``encoding``, naming it; replace substitutes U+FFFD
-    for the bad bytes and counts the repaired lines (``REPAIRED``)."""
+    are skipped and logged under ``reason`` with their lines. ``errors`` (``data.encoding_errors``):
+    strict stops at the first line that is not valid ``encoding``, naming it; replace substitutes
+    U+FFFD for the bad bytes and logs the repaired lines."""
     path = _existing(path)
     first = _first_line(path, encoding)
     if first is None:
@@ -176,10 +220,14 @@ def _read_csv(
     names = list(names)
     keep = list(keep) if keep is not None else names
     require_columns(names, keep, str(path))
-    bad: list[str] = []
+    bad: list[str] = []  # the first few rows with the wrong number of fields; `skipped` counts all
+    skipped = 0
 
-    def skip(row) -> str:  # a row with the wrong number of fields
-        bad.append(row.text)
+    def skip(row) -> str:
+        nonlocal skipped
+        skipped += 1
+        if len(bad) < SAMPLES_PER_REASON:
+            bad.append(row.text)
         return "skip"
 
     def read(source):
@@ -203,22 +251,58 @@ def _read_csv(
             if "utf" not in str(exc).lower():
                 raise
             bad.clear()
-            table = read(_decoded(path, errors))  # names the bad line, or reads a repaired copy
+            skipped = 0
+            table = read(_decoded(path, errors, log))  # names the bad line, or reads a repaired copy
     except (pa.ArrowInvalid, UnicodeError) as exc:
         raise InputError(f"{path}: cannot parse as delimited text: {exc}") from None
     if table.num_rows == 0 and bad:
         raise InputError(f"{path}: no row has the expected {len(names)} fields; first: {bad[0]!r}")
     if table.num_rows == 0:
         raise InputError(f"{path}: no data rows (header only)" if header else f"{path}: no data rows")
+    lines = dict(encoding=encoding, sep=sep, quoting=quoting, fields=len(names), header=header)
+    bad_lines = _csv_lines(path, [], len(bad), **lines)[1] if bad else []
+    for n, text in enumerate(bad):
+        log.drop(reason, path, text, line=bad_lines[n] if n < len(bad_lines) else None)
+    log.dropped[reason] += skipped - len(bad)
+    log.lines[str(path)] = lambda rows: _csv_lines(path, rows, 0, **lines)[0]
     columns = {n: pc.utf8_trim_whitespace(table.column(n)) for n in keep}
-    return pa.table(columns).to_pandas(), len(bad)
+    return pa.table(columns).to_pandas()
 
 
-# path -> lines repaired under data.encoding_errors=replace; load_dataset resets and reports it
-REPAIRED: Counter = Counter()
+def _csv_lines(
+    path: Path, rows: list[int], n_bad: int, *, encoding: str, sep: str, quoting: bool, fields: int, header: bool
+) -> tuple[dict[int, int], list[int]]:
+    """File lines (1-based) of the 0-based data rows ``rows`` and of the first ``n_bad`` rows
+    with the wrong number of fields, by pyarrow's rules (one record per line, blank lines and the
+    header line skipped). A second pass in Python, run only when rows were dropped and stopped as
+    soon as every wanted line is found, so that clean files never pay for it."""
+    want, found, bad = set(rows), {}, []
+    data_row, skip_header = 0, header
+    with _open_text(path, encoding) as fh:
+        for number, line in enumerate(fh, start=1):
+            text = line.rstrip("\r\n")
+            if not text:
+                continue
+            if skip_header:
+                skip_header = False
+                continue
+            if quoting and '"' in text:
+                n_fields = len(next(csv.reader([text], delimiter=sep, quoting=csv.QUOTE_MINIMAL), []))
+            else:  # no quotes: every separator splits (4x faster than the csv module)
+                n_fields = text.count(sep) + 1
+            if n_fields != fields:
+                if len(bad) < n_bad:
+                    bad.append(number)
+            else:
+                if data_row in want:
+                    found[data_row] = number
+                data_row += 1
+            if len(found) == len(want) and len(bad) == n_bad:
+                break
+    return found, bad
 
 
-def _decoded(path: Path, errors: str) -> io.BytesIO:
+def _decoded(path: Path, errors: str, log: ReadLog) -> io.BytesIO:
     """A file pyarrow found not to be UTF-8: an InputError naming its first bad line (strict),
     or an in-memory copy with the bad bytes replaced by U+FFFD (replace)."""
     bad_lines, repaired = 0, []
@@ -237,7 +321,7 @@ def _decoded(path: Path, errors: str) -> io.BytesIO:
                     ) from None
                 bad_lines += 1
                 repaired.append(line.decode("utf-8", errors="replace").encode("utf-8"))
-    REPAIRED[str(path)] += bad_lines
+    log.repaired[str(path)] += bad_lines
     return io.BytesIO(b"".join(repaired))
 
 
@@ -253,32 +337,40 @@ def _parse_record(line: str):
         return None
 
 
-def _read_json_lines(path: Path, fields: Iterable[str]) -> tuple[list[dict], int]:
-    """Records (only ``fields`` kept) and the number of lines that are not an object."""
+def _read_json_lines(
+    path: Path, fields: Iterable[str], log: ReadLog, reason: str, required: Optional[str] = None
+) -> list[dict]:
+    """Records (only ``fields`` kept). A line that is not an object, or whose ``required`` field
+    is missing or blank, is logged under ``reason`` with its line; the file lines of the records
+    are logged for ``ReadLog.locate``."""
     path = _existing(path)
     fields = list(fields)
-    records, malformed = [], 0
+    records, lines, malformed, objects = [], [], 0, 0
     with _open_text(path) as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             rec = _parse_record(line)
-            if isinstance(rec, dict):
+            objects += isinstance(rec, dict)
+            if isinstance(rec, dict) and (required is None or str(rec.get(required) or "").strip()):
                 records.append({f: rec.get(f) for f in fields})
+                lines.append(number)
             else:
                 malformed += 1
+                log.drop(reason, path, line, line=number)
     if not records:
-        raise InputError(f"{path}: no usable JSON line" + (f" ({malformed} malformed)" if malformed else " (empty)"))
-    return records, malformed
+        what = f"no line has the required field '{required}'" if objects else "no usable JSON line"
+        raise InputError(f"{path}: {what}" + (f" ({malformed} malformed)" if malformed else " (empty)"))
+    log.lines[str(path)] = lambda rows: {r: lines[r] for r in rows}
+    return records
 
 
-def _reviews_json(path: Path) -> tuple[pd.DataFrame, int]:
+def _reviews_json(path: Path, log: ReadLog) -> pd.DataFrame:
     """Amazon review JSON lines -> raw interaction columns."""
-    records, malformed = _read_json_lines(path, AMAZON_FIELDS.values())
+    records = _read_json_lines(path, AMAZON_FIELDS.values(), log, "malformed_line")
     present = {f for r in records for f, v in r.items() if v is not None}
     require_columns(present, AMAZON_FIELDS.values(), str(path))
-    raw = pd.DataFrame({c: [r[f] for r in records] for c, f in AMAZON_FIELDS.items()})
-    return raw, malformed
+    return pd.DataFrame({c: [r[f] for r in records] for c, f in AMAZON_FIELDS.items()})
 
 
 def _is_number(text: str) -> bool:
@@ -295,21 +387,18 @@ def _text(value) -> Optional[str]:
     return None if missing else str(value)
 
 
-def _meta_items(path: Path, row: Callable[[dict], tuple]) -> tuple[pa.Table, int]:
+def _meta_items(path: Path, row: Callable[[dict], tuple], log: ReadLog) -> pa.Table:
     """Amazon meta JSON lines -> items; ``row`` maps a record to (category, categories)."""
-    records, malformed = _read_json_lines(path, ("asin", "title", "brand", "categories", "category"))
-    usable = [r for r in records if r["asin"] is not None and str(r["asin"]).strip()]
-    if not usable:
-        raise InputError(f"{path}: no meta line has the required field 'asin'")
-    cats = [row(r) for r in usable]
-    items = build_items(
-        [str(r["asin"]).strip() for r in usable],
+    fields = ("asin", "title", "brand", "categories", "category")
+    records = _read_json_lines(path, fields, log, META_DROP, required="asin")
+    cats = [row(r) for r in records]
+    return build_items(
+        [str(r["asin"]).strip() for r in records],
         [c for c, _ in cats],
         [cs for _, cs in cats],
-        [_text(r["title"]) for r in usable],
-        [_text(r["brand"]) for r in usable],
+        [_text(r["title"]) for r in records],
+        [_text(r["brand"]) for r in records],
     )
-    return items, malformed + len(records) - len(usable)
 
 
 def _categories2014(rec: dict) -> tuple[Optional[str], list]:
@@ -371,76 +460,68 @@ def _headerless_order(fields: list[str]) -> tuple[str, ...]:
     return AMAZON_CSV_ORDER
 
 
-def _amazon_ratings(path: Path, errors: str) -> tuple[pd.DataFrame, Counter]:
+def _amazon_ratings(path: Path, errors: str, log: ReadLog) -> pd.DataFrame:
     """Ratings CSV (``asin, reviewerID, overall, unixReviewTime``, header optional) or review
     JSON lines, by file name."""
     if path.name.lower().endswith(JSON_SUFFIXES):
-        raw, malformed = _reviews_json(path)
+        raw = _reviews_json(path, log)
     else:
         first = _first_line(_existing(path))
         if first is None:
             raise InputError(f"{path}: file is empty")
         fields = next(csv.reader([first]))
         has_header = len(fields) < 3 or not _is_number(fields[2])
-        raw, malformed = _read_csv(
-            path, names=None if has_header else _headerless_order(fields), keep=AMAZON_FIELDS.values(), errors=errors
-        )
+        names = None if has_header else _headerless_order(fields)
+        raw = _read_csv(path, log, names=names, keep=AMAZON_FIELDS.values(), errors=errors)
         raw = raw.rename(columns={f: c for c, f in AMAZON_FIELDS.items()})
-    return raw[list(RAW_COLUMNS)], Counter({"malformed_line": malformed} if malformed else {})
+    return raw[list(RAW_COLUMNS)]
 
 
-def _amazon(arg: str, rating_suffixes, categories, errors: str) -> tuple:
+def _amazon(arg: str, rating_suffixes, categories, errors: str, log: ReadLog) -> tuple:
     ratings_path, meta_path = _amazon_files(arg, rating_suffixes)
-    raw, drops = _amazon_ratings(ratings_path, errors)
-    items, malformed = _meta_items(meta_path, categories)
-    if malformed:
-        drops[META_DROP] += malformed
-    return raw, items, drops, [ratings_path, meta_path]
+    raw = _amazon_ratings(ratings_path, errors, log)
+    return raw, _meta_items(meta_path, categories, log), [ratings_path, meta_path]
 
 
-def _amazon2014(arg: str, cfg: DataConfig) -> tuple:
-    return _amazon(arg, (".csv", ".csv.gz") + JSON_SUFFIXES, _categories2014, cfg.encoding_errors)
+def _amazon2014(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
+    return _amazon(arg, (".csv", ".csv.gz") + JSON_SUFFIXES, _categories2014, cfg.encoding_errors, log)
 
 
-def _amazon2018(arg: str, cfg: DataConfig) -> tuple:
-    return _amazon(arg, JSON_SUFFIXES, _categories2018, cfg.encoding_errors)
+def _amazon2018(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
+    return _amazon(arg, JSON_SUFFIXES, _categories2018, cfg.encoding_errors, log)
 
 
 # --------------------------------------------------------------------------------- movielens
-def _movielens(arg: str, cfg: DataConfig) -> tuple:
+def _movielens(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
     """ml-latest(-small) ``ratings.csv`` + ``movies.csv``, or ml-100k ``u.data`` + ``u.item``."""
     root = _existing(arg)
     if not root.is_dir():
         raise InputError(f"{root}: expected a MovieLens directory")
     if (root / "ratings.csv").is_file() and (root / "movies.csv").is_file():
-        return _movielens_latest(root, cfg.encoding_errors)
+        return _movielens_latest(root, cfg.encoding_errors, log)
     if (root / "u.data").is_file() and (root / "u.item").is_file():
-        return _movielens_100k(root, cfg.encoding_errors)
+        return _movielens_100k(root, cfg.encoding_errors, log)
     found = sorted(p.name for p in root.iterdir())
     raise InputError(f"{root}: need ratings.csv + movies.csv or u.data + u.item; found {found}")
 
 
-def _movielens_latest(root: Path, errors: str) -> tuple:
+def _movielens_latest(root: Path, errors: str, log: ReadLog) -> tuple:
     ratings_path, movies_path = root / "ratings.csv", root / "movies.csv"
-    raw, bad = _read_csv(ratings_path, keep=("userId", "movieId", "rating", "timestamp"), errors=errors)
+    raw = _read_csv(ratings_path, log, keep=("userId", "movieId", "rating", "timestamp"), errors=errors)
     raw.columns = list(RAW_COLUMNS)
-    movies, bad_movies = _read_csv(movies_path, keep=("movieId", "title", "genres"), errors=errors)
+    movies = _read_csv(movies_path, log, reason=META_DROP, keep=("movieId", "title", "genres"), errors=errors)
     genres = [[] if g == ML_NO_GENRES else [x for x in g.split("|") if x] for g in movies["genres"]]
-    items = _genre_items(movies["movieId"], genres, movies["title"])
-    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_movies)) if n})
-    return raw, items, drops, [ratings_path, movies_path]
+    return raw, _genre_items(movies["movieId"], genres, movies["title"]), [ratings_path, movies_path]
 
 
-def _movielens_100k(root: Path, errors: str) -> tuple:
+def _movielens_100k(root: Path, errors: str, log: ReadLog) -> tuple:
     data_path, item_path = root / "u.data", root / "u.item"
-    raw, bad = _read_csv(data_path, names=RAW_COLUMNS, sep="\t", quoting=False, errors=errors)
+    raw = _read_csv(data_path, log, names=RAW_COLUMNS, sep="\t", quoting=False, errors=errors)
     names = ["movie_id", "title", "release", "video_release", "url", *ML100K_GENRES]
-    movies, bad_movies = _read_csv(item_path, names=names, sep="|", encoding="latin-1", quoting=False)
+    movies = _read_csv(item_path, log, reason=META_DROP, names=names, sep="|", encoding="latin-1", quoting=False)
     flags = movies[list(ML100K_GENRES[1:])].to_numpy() == "1"  # "unknown" is not a genre
     genres = [[g for g, on in zip(ML100K_GENRES[1:], row) if on] for row in flags]
-    items = _genre_items(movies["movie_id"], genres, movies["title"])
-    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_movies)) if n})
-    return raw, items, drops, [data_path, item_path]
+    return raw, _genre_items(movies["movie_id"], genres, movies["title"]), [data_path, item_path]
 
 
 def _genre_items(ids, genres: list[list[str]], titles) -> pa.Table:
@@ -453,10 +534,12 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
-def _read_mapped(path: Path, as_parquet: bool, mapping: dict, required: Iterable[str], errors: str) -> tuple:
+def _read_mapped(
+    path: Path, as_parquet: bool, mapping: dict, required: Iterable[str], errors: str, log: ReadLog, reason: str
+) -> pd.DataFrame:
     """Read the mapped columns of a CSV/Parquet file, renamed to canonical names. Columns in
     ``required`` must exist; other mapped columns are read when present. Ids are read as text
-    (so 7 stays "7", not "7.0" after a null). Returns the frame and the malformed-row count."""
+    (so 7 stays "7", not "7.0" after a null). Malformed CSV rows are logged under ``reason``."""
     path = _existing(path)
     mapping = {**{c: c for c in required}, **mapping}  # a required name left unmapped keeps its name
     if as_parquet:
@@ -478,34 +561,39 @@ def _read_mapped(path: Path, as_parquet: bool, mapping: dict, required: Iterable
             raise InputError(f"{path}: no data rows")
         ids = {present[c] for c in ("user_id", "item_id") if c in present}
         as_text = {n: table.column(n).cast(pa.string()) if n in ids else table.column(n) for n in cols}
-        frame, bad = pa.table(as_text).to_pandas(), 0
+        frame = pa.table(as_text).to_pandas()
     else:
-        frame, bad = _read_csv(path, keep=cols, errors=errors)
-    return pd.DataFrame({c: frame[col] for c, col in present.items()}), bad
+        frame = _read_csv(path, log, reason=reason, keep=cols, errors=errors)
+    return pd.DataFrame({c: frame[col] for c, col in present.items()})
 
 
-def _csv(arg: str, cfg: DataConfig) -> tuple:
-    return _tabular(arg, cfg, as_parquet=False)
+def _csv(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
+    return _tabular(arg, cfg, log, as_parquet=False)
 
 
-def _parquet(arg: str, cfg: DataConfig) -> tuple:
-    return _tabular(arg, cfg, as_parquet=True)
+def _parquet(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
+    return _tabular(arg, cfg, log, as_parquet=True)
 
 
-def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
+def _tabular(arg: str, cfg: DataConfig, log: ReadLog, as_parquet: bool) -> tuple:
     """The user's interactions file (columns mapped by ``cfg.columns``) and optional items file
     (``cfg.items_path``, mapped by ``cfg.item_columns``; without it every category is unknown)."""
     path = Path(arg).expanduser()
-    raw, bad = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS, cfg.encoding_errors)
-    bad_items = 0
+    raw = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS, cfg.encoding_errors, log, "malformed_line")
     files = [path]
     if cfg.items_path:
         items_path = Path(cfg.items_path).expanduser()
-        meta, bad_items = _read_mapped(
-            items_path, _is_parquet(items_path), cfg.item_columns, ("item_id",), cfg.encoding_errors
+        meta = _read_mapped(
+            items_path, _is_parquet(items_path), cfg.item_columns, ("item_id",), cfg.encoding_errors, log, META_DROP
         )
         meta["item_id"] = meta["item_id"].str.strip()
-        meta = meta[meta["item_id"].notna() & (meta["item_id"] != "")]
+        has_id = (meta["item_id"].notna() & (meta["item_id"] != "")).to_numpy()
+        no_id = np.flatnonzero(~has_id)
+        lines = log.lines.get(str(items_path), lambda rows: {})(list(no_id[:SAMPLES_PER_REASON]))
+        for n, row in enumerate(no_id):  # an item row without an id names no item: a counted drop
+            text = ",".join(str(v) for v in meta.iloc[row]) if n < SAMPLES_PER_REASON else ""
+            log.drop(META_DROP, items_path, text, line=lines.get(row), row=int(row) + 1)
+        meta = meta[has_id]
         files.append(items_path)
         cats = [_split_categories(v) for v in meta.get("category", [None] * len(meta))]
         items = build_items(
@@ -517,8 +605,7 @@ def _tabular(arg: str, cfg: DataConfig, as_parquet: bool) -> tuple:
         )
     else:
         items = build_items([], [], [])
-    drops = Counter({k: n for k, n in (("malformed_line", bad), (META_DROP, bad_items)) if n})
-    return raw[list(RAW_COLUMNS)], items, drops, files
+    return raw[list(RAW_COLUMNS)], items, files
 
 
 def _split_categories(value) -> list[str]:
