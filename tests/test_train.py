@@ -18,7 +18,7 @@ from pagellm.config import ModelConfig, TrainConfig
 from pagellm.model.modeling import PolicyLM, build_lm
 from pagellm.model.vocab import Vocab, add_entity_tokens, train_bpe_tokenizer
 from pagellm.outputs import read_jsonl
-from pagellm.train.loop import WEIGHTS_FILE, FitSpec, fit, load_module
+from pagellm.train.loop import WEIGHTS_FILE, FitSpec, dashboard_up, fit, load_module, trainer_class
 from pagellm.train.sft import collate_lm
 
 
@@ -104,6 +104,21 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path, to
     assert finals[-1]["epoch"] == epochs and outcome["metrics"]["epoch"] == epochs
     steps_per_epoch = first_epoch["step"]
     assert finals[-1]["step"] == epochs * steps_per_epoch
+
+
+def test_no_placement_group_cleaner_without_a_dashboard(ray_session):
+    """The session's Ray has no dashboard, so no State API: the trainer leaves out Ray Train's
+    placement-group cleaner (which would poll it in vain and hold each fit 12 s at shutdown)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    assert not dashboard_up()
+    trainer = trainer_class()(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    assert isinstance(trainer, TorchTrainer)
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names
+    default = [type(c).__name__ for c in TorchTrainer(lambda config: None)._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" in default  # this Ray has one to leave out
 
 
 @pytest.mark.parametrize("deepspeed", [True, False], ids=["deepspeed", "ddp"])

@@ -377,6 +377,40 @@ def fits_side_by_side(train_cfg: TrainConfig, fits: int) -> bool:
     return all(free.get(name, 0.0) >= amount for name, amount in need.items())
 
 
+def dashboard_up() -> bool:
+    """Whether the connected Ray runs its dashboard (which serves the State API). Read from the
+    node's address info, as ``ray.init().address_info["webui_url"]`` is; unknown -> True."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return bool(ray_worker.global_worker.node.address_info.get("webui_url"))
+    except Exception:  # an older or newer Ray without this field: keep Ray's own behaviour
+        return True
+
+
+def trainer_class():
+    """``TorchTrainer``, less Ray Train's placement-group cleaner when the cluster has no dashboard.
+
+    The cleaner (Ray >= 2.5x, a detached actor) asks the State API whether the controller is
+    alive, to remove a crashed controller's placement group. The State API is served by the
+    dashboard, which a local Ray here starts without (``ray.include_dashboard``): every query
+    fails, the cleaner logs "Failed to query Ray Train Controller actor state" every second and
+    never cleans anything, and each fit's shutdown waits out its 12 s stop timeout. An empty fit
+    on 2 CPUs takes 27 s with it, 11 s without. The controller's placement group still goes with
+    the job that made it; with a dashboard Ray's default is kept."""
+    from ray.train.torch import TorchTrainer
+
+    if dashboard_up():
+        return TorchTrainer
+
+    class TrainerWithoutStateAPI(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return TrainerWithoutStateAPI
+
+
 def fit(
     spec: FitSpec,
     datasets: dict,
@@ -394,13 +428,12 @@ def fit(
     else to ``run_dir/ray_train``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{spec.stage}.jsonl"
     storage = storage_path or str(run_dir / "ray_train")
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop,
         train_loop_config={
             "spec": spec,
