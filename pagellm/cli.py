@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pagellm.config import (
 )
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError, InputError
+from pagellm.ray_utils import VERBOSE_ENV
 from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -478,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
         resolve_profiles(args)
         return args.func(args)

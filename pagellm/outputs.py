@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,18 +27,88 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class StageTimer:
-    """Wall time of consecutive stages: ``lap(stage)`` closes the stage that just ended."""
+    """Wall time of the consecutive stages of a job, announced as they start and end with a
+    stage counter (``[3/6] reward heads``), so that a reader of the console knows where the job
+    is and how much is left; ``seconds`` maps each stage to its wall time."""
 
-    def __init__(self, prefix: str = ""):
-        self.prefix, self.seconds, self._clock = prefix, {}, time.perf_counter()
+    def __init__(self, stages: dict[str, str]):
+        self.stages, self.seconds = stages, {}  # stage key -> what the console calls it
 
-    def lap(self, stage: str) -> float:
-        now = time.perf_counter()
-        self.seconds[stage] = now - self._clock
-        self._clock = now
-        if self.prefix:
-            print(f"[{self.prefix}] {stage} done in {self.seconds[stage]:.0f} s", flush=True)
-        return self.seconds[stage]
+    @contextmanager
+    def stage(self, key: str) -> Iterator[None]:
+        tag = f"[{list(self.stages).index(key) + 1}/{len(self.stages)}] {self.stages[key]}"
+        print(tag, flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[key] = time.perf_counter() - start
+        print(f"{tag}: done in {self.seconds[key]:.0f} s", flush=True)
+
+
+class EpochLines:
+    """Prints one line per finished epoch of a Ray Train fit from the driver, read from the log
+    that the loop's rank 0 appends to (``train_loop``): stage, epoch/total, train and validation
+    loss, the validation metric, seconds, ETA. The driver reads the log where it can (a local or
+    shared run directory); Ray's own per-worker output stays in Ray's log files."""
+
+    def __init__(self, log_path: Path, stage: str, epochs: int, select: str, every_s: float = 1.0):
+        self.log_path, self.stage, self.epochs, self.select, self.every_s = (
+            Path(log_path),
+            stage,
+            epochs,
+            select,
+            every_s,
+        )
+        self._seen = set(self._epoch_lines())  # a resumed run's earlier epochs are not news
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"epoch-lines-{stage}", daemon=True)
+        self._seconds: list[float] = []
+
+    def __enter__(self) -> "EpochLines":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()  # the last epoch, written just before the fit returned
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def _epoch_lines(self) -> list[str]:
+        """The log's finished-epoch records as written (whole lines only: a half-written one waits)."""
+        if not self.log_path.exists():
+            return []
+        text = self.log_path.read_text()
+        return [line for line in text[: text.rfind("\n") + 1].splitlines() if '"epoch_seconds"' in line]
+
+    def poll(self) -> None:
+        """Print the epochs not printed yet. The whole (small) log is read each time, since a
+        resumed fit rewrites it, cut back to its checkpoint, and then runs those epochs again."""
+        for line in self._epoch_lines():
+            if line in self._seen:
+                continue
+            self._seen.add(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            print(self.format(record), flush=True)
+
+    def format(self, record: dict) -> str:
+        self._seconds.append(record["epoch_seconds"])
+        left = (self.epochs - record["epoch"]) * sum(self._seconds) / len(self._seconds)
+        parts = [f"train loss {record['train_loss']:.4f}"] if "train_loss" in record else []
+        parts += [f"valid loss {record['valid_loss']:.4f}"] if "valid_loss" in record else []
+        metric = f"valid_{self.select}"
+        parts += [f"{metric[6:]} {record[metric]:.4f}"] if self.select != "loss" and metric in record else []
+        eta = "stopped early" if record.get("stopped_early") else f"ETA {left:.0f} s"
+        return (
+            f"  {self.stage} epoch {record['epoch']}/{self.epochs}: "
+            + ", ".join(parts)
+            + (f" ({record['epoch_seconds']:.0f} s; {eta})")
+        )
 
 
 @contextmanager

@@ -6,6 +6,12 @@ import os
 
 from pagellm.config import RayConfig
 
+VERBOSE_ENV = "PAGELLM_VERBOSE"  # set by `pagellm -v`: every library's own console output kept
+
+
+def verbose_console() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
 
 def init_ray(ray_cfg: RayConfig) -> None:
     """Join the cluster when one is given (``ray job submit`` sets RAY_ADDRESS; RAY_ADDRESS=auto

@@ -76,6 +76,14 @@ def write_report(
 
 
 POLICIES = ("SFT (reference)", "PPO (R_c + R_f)")  # the report's rows that are PageLLM's
+STAGES = {
+    "data": "data stage (Ray Data)",
+    "sft": "SFT (the reference policy)",
+    "reward": "reward heads (coarse and fine)",
+    "ppo": "PPO",
+    "evaluate": "test-split evaluation of the SFT and PPO policies",
+    "baselines": "baselines on the test split",
+}
 
 
 def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> dict[str, dict]:
@@ -108,24 +116,24 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
 
     out = Path(out_dir)
     write_config(cfg, out)
-    timer = StageTimer("pagellm run")
-    stats = build_dataset(cfg, out / "data", engine="ray")
-    timer.lap("data")
-    sft = run_sft(cfg, out / "data", out / "sft", train_storage(storage, "sft") if storage else None)
-    timer.lap("sft")
-    reward = run_reward(
-        cfg, out / "data", out / "sft", out / "reward", train_storage(storage, "reward") if storage else None
-    )
-    timer.lap("reward")
-    ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
-    timer.lap("ppo")
-    evals = {
-        POLICIES[0]: run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),
-        POLICIES[1]: run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
-    }
-    timer.lap("evaluate")
-    evals.update(baseline_metrics(cfg, out / "data"))
-    timer.lap("baselines")
+    timer = StageTimer(STAGES)
+    with timer.stage("data"):
+        stats = build_dataset(cfg, out / "data", engine="ray")
+    with timer.stage("sft"):
+        sft = run_sft(cfg, out / "data", out / "sft", train_storage(storage, "sft") if storage else None)
+    with timer.stage("reward"):
+        reward = run_reward(
+            cfg, out / "data", out / "sft", out / "reward", train_storage(storage, "reward") if storage else None
+        )
+    with timer.stage("ppo"):
+        ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
+    with timer.stage("evaluate"):
+        evals = {
+            POLICIES[0]: run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),
+            POLICIES[1]: run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
+        }
+    with timer.stage("baselines"):
+        evals.update(baseline_metrics(cfg, out / "data"))
     seconds = {**timer.seconds, "total": sum(timer.seconds.values())}
     report = write_report(out, stats, reward, ppo, evals, seconds, command)
     summary = {

@@ -17,6 +17,8 @@ import requests
 import yaml
 from conftest import REPO, free_port
 
+from pagellm.run import STAGES
+
 TINY_RUN = [
     "data.dataset=synthetic:3000",
     "train.num_workers=1",  # two ranks and DeepSpeed's shard merge: tests/test_train.py
@@ -116,7 +118,13 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
             -4000:
         ]
         logs = job.stdout
-        assert "[pagellm run] ppo done" in logs and "report:" in logs
+        assert "report:" in logs
+        # the console: a counter per stage, one line per epoch of each Ray Train fit, no split bars
+        for k, name in enumerate(STAGES.values(), start=1):
+            assert f"[{k}/{len(STAGES)}] {name}: done in " in logs, logs[-4000:]
+        for fit in ("meta", "golden_ft", "reward_coarse", "reward_fine"):
+            assert sum(line.startswith(f"  {fit} epoch 1/1: ") for line in logs.splitlines()) == 1, fit
+        assert not [line for line in logs.splitlines() if "split(" in line and "%|" in line]  # Ray Data split bars
 
         # the embedded default (no --config) with its extra windows, every stage's outputs, the report
         summary = json.loads((out / "run.json").read_text())

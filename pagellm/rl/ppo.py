@@ -533,7 +533,9 @@ def run_ppo(
             append_jsonl(metrics_path, first)
             if on_evaluation:
                 on_evaluation(first)
-        for it in tqdm(range(start, total), desc="PPO", initial=start, total=total):
+        bar = tqdm(range(start, total), desc="PPO", initial=start, total=total)
+        shown = {"val_ndcg@100": first["val_ndcg@100"]} if start == 0 and "val_ndcg@100" in first else {}
+        for it in bar:
             k = pages_per_prompt(ppo)
             idx = batch_indices(len(prompts.train), ppo.batch_size // k, it, ppo.seed)
             seed = (ppo.seed * 1_000_003 + it) % 2**31
@@ -546,6 +548,8 @@ def run_ppo(
             if (it + 1) % ppo.eval_every == 0 or it + 1 == total:
                 record.update(evaluate(roles, cfg, prompts, ppo.seed, pad_id))
             append_jsonl(metrics_path, record)
+            shown.update({k: record[k] for k in ("reward_total", "kl", "val_ndcg@100") if k in record})
+            bar.set_postfix({k.replace("val_", "last val "): f"{v:.4f}" for k, v in shown.items()}, refresh=False)
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
                 save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagellm.config import TrainConfig
-from pagellm.outputs import append_jsonl
+from pagellm.outputs import EpochLines, append_jsonl
+from pagellm.ray_utils import verbose_console
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "module.safetensors"
@@ -460,7 +461,11 @@ def fit(
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    if not verbose_console():  # the per-worker split bars of the training inputs (hundreds of lines a fit)
+        for dataset in datasets.values():
+            dataset.context.enable_progress_bars = False
+    with EpochLines(log_path, spec.stage, spec.epochs, spec.select):
+        result = trainer.fit()
     if result.error:
         raise result.error
     reported = list(getattr(result, "best_checkpoints", None) or [(result.checkpoint, result.metrics)])
