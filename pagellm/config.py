@@ -236,7 +236,11 @@ class ModelConfig:
     )
     lora_alpha: int = opt(16, "LoRA scaling alpha", gt=0)
     lora_dropout: float = opt(0.05, "LoRA dropout", ge=0.0, lt=1.0)
-    lora_targets: list[str] = opt(["c_attn"], "modules that get LoRA adapters")
+    lora_targets: list[str] = opt(
+        [],
+        "modules that get LoRA adapters; [] (default): by architecture, GPT-2 c_attn, Llama / Mistral / "
+        "Qwen2 q_proj and v_proj (pagellm.model.modeling.LORA_TARGETS)",
+    )
     user_tokens: bool = opt(
         False,
         "a user_<id> token per training user, first in every prompt (the paper's P5-style ids). Off: "

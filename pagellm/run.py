@@ -15,6 +15,7 @@ from typing import Optional
 from pagellm.config import PageLLMConfig, write_config
 from pagellm.eval.metrics import METRICS
 from pagellm.outputs import StageTimer, bar_chart
+from pagellm.ray_utils import copy_ray_logs
 from pagellm.storage import train_storage
 
 
@@ -150,5 +151,7 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
         "ppo_metrics": ppo,
         "test_metrics": evals,
     }
+    logs = copy_ray_logs(out / "logs" / "ray")
+    summary["ray_logs"] = str(logs) if logs else None
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -6,12 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from pagellm.config import load_config
 from tests.conftest import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
 ENV.pop("RAY_ADDRESS", None)
+RAY_TEMP = Path(tempfile.gettempdir()) / "ray"  # Ray's default temp dir: one session_* per start
 
 
 def run(*args, cwd=REPO):
@@ -66,6 +69,15 @@ def test_data_console_says_where_dropped_rows_are(tmp_path):
     )
 
 
+def test_model_import_of_a_missing_or_non_gguf_file_exits_2(tmp_path):
+    proc = pagellm("model", "import", "--gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and f"{tmp_path / 'none.gguf'}: GGUF file does not exist" in proc.stderr
+    (tmp_path / "text.gguf").write_text("not a model")
+    proc = pagellm("model", "import", "--gguf", str(tmp_path / "text.gguf"), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and "cannot load as a GGUF causal LM" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_override_exits_2_naming_key(tmp_path):
     proc = pagellm(
         "data",
@@ -101,17 +113,10 @@ def test_a_log_without_positives_stops_the_data_stage_and_sft(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "kept 0 users" in proc.stderr and "no positives" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((out / "stats.json").read_text())["users_kept"] == 0
-    proc = pagellm(
-        "sft",
-        "--profile",
-        "embedded",
-        "--data",
-        str(out),
-        "--out",
-        str(tmp_path / "sft"),
-    )
+    sessions = set(RAY_TEMP.glob("session_2*"))  # a Ray start makes a new session directory
+    proc = pagellm("sft", "--profile", "embedded", "--data", str(out), "--out", str(tmp_path / "sft"))
     assert proc.returncode == 2 and "has no rows" in proc.stderr and "Traceback" not in proc.stderr
-    assert "Started a local Ray" not in proc.stderr
+    assert set(RAY_TEMP.glob("session_2*")) == sessions, "Ray was started"
 
 
 def test_paths_of_the_wrong_kind_are_one_line_errors(tmp_path):

@@ -125,6 +125,10 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         for fit in ("meta", "golden_ft", "reward_coarse", "reward_fine"):
             assert sum(line.startswith(f"  {fit} epoch 1/1: ") for line in logs.splitlines()) == 1, fit
         assert not [line for line in logs.splitlines() if "split(" in line and "%|" in line]  # Ray Data split bars
+        # the workers' output stays in Ray's log files, copied beside the run (-v forwards it)
+        assert "RayTrainWorker pid=" not in logs and "TrainController pid=" not in logs
+        assert len(logs.split("\n")) < 150, logs
+        assert (out / "logs" / "ray").is_dir() and any((out / "logs" / "ray").glob("worker-*.out"))
 
         # the embedded default (no --config) with its extra windows, every stage's outputs, the report
         summary = json.loads((out / "run.json").read_text())

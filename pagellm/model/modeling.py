@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from pagellm.config import REWARD_POOLINGS, ModelConfig
+from pagellm.errors import ConfigError
 from pagellm.model.vocab import Vocab
 
 RATING_HEAD_FILE = "rating_head.safetensors"
@@ -122,17 +123,41 @@ def build_lm(
     return model
 
 
+# the attention projections LoRA adapts by default, per Hugging Face model_type (the LoRA paper's q, v)
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],  # q, k, v in one Conv1D
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
+
+
+def lora_targets(model_type: str, configured: Optional[list[str]] = None) -> list[str]:
+    """The modules that get LoRA adapters: ``model.lora_targets`` when set, else by architecture."""
+    if configured:
+        return list(configured)
+    if model_type not in LORA_TARGETS:
+        known = "; ".join(f"{k}: {v}" for k, v in LORA_TARGETS.items())
+        raise ConfigError(
+            f"model.lora_targets: no default for architecture '{model_type}'; name its attention "
+            f"projection modules (defaults known: {known})"
+        )
+    return LORA_TARGETS[model_type]
+
+
 def apply_lora(model: PreTrainedModel, model_cfg: ModelConfig, new_token_ids: list[int]):
-    """peft LoRA on ``lora_targets``; the base is frozen but the new user/item token rows train
-    (they start random, so freezing them would leave the model unable to name items)."""
+    """peft LoRA on ``lora_targets`` (by architecture unless configured); the base is frozen but
+    the new user/item token rows train (they start random, so freezing them would leave the
+    model unable to name items)."""
     from peft import LoraConfig, get_peft_model
 
+    model_type = model.config.model_type
     config = LoraConfig(
         r=model_cfg.lora_rank,
         lora_alpha=model_cfg.lora_alpha,
         lora_dropout=model_cfg.lora_dropout,
-        target_modules=list(model_cfg.lora_targets),
-        fan_in_fan_out=True,  # GPT-2 uses Conv1D
+        target_modules=lora_targets(model_type, model_cfg.lora_targets),
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2's projections are Conv1D (weights transposed)
         trainable_token_indices=new_token_ids,
         task_type="CAUSAL_LM",
     )
@@ -171,7 +196,7 @@ class PolicyWithRatingHead(nn.Module):
     def __init__(self, lm: PreTrainedModel, rating_loss_weight: float = 1.0):
         super().__init__()
         self.lm = lm
-        hidden = lm.config.n_embd if hasattr(lm.config, "n_embd") else lm.config.hidden_size
+        hidden = lm.config.hidden_size  # n_embd on GPT-2 (transformers maps the name)
         self.rating_head = nn.Linear(hidden, 1)
         self.rating_loss_weight = rating_loss_weight
 
@@ -335,7 +360,7 @@ class RewardModel(nn.Module):
         if pooling not in REWARD_POOLINGS:
             raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
         self.backbone, self.kind, self.pooling = backbone, kind, pooling
-        self.head = nn.Linear(backbone.config.n_embd, 1)
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
 
     def item_scores(self, input_ids, attention_mask) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
