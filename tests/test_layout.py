@@ -93,3 +93,12 @@ def test_data_directory_layout_and_bucketing_are_written_once():
             "data/rules.py"
         ):  # rules seeds an RNG by user
             assert "crc32" not in text, f"{path.relative_to(REPO)} hashes by hand: use pagellm.buckets"
+
+
+def test_every_result_figure_is_embedded_in_its_readme():
+    """A PNG under docs/results is shown by the nearest README above it, so readers see it."""
+    results = REPO / "docs" / "results"
+    for png in sorted(results.rglob("*.png")):
+        readme = next(d / "README.md" for d in png.parents if (d / "README.md").exists())
+        rel = png.relative_to(readme.parent).as_posix()
+        assert f"]({rel})" in readme.read_text(), f"{readme.relative_to(REPO)} does not embed {rel}"
