@@ -51,13 +51,8 @@ class EpochLines:
     shared run directory); Ray's own per-worker output stays in Ray's log files."""
 
     def __init__(self, log_path: Path, stage: str, epochs: int, select: str, every_s: float = 1.0):
-        self.log_path, self.stage, self.epochs, self.select, self.every_s = (
-            Path(log_path),
-            stage,
-            epochs,
-            select,
-            every_s,
-        )
+        self.log_path, self.stage, self.epochs = Path(log_path), stage, epochs
+        self.select, self.every_s = select, every_s
         self._seen = set(self._epoch_lines())  # a resumed run's earlier epochs are not news
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"epoch-lines-{stage}", daemon=True)

@@ -18,14 +18,14 @@ def verbose_console() -> bool:
 
 
 def quiet_libraries() -> None:
-    """The driver's console without library chatter unless ``-v``: transformers' weight-loading
-    bars and infos (a ``from_pretrained`` prints one per load). Ray's own: ``init_ray``."""
+    """The console without library chatter unless ``-v``: transformers' weight-loading bars and
+    infos (a ``from_pretrained`` prints one per load). Set through the libraries' own environment
+    variables, read when they are imported: nothing is imported here (this runs at every command's
+    start), and a local Ray's workers inherit them. Ray's own: ``init_ray``."""
     if verbose_console():
         return
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def copy_ray_logs(dest: Path) -> Optional[Path]:

@@ -36,9 +36,9 @@ def packaged_gguf(dist: str = SMOLLM2_DIST) -> Path:
     return Path(found[0].locate())
 
 
-def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32") -> dict:
+def import_gguf(gguf: str | Path, out: str | Path) -> dict:
     """Convert ``gguf`` (a path, or ``smollm2`` for the packaged SmolLM2) into a Hugging Face
-    model directory ``out`` (safetensors weights, config, tokenizer). Returns what was written."""
+    model directory ``out`` (float32 safetensors weights, config, tokenizer). Returns what was written."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +54,7 @@ def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32") -> di
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: the saved model is plain
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32") -> di
         "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers,
         "vocab": len(tokenizer),
-        "dtype": dtype,
+        "dtype": "float32",
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "import.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -397,7 +397,7 @@ def trainer_class():
     dashboard, which a local Ray here starts without (``ray.include_dashboard``): every query
     fails, the cleaner logs "Failed to query Ray Train Controller actor state" every second and
     never cleans anything, and each fit's shutdown waits out its 12 s stop timeout. An empty fit
-    on 2 CPUs takes 27 s with it, 11 s without. The controller's placement group still goes with
+    on 2 CPUs takes 30 s with it, 15 s without (bench/train_fixed_cost.py). The controller's placement group still goes with
     the job that made it; with a dashboard Ray's default is kept."""
     from ray.train.torch import TorchTrainer
 
