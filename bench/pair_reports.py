@@ -4,7 +4,7 @@ the expensive baselines again (RecBole's SASRec takes ~12 min on Amazon).
 Refuses unless the ``--same`` models (baselines both reports ran) have identical per-user values
 in both (then they were scored on the same split, masking and metric code), and prints each model of the new report
 against a reference model of either report, with paired bootstrap 95% intervals
-(``pagellm.experiments.paired_difference``). Exact command behind docs/results/amazon2014/README.md:
+(``pagellm.eval.paired.paired_difference``). Exact command behind docs/results/amazon2014/README.md:
 
     python bench/pair_reports.py --new docs/results/amazon2014/compare_cooc/users.parquet \\
         --old docs/results/amazon2014/compare_next_item/users.parquet --reference recbole:SASRec \\
@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from pagellm.experiments import paired_difference
+from pagellm.eval.paired import paired_difference
 
 
 def per_model(path: str) -> dict[str, pd.DataFrame]:

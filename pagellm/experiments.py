@@ -24,21 +24,16 @@ import pandas as pd
 from pagellm.config import PageLLMConfig, load_config
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError
-from pagellm.eval.metrics import METRICS, paired_bootstrap
+from pagellm.eval.metrics import METRICS
+from pagellm.eval.paired import PAIRED, paired_difference, paired_table, per_user
 from pagellm.outputs import bar_chart, figure
 
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
 
 
-PAIRED = ("ndcg@100", "recall@20")  # metrics compared user by user, with intervals
 DETERMINISTIC = {"popularity", "itemknn", "recbole:Pop", "recbole:ItemKNN"}  # trained once, not per seed
 USERS_FILE = "users.parquet"  # compare: model, user_id and each PAIRED metric (mean over seeds)
 RECBOLE_KEYS = ("epochs_run", "best_epoch", "train_seconds", "recbole_valid", "recbole_test", "settings")
-
-
-def per_user(run_dir: Path) -> pd.DataFrame:
-    """The per-user metrics ``pagellm evaluate`` wrote, indexed by user."""
-    return pd.read_parquet(Path(run_dir) / "users.parquet", columns=["user_id", *PAIRED]).set_index("user_id")
 
 
 def user_means(users: dict[str, list[pd.DataFrame]]) -> dict[str, pd.DataFrame]:
@@ -46,38 +41,10 @@ def user_means(users: dict[str, list[pd.DataFrame]]) -> dict[str, pd.DataFrame]:
     return {name: pd.concat(runs).groupby(level=0)[list(PAIRED)].mean() for name, runs in users.items()}
 
 
-def paired_difference(frame: pd.DataFrame, reference: pd.DataFrame) -> dict:
-    """``frame`` minus ``reference`` on their common users: per ``PAIRED`` metric the mean
-    per-user difference and its paired bootstrap 95% interval."""
-    joined = frame.join(reference.add_suffix("_ref"), how="inner")
-    out: dict = {"users": len(joined)}
-    for key in PAIRED:
-        mean, low, high = paired_bootstrap((joined[key] - joined[f"{key}_ref"]).to_numpy())
-        out[key] = {"mean": mean, "ci95": [low, high]}
-    return out
-
-
 def paired_against(users: dict[str, list[pd.DataFrame]], reference: str) -> dict:
     """Every model against ``reference`` on the same users (``paired_difference``)."""
     means = user_means(users)
     return {name: paired_difference(frame, means[reference]) for name, frame in means.items() if name != reference}
-
-
-def _paired_table(paired: dict, reference: str) -> str:
-    if not paired:
-        return ""
-    users = max(p["users"] for p in paired.values())
-    lines = [
-        "",
-        f"Against {reference}, user by user ({users} users; paired bootstrap 95% intervals, 2,000 resamples):",
-        "",
-        "| model | " + " | ".join(f"Δ {k} [95% interval]" for k in PAIRED) + " |",
-        "|---|" + "---|" * len(PAIRED),
-    ]
-    for name, p in paired.items():
-        cells = [f"{p[k]['mean']:+.4f} [{p[k]['ci95'][0]:+.4f}, {p[k]['ci95'][1]:+.4f}]" for k in PAIRED]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _recbole_table(results: dict[str, list[dict]]) -> str:
@@ -178,7 +145,7 @@ def run_ablation(
         f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
         f"wall time {report['wall_seconds'] / 60:.1f} min."
     )
-    (out / "ablation.md").write_text(_table(rows, note, results) + _paired_table(paired, "sft"))
+    (out / "ablation.md").write_text(_table(rows, note, results) + paired_table(paired, "sft"))
     bar_chart(
         rows,
         ("ndcg@100", "recall@20", "ild", "category_entropy"),
@@ -269,7 +236,7 @@ def run_compare(
             gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]
             note += f"  \n{name} NDCG@100 vs the best baseline ({best}): {gap:+.4f} ({100 * gap / rows[best]['ndcg@100'][0]:+.1f}%)."
     (out / "compare.md").write_text(
-        _table(rows, note, results) + _paired_table(paired, f"the best baseline ({best})") + _recbole_table(results)
+        _table(rows, note, results) + paired_table(paired, f"the best baseline ({best})") + _recbole_table(results)
     )
     bar_chart(
         rows,

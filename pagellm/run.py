@@ -12,16 +12,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
+
 from pagellm.config import PageLLMConfig, write_config
 from pagellm.eval.metrics import METRICS
+from pagellm.eval.paired import PAIRED, paired_difference, paired_table, per_user
 from pagellm.outputs import StageTimer, bar_chart
 from pagellm.ray_utils import copy_ray_logs
 from pagellm.storage import train_storage
 
 
 def write_report(
-    out: Path, stats: dict, reward: dict, ppo: dict, evals: dict[str, dict], seconds: dict[str, float], command: str
+    out: Path,
+    stats: dict,
+    reward: dict,
+    ppo: dict,
+    evals: dict[str, dict],
+    seconds: dict[str, float],
+    command: str,
+    best: Optional[str] = None,
+    paired: Optional[dict] = None,
 ) -> Path:
+    """report.md and report.png; ``best`` is the best baseline and ``paired`` each policy's
+    per-user difference to it (``against_best_baseline``)."""
     lines = [
         "# PageLLM run",
         "",
@@ -41,16 +54,16 @@ def write_report(
     ]
     for name, m in evals.items():
         lines.append(f"| {name} | " + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.4f}" for k in METRICS) + " |")
-    baselines = [n for n in evals if n not in POLICIES]
-    if baselines:
-        best = max(baselines, key=lambda n: evals[n]["ndcg@100"])
+    if best is not None:
         gap = {p: evals[p]["ndcg@100"] / evals[best]["ndcg@100"] for p in POLICIES if p in evals}
         lines += [
             "",
             f"Best baseline: {best} (NDCG@100 {evals[best]['ndcg@100']:.4f}); "
             + ", ".join(f"{p} at {r:.2f}x it" for p, r in gap.items())
             + ". Baselines are in-house (docs/baselines.md), epoch or neighbourhood chosen on validation;"
-            " `pagellm experiment compare` adds RecBole's and paired intervals.",
+            " `pagellm experiment compare` adds RecBole's models and several seeds. An interval that holds 0"
+            " is no evidence of a difference.",
+            paired_table(paired or {}, f"the best baseline ({best})").rstrip(),
         ]
     lines += [
         "",
@@ -87,23 +100,31 @@ STAGES = {
 }
 
 
-def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> dict[str, dict]:
-    """Test-split metrics of ``eval.report_baselines`` (selected on validation), for the report."""
+def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
+    """Test-split metrics of ``eval.report_baselines`` (selected on validation), for the report:
+    their means, and each baseline's per-user ``PAIRED`` metrics."""
     from pagellm.data.layout import DataDir
     from pagellm.eval.baselines import baseline_pages, load_protocol
     from pagellm.eval.metrics import mean_metrics, page_metrics
 
     threshold, category = cfg.data.positive_threshold, DataDir(data_dir).categories()
     test, val = load_protocol(data_dir, "test", threshold), load_protocol(data_dir, "val", threshold)
-    out = {}
+    means, users = {}, {}
     for name in cfg.eval.report_baselines:
         pages = baseline_pages(name, test, cfg.eval.page_items, 0, val)
-        out[name] = {
-            **mean_metrics([page_metrics(p, t, category) for p, t in zip(pages, test.users.target)]),
-            "users": len(pages),
-            "page_items": cfg.eval.page_items,
-        }
-    return out
+        rows = [page_metrics(p, t, category) for p, t in zip(pages, test.users.target)]
+        means[name] = {**mean_metrics(rows), "users": len(pages), "page_items": cfg.eval.page_items}
+        users[name] = pd.DataFrame(rows, index=pd.Index(test.users.user_id, name="user_id"))[list(PAIRED)]
+    return means, users
+
+
+def against_best_baseline(evals: dict[str, dict], users: dict[str, pd.DataFrame]) -> tuple[Optional[str], dict]:
+    """The baseline with the best test NDCG@100, and each PageLLM policy's paired difference to it."""
+    baselines = [n for n in evals if n not in POLICIES]
+    if not baselines:
+        return None, {}
+    best = max(baselines, key=lambda n: evals[n]["ndcg@100"])
+    return best, {p: paired_difference(users[p], users[best]) for p in POLICIES if p in users}
 
 
 def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Optional[str] = None) -> dict:
@@ -134,9 +155,12 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
             POLICIES[1]: run_evaluate(cfg, out / "ppo" / "policy", out / "data", "test", out / "eval" / "ppo"),
         }
     with timer.stage("baselines"):
-        evals.update(baseline_metrics(cfg, out / "data"))
+        means, users = baseline_metrics(cfg, out / "data")
+        evals.update(means)
+    users.update({POLICIES[0]: per_user(out / "eval" / "sft"), POLICIES[1]: per_user(out / "eval" / "ppo")})
+    best, paired = against_best_baseline(evals, users)
     seconds = {**timer.seconds, "total": sum(timer.seconds.values())}
-    report = write_report(out, stats, reward, ppo, evals, seconds, command)
+    report = write_report(out, stats, reward, ppo, evals, seconds, command, best, paired)
     summary = {
         "data": str(out / "data"),
         "sft": str(out / "sft"),
@@ -150,6 +174,8 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
         "reward_metrics": reward,
         "ppo_metrics": ppo,
         "test_metrics": evals,
+        "best_baseline": best,
+        "paired_vs_best_baseline": paired,
     }
     logs = copy_ray_logs(out / "logs" / "ray")
     summary["ray_logs"] = str(logs) if logs else None

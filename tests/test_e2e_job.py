@@ -153,8 +153,18 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
             and "| PPO (R_c + R_f) |" in report
             and "| popularity |" in report
             and "Best baseline: " in report
+            and "user by user" in report
             and (out / "report.png").stat().st_size > 0
         )
+        # each policy against the best baseline, user by user, with an interval around its mean
+        best = summary["best_baseline"]
+        assert tests[best]["ndcg@100"] == max(tests[n]["ndcg@100"] for n in ("popularity", "itemknn"))
+        paired = summary["paired_vs_best_baseline"]
+        assert set(paired) == {"SFT (reference)", "PPO (R_c + R_f)"}
+        for policy, diff in paired.items():
+            low, high = diff["ndcg@100"]["ci95"]
+            assert low <= diff["ndcg@100"]["mean"] <= high and diff["users"] == tests[policy]["users"]
+            assert abs(diff["ndcg@100"]["mean"] - (tests[policy]["ndcg@100"] - tests[best]["ndcg@100"])) < 1e-9
 
         # cluster/serve.yaml, pointed at the job's outputs, deployed to the same head
         config = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
