@@ -1,13 +1,16 @@
 """Latency and throughput of `POST /v1/page` (K = 10) over real HTTP, at several concurrencies.
 
     OMP_NUM_THREADS=1 python bench/serve_latency.py --policy SFT_DIR --data DATA_DIR \
-        [--concurrency 1 8 32] [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 1]
+        [--page-modes score generate] [--topologies colocated split] [--concurrency 1 8 32] \
+        [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 1]
 
-Starts the Serve application of `pagellm serve` (one arm) on a local Ray, warms it up, then for
-each concurrency runs that many client threads, each with its own HTTP session, until
-``--requests`` requests are answered, with user ids cycling over the data's users (the cached
-history path of production). Side by side, the same pages written by the model directly in this
-process (no HTTP, no Serve, batch of one) give the floor that serving adds to.
+For every page mode (eval.page_mode) and topology (``colocated``: the policy inside the router's
+replica, AppArgs.colocate; ``split``: a policy deployment behind the router) it starts the Serve
+application of `pagellm serve` (one arm) on a local Ray, warms it up, then for each concurrency
+runs that many client threads, each with its own HTTP session, until ``--requests`` requests are
+answered, with user ids cycling over the data's users (the cached history path of production).
+Side by side, the same pages written by the model directly in this process (``Policy.write_tokens``
+as a replica calls it; no HTTP, no Serve, batch of one) give the floor that serving adds to.
 Prints a Markdown table and writes bench/out/serve_latency.json.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -75,34 +79,36 @@ def direct_floor(
     users: list[str],
     k: int,
     n: int,
+    page_mode: str = "score",
     device: str = "cpu",
     dtype: str = "float32",
     batch: int = 1,
 ) -> dict:
-    """The same greedy K-item pages, ``batch`` users at a time, in this process: model time
-    alone (no HTTP, no Serve), on ``device`` in ``dtype``."""
+    """The same K-item pages, ``batch`` users at a time, in this process (``Policy.write_tokens``
+    in ``page_mode``, as a replica writes them): model time alone (no HTTP, no Serve), on
+    ``device`` in ``dtype``."""
     import torch
 
+    from pagellm.config import EvalConfig
     from pagellm.model.artifact import load_policy
-    from pagellm.model.decoding import generate_pages
     from pagellm.serve.api import ServingData
 
     torch.set_num_threads(1)
     loaded = load_policy(policy, device)
-    model, codec, cache = loaded.model.to(getattr(torch, dtype)), loaded.codec, ServingData.load(data)
-    vocab, constraint = codec.vocab, loaded.constraint(k, k)
+    loaded.model.to(getattr(torch, dtype))
+    cache, pages = ServingData.load(data), EvalConfig(page_mode=page_mode)
     times = []
     for i in range(n + 5):
         group = [users[(i * batch + j) % len(users)] for j in range(batch)]
         started = time.perf_counter()
-        banned = [[vocab.item_token[x] for x in cache.seen.get(u, ()) if x in vocab.item_token] for u in group]
-        prompts = [codec.prompt(u, cache.user_history(u, None)) for u in group]
-        generate_pages(model, prompts, constraint, vocab.pad_id, greedy=True, banned_items=banned)
+        histories = [cache.user_history(u, None) for u in group]
+        loaded.write_tokens(group, histories, [cache.seen.get(u, ()) for u in group], k, pages)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= 5:
             times.append((time.perf_counter() - started) * 1000)
     return {
+        "page_mode": page_mode,
         "device": device,
         "dtype": dtype,
         "batch": batch,
@@ -116,6 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--page-modes", nargs="+", default=["score", "generate"], help="eval.page_mode values")
+    parser.add_argument("--topologies", nargs="+", default=["colocated", "split"], choices=("colocated", "split"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="answered requests per concurrency level")
     parser.add_argument("--k", type=int, default=10)
@@ -132,12 +140,13 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"], help="direct timing dtypes, e.g. float32 bfloat16")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="direct timing batch sizes")
     args = parser.parse_args()
-    if args.only == "direct":
-        from pagellm.serve.api import ServingData
+    from pagellm.serve.api import ServingData
 
-        users = list(ServingData.load(args.data).history)
+    users = list(ServingData.load(args.data).history)
+    if args.only == "direct":
         rows = [
-            direct_floor(args.policy, args.data, users, args.k, 200, args.device, d, b)
+            direct_floor(args.policy, args.data, users, args.k, 200, m, args.device, d, b)
+            for m in args.page_modes
             for d in args.dtype
             for b in args.batch
         ]
@@ -145,37 +154,45 @@ def main() -> None:
         Path(args.out).write_text(
             json.dumps({"k": args.k, "direct": rows, "command": " ".join(sys.argv)}, indent=2) + "\n"
         )
-        print("| device | dtype | batch | p50 ms | p99 ms | pages/s |\n|---|---|---|---|---|---|")
+        print("| page mode | device | dtype | batch | p50 ms | p99 ms | pages/s |\n|---|---|---|---|---|---|---|")
         for r in rows:
             print(
-                f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['pages_per_s']:.0f} |"
+                f"| {r['page_mode']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['p50_ms']:.2f} "
+                f"| {r['p99_ms']:.2f} | {r['pages_per_s']:.0f} |"
             )
         return
 
     import ray
     from ray import serve
 
-    from pagellm.serve.api import ServingData
     from pagellm.serve.app import AppArgs, build_app
 
-    users = list(ServingData.load(args.data).history)
-    floor = direct_floor(args.policy, args.data, users, args.k, 200)
+    floors = {m: direct_floor(args.policy, args.data, users, args.k, 200, m) for m in args.page_modes}
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app(
-        AppArgs(
-            arms={"A": args.policy},
-            data=args.data,
-            policy_replicas=args.replicas,
-            policy_cpus=args.policy_cpus,
-            max_batch_size=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-        )
-    )
-    serve.run(app, name="pagellm", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{args.port}"
-    run_clients(url, users, 4, 100, args.k)  # warm-up
-    rows = [run_clients(url, users, c, args.requests, args.k) for c in args.concurrency]
+    rows = []
+    for mode in args.page_modes:
+        for topology in args.topologies:
+            app = build_app(
+                AppArgs(
+                    arms={"A": args.policy},
+                    data=args.data,
+                    page_mode=mode,
+                    colocate=topology == "colocated",
+                    policy_replicas=args.replicas,
+                    policy_cpus=args.policy_cpus,
+                    max_batch_size=args.max_batch,
+                    batch_wait_ms=args.batch_wait_ms,
+                )
+            )
+            serve.run(app, name="pagellm", route_prefix="/", blocking=False)
+            run_clients(url, users, 4, 100, args.k)  # warm-up
+            for c in args.concurrency:
+                rows.append(
+                    {"page_mode": mode, "topology": topology, **run_clients(url, users, c, args.requests, args.k)}
+                )
+            serve.delete("pagellm")
     serve.shutdown()
     ray.shutdown()
 
@@ -185,21 +202,25 @@ def main() -> None:
         "policy_cpus": args.policy_cpus,
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
-        "direct_single_process": floor,
+        "direct_single_process": floors,
         "http": rows,
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "command": " ".join(sys.argv),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"direct (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s"
-    )
-    print("| concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    for mode, floor in floors.items():
+        print(
+            f"direct {mode} (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, "
+            f"p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s"
+        )
+    print("| page mode | topology | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
+            f"| {r['page_mode']} | {r['topology']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
+            f"| {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
         )
 
 

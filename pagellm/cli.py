@@ -221,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             policy_replicas=args.replicas,
             policy_cpus=args.policy_cpus,
             policy_gpus=args.policy_gpus,
+            colocate=args.colocate,
         )
         application = build_app(app_args)
     except (ValueError, FileNotFoundError) as exc:
@@ -470,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="replicas per arm")
     p.add_argument("--policy-cpus", type=float, default=0.5, help="CPUs per policy replica")
     p.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs per policy replica")
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="load the arms inside the router's replicas: one actor hop fewer per request (docs/serving.md)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     common(p)

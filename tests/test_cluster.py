@@ -144,7 +144,9 @@ def test_serve_config_and_rayservice_deploy_the_same_application():
         assert module == serve_app.__name__ and callable(getattr(serve_app, attr))
         args = AppArgs.model_validate(application["args"])
         expected = (
-            {f"PagePolicy_{arm}" for arm in args.arms} | {"ABRouter"} | ({"CoarseRanker"} if args.ranker else set())
+            {f"PagePolicy_{arm}" for arm in args.arms if not args.colocate}
+            | {"ABRouter"}
+            | ({"CoarseRanker"} if args.ranker else set())
         )
         assert {d["name"] for d in application["deployments"]} == expected
     strip = lambda a: {k: v for k, v in a.items() if k != "args"}  # noqa: E731

@@ -77,7 +77,7 @@ def served(tiny_stages, tmp_path_factory):
     data = ServingData.load(
         root / "data", tiny_stages["cfg"].data.prompt_max_items, tiny_stages["cfg"].data.positive_threshold
     )
-    yield {"url": url, "data": data, "root": root, "arm_b": other}
+    yield {"url": url, "data": data, "root": root, "arm_b": other, "args": args}
     serve.shutdown()
 
 
@@ -138,6 +138,46 @@ def test_pages_respect_history_exclusions_and_fall_back_to_popularity(served):
     assert fresh["source"] == "policy" and not fresh["known_user"] and not set(fresh["items"]) & set(history)
     cold = _page(url, user_id="brand-new", k=5, exclude=[data.popular[0]]).json()
     assert cold["source"] == "popularity" and cold["items"] == data.popular[1:6] and cold["scores"] is None
+
+
+def test_colocated_arms_write_the_same_pages_in_one_replica(served):
+    """``colocate``: the same arms loaded inside the router (no PagePolicy deployment), beside
+    the split application: every user gets the same arm and the same page as there, and bad
+    requests still get 4xx."""
+    from ray import serve
+
+    from pagellm.serve.app import build_app
+
+    url, data, args = served["url"], served["data"], served["args"]
+    colocated = args.model_copy(update={"colocate": True, "policy_replicas": 1})
+    serve.run(build_app(colocated), name="colocated", route_prefix="/colocated", blocking=False)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            health = requests.get(f"{url}/colocated/healthz", timeout=5)
+            if health.status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    try:
+        assert health.json()["colocated"] and set(health.json()["arms"]) == {"A", "B"}
+        deployments = serve.status().applications["colocated"].deployments
+        assert set(deployments) == {"ABRouter", "CoarseRanker"}, set(deployments)
+        users = [u for u, items in data.history.items() if items][:40] + ["brand-new"]
+        for user in users:
+            split_page = _page(url, user_id=user, k=10).json()
+            same = _page(f"{url}/colocated", user_id=user, k=10).json()
+            assert {k: same[k] for k in ("arm", "items", "source", "model")} == {
+                k: split_page[k] for k in ("arm", "items", "source", "model")
+            }
+        assert len({_page(url, user_id=u, k=1).json()["arm"] for u in users}) == 2  # both arms served
+        bad = _page(f"{url}/colocated", user_id="u", k=0)
+        assert bad.status_code == 422 and "k" in bad.text
+        unknown = _page(f"{url}/colocated", user_id="u", k=3, history=["missing-item"])
+        assert unknown.status_code == 422 and "missing-item" in unknown.text
+    finally:
+        serve.delete("colocated")
 
 
 def test_ranker_orders_candidates_by_coarse_reward(served):

@@ -5,9 +5,11 @@ ranking feature.
                input), assigns each user to an arm by a salted hash of the user id (``ab.py``),
                forwards to that arm, retries once when a replica dies under a request, and
                records per-arm request counts and latency as Ray Serve metrics
-  PagePolicy   one deployment per arm (``PagePolicy_<arm>``): a policy checkpoint and its
-               tokenizer; batches requests with ``@serve.batch`` and writes each page with the
-               constrained greedy decoding of PPO and evaluation (no repeats, no seen items)
+  PagePolicy   one arm: a policy checkpoint and its tokenizer; batches requests with
+               ``@serve.batch`` and writes each page with the page mode of evaluation (no
+               repeats, no seen items). Its own deployment per arm (``PagePolicy_<arm>``), or,
+               with ``colocate``, loaded inside the router's replicas: one actor hop fewer per
+               request (bench/serve_latency.py)
   CoarseRanker the coarse reward head on CPU: scores each caller-given candidate as a one-item
                page for the user and returns the candidates sorted by R_c
 
@@ -70,6 +72,13 @@ class AppArgs(BaseModel):
         ge=0,
         description="@serve.batch: how long a batch waits to fill (each request at concurrency 1 waits it in full)",
     )
+    colocate: bool = Field(
+        False,
+        description="the arms' policies load inside the router's replicas (policy_replicas of them, each with "
+        "router_cpus + policy_cpus x arms): no router -> policy hop, the lowest latency (docs/benchmarks.md); "
+        "False: one deployment per arm, placed and scaled apart, and a request whose policy replica dies is "
+        "retried on another",
+    )
     policy_replicas: int = Field(1, ge=1)
     policy_cpus: float = Field(0.5, gt=0, description="CPUs per policy replica")
     policy_gpus: float = Field(0.0, ge=0, description="GPUs per policy replica (0: CPU)")
@@ -96,9 +105,9 @@ def _bad(message: str, status: int = 422, errors: Optional[list] = None) -> dict
     return {"status": status, "error": message, **({"errors": errors} if errors else {})}
 
 
-@serve.deployment(max_ongoing_requests=64)
 class PagePolicy:
-    """One arm: a policy checkpoint writing pages of k items."""
+    """One arm: a policy checkpoint writing pages of k items (a deployment of its own, or held by
+    the router with ``colocate``)."""
 
     def __init__(
         self,
@@ -167,6 +176,9 @@ class PagePolicy:
         assert self.policy.model is not None
 
 
+PagePolicyDeployment = serve.deployment(max_ongoing_requests=64, name="PagePolicy")(PagePolicy)
+
+
 @serve.deployment(max_ongoing_requests=32)
 class CoarseRanker:
     """R_c as a ranking feature on CPU: each candidate scored as the one-item page
@@ -221,8 +233,11 @@ def _retryable(exc: BaseException) -> bool:
 @serve.ingress(app)
 class ABRouter:
     def __init__(self, arms: dict, split: dict[str, float], salt: str, versions: dict[str, str], ranker=None):
+        """``arms``: arm -> its deployment's handle, or (``colocate``) the PagePolicy arguments
+        to load it here."""
         from ray.serve.metrics import Counter, Histogram
 
+        arms = {arm: PagePolicy(**a) if isinstance(a, dict) else a for arm, a in arms.items()}
         self.arms, self.split, self.salt, self.versions, self.ranker = arms, split, salt, versions, ranker
         self.requests = Counter(
             "pagellm_requests",
@@ -257,7 +272,10 @@ class ABRouter:
             return JSONResponse({"error": "invalid request", "errors": validation_errors(exc)}, status_code=422)
 
     async def _call(self, handle, method: str, body: dict) -> dict:
-        """One retry when the replica died under the request (it is idempotent: greedy pages)."""
+        """One retry when the replica died under the request (it is idempotent: greedy pages);
+        a colocated arm is called in this replica."""
+        if isinstance(handle, PagePolicy):
+            return await getattr(handle, method)(body)
         try:
             return await getattr(handle, method).remote(body)
         except Exception as exc:  # noqa: BLE001 - only replica deaths are retried
@@ -296,6 +314,11 @@ class ABRouter:
         result = await self._call(self.ranker, "rank", parsed.model_dump())
         return self._respond("rank", "ranker", started, result, {"user_id": parsed.user_id})
 
+    def check_health(self) -> None:
+        for arm in self.arms.values():
+            if isinstance(arm, PagePolicy):
+                arm.check_health()
+
     @app.get("/healthz")
     async def healthz(self):
         return {
@@ -305,6 +328,7 @@ class ABRouter:
             },
             "ranker": self.ranker is not None,
             "max_k": MAX_K,
+            "colocated": any(isinstance(a, PagePolicy) for a in self.arms.values()),
         }
 
 
@@ -326,30 +350,43 @@ def build_app(args: dict | AppArgs) -> serve.Application:
             raise InputError(f"arm {arm}: {exc}") from None
     split = args.split or {arm: 1.0 for arm in args.arms}
     check_split(split, list(args.arms))
-    handles = {
-        arm: PagePolicy.options(
-            name=f"PagePolicy_{arm}",
-            num_replicas=args.policy_replicas,
-            ray_actor_options={"num_cpus": args.policy_cpus, "num_gpus": args.policy_gpus},
-        ).bind(
-            _where(directory),
-            _where(args.data),
-            args.prompt_items,
-            args.positive_threshold,
-            args.max_batch_size,
-            args.batch_wait_ms,
-            args.policy_gpus > 0,
-            args.page_mode,
-            args.hybrid_items,
+    policy_args = {
+        arm: dict(
+            policy_dir=_where(directory),
+            data_dir=_where(args.data),
+            prompt_items=args.prompt_items,
+            positive_threshold=args.positive_threshold,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            use_gpu=args.policy_gpus > 0,
+            page_mode=args.page_mode,
+            hybrid_items=args.hybrid_items,
         )
         for arm, directory in args.arms.items()
     }
+    if args.colocate:
+        arms = policy_args
+        router = {
+            "num_replicas": args.policy_replicas,
+            "ray_actor_options": {
+                "num_cpus": args.router_cpus + args.policy_cpus * len(arms),
+                "num_gpus": args.policy_gpus * len(arms),
+            },
+        }
+    else:
+        arms = {
+            arm: PagePolicyDeployment.options(
+                name=f"PagePolicy_{arm}",
+                num_replicas=args.policy_replicas,
+                ray_actor_options={"num_cpus": args.policy_cpus, "num_gpus": args.policy_gpus},
+            ).bind(**kwargs)
+            for arm, kwargs in policy_args.items()
+        }
+        router = {"ray_actor_options": {"num_cpus": args.router_cpus}}
     ranker = None
     if args.ranker:
         ranker = CoarseRanker.options(ray_actor_options={"num_cpus": args.ranker_cpus, "num_gpus": 0}).bind(
             _where(args.ranker), _where(args.data), args.prompt_items, args.positive_threshold
         )
     versions = {arm: model_version(directory) for arm, directory in local.items()}
-    return ABRouter.options(ray_actor_options={"num_cpus": args.router_cpus}).bind(
-        handles, split, args.salt, versions, ranker
-    )
+    return ABRouter.options(**router).bind(arms, split, args.salt, versions, ranker)
