@@ -127,6 +127,13 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         assert not [line for line in logs.splitlines() if "split(" in line and "%|" in line]  # Ray Data split bars
         # the workers' output stays in Ray's log files, copied beside the run (-v forwards it)
         assert "RayTrainWorker pid=" not in logs and "TrainController pid=" not in logs
+        # from the first stage to the report: no blank lines (the tokenizer trainer's bars), no
+        # third-party warnings, one wandb line of ours instead of wandb's own
+        lines = logs.splitlines()
+        chain = lines[lines.index(f"[1/{len(STAGES)}] {STAGES['data']}") : -1]
+        assert chain and not [line for line in chain if not line.strip()], chain
+        assert not [line for line in chain if "Warning" in line or line.startswith("wandb:")], chain
+        assert sum("wandb run (offline)" in line for line in chain) == 1, chain
         assert len(logs.split("\n")) < 150, logs
         assert (out / "logs" / "ray").is_dir() and any((out / "logs" / "ray").glob("worker-*.out"))
 

@@ -15,6 +15,7 @@ far the policy moved from the reference on real pages.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -145,6 +146,14 @@ class Pages:
         ]
 
 
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument (and output field) of ``model``'s forward: ``cache`` in
+    transformers 5.x (where ``past_key_values`` is deprecated and warns), ``past_key_values``
+    before. A PEFT wrapper's forward takes ``**kwargs``: its base model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_pages(
     model,
@@ -172,6 +181,7 @@ def generate_pages(
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     banned = initial_banned(constraint, prompts, banned_items, device)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    cache = cache_argument(model)
     written = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
@@ -205,8 +215,8 @@ def generate_pages(
             input_ids=token[:, None],
             attention_mask=attention,
             position_ids=positions,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache: getattr(out, cache)},
         )
     actions_t = torch.stack(actions, 1)
     mask = torch.stack(step_masks, 1)

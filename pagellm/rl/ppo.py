@@ -41,6 +41,7 @@ from pagellm.model.artifact import load_codec, require_policy
 from pagellm.model.decoding import PageConstraint
 from pagellm.model.prompts import PromptCodec
 from pagellm.outputs import append_jsonl, figure, read_jsonl, write_jsonl
+from pagellm.ray_utils import verbose_console
 from pagellm.rl.batch import PageScores, RolloutBatch, mean_stats, shard_rows
 from pagellm.rl.groups import LocalRoles, RayRoles
 from pagellm.rl.ppo_math import (
@@ -525,8 +526,10 @@ def run_ppo(
         dir=str(out),
         config={"ppo": dataclasses.asdict(ppo)},
         reinit="create_new",
-        settings=wandb.Settings(quiet=True),  # 3 lines per run, not its history table
+        settings=wandb.Settings(silent=not verbose_console()),  # one line of ours, not its 3 + history table
     )
+    if not run.disabled:
+        log.info("wandb run (%s): %s", run.settings.mode, Path(run.dir).parent)
     try:
         if start == 0:  # the reference point: the SFT policy before any update
             first = {"iteration": 0, **evaluate(roles, cfg, prompts, ppo.seed, pad_id)}
