@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def shown_path(path) -> str:
+    """``path`` relative to the working directory when it lies inside it, else as given: results
+    that may be committed name their inputs by relative path, not by a machine's."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with Path(path).open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -24,6 +24,7 @@ from pagellm.config import EvalConfig, PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.eval.metrics import mean_metrics, page_metrics
 from pagellm.model.artifact import require_policy
+from pagellm.outputs import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def run_evaluate(cfg: PageLLMConfig, model_dir, data_dir, split: str, out_dir) -
     if scored.page.isna().any():
         raise RuntimeError(f"no page came back for {int(scored.page.isna().sum())} users")
     rows, metrics = score_pages(scored.page, scored.target, DataDir(data_dir).categories())
-    metrics.update(split=split, model=str(model_dir), page_items=cfg.eval.page_items, config=asdict(cfg.eval))
+    metrics.update(split=split, model=shown_path(model_dir), page_items=cfg.eval.page_items, config=asdict(cfg.eval))
     out.mkdir(parents=True, exist_ok=True)
     per_user = pd.concat([scored.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
     pq.write_table(pa.Table.from_pandas(per_user, preserve_index=False), out / "users.parquet")
