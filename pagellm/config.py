@@ -557,6 +557,17 @@ class EvalConfig:
         "in-house baselines (docs/baselines.md; epoch or neighbourhood chosen on validation) that "
         "`pagellm run` scores on the test split beside SFT and PPO in its report",
     )
+    baseline_epochs: int = opt(
+        0,
+        "in-house trained baselines (bprmf, multivae, sasrec): most training epochs; 0 keeps each model's "
+        "own (100, 200, 100)",
+        ge=0,
+    )
+    baseline_patience: int = opt(
+        10,
+        "in-house trained baselines: epochs without a better validation NDCG@100 before stopping (best restored)",
+        ge=1,
+    )
     recbole_python: str = opt(
         ".venv-recbole/bin/python",
         "python of RecBole's own environment, for `recbole:MODEL` baselines (built by `pagellm setup recbole`)",

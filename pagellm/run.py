@@ -111,7 +111,9 @@ def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> tuple[dict[str, dict
     test, val = load_protocol(data_dir, "test", threshold), load_protocol(data_dir, "val", threshold)
     means, users = {}, {}
     for name in cfg.eval.report_baselines:
-        pages = baseline_pages(name, test, cfg.eval.page_items, 0, val)
+        pages = baseline_pages(
+            name, test, cfg.eval.page_items, 0, val, cfg.eval.baseline_epochs, cfg.eval.baseline_patience
+        )
         rows = [page_metrics(p, t, category) for p, t in zip(pages, test.users.target)]
         means[name] = {**mean_metrics(rows), "users": len(pages), "page_items": cfg.eval.page_items}
         users[name] = pd.DataFrame(rows, index=pd.Index(test.users.user_id, name="user_id"))[list(PAIRED)]

@@ -392,11 +392,15 @@ def multivae_scores(model: MultiVAE, q: Protocol) -> np.ndarray:
 ITEMKNN_NEIGHBOURS = (10, 20, 50, 100, 200, 400)  # candidates when a validation protocol is given
 
 
-def baseline_scores(name: str, p: Protocol, seed: int = 0, val: Protocol | None = None) -> np.ndarray:
+def baseline_scores(
+    name: str, p: Protocol, seed: int = 0, val: Protocol | None = None, epochs: int = 0, patience: int = 10
+) -> np.ndarray:
     """Scores [users of ``p``, items] of one baseline. With ``val`` (the validation split's
-    protocol) trained baselines keep their best epoch by validation NDCG@100 (patience 10) and
+    protocol) trained baselines keep their best epoch by validation NDCG@100 (stopping after
+    ``patience`` epochs without a better one, at most ``epochs``, 0: the model's own default) and
     ItemKNN takes the neighbourhood size that scores best there; without it, the fixed
     defaults (every epoch, 100 neighbours)."""
+    budget = {"patience": patience, **({"epochs": epochs} if epochs else {})}
     if name == "popularity":
         return np.tile(popularity_scores(p), (len(p.users), 1))
     if name == "itemknn":
@@ -408,15 +412,23 @@ def baseline_scores(name: str, p: Protocol, seed: int = 0, val: Protocol | None 
             log.info("itemknn: %d neighbours (best validation NDCG@100)", neighbours)
         return _itemknn_scores(itemknn_similarity(p, neighbours), p)
     if name == "bprmf":
-        return train_bprmf(p, seed=seed, val=val)(p)
+        return train_bprmf(p, seed=seed, val=val, **budget)(p)
     if name == "sasrec":
-        return sasrec_scores(train_sasrec(p, seed=seed, val=val), p)
+        return sasrec_scores(train_sasrec(p, seed=seed, val=val, **budget), p)
     if name == "multivae":
-        return multivae_scores(train_multivae(p, seed=seed, val=val), p)
+        return multivae_scores(train_multivae(p, seed=seed, val=val, **budget), p)
     raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
-def baseline_pages(name: str, p: Protocol, k: int = 100, seed: int = 0, val: Protocol | None = None) -> list[list[str]]:
+def baseline_pages(
+    name: str,
+    p: Protocol,
+    k: int = 100,
+    seed: int = 0,
+    val: Protocol | None = None,
+    epochs: int = 0,
+    patience: int = 10,
+) -> list[list[str]]:
     """Top-k pages (item ids) of one baseline for every evaluation user (``baseline_scores``)."""
-    scores = baseline_scores(name, p, seed, val)
+    scores = baseline_scores(name, p, seed, val, epochs, patience)
     return [[p.items[j] for j in _top_k(row, seen, k)] for row, seen in zip(scores, p.users.seen)]
