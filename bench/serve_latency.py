@@ -2,13 +2,15 @@
 
     OMP_NUM_THREADS=1 python bench/serve_latency.py --policy SFT_DIR --data DATA_DIR \
         [--page-modes score generate] [--topologies colocated split] [--concurrency 1 8 32] \
-        [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 1]
+        [--requests 400] [--replicas 1] [--max-batch 16] [--batch-wait-ms 0] [--direct-ingress]
 
 For every page mode (eval.page_mode) and topology (``colocated``: the policy inside the router's
 replica, AppArgs.colocate; ``split``: a policy deployment behind the router) it starts the Serve
 application of `pagellm serve` (one arm) on a local Ray, warms it up, then for each concurrency
 runs that many client threads, each with its own HTTP session, until ``--requests`` requests are
 answered, with user ids cycling over the data's users (the cached history path of production).
+With ``--direct-ingress`` (Ray Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) every deployment is
+also timed with the clients calling the router replica's own HTTP port, without the proxy.
 Side by side, the same pages written by the model directly in this process (``Policy.write_tokens``
 as a replica calls it; no HTTP, no Serve, batch of one) give the floor that serving adds to.
 Prints a Markdown table and writes bench/out/serve_latency.json.
@@ -36,7 +38,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int) -> dict:
+def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int, route: str = "page") -> dict:
+    """``route`` page: POST /v1/page; healthz: GET /healthz, answered by the router alone (HTTP,
+    proxy and router: the floor under a page without the model)."""
     latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(total))
 
     def client():
@@ -47,7 +51,10 @@ def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int
             if i is None:
                 return
             started = time.perf_counter()
-            r = session.post(f"{url}/v1/page", json={"user_id": users[i % len(users)], "k": k}, timeout=120)
+            if route == "healthz":
+                r = session.get(f"{url}/healthz", timeout=120)
+            else:
+                r = session.post(f"{url}/v1/page", json={"user_id": users[i % len(users)], "k": k}, timeout=120)
             elapsed = (time.perf_counter() - started) * 1000
             with lock:
                 (latencies if r.status_code == 200 else errors).append(
@@ -62,6 +69,7 @@ def run_clients(url: str, users: list[str], concurrency: int, total: int, k: int
         t.join()
     wall = time.perf_counter() - started
     return {
+        "route": route,
         "concurrency": concurrency,
         "requests": len(latencies),
         "errors": len(errors),
@@ -130,8 +138,13 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--policy-cpus", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=1.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="start Ray with Serve's direct ingress and also time requests sent straight to the router replica",
+    )
     parser.add_argument("--out", default="bench/out/serve_latency.json")
     parser.add_argument(
         "--only", choices=("direct",), help="direct: only the in-process model timing (no Ray; e.g. a GPU machine)"
@@ -165,12 +178,14 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from pagellm.serve.app import AppArgs, build_app
+    from pagellm.serve.app import DIRECT_INGRESS_ENV, AppArgs, build_app, direct_ingress_targets
 
     floors = {m: direct_floor(args.policy, args.data, users, args.k, 200, m) for m in args.page_modes}
+    if args.direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"  # before Ray starts: its Serve processes read it
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    url = f"http://127.0.0.1:{args.port}"
+    proxy = f"http://127.0.0.1:{args.port}"
     rows = []
     for mode in args.page_modes:
         for topology in args.topologies:
@@ -187,11 +202,19 @@ def main() -> None:
                 )
             )
             serve.run(app, name="pagellm", route_prefix="/", blocking=False)
-            run_clients(url, users, 4, 100, args.k)  # warm-up
-            for c in args.concurrency:
-                rows.append(
-                    {"page_mode": mode, "topology": topology, **run_clients(url, users, c, args.requests, args.k)}
-                )
+            # through the proxy; with direct ingress also straight to the (first) router replica
+            urls = {"proxy": proxy}
+            if args.direct_ingress:
+                urls["direct"] = f"http://127.0.0.1:{direct_ingress_targets('pagellm')[0][1]}"
+            for via, url in urls.items():
+                run_clients(url, users, 4, 100, args.k)  # warm-up
+                for c in args.concurrency:
+                    rows.append(
+                        {"page_mode": mode, "topology": topology, "via": via}
+                        | run_clients(url, users, c, args.requests, args.k)
+                    )
+                health = run_clients(url, users, 1, args.requests, args.k, route="healthz")
+                rows.append({"page_mode": mode, "topology": topology, "via": via} | health)
             serve.delete("pagellm")
     serve.shutdown()
     ray.shutdown()
@@ -215,11 +238,11 @@ def main() -> None:
             f"direct {mode} (one process, no HTTP, batch 1): p50 {floor['p50_ms']:.1f} ms, "
             f"p99 {floor['p99_ms']:.1f} ms, {floor['pages_per_s']:.0f} pages/s"
         )
-    print("| page mode | topology | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| page mode | topology | via | route | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['page_mode']} | {r['topology']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
+            f"| {r['page_mode']} | {r['topology']} | {r['via']} | {r['route']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
             f"| {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
         )
 

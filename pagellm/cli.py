@@ -199,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pagellm.ray_utils import init_ray
     from pagellm.serve.ab import parse_split
-    from pagellm.serve.app import AppArgs, build_app
+    from pagellm.serve.app import DIRECT_INGRESS_ENV, AppArgs, build_app, direct_ingress_targets
 
     arms = {}
     for spec in args.arm:
@@ -226,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         application = build_app(app_args)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
+    if args.direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"  # inherited by the Ray this command starts
     init_ray(cfg.ray)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pagellm", route_prefix="/", blocking=False)
@@ -234,6 +236,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"arms {arms}, split {app_args.split}; Ctrl-C stops",
         flush=True,
     )
+    if args.direct_ingress:
+        targets = direct_ingress_targets("pagellm")
+        if not targets:
+            raise ConfigError(
+                f"--direct-ingress: no replica answers HTTP itself; on a running cluster set {DIRECT_INGRESS_ENV}=1 "
+                "on every node before `ray start`"
+            )
+        print("direct ingress (no proxy hop): " + ", ".join(f"port {port} on {ip}" for ip, port in targets), flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -475,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--colocate",
         action="store_true",
         help="load the arms inside the router's replicas: one actor hop fewer per request (docs/serving.md)",
+    )
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="the router's replicas also answer HTTP on their own ports, skipping the proxy (Ray Serve's "
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED; with --colocate the lowest latency, docs/serving.md)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -12,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import free_port
+from conftest import REPO, free_port
 
 from pagellm.data.layout import DataDir
 from pagellm.serve.ab import assign, parse_split
@@ -178,6 +182,51 @@ def test_colocated_arms_write_the_same_pages_in_one_replica(served):
         assert unknown.status_code == 422 and "missing-item" in unknown.text
     finally:
         serve.delete("colocated")
+
+
+def test_direct_ingress_answers_on_the_replica_port(served):
+    """`pagellm serve --colocate --direct-ingress` on a Ray of its own prints the router
+    replica's port, which answers pages itself (no proxy hop), the same as the proxy does and as
+    the split application's arm A does for its users."""
+    url, data, root, args = served["url"], served["data"], served["root"], served["args"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagellm.cli", "serve", "--arm", f"A={root / 'sft'}", "--data", str(root / "data")]
+        + ["--colocate", "--direct-ingress", "--port", str(port), "--policy-cpus", "0.2", "ray.num_cpus=1"]
+        + [f"data.prompt_max_items={args.prompt_items}", f"data.positive_threshold={args.positive_threshold}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(300, lambda: os.killpg(proc.pid, signal.SIGKILL))  # never hang the suite
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("direct ingress (no proxy hop): "):
+                break
+        assert lines and lines[-1].startswith("direct ingress"), "".join(lines)[-3000:]
+        direct = int(lines[-1].split("port ")[1].split()[0])
+        assert direct != port
+        users = [u for u, items in data.history.items() if items and assign(u, args.split, args.salt) == "A"][:20]
+        for user in users:
+            page = _page(f"http://127.0.0.1:{direct}", user_id=user, k=10).json()
+            assert page["items"] == _page(f"http://127.0.0.1:{port}", user_id=user, k=10).json()["items"]
+            assert page["items"] == _page(url, user_id=user, k=10).json()["items"]
+        assert requests.get(f"http://127.0.0.1:{direct}/healthz", timeout=30).json()["colocated"]
+        assert _page(f"http://127.0.0.1:{direct}", user_id="u", k=0).status_code == 422
+    finally:
+        watchdog.cancel()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ranker_orders_candidates_by_coarse_reward(served):

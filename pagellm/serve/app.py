@@ -68,9 +68,10 @@ class AppArgs(BaseModel):
     )
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests generated together")
     batch_wait_ms: float = Field(
-        1.0,
+        0.0,
         ge=0,
-        description="@serve.batch: how long a batch waits to fill (each request at concurrency 1 waits it in full)",
+        description="@serve.batch: how long a batch waits to fill; 0: a batch is what queued while the previous one "
+        "ran (a request at concurrency 1 waits the full wait: 1 ms cost 2.3 ms of p50, docs/benchmarks.md)",
     )
     colocate: bool = Field(
         False,
@@ -330,6 +331,28 @@ class ABRouter:
             "max_k": MAX_K,
             "colocated": any(isinstance(a, PagePolicy) for a in self.arms.values()),
         }
+
+
+DIRECT_INGRESS_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve's switch, read when Ray starts
+
+
+def direct_ingress_targets(app_name: str) -> list[tuple[str, int]]:
+    """(node IP, port) of every ingress replica of ``app_name`` that answers HTTP itself (Ray
+    Serve's direct ingress, on when Ray started with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``):
+    a client or load balancer that calls them skips the proxy hop. Empty when it is off."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve._private.common import RequestProtocol
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote(app_name))
+    return [
+        (t.ip, t.port)
+        for g in groups
+        if g.protocol == RequestProtocol.HTTP
+        for t in g.targets
+        if t.name.startswith("SERVE_REPLICA::")
+    ]
 
 
 def _where(location: str) -> str:
