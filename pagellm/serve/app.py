@@ -341,8 +341,8 @@ def direct_ingress_targets(app_name: str) -> list[tuple[str, int]]:
     Serve's direct ingress, on when Ray started with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``):
     a client or load balancer that calls them skips the proxy hop. Empty when it is off."""
     import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
     from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     groups = ray.get(controller.get_target_groups.remote(app_name))
