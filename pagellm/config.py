@@ -11,9 +11,11 @@ Paper references are to arXiv:2506.09084v2 ("PageLLM"); section 5.1.4 gives the 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import operator
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -671,6 +673,13 @@ PROFILES = {
 # learning rates the embedded profile sets: left at the paper's values on a from-scratch model,
 # nothing is learnt (`from_scratch_warning`)
 _EMBEDDED_RATES = ("sft.meta_lr", "sft.ft_lr", "reward.lr", "ppo.lr", "ppo.critic_lr")
+
+
+def sections_key(cfg: "PageLLMConfig", sections, *extra) -> str:
+    """Hash of the named configuration sections (and any ``extra`` JSON values): what a cached
+    result depends on, so that a changed setting is never answered from the cache."""
+    text = json.dumps([{s: asdict(getattr(cfg, s)) for s in sections}, list(extra)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def profile_paths(names: Optional[list[str]]) -> list[Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pagellm.config import PageLLMConfig, load_config
+from pagellm.config import PageLLMConfig, load_config, sections_key
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError
 from pagellm.eval.metrics import METRICS
@@ -158,6 +158,25 @@ def run_ablation(
     return report
 
 
+def _baseline_key(cfg: PageLLMConfig, data_dir, name: str, seed: int, split: str) -> str:
+    """What a baseline run's result depends on: the model, seed and split, the data stage's files
+    (name, size, modification time: a rebuilt data directory is new data), and the ``eval`` and
+    ``data`` sections."""
+    files = sorted(
+        (str(f.relative_to(data_dir)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in Path(data_dir).rglob("*")
+        if f.is_file()
+    )
+    return sections_key(cfg, ("data", "eval"), name, seed, split, files)
+
+
+def _finished(done: Path, key: str) -> bool:
+    try:
+        return json.loads((done / "run.json").read_text())["key"] == key and (done / USERS_FILE).exists()
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
+
+
 def run_compare(
     cfg: PageLLMConfig, data_dir, policies: dict[str, str], baselines, out_dir, split="test", seeds=(0,)
 ) -> dict:
@@ -187,6 +206,13 @@ def run_compare(
         results[name], users[name] = [], []
         for seed in seeds[:1] if name in DETERMINISTIC else seeds:
             began, extra = time.perf_counter(), {}
+            done = out / "baselines" / name.replace(":", "_") / f"seed_{seed}"
+            key = _baseline_key(cfg, data_dir, name, seed, split)
+            if _finished(done, key):  # a rerun, or several compares into one report: never train twice
+                results[name].append(json.loads((done / "run.json").read_text())["result"])
+                users[name].append(pd.read_parquet(done / USERS_FILE))
+                print(f"compare: {name} seed {seed} reused from {done}")
+                continue
             if name in recbole:
                 model = name.split(":", 1)[1]
                 run = run_recbole(
@@ -211,6 +237,9 @@ def run_compare(
             scored = [page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]
             results[name].append({**mean_metrics(scored), "seconds": time.perf_counter() - began, **extra})
             users[name].append(pd.DataFrame(scored, index=protocol.users.user_id)[list(PAIRED)])
+            done.mkdir(parents=True, exist_ok=True)
+            users[name][-1].to_parquet(done / USERS_FILE)
+            (done / "run.json").write_text(json.dumps({"key": key, "result": results[name][-1]}, default=str) + "\n")
     for name, policy in policies.items():  # "DIR" or "DIR1,DIR2,..": one policy per seed
         results[name], users[name] = [], []
         for k, directory in enumerate(policy.split(",")):

@@ -15,16 +15,14 @@ results, and unfinished trials resume PPO from their own latest checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, write_config
+from pagellm.config import PPO_ROLES, PageLLMConfig, load_config, sections_key, write_config
 from pagellm.outputs import append_jsonl, figure, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -39,8 +37,7 @@ REPORT_KEYS = ("iteration", "val_ndcg@100", "val_recall@20", "holdout_reward_tot
 
 def upstream_key(cfg: PageLLMConfig) -> str:
     """Hash of every configuration section the data, SFT and reward stages read."""
-    text = json.dumps({s: asdict(getattr(cfg, s)) for s in UPSTREAM_SECTIONS}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return sections_key(cfg, UPSTREAM_SECTIONS)
 
 
 def _event(root: Path, **record) -> None:

@@ -85,6 +85,23 @@ def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
+def test_compare_reuses_finished_baseline_runs_only_under_the_same_settings(tiny_stages, tmp_path, capsys):
+    """Several compares into one directory make one report (a long RecBole run and the in-house
+    rows can run side by side); a changed setting or rebuilt data trains again."""
+    root = tiny_stages["root"]
+    cfg = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=20"])
+    first = run_compare(cfg, root / "data", {}, ["itemknn"], tmp_path, "test", (0,))
+    capsys.readouterr()
+    both = run_compare(cfg, root / "data", {}, ["itemknn", "popularity"], tmp_path, "test", (0,))
+    printed = capsys.readouterr().out
+    assert "itemknn seed 0 reused" in printed and "popularity seed 0 reused" not in printed
+    assert both["runs"]["itemknn"] == first["runs"]["itemknn"]  # seconds included: not trained again
+    assert set(both["mean_sd"]) == {"itemknn", "popularity"}
+    other = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=10"])
+    run_compare(other, root / "data", {}, ["itemknn"], tmp_path, "test", (0,))
+    assert "reused" not in capsys.readouterr().out
+
+
 def test_multivae_learns_co_occurrence():
     """Two tastes (items 0-4 or 5-9, each user holding 4 of 5): a user with 0, 1, 2 gets 3 and 4."""
     rng = np.random.default_rng(0)
