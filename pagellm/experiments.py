@@ -202,6 +202,7 @@ def run_compare(
         export_recbole(data_dir, out / "recbole" / "export", cfg.data.positive_threshold)
     results: dict[str, list[dict]] = {}
     users: dict[str, list[pd.DataFrame]] = {}
+    reused = []
     for name in baselines:
         results[name], users[name] = [], []
         for seed in seeds[:1] if name in DETERMINISTIC else seeds:
@@ -212,6 +213,7 @@ def run_compare(
                 results[name].append(json.loads((done / "run.json").read_text())["result"])
                 users[name].append(pd.read_parquet(done / USERS_FILE))
                 print(f"compare: {name} seed {seed} reused from {done}")
+                reused.append(f"{name} seed {seed}")
                 continue
             if name in recbole:
                 model = name.split(":", 1)[1]
@@ -257,11 +259,17 @@ def run_compare(
         "mean_sd": rows,
         "best_baseline": best,
         "paired_vs_best_baseline": paired,
+        "reused": reused,
         "runs": results,
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     pd.concat(user_means(users), names=["model", "user_id"]).reset_index().to_parquet(out / USERS_FILE)
     note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."
+    if reused:
+        note += (
+            f" Reused from earlier compares into this directory (their own s/run below): {', '.join(reused)}; "
+            f"all runs together {sum(r.get('seconds', 0) for runs in results.values() for r in runs) / 60:.1f} min."
+        )
     if best is not None:
         for name in policies:
             gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]

@@ -96,7 +96,11 @@ def test_compare_reuses_finished_baseline_runs_only_under_the_same_settings(tiny
     printed = capsys.readouterr().out
     assert "itemknn seed 0 reused" in printed and "popularity seed 0 reused" not in printed
     assert both["runs"]["itemknn"] == first["runs"]["itemknn"]  # seconds included: not trained again
-    assert set(both["mean_sd"]) == {"itemknn", "popularity"}
+    assert set(both["mean_sd"]) == {"itemknn", "popularity"} and both["reused"] == ["itemknn seed 0"]
+    assert (
+        "Reused from earlier compares into this directory (their own s/run below): itemknn seed 0"
+        in (tmp_path / "compare.md").read_text()
+    )
     other = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=10"])
     run_compare(other, root / "data", {}, ["itemknn"], tmp_path, "test", (0,))
     assert "reused" not in capsys.readouterr().out
