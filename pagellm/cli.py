@@ -117,7 +117,10 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     from pagellm.rl.ppo import run_ppo
 
     with output(args.out, resume=args.resume) as out:
-        record = run_ppo(_config(args), fetch(args.data), fetch(args.sft), fetch(args.reward), out, resume=args.resume)
+        storage = args.out if is_uri(args.out) else None  # role actors write checkpoints there
+        record = run_ppo(
+            _config(args), fetch(args.data), args.sft, args.reward, out, resume=args.resume, storage=storage
+        )
     _print_ppo_summary(record, args.out)
     return 0
 

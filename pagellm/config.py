@@ -404,6 +404,9 @@ class RoleConfig:
     num_workers: int = opt(1, "actors of this role (policy and critic: data-parallel ranks)", ge=1)
     num_cpus: float = opt(0.25, "CPUs per actor", ge=0.0)
     num_gpus: float = opt(0.0, "GPUs per actor (fractions share one GPU)", ge=0.0)
+    resources: dict[str, float] = opt(
+        {}, "custom Ray resources per actor, e.g. {gpu_pool_a: 1}: pins the role to nodes started with them"
+    )
 
 
 PPO_ROLES = ("policy", "reference", "critic", "coarse", "fine")
@@ -504,6 +507,12 @@ class PPOConfig:
         if self.batch_size % self.minibatch_size:
             raise ConfigError(
                 f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size ({self.minibatch_size})"
+            )
+        pins = {role: sorted(getattr(self, role).resources) for role in PPO_ROLES}
+        if self.colocate and len({tuple(p) for p in pins.values()}) > 1:
+            raise ConfigError(
+                f"ppo.colocate packs every role into one bundle, which no node offers when roles ask for different "
+                f"custom resources ({', '.join(f'{r}: {p}' for r, p in pins.items())}): set ppo.colocate=false"
             )
         for role in ("policy", "critic"):
             workers = getattr(self, role).num_workers

@@ -19,7 +19,7 @@ from pagellm.eval.metrics import METRICS
 from pagellm.eval.paired import PAIRED, paired_difference, paired_table, per_user
 from pagellm.outputs import StageTimer, bar_chart
 from pagellm.ray_utils import copy_ray_logs
-from pagellm.storage import train_storage
+from pagellm.storage import join, train_storage, upload
 
 
 def write_report(
@@ -150,7 +150,13 @@ def run_pipeline(cfg: PageLLMConfig, out_dir, command: str = "", storage: Option
             cfg, out / "data", out / "sft", out / "reward", train_storage(storage, "reward") if storage else None
         )
     with timer.stage("ppo"):
-        ppo = run_ppo(cfg, out / "data", out / "sft", out / "reward", out / "ppo")
+        # with a URI, the role actors (on any node) read SFT and reward from it and checkpoint to it
+        inputs = {name: out / name if storage is None else join(storage, name) for name in ("sft", "reward")}
+        if storage is not None:
+            for name, location in inputs.items():
+                upload(out / name, location)
+        ppo_storage = join(storage, "ppo") if storage is not None else None
+        ppo = run_ppo(cfg, out / "data", inputs["sft"], inputs["reward"], out / "ppo", storage=ppo_storage)
     with timer.stage("evaluate"):
         evals = {
             POLICIES[0]: run_evaluate(cfg, out / "sft", out / "data", "test", out / "eval" / "sft"),

@@ -201,7 +201,7 @@ def trial_table(results, max_t: int) -> pd.DataFrame:
                 "best_iteration": best_iteration,
                 "recall@20_best": float(top["val_recall@20"]) if has and "val_recall@20" in history else float("nan"),
                 "path": result.path,
-                "best_checkpoint": str(checkpoint) if checkpoint.is_dir() else "",
+                "best_checkpoint": checkpoint if Path(checkpoint).is_dir() else "",
             }
         )
     return pd.DataFrame(rows).sort_values(["lambda", "beta"]).reset_index(drop=True)

@@ -135,6 +135,7 @@ def test_yaml_then_overrides(tmp_path):
         ("data.golden_fraction=0", "data.golden_fraction"),
         ("data.pair_families=[np,xx]", "data.pair_families"),
         ("data.pair_families=[rk,rk]", "data.pair_families"),
+        ("ppo.policy.resources={pool_a: 1}", "ppo.colocate"),  # one bundle cannot span two kinds of node
     ],
 )
 def test_bad_overrides_name_the_key(override, key):

@@ -136,8 +136,10 @@ def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_pat
     done = subprocess.run([*args, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "resumed" and events[-1]["iteration"] == saved_state["iteration"]
-    assert events[-1]["normalizer"] == saved_state["normalizer"]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["iteration"] == saved_state["iteration"]
+    assert resumed[0]["normalizer"] == saved_state["normalizer"]
+    assert events[-1] == {**events[-1], "event": "roles", "iteration": saved_state["iteration"]}
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(0, 7)), "every iteration exactly once"
     final = json.loads((tmp_path / "checkpoints" / "iter_000006" / "state.json").read_text())

@@ -8,7 +8,19 @@ import pytest
 
 from pagellm.cli import main
 from pagellm.errors import InputError
-from pagellm.storage import fetch, output, train_storage
+from pagellm.storage import (
+    exists,
+    fetch,
+    join,
+    local_copy,
+    output,
+    read_text,
+    remove,
+    staged,
+    subdirs,
+    train_storage,
+    write_text,
+)
 
 
 def test_fetch_and_output_round_trip(tmp_path, monkeypatch):
@@ -38,6 +50,40 @@ def test_fetch_and_output_round_trip(tmp_path, monkeypatch):
         train_storage("s3://bucket/run", "sft") == "s3://bucket/run/sft/logs/ray_train"
         and train_storage("/local") is None
     )
+
+
+def test_role_actor_helpers_read_and_write_a_uri_in_private_directories(tmp_path):
+    """What PPO's role actors and driver use on a node that shares nothing with the others but
+    the URI: private copies (two ranks of one node never share a staging directory), writes
+    that land only when the block succeeds, small files and listings."""
+    uri = f"file://{tmp_path}/bucket/run"
+    with staged(join(uri, "ckpt", "policy")) as one, staged(join(uri, "ckpt", "policy")) as two:
+        assert one != two and not str(one).startswith(str(tmp_path))
+        (one / "module.safetensors").write_text("weights")
+        (two / "optim_rank1.pt").write_text("shard 1")
+    assert sorted(p.name for p in (tmp_path / "bucket" / "run" / "ckpt" / "policy").iterdir()) == [
+        "module.safetensors",
+        "optim_rank1.pt",
+    ]  # the two ranks' parts merge
+    with pytest.raises(RuntimeError):
+        with staged(join(uri, "half")) as d:
+            (d / "x").write_text("x")
+            raise RuntimeError("actor died")
+    assert not exists(join(uri, "half"))
+    write_text(join(uri, "ckpt", "state.json"), '{"iteration": 2}')
+    assert json.loads(read_text(join(uri, "ckpt", "state.json"))) == {"iteration": 2}
+    assert subdirs(uri) == ["ckpt"] and subdirs(join(uri, "missing")) == []
+    with local_copy(join(uri, "ckpt")) as copy:
+        kept = copy
+        assert (copy / "policy" / "optim_rank1.pt").read_text() == "shard 1"
+    assert not kept.exists()  # removed once read
+    with local_copy(tmp_path / "bucket") as same:
+        assert same == tmp_path / "bucket"  # a path is used in place
+    with pytest.raises(InputError, match="does not exist"):
+        with local_copy(join(uri, "missing")):
+            pass
+    remove(join(uri, "ckpt"))
+    assert subdirs(uri) == [] and join("s3://b/run/", "x", "y") == "s3://b/run/x/y"
 
 
 def test_reward_and_evaluate_read_and_write_uris(tiny_stages, tmp_path, monkeypatch):

@@ -49,13 +49,16 @@ def role_bundles(ppo: PPOConfig, roles: tuple[str, ...]) -> tuple[list[dict], di
             gpus = sum(r.num_gpus for r in members)
             if gpus:
                 bundle["GPU"] = float(gpus)
+            for r in members:
+                for name, amount in r.resources.items():
+                    bundle[name] = bundle.get(name, 0.0) + amount
             bundles.append(bundle)
         return bundles, {(role, i): i for role, r in conf.items() for i in range(r.num_workers)}
     bundles, where = [], {}
     for role, r in conf.items():
         for i in range(r.num_workers):
             where[(role, i)] = len(bundles)
-            bundles.append({"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})})
+            bundles.append({"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {}), **r.resources})
     return bundles, where
 
 
@@ -82,6 +85,7 @@ class RayRoles:
                 actor_cls.options(
                     num_cpus=r.num_cpus,
                     num_gpus=r.num_gpus,
+                    resources=dict(r.resources),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.pg, placement_group_bundle_index=first_bundle + where[(role, i)]
                     ),

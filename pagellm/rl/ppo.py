@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from pagellm.buckets import in_share
-from pagellm.config import PageLLMConfig, write_config
+from pagellm.config import PPO_ROLES, PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
 from pagellm.eval.evaluate import eval_users, score_pages
@@ -54,6 +54,7 @@ from pagellm.rl.ppo_math import (
     token_rewards,
 )
 from pagellm.rl.workers import CriticWorker, PolicyWorker, RewardWorker
+from pagellm.storage import exists, fetch, is_uri, join, local_copy, read_text, remove, staged, subdirs, write_text
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, STATE_FILE, METRICS_FILE, EVENTS_FILE = "checkpoints", "state.json", "metrics.jsonl", "events.jsonl"
@@ -140,7 +141,9 @@ def batch_indices(n: int, batch: int, iteration: int, seed: int) -> np.ndarray:
 # -------------------------------------------------------------------------------- roles
 
 
-def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: PageConstraint, pad_id: int) -> dict:
+def role_specs(cfg: PageLLMConfig, sft_dir: str, reward_dir: str, constraint: PageConstraint, pad_id: int) -> dict:
+    """Each role's actor class and arguments; ``sft_dir``/``reward_dir`` are locations (paths or
+    URIs) that every actor reads on its own node."""
     ppo, train = cfg.ppo, cfg.train
 
     def common(role: str, rank: int, world: int) -> dict:
@@ -178,7 +181,7 @@ def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: 
         "critic": (
             CriticWorker,
             lambda rank, world: {
-                "coarse_dir": str(reward_dir / "coarse"),
+                "coarse_dir": join(reward_dir, "coarse"),
                 "pad_id": pad_id,
                 **common("critic", rank, world),
             },
@@ -186,7 +189,7 @@ def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: 
         "coarse": (
             RewardWorker,
             lambda rank, world: {
-                "reward_dir": str(reward_dir / "coarse"),
+                "reward_dir": join(reward_dir, "coarse"),
                 "pad_id": pad_id,
                 "eos_id": constraint.eos_id,
                 **common("coarse", rank, world),
@@ -195,7 +198,7 @@ def role_specs(cfg: PageLLMConfig, sft_dir: Path, reward_dir: Path, constraint: 
         "fine": (
             RewardWorker,
             lambda rank, world: {
-                "reward_dir": str(reward_dir / "fine"),
+                "reward_dir": join(reward_dir, "fine"),
                 "pad_id": pad_id,
                 "eos_id": constraint.eos_id,
                 **common("fine", rank, world),
@@ -362,22 +365,25 @@ def evaluate(roles, cfg: PageLLMConfig, prompts: RolloutPrompts, seed: int, pad_
 # ------------------------------------------------------------------------ checkpoints
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = [d for d in (out / CHECKPOINTS).glob("iter_*") if (d / STATE_FILE).exists()]
-    return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
+def latest_checkpoint(root) -> str | None:
+    """The newest complete checkpoint (one with its state file) of the PPO run at ``root``."""
+    done = [d for d in subdirs(join(root, CHECKPOINTS)) if d.startswith("iter_")]
+    done = [d for d in done if exists(join(root, CHECKPOINTS, d, STATE_FILE))]
+    newest = max(done, key=lambda d: int(d.split("_")[1]), default=None)
+    return join(root, CHECKPOINTS, newest) if newest else None
 
 
-def checkpoint_dir(out: Path, iteration: int) -> Path:
-    """Where iteration ``iteration``'s checkpoint of the PPO run in ``out`` lives."""
-    return Path(out) / CHECKPOINTS / f"iter_{iteration:06d}"
+def checkpoint_dir(root, iteration: int) -> str:
+    """Where iteration ``iteration``'s checkpoint of the PPO run at ``root`` lives (a path or URI)."""
+    return join(root, CHECKPOINTS, f"iter_{iteration:06d}")
 
 
-def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
+def best_val_checkpoint(root, out: Path) -> str:
     """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
     best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
     it was better than every update, that is said in the log and the best PPO checkpoint is used."""
-    evals = [r for r in read_jsonl(metrics_path) if "val_ndcg@100" in r]
-    saved = [r for r in evals if (checkpoint_dir(out, r["iteration"]) / STATE_FILE).exists()]
+    evals = [r for r in read_jsonl(out / METRICS_FILE) if "val_ndcg@100" in r]
+    saved = [r for r in evals if exists(join(checkpoint_dir(root, r["iteration"]), STATE_FILE))]
     best = max(saved, key=lambda r: r["val_ndcg@100"])
     start = next((r for r in evals if r["iteration"] == 0), None)
     if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
@@ -395,26 +401,30 @@ def best_val_checkpoint(out: Path, metrics_path: Path) -> Path:
             "val_ndcg@100": best["val_ndcg@100"],
         },
     )
-    return checkpoint_dir(out, best["iteration"])
+    return checkpoint_dir(root, best["iteration"])
 
 
 def save_checkpoint(
-    roles, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer
-) -> Path:
-    """Written to a temporary directory and renamed: a checkpoint with state.json is complete.
-    Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy directory that
-    evaluation and serving load (a Tune trial stopped by ASHA never reaches the final copy)."""
-    final = checkpoint_dir(out, iteration)
-    tmp = final.with_name(f".tmp_{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    roles.collect(roles.submit("policy", "save", [(str(tmp / "policy"),)] * roles.world("policy")))
-    tokenizer.save_pretrained(tmp / "policy")
-    roles.collect(roles.submit("critic", "save", [(str(tmp / "critic"),)] * roles.world("critic")))
+    roles, root, out: Path, iteration: int, normalizer: RunningMeanStd, kl_ctl: KLController, tokenizer
+) -> str:
+    """Each role actor writes its part straight to ``root`` (a URI on a multi-node run: the actors
+    may be on other nodes), the driver its state file last: a checkpoint with one is complete.
+    The run's metrics and events go along, so a run resumed from ``root`` on another machine
+    loses no iteration. Its ``policy/`` holds the tokenizer too, so any checkpoint is a policy
+    directory that evaluation and serving load (a Tune trial stopped by ASHA never reaches the
+    final copy)."""
+    final = checkpoint_dir(root, iteration)
+    remove(final)  # an incomplete one of an earlier, interrupted run
+    roles.collect(roles.submit("policy", "save", [(join(final, "policy"),)] * roles.world("policy")))
+    with staged(join(final, "policy")) as policy:
+        tokenizer.save_pretrained(policy)
+    roles.collect(roles.submit("critic", "save", [(join(final, "critic"),)] * roles.world("critic")))
+    if str(root) != str(out):
+        for name in (METRICS_FILE, EVENTS_FILE):
+            if (out / name).exists():
+                write_text(join(root, name), (out / name).read_text())
     state = {"iteration": iteration, "normalizer": normalizer.state_dict(), "kl_controller": kl_ctl.state_dict()}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    write_text(join(final, STATE_FILE), json.dumps(state))
     return final
 
 
@@ -446,34 +456,38 @@ def check_inputs(sft_dir: Path, reward_dir: Path) -> None:
             raise InputError(f"missing {need}: run `pagellm reward` first")
 
 
-def restore(roles, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) -> int:
-    """Load the latest checkpoint of ``out`` into the roles and the PPO state; drop the metrics
-    of iterations after it. Returns the iteration to continue from (0 without a checkpoint)."""
-    checkpoint = latest_checkpoint(out)
+def restore(roles, root, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) -> int:
+    """Load the latest checkpoint at ``root`` into the roles and the PPO state; take the run's
+    metrics from ``root`` and drop those of iterations after the checkpoint. Returns the
+    iteration to continue from (0 without a checkpoint)."""
+    checkpoint = latest_checkpoint(root)
     if checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from iteration 0", out)
+        log.warning("--resume: no checkpoint in %s, starting from iteration 0", root)
         return 0
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state = json.loads(read_text(join(checkpoint, STATE_FILE)))
     for role in ("policy", "critic"):
-        roles.collect(roles.submit(role, "load", [(str(checkpoint / role),)] * roles.world(role)))
+        roles.collect(roles.submit(role, "load", [(join(checkpoint, role),)] * roles.world(role)))
     normalizer.load_state_dict(state["normalizer"])
     kl_ctl.load_state_dict(state["kl_controller"])
     metrics_path = out / METRICS_FILE
+    for name in (METRICS_FILE, EVENTS_FILE):
+        if str(root) != str(out) and exists(join(root, name)):
+            (out / name).write_text(read_text(join(root, name)))
     kept = [r for r in read_jsonl(metrics_path) if r["iteration"] <= state["iteration"]]
     write_jsonl(metrics_path, kept)
-    append_jsonl(
-        out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": checkpoint.name, **state}
-    )
+    name = checkpoint.rsplit("/", 1)[1]
+    append_jsonl(out / EVENTS_FILE, {"event": "resumed", "iteration": state["iteration"], "checkpoint": name, **state})
     log.info("resumed from %s (iteration %d)", checkpoint, state["iteration"])
     return state["iteration"]
 
 
-def export_policy(out: Path, final_policy: str, tokenizer) -> Path:
+def export_policy(root, out: Path, final_policy: str, tokenizer) -> Path:
     """PPO_DIR/policy: the last checkpoint's policy, or the best validated one (``best_val``)."""
-    final = best_val_checkpoint(out, out / METRICS_FILE) if final_policy == "best_val" else latest_checkpoint(out)
+    final = best_val_checkpoint(root, out) if final_policy == "best_val" else latest_checkpoint(root)
     policy_dir = out / "policy"
     shutil.rmtree(policy_dir, ignore_errors=True)
-    shutil.copytree(final / "policy", policy_dir, ignore=shutil.ignore_patterns("optim_rank*.pt", "module.safetensors"))
+    with local_copy(join(final, "policy")) as source:
+        shutil.copytree(source, policy_dir, ignore=shutil.ignore_patterns("optim_rank*.pt", "module.safetensors"))
     tokenizer.save_pretrained(policy_dir)
     return policy_dir
 
@@ -489,15 +503,23 @@ def run_ppo(
     on_evaluation: Optional[Callable[[dict], None]] = None,
     placement_group=None,
     first_bundle: int = 0,
+    storage: Optional[str] = None,
 ) -> dict:
     """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process.
+    ``sft_dir``/``reward_dir`` may be URIs (this process and every role actor read their own
+    copy); ``storage``: the run's URI, where the role actors write their checkpoints and the
+    driver the metrics that go with them, so that nodes share nothing but it (None: ``out_dir``).
     ``on_evaluation`` sees every record with validation metrics (Ray Tune reports them), the
     last one after the final policy and curves are written;
     ``placement_group``/``first_bundle`` place the roles in a caller's group (a Tune trial's)."""
     import wandb
     from tqdm import tqdm
 
-    out, sft_dir, reward_dir = Path(out_dir), Path(sft_dir).resolve(), Path(reward_dir).resolve()
+    out = Path(out_dir)
+    root = storage or str(out)
+    # actors get locations they can read on any node: a URI as given, a path made absolute
+    sft_at, reward_at = (str(d) if is_uri(d) else str(Path(d).resolve()) for d in (sft_dir, reward_dir))
+    sft_dir, reward_dir = fetch(sft_dir).resolve(), fetch(reward_dir).resolve()
     check_inputs(sft_dir, reward_dir)
     if not local:
         from pagellm.ray_utils import init_ray
@@ -512,11 +534,13 @@ def run_ppo(
     total = planned_iterations(cfg, data_dir)
 
     roles = start_roles(
-        cfg, role_specs(cfg, sft_dir, reward_dir, constraint, pad_id), local, placement_group, first_bundle
+        cfg, role_specs(cfg, sft_at, reward_at, constraint, pad_id), local, placement_group, first_bundle
     )
     normalizer, kl_ctl = RunningMeanStd(), KLController(ppo.kl_beta, ppo.kl_adaptive, ppo.kl_target, ppo.kl_horizon)
     metrics_path = out / METRICS_FILE
-    start = restore(roles, out, normalizer, kl_ctl) if resume else 0
+    start = restore(roles, root, out, normalizer, kl_ctl) if resume else 0
+    nodes = {role: roles.collect(roles.submit(role, "node", [()] * roles.world(role))) for role in PPO_ROLES}
+    append_jsonl(out / EVENTS_FILE, {"event": "roles", "iteration": start, "nodes": nodes, "storage": root})
     if start == 0:
         metrics_path.unlink(missing_ok=True)
     run = wandb.init(
@@ -555,10 +579,10 @@ def run_ppo(
             bar.set_postfix({k.replace("val_", "last val "): f"{v:.4f}" for k, v in shown.items()}, refresh=False)
             run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it + 1)
             if (it + 1) % ppo.checkpoint_every == 0 or it + 1 == total:
-                save_checkpoint(roles, out, it + 1, normalizer, kl_ctl, tokenizer)
+                save_checkpoint(roles, root, out, it + 1, normalizer, kl_ctl, tokenizer)
             if on_evaluation and "val_ndcg@100" in record and it + 1 < total:
                 on_evaluation(record)
-        export_policy(out, ppo.final_policy, tokenizer)
+        export_policy(root, out, ppo.final_policy, tokenizer)
     finally:
         run.finish()
         roles.shutdown()

@@ -37,6 +37,7 @@ from pagellm.model.decoding import (
 from pagellm.model.modeling import RewardModel, item_weights
 from pagellm.rl.batch import PageScores, RolloutBatch
 from pagellm.rl.ppo_math import policy_loss, value_loss
+from pagellm.storage import local_copy, staged
 from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
 
 
@@ -87,6 +88,12 @@ class RoleWorker:
     def ready(self) -> bool:
         return True
 
+    def node(self) -> str:
+        """The Ray node this worker runs on ("" outside Ray): where each role was placed."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
     def _minibatches(self, batch: RolloutBatch, seed: int):
         """``update_epochs`` seeded passes over this shard in minibatches of
         ``minibatch_size / world`` pages."""
@@ -99,17 +106,18 @@ class RoleWorker:
 
     def _save_state(self, module: nn.Module, directory: Path) -> None:
         """Rank 0: the module's safetensors; every rank: its optimizer shard."""
-        directory.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             save_module(module, directory / WEIGHTS_FILE)
         if self.optimizer is not None:
             torch.save(self.optimizer.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
 
-    def _load_state(self, module: nn.Module, directory: Path) -> None:
-        load_module(module, directory / WEIGHTS_FILE)
-        opt_file = directory / f"optim_rank{self.rank}.pt"
-        if self.optimizer is not None and opt_file.exists():
-            self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
+    def load(self, location: str) -> None:
+        """This rank's state from a checkpoint (a path, or a URI read from whichever node this runs on)."""
+        with local_copy(location) as directory:
+            load_module(self.model, directory / WEIGHTS_FILE)
+            opt_file = directory / f"optim_rank{self.rank}.pt"
+            if self.optimizer is not None and opt_file.exists():
+                self.optimizer.load_optimizer(opt_file, self.rank, self.train_cfg.zero_stage, self.device)
 
     def _optimizer(self, module: nn.Module, lr: float) -> ModelOptimizer:
         micro = max(1, self.ppo.minibatch_size // self.world)
@@ -130,7 +138,8 @@ class PolicyWorker(RoleWorker):
     def __init__(self, model_dir: str, constraint: PageConstraint, pad_id: int, trainable: bool, **kw):
         super().__init__(**kw)
         self.constraint, self.pad_id, self.trainable = constraint, pad_id, trainable
-        self.policy = load_policy(model_dir, self.device)
+        with local_copy(model_dir) as directory:  # a URI: this node's own download
+            self.policy = load_policy(directory, self.device)
         self.model = self.policy.model
         if not trainable:
             self.model.requires_grad_(False)
@@ -209,22 +218,21 @@ class PolicyWorker(RoleWorker):
     def checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.model.parameters()))
 
-    def save(self, directory: str) -> None:
-        """The HF model (rank 0) next to the module state and optimizer shards."""
-        directory = Path(directory)
-        self._save_state(self.model, directory)
-        if self.rank == 0:
-            self.model.save_pretrained(directory)
-
-    def load(self, directory: str) -> None:
-        self._load_state(self.model, Path(directory))
+    def save(self, location: str) -> None:
+        """The HF model (rank 0) next to the module state and optimizer shards, written to
+        ``location`` (a path, or a URI uploaded from this node)."""
+        with staged(location) as directory:
+            self._save_state(self.model, directory)
+            if self.rank == 0:
+                self.model.save_pretrained(directory)
 
 
 class CriticWorker(RoleWorker):
     def __init__(self, coarse_dir: str, pad_id: int, **kw):
         super().__init__(**kw)
         self.pad_id = pad_id
-        self.model = CriticModel(RewardModel.from_pretrained(coarse_dir)).to(self.device).eval()
+        with local_copy(coarse_dir) as directory:
+            self.model = CriticModel(RewardModel.from_pretrained(directory)).to(self.device).eval()
 
     def init_training(self, address: Optional[str]) -> None:
         self._init_group(address)
@@ -255,11 +263,9 @@ class CriticWorker(RoleWorker):
         self.model.eval()
         return {"value_loss": total / max(steps, 1)}
 
-    def save(self, directory: str) -> None:
-        self._save_state(self.model, Path(directory))
-
-    def load(self, directory: str) -> None:
-        self._load_state(self.model, Path(directory))
+    def save(self, location: str) -> None:
+        with staged(location) as directory:
+            self._save_state(self.model, directory)
 
 
 class RewardWorker(RoleWorker):
@@ -268,7 +274,8 @@ class RewardWorker(RoleWorker):
     def __init__(self, reward_dir: str, pad_id: int, eos_id: int, **kw):
         super().__init__(**kw)
         self.pad_id, self.eos_id = pad_id, eos_id
-        self.model = RewardModel.from_pretrained(reward_dir).to(self.device).eval().requires_grad_(False)
+        with local_copy(reward_dir) as directory:
+            self.model = RewardModel.from_pretrained(directory).to(self.device).eval().requires_grad_(False)
         self.kind = self.model.kind
 
     @torch.no_grad()
