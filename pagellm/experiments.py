@@ -158,16 +158,13 @@ def run_ablation(
     return report
 
 
-def _baseline_key(cfg: PageLLMConfig, data_dir, name: str, seed: int, split: str) -> str:
-    """What a baseline run's result depends on: the model, seed and split, the data stage's files
-    (name, size, modification time: a rebuilt data directory is new data), and the ``eval`` and
-    ``data`` sections."""
-    files = sorted(
+def _data_files(data_dir) -> list[tuple[str, int, int]]:
+    """The data stage's files (name, size, modification time): a rebuilt data directory is new data."""
+    return sorted(
         (str(f.relative_to(data_dir)), f.stat().st_size, f.stat().st_mtime_ns)
         for f in Path(data_dir).rglob("*")
         if f.is_file()
     )
-    return sections_key(cfg, ("data", "eval"), name, seed, split, files)
 
 
 def _finished(done: Path, key: str) -> bool:
@@ -202,13 +199,14 @@ def run_compare(
         export_recbole(data_dir, out / "recbole" / "export", cfg.data.positive_threshold)
     results: dict[str, list[dict]] = {}
     users: dict[str, list[pd.DataFrame]] = {}
-    reused = []
+    reused, files = [], _data_files(data_dir)  # listed once: every run's cache key holds it
     for name in baselines:
         results[name], users[name] = [], []
         for seed in seeds[:1] if name in DETERMINISTIC else seeds:
             began, extra = time.perf_counter(), {}
             done = out / "baselines" / name.replace(":", "_") / f"seed_{seed}"
-            key = _baseline_key(cfg, data_dir, name, seed, split)
+            # what the run's result depends on: model, seed, split, data files, data and eval settings
+            key = sections_key(cfg, ("data", "eval"), name, seed, split, files)
             if _finished(done, key):  # a rerun, or several compares into one report: never train twice
                 results[name].append(json.loads((done / "run.json").read_text())["result"])
                 users[name].append(pd.read_parquet(done / USERS_FILE))
