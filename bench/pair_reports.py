@@ -20,10 +20,9 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import pandas as pd
 
-from pagellm.eval.paired import paired_difference
+from pagellm.eval.paired import identical, paired_difference
 
 
 def per_model(path: str) -> dict[str, pd.DataFrame]:
@@ -44,8 +43,7 @@ def main() -> None:
     for model in shared:
         if model not in new or model not in old:
             sys.exit(f"--same {model}: not in both reports")
-        a, b = new[model], old[model]
-        if not (a.index.equals(b.index) and np.allclose(a.to_numpy(), b.to_numpy(), atol=1e-9)):
+        if not identical(new[model], old[model]):
             sys.exit(f"{model}: per-user values differ between {args.new} and {args.old}: not the same split")
     models = {**old, **new}
     if args.reference not in models:

@@ -144,8 +144,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     import shlex
 
-    from pagellm.experiments import run_ablation, run_coldstart, run_compare
+    from pagellm.experiments import run_ablation, run_backbone, run_coldstart, run_compare, run_merge
 
+    if args.kind == "backbone":
+        backbones = {}
+        for spec in args.backbone:
+            name, _, extra = spec.partition("=")
+            if not name:
+                raise ConfigError(f"--backbone must be NAME=OVERRIDES (e.g. 'smollm2=model.lora_rank=8'), got {spec!r}")
+            backbones[name] = shlex.split(extra)
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        report = run_backbone(
+            args.config, list(args.overrides), backbones, args.baselines, args.out, args.split, command, args.chain
+        )
+        print((Path(args.out) / "backbone.md").read_text())
+        print(f"wrote {args.out} ({report['wall_seconds'] / 60:.1f} min)")
+        return 0
+    if args.kind == "merge":
+        report = run_merge(args.reports, args.out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        print((Path(args.out) / "compare.md").read_text())
+        print(f"wrote {args.out} ({len(report['mean_sd'])} rows from {len(args.reports)} reports)")
+        return 0
     if args.kind == "coldstart":
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         report = run_coldstart(
@@ -461,6 +480,26 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", required=True, help="report directory, e.g. docs/results/amazon2014/ablation")
         common(q)
         q.set_defaults(func=cmd_experiment)
+    q = kinds.add_parser("backbone", help="the same data and recipe on several backbones (paper RQ6)")
+    q.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        metavar="NAME=OVERRIDES",
+        help="a backbone and the overrides that make it, e.g. 'smollm2=model.name_or_path=runs/models/"
+        "smollm2-135m-instruct model.lora_rank=8' or 'embedded=' (the configuration as given); repeat",
+    )
+    q.add_argument("--chain", action="store_true", help="the whole chain per backbone (default: SFT only)")
+    q.add_argument("--baselines", nargs="+", default=["popularity"])
+    q.add_argument("--split", choices=("val", "test"), default="test")
+    q.add_argument("--out", required=True, help="report directory")
+    common(q)
+    q.set_defaults(func=cmd_experiment)
+    q = kinds.add_parser("merge", help="compare reports made on the same split as one report (checked user by user)")
+    q.add_argument("--reports", nargs="+", required=True, metavar="DIR", help="compare report directories")
+    q.add_argument("--out", required=True, help="report directory of the merged report")
+    common(q)
+    q.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("tune", help="Ray Tune over beta and lambda (the `tune` config section; sweeps in tuning/)")
     p.add_argument(

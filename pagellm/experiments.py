@@ -8,11 +8,16 @@ compare    baselines (docs/baselines.md) and given PageLLM policies evaluated on
            with the same metric code (Table 2 style)
 coldstart  the whole chain and the baselines again on a seeded share of each user's training
            interactions (``data.train_keep``), each model's drop against the full data (Figure 7)
+merge      several compare reports on the same split as one report (a slow baseline runs once,
+           in its own report, and stands beside every later PageLLM row)
+backbone   the same data and recipe on several backbones (the embedded GPT-2, a pretrained LM with
+           LoRA), each policy beside the baselines, with its size and training time (RQ6)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -25,7 +30,7 @@ from pagellm.config import PageLLMConfig, load_config, sections_key
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError
 from pagellm.eval.metrics import METRICS
-from pagellm.eval.paired import PAIRED, paired_difference, paired_table, per_user
+from pagellm.eval.paired import PAIRED, identical, paired_difference, paired_table, per_user
 from pagellm.outputs import bar_chart, figure
 
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
@@ -256,18 +261,27 @@ def run_compare(
         "wall_seconds": time.perf_counter() - started,
         "mean_sd": rows,
         "best_baseline": best,
+        "policies": list(policies),
         "paired_vs_best_baseline": paired,
         "reused": reused,
         "runs": results,
     }
-    (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    pd.concat(user_means(users), names=["model", "user_id"]).reset_index().to_parquet(out / USERS_FILE)
     note = f"Command: `{report['command']}`  \nSplit: {split}; wall time {report['wall_seconds'] / 60:.1f} min."
     if reused:
         note += (
             f" Reused from earlier compares into this directory (their own s/run below): {', '.join(reused)}; "
             f"all runs together {sum(r.get('seconds', 0) for runs in results.values() for r in runs) / 60:.1f} min."
         )
+    write_compare(out, report, results, users, note, policies)
+    return report
+
+
+def write_compare(out: Path, report: dict, results, users, note: str, policies) -> None:
+    """compare.json, compare.md (rows, intervals against the best baseline, RecBole's own
+    figures), users.parquet and compare.png of a report whose ``mean_sd`` and pairing are made."""
+    rows, best, paired = report["mean_sd"], report["best_baseline"], report["paired_vs_best_baseline"]
+    (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    pd.concat(user_means(users), names=["model", "user_id"]).reset_index().to_parquet(out / USERS_FILE)
     if best is not None:
         for name in policies:
             gap = rows[name]["ndcg@100"][0] - rows[best]["ndcg@100"][0]
@@ -284,6 +298,97 @@ def run_compare(
         paired=paired,
         reference=best,
     )
+
+
+def _policies_of(report: dict) -> list[str]:
+    """The PageLLM rows of a compare report (reports before the ``policies`` key: the rows that
+    ``pagellm evaluate`` produced, which name their model directory)."""
+    if "policies" in report:
+        return report["policies"]
+    return [name for name, runs in report["runs"].items() if runs and "model" in runs[0]]
+
+
+def run_merge(reports: list, out_dir, command: str = "") -> dict:
+    """Several compare reports made on the same split (their ``users.parquet`` per-user
+    metrics) as one report, with every row paired against the best baseline of all of them.
+
+    The split is checked, not assumed: every report must hold the same users, and each report
+    after the first must share a model whose per-user values equal the merged rows' exactly
+    (popularity in practice: deterministic, so equal values mean the same split, masking and
+    metric code). A model in several reports with the same values is one row; with other
+    values (another budget, another policy directory) it is kept apart as ``NAME [REPORT]``.
+    Means, spreads and s/run are those of the source reports; nothing is trained again."""
+    out = Path(out_dir)
+    results: dict[str, list[dict]] = {}
+    users: dict[str, list[pd.DataFrame]] = {}
+    rows: dict[str, dict] = {}
+    policies: list[str] = []
+    sources, split, user_index, walls = [], None, None, 0.0
+    for directory in map(Path, reports):
+        try:
+            report = json.loads((directory / "compare.json").read_text())
+            frame = pd.read_parquet(directory / USERS_FILE)
+        except FileNotFoundError as e:
+            raise ConfigError(f"merge: {directory} is not a compare report with per-user values ({e.filename})")
+        if split is not None and report["split"] != split:
+            raise ConfigError(f"merge: {directory} is on split {report['split']!r}, the first report on {split!r}")
+        split = report["split"]
+        per_model = {
+            name: part.set_index("user_id")[list(PAIRED)].sort_index()
+            for name, part in frame.groupby("model", sort=False)
+        }
+        here = next(iter(per_model.values())).index
+        if user_index is not None and not here.equals(user_index):
+            raise ConfigError(f"merge: {directory} has other users than {sources[0]['report']}: not the same split")
+        user_index = here
+        same = [n for n, f in per_model.items() if n in users and identical(f, users[n][0])]
+        if sources and not same:
+            raise ConfigError(
+                f"merge: {directory} shares no model with identical per-user values with the reports before it, "
+                "so it cannot be shown to be on the same split (run popularity in every report)"
+            )
+        own = _policies_of(report)
+        for name, f in per_model.items():
+            if name in same:
+                continue
+            row = name if name not in users else f"{name} [{directory.name}]"
+            users[row] = [f]
+            results[row] = report["runs"][name]
+            rows[row] = report["mean_sd"][name]
+            if name in own:
+                policies.append(row)
+        walls += report["wall_seconds"]
+        sources.append({"report": str(directory), "command": report["command"], "identical": same})
+    baselines = [n for n in rows if n not in policies]
+    rows = {n: rows[n] for n in [*baselines, *policies]}  # PageLLM's rows last, as compare lists them
+    best = max(baselines, key=lambda n: rows[n]["ndcg@100"][0], default=None)
+    paired = {n: paired_difference(users[n][0], users[best][0]) for n in rows if n != best} if best else {}
+    report = {
+        "command": command,
+        "split": split,
+        "wall_seconds": walls,
+        "mean_sd": rows,
+        "best_baseline": best,
+        "policies": policies,
+        "paired_vs_best_baseline": paired,
+        "sources": sources,
+        "runs": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    note = "\n".join(
+        [
+            f"Command: `{command}`  ",
+            f"Split: {split}; {len(sources)} compare reports on the same split merged (nothing trained again; "
+            f"their wall times add to {walls / 60:.1f} min, each row's s/run is its own):",
+            "",
+            *(
+                f"- `{s['report']}`: `{s['command']}`"
+                + (f" (identical per-user values: {', '.join(s['identical'])})" if s["identical"] else "")
+                for s in sources
+            ),
+        ]
+    )
+    write_compare(out, report, results, users, note, policies)
     return report
 
 
@@ -395,3 +500,116 @@ def _drop_chart(drops: dict[str, dict], path: Path, pagellm: set[str]) -> None:
             ax.set_title(f"{key}: change at keep {keep} (%)")
             ax.tick_params(axis="x", rotation=60, labelsize=7)
         fig.suptitle("cold start: each model against its full-data run")
+
+
+def saved_parameters(model_dir) -> int:
+    """Parameters of a saved Hugging Face model, read from its safetensors headers (no load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def run_backbone(
+    config_paths,
+    overrides,
+    backbones: dict[str, list[str]],
+    baselines,
+    out_dir,
+    split: str = "test",
+    command: str = "",
+    chain: bool = False,
+) -> dict:
+    """The paper's backbone study (RQ6): one data directory, one recipe, several backbones.
+
+    ``backbones`` maps a name to the overrides that make it (``model.name_or_path=DIR
+    model.lora_rank=8``; ``[]`` is the configuration as given). Each backbone trains SFT (with
+    ``chain``: the whole chain, reward heads and PPO too, ``pagellm run``) and its policies are
+    compared with ``baselines`` by ``run_compare`` on the same split; backbone.md adds each one's
+    size, LoRA rank, training time and its paired difference to the first backbone. A backbone's
+    overrides may not touch ``data`` or ``eval``: every policy is scored on the same protocol."""
+    from pagellm.data.stage import build_dataset
+    from pagellm.run import run_pipeline
+    from pagellm.train.sft import run_sft
+
+    for name, extra in backbones.items():
+        shared = [o for o in extra if o.split("=", 1)[0].split(".")[0] in ("data", "eval")]
+        if shared:
+            raise ConfigError(f"backbone {name}: {shared} would change the data or the evaluation; set them for all")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base = load_config(config_paths, [*overrides, "eval.report_baselines=[]"])
+    data = out / "data"
+    build_dataset(base, data)
+    policies: dict[str, str] = {}
+    trained: dict[str, dict] = {}
+    for name, extra in backbones.items():
+        cfg = load_config(config_paths, [*overrides, *extra, "eval.report_baselines=[]"])
+        began = time.perf_counter()
+        if chain:
+            summary = run_pipeline(cfg, out / name / "chain", command)
+            policies[f"PageLLM SFT ({name})"] = summary["sft"]
+            policies[f"PageLLM PPO ({name})"] = str(Path(summary["ppo"]) / "policy")
+            sft_dir = summary["sft"]
+        else:
+            run_sft(cfg, data, out / name / "sft")
+            sft_dir = policies[f"PageLLM SFT ({name})"] = str(out / name / "sft")
+        trained[name] = {
+            "overrides": extra,
+            "name_or_path": cfg.model.name_or_path or "embedded GPT-2 (from scratch)",
+            "lora_rank": cfg.model.lora_rank,
+            "parameters": saved_parameters(sft_dir),
+            "train_seconds": time.perf_counter() - began,
+        }
+    compare = run_compare(base, data, policies, baselines, out / "compare", split, (0,))
+    frames = {
+        n: f.set_index("user_id")[list(PAIRED)]
+        for n, f in pd.read_parquet(out / "compare" / USERS_FILE).groupby("model")
+    }
+    first = next(iter(policies))
+    versus_first = {n: paired_difference(frames[n], frames[first]) for n in policies if n != first}
+    report = {
+        "command": command,
+        "split": split,
+        "wall_seconds": time.perf_counter() - started,
+        "backbones": trained,
+        "chain": chain,
+        "compare": str(out / "compare"),
+        "mean_sd": {n: compare["mean_sd"][n] for n in policies},
+        "best_baseline": compare["best_baseline"],
+        "paired_vs_best_baseline": {n: compare["paired_vs_best_baseline"][n] for n in policies},
+        "paired_vs_first": versus_first,
+    }
+    (out / "backbone.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    best = compare["best_baseline"]
+    lines = [
+        f"Command: `{command}`  ",
+        f"Split: {split}; {'the whole chain' if chain else 'SFT'} per backbone on one data directory; wall time "
+        f"{report['wall_seconds'] / 60:.1f} min. Every row with the baselines: [compare/compare.md](compare/compare.md).",
+        "",
+        "| backbone | model | LoRA rank | parameters | training min | policy | ndcg@100 | recall@20 | "
+        f"Δ ndcg@100 vs {best} [95%] | Δ ndcg@100 vs {first} [95%] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in trained.items():
+        for policy in (p for p in policies if p.endswith(f"({name})")):
+            vb = report["paired_vs_best_baseline"].get(policy, {}).get("ndcg@100")
+            vf = versus_first.get(policy, {}).get("ndcg@100")
+            cell = lambda d: f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""  # noqa: E731
+            lines.append(
+                f"| {name} | {t['name_or_path']} | {t['lora_rank'] or 'full'} | {t['parameters'] / 1e6:.2f}M | "
+                f"{t['train_seconds'] / 60:.1f} | {policy} | {report['mean_sd'][policy]['ndcg@100'][0]:.4f} | "
+                f"{report['mean_sd'][policy]['recall@20'][0]:.4f} | {cell(vb)} | {cell(vf)} |"
+            )
+    lines += [
+        "",
+        "Overrides per backbone: "
+        + "; ".join(f"{n}: `{' '.join(t['overrides']) or '(none)'}`" for n, t in trained.items()),
+    ]
+    (out / "backbone.md").write_text("\n".join(lines) + "\n")
+    return report

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from pagellm.config import load_config
+from pagellm.errors import ConfigError
 from pagellm.eval.baselines import (
     Protocol,
     baseline_pages,
@@ -17,7 +18,7 @@ from pagellm.eval.baselines import (
     pages_from_scores,
     popularity_scores,
 )
-from pagellm.experiments import run_compare
+from pagellm.experiments import run_compare, run_merge
 
 
 def toy() -> Protocol:
@@ -104,6 +105,44 @@ def test_compare_reuses_finished_baseline_runs_only_under_the_same_settings(tiny
     other = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=10"])
     run_compare(other, root / "data", {}, ["itemknn"], tmp_path, "test", (0,))
     assert "reused" not in capsys.readouterr().out
+
+
+def test_merge_makes_one_report_of_compares_on_the_same_split(tiny_stages, tmp_path):
+    """A slow baseline's report and a later PageLLM report become one table; the split is
+    checked user by user (popularity's values), a same-named row with other values is kept
+    apart, and a report on another split is refused."""
+    from pagellm.data.stage import build_dataset
+
+    root = tiny_stages["root"]
+    cfg = load_config(overrides=[*tiny_stages["overrides"], "eval.page_items=20"])
+    a, b, other = tmp_path / "a", tmp_path / "b", tmp_path / "other"
+    first = run_compare(cfg, root / "data", {"sft": str(root / "sft")}, ["popularity", "bprmf"], a, "test", (1,))
+    second = run_compare(cfg, root / "data", {}, ["popularity", "itemknn", "bprmf"], b, "test", (0,))
+    merged = run_merge([a, b], tmp_path / "merged", "pagellm experiment merge ...")
+
+    assert list(merged["mean_sd"]) == ["popularity", "bprmf", "itemknn", "bprmf [b]", "sft"]  # PageLLM last
+    assert merged["policies"] == ["sft"] and merged["sources"][1]["identical"] == ["popularity"]
+    assert merged["mean_sd"]["bprmf [b]"]["ndcg@100"][0] == pytest.approx(second["mean_sd"]["bprmf"]["ndcg@100"][0])
+    best = max(["popularity", "bprmf", "itemknn", "bprmf [b]"], key=lambda n: merged["mean_sd"][n]["ndcg@100"][0])
+    assert merged["best_baseline"] == best and best not in merged["paired_vs_best_baseline"]
+    if best in first["mean_sd"]:  # the same pairing the first report made, to the digit
+        again, then = (
+            merged["paired_vs_best_baseline"]["sft"]["ndcg@100"],
+            first["paired_vs_best_baseline"]["sft"]["ndcg@100"],
+        )
+        assert [again["mean"], *again["ci95"]] == pytest.approx([then["mean"], *then["ci95"]])
+    text = (tmp_path / "merged" / "compare.md").read_text()
+    assert f"`{a}`" in text and f"`{b}`" in text and "| bprmf [b] |" in text and "paired bootstrap" in text
+    assert (tmp_path / "merged" / "compare.png").stat().st_size > 0
+
+    build_dataset(
+        load_config(overrides=[*tiny_stages["overrides"], "data.seed=1", "data.dataset=synthetic:3000"]),
+        tmp_path / "data_other",
+        engine="local",
+    )
+    run_compare(cfg, tmp_path / "data_other", {}, ["popularity"], other, "test", (0,))
+    with pytest.raises(ConfigError, match="not the same split|cannot be shown"):
+        run_merge([a, other], tmp_path / "refused")
 
 
 def test_multivae_learns_co_occurrence():

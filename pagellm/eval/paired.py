@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pagellm.eval.metrics import paired_bootstrap
@@ -15,6 +16,13 @@ PAIRED = ("ndcg@100", "recall@20")  # metrics compared user by user, with interv
 def per_user(run_dir: str | Path) -> pd.DataFrame:
     """The per-user ``PAIRED`` metrics ``pagellm evaluate`` wrote (its users.parquet), by user."""
     return pd.read_parquet(Path(run_dir) / "users.parquet", columns=["user_id", *PAIRED]).set_index("user_id")
+
+
+def identical(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-9) -> bool:
+    """The same users with the same per-user values: two runs of a deterministic model agree
+    this way only when they were scored on the same split, masking and metric code."""
+    a, b = a.sort_index(), b.sort_index()
+    return bool(a.index.equals(b.index) and np.allclose(a.to_numpy(), b.to_numpy(), atol=atol, equal_nan=True))
 
 
 def paired_difference(frame: pd.DataFrame, reference: pd.DataFrame) -> dict:
