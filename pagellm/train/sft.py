@@ -253,7 +253,6 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
         vocab, data["items"], data["train"], sft_cfg.max_meta_tokens, cfg.data.seed, sft_cfg.max_meta_rows_per_pattern
     )
     held = np.array([in_share(str(k), 0.05, salt="meta") for k in range(len(meta))])
-    log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
     base_size, rating_weight = vocab.base_size, sft_cfg.rating_loss_weight
     item_vectors = None
     if model_cfg.item_init == "cooccurrence":
@@ -281,6 +280,10 @@ def meta_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stora
         tokenizer.save_pretrained(directory)
         module.save_heads(directory)
 
+    if sft_cfg.meta_epochs == 0:  # meta pre-training off: the next phase starts from the initialised LM
+        export_meta(build_meta(), out / META_DIR)
+        return {"metrics": {}, "rows": {}}
+    log.info("meta pre-training on %d rows (%s)", (~held).sum(), meta.pattern.value_counts().to_dict())
     meta_cols = ["input_ids", "labels", "rating"]
     metrics = fit(
         FitSpec(
@@ -449,7 +452,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         list(val.prompt_items),
         cfg.sft.valid_page_max_items,
     )
-    stages = ("meta", "next_item", "golden_ft") if next_item else ("meta", "golden_ft")
+    stages = [s for s, on in (("meta", cfg.sft.meta_epochs), ("next_item", next_item), ("golden_ft", True)) if on]
     logs = {stage: read_jsonl(out / SFT_LOGS / f"{stage}.jsonl") for stage in stages}
     plot_losses(logs, out / "loss_curves.png")
     vocab = codec.vocab
@@ -461,7 +464,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
             if next_item
             else {}
         ),
-        "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["meta"] if "valid_loss" in r), None),
+        "meta_first_epoch_valid_loss": next((r["valid_loss"] for r in logs.get("meta", []) if "valid_loss" in r), None),
         "ft_first_epoch_valid_loss": next((r["valid_loss"] for r in logs["golden_ft"] if "valid_loss" in r), None),
         **page_validity(pages),
         "vocab": {
