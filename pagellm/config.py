@@ -308,7 +308,9 @@ class TrainConfig:
 class SFTConfig:
     """Supervised stages (section 4.3; values from section 5.1.4)."""
 
-    meta_epochs: int = opt(3, "meta-information pre-training epochs; 0 skips it (the next phase starts from the initialised LM)", ge=0)
+    meta_epochs: int = opt(
+        3, "meta-information pre-training epochs; 0 skips it (the next phase starts from the initialised LM)", ge=0
+    )
     meta_lr: float = opt(5e-5, "meta pre-training learning rate", gt=0.0)
     batch_size: int = opt(32, "rows per step (global, split over the workers)", ge=1)
     ft_epochs: int = opt(10, "golden-list (ground-truth) fine-tuning epochs", ge=1)
