@@ -362,7 +362,7 @@ def run_merge(reports: list, out_dir, command: str = "") -> dict:
     baselines = [n for n in rows if n not in policies]
     rows = {n: rows[n] for n in [*baselines, *policies]}  # PageLLM's rows last, as compare lists them
     best = max(baselines, key=lambda n: rows[n]["ndcg@100"][0], default=None)
-    paired = {n: paired_difference(users[n][0], users[best][0]) for n in rows if n != best} if best else {}
+    paired = paired_against({n: users[n] for n in rows}, best) if best else {}
     report = {
         "command": command,
         "split": split,
