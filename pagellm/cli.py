@@ -71,8 +71,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from pagellm.data.stage import build_dataset
 
     cfg = _config(args)
+    # the ray engine's tasks write their parts straight to a URI: nodes share nothing else
+    parts_uri = args.out if is_uri(args.out) and args.engine == "ray" else None
     with output(args.out) as out:
-        stats = build_dataset(cfg, out, engine=args.engine)
+        stats = build_dataset(cfg, out, engine=args.engine, parts_uri=parts_uri)
     _print_data_summary(stats, args.out)
     return 0
 
@@ -406,7 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="KIND:PATH, e.g. amazon2014:../shared/data/amazon2014-musical-instruments (default: data.dataset of the config)",
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--engine", choices=("ray", "local"), default="ray", help="Ray Data (default) or one process")
+    p.add_argument(
+        "--engine",
+        choices=("ray", "local", "gather"),
+        default="ray",
+        help="ray: streams on Ray Data, nothing of the data's size on the driver (default); local: one "
+        "process (the reference); gather: the tables on the driver, per-user steps on Ray (the earlier engine)",
+    )
     common(p)
     p.set_defaults(func=cmd_data)
 

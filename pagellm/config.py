@@ -176,7 +176,13 @@ class DataConfig:
         ge=1,
     )
     users_per_block: int = opt(
-        2000, "users per block in the Ray Data engine (smaller: more parallelism, more overhead)", ge=1
+        2000, "users per block of the local and gather engines (smaller: more parallelism, more overhead)", ge=1
+    )
+    rows_per_partition: int = opt(
+        500_000,
+        "streaming (ray) engine: interactions per shuffle partition, the unit a task splits and builds "
+        "(at least 2 per CPU; smaller: less memory per task, more tasks)",
+        ge=1,
     )
 
     def __post_init__(self) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pagellm.cli import main
 from pagellm.config import load_config
 from pagellm.data.ingest import load_dataset
 from pagellm.data.layout import DataDir
-from pagellm.data.stage import build_dataset
+from pagellm.data.stage import build_dataset, difference
 from pagellm.errors import InputError
 from tests.conftest import AMAZON, MOVIELENS
 from tests.output_checks import check_outputs
@@ -57,22 +60,76 @@ def test_pipeline_writes_valid_outputs(ray_session, tmp_path, spec, min_users, e
     assert set(stats["seconds"]) == {"ingest", "split", "item_stats", "build", "write"}
     windows = set(pq.read_table(tmp_path / "pairs", columns=["window"]).column("window").to_pylist())
     assert windows == ({"main", "extra"} if extra_pairs else {"main"})
+    # the streaming engine's parts (several partitions) read as the single-process engine's tables
+    assert len(list((tmp_path / "split" / "train.parquet").glob("part-*.parquet"))) > 1
+    build_dataset(cfg, tmp_path / "local", engine="local")
+    assert difference(DataDir(tmp_path), DataDir(tmp_path / "local")) is None
 
 
-def test_ray_and_local_engines_agree_and_are_deterministic(ray_session, tmp_path):
-    cfg = load_config(overrides=["data.dataset=synthetic:8000", "data.users_per_block=50"])
+def test_engines_agree_and_are_deterministic(ray_session, tmp_path):
+    cfg = load_config(
+        overrides=["data.dataset=synthetic:8000", "data.users_per_block=50", "data.rows_per_partition=1000"]
+    )
     ingested = load_dataset(cfg.data.dataset, cfg.data)
-    build_dataset(cfg, tmp_path / "ray", engine="ray", ingested=ingested)
+    build_dataset(cfg, tmp_path / "ray", engine="ray")
     build_dataset(cfg, tmp_path / "ray2", engine="ray")
+    build_dataset(cfg, tmp_path / "gather", engine="gather", ingested=ingested)
     build_dataset(cfg, tmp_path / "local", engine="local", ingested=ingested)
-    for name in ["split/train.parquet", "eval/val.parquet", "eval/test.parquet", "ft", "pairs"]:
-        ray_table = pq.read_table(tmp_path / "ray" / name)
-        assert ray_table.num_rows > 0
-        assert ray_table.equals(pq.read_table(tmp_path / "local" / name)), name
-        assert ray_table.equals(pq.read_table(tmp_path / "ray2" / name)), name
+    ray_dir = DataDir(tmp_path / "ray")
+    assert ray_dir.read_ft().num_rows > 0
+    for other in ("ray2", "gather", "local"):
+        assert difference(ray_dir, DataDir(tmp_path / other)) is None, other
+    for name in ["split/train.parquet", "eval/val.parquet", "ft", "pairs"]:  # the parts, file by file
+        assert sorted(p.name for p in (tmp_path / "ray" / name).iterdir()) == sorted(
+            p.name for p in (tmp_path / "ray2" / name).iterdir()
+        )
     other = load_config(overrides=["data.dataset=synthetic:8000", "data.seed=1"])
     build_dataset(other, tmp_path / "seed1", engine="local")
-    assert not pq.read_table(tmp_path / "seed1" / "pairs").equals(pq.read_table(tmp_path / "local" / "pairs"))
+    assert not DataDir(tmp_path / "seed1").read_pairs().equals(DataDir(tmp_path / "local").read_pairs())
+    with pytest.raises(ValueError, match="ingested= is for local and gather"):
+        build_dataset(cfg, tmp_path / "no", engine="ray", ingested=ingested)
+    # to a storage URI: the tasks write their parts there, the driver only items, config and stats
+    uri = f"file://{tmp_path / 'uri'}"
+    overrides = ["data.users_per_block=50", "data.rows_per_partition=1000"]
+    assert main(["data", "--dataset", "synthetic:8000", "--out", uri, *overrides]) == 0
+    assert difference(DataDir(tmp_path / "uri"), ray_dir) is None
+
+
+def test_sharded_input_read_in_tasks_counts_and_locates_drops_like_one_process(ray_session, tmp_path):
+    """A directory of CSV shards (one gzipped) read one file per task: rows dropped inside the
+    tasks (bad values) and after the shuffle (a (user, item) repeated across shards, the later
+    shard's row kept on equal times) are counted and located by file and line exactly as the
+    local engine does, and every table is the same."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    head = "user_id,item_id,rating,ts"
+    good = [f"u{u},i{(u * 7 + k) % 40},{4 + (k % 2)},{1000 * k + u}" for u in range(60) for k in range(12)]
+    user, item, _, ts = good[3].split(",")
+    parts = [good[:240], good[240:480], good[480:]]
+    parts[0] = parts[0] + ["u1,i0,abc,5"]  # bad_rating
+    parts[1] = [",i4,5,8"] + parts[1]  # missing_user_id, line 2 of the gzipped shard
+    parts[2] = parts[2] + [f"{user},{item},2,{ts}", "u5,i2,9,9"]  # a repeat of a.csv line 5; out of range
+    (shards / "a.csv").write_text("\n".join([head, *parts[0]]) + "\n")
+    with gzip.open(shards / "b.csv.gz", "wt") as fh:
+        fh.write("\n".join([head, *parts[1]]) + "\n")
+    (shards / "c.csv").write_text("\n".join([head, *parts[2]]) + "\n")
+    cfg = load_config(overrides=[f"data.dataset=csv:{shards}", "data.rows_per_partition=100", "data.min_users=1"])
+    stats = build_dataset(cfg, tmp_path / "ray", engine="ray")
+    local = build_dataset(cfg, tmp_path / "local", engine="local")
+    assert stats["rows_dropped"] == {
+        "bad_rating": 1,
+        "missing_user_id": 1,
+        "duplicate_user_item": 1,
+        "rating_out_of_range": 1,
+    }
+    dup = stats["rows_dropped_samples"]["duplicate_user_item"]
+    assert [(Path(s["file"]).name, s["line"]) for s in dup] == [("a.csv", 5)]  # the later shard's row is kept
+    assert stats["rows_dropped_samples"]["missing_user_id"][0]["line"] == 2
+    assert stats["ingest_notes"]["files"] == [str(shards / n) for n in ("a.csv", "b.csv.gz", "c.csv")]
+    assert stats["rows_dropped_samples"] == local["rows_dropped_samples"]
+    assert difference(DataDir(tmp_path / "ray"), DataDir(tmp_path / "local")) is None
+    kept = DataDir(tmp_path / "ray").read_interactions().to_pandas()
+    assert kept[(kept.user_id == user) & (kept.item_id == item)].rating.tolist() == [2.0]
 
 
 def test_category_cap_changes_golden_lists(tmp_path):

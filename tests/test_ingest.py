@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pagellm.config import DataConfig
@@ -579,6 +579,7 @@ def test_fuzzed_parquet_rows_are_kept_or_counted(tmp_path, rows):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.one_of(_row, _field), min_size=1, max_size=25))
+@example(rows=[["u1", "u1", "1", "0"], "0\r0"])  # a raw \r is inside a line, not a line end
 def test_fuzzed_amazon2018_lines_are_kept_or_counted(tmp_path, rows):
     """amazon2018 review JSON lines (gzip): a fuzzed row becomes a review object, a bare field a
     line that is not one (malformed_line)."""

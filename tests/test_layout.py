@@ -21,7 +21,7 @@ ALLOWED = {
     "storage": {"errors"},
     "ray_utils": {"config"},
     "model": {"config", "errors"},
-    "data": {"config", "errors", "ray_utils"},
+    "data": {"config", "errors", "ray_utils", "storage"},
     "train": BASE | {"model", "data", "eval"},
     "eval": BASE | {"model", "data"},
     "serve": BASE | {"model", "data"},

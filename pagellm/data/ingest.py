@@ -3,8 +3,11 @@
 Why one module of small adapters: every source (Amazon 2014 and 2018 dumps, MovieLens, the user's
 own CSV or Parquet files, synthetic data) only has to *parse* its format into raw
 ``user_id, item_id, rating, ts`` columns and an item list. Deciding which rows survive is left to
-``clean_interactions`` and ``align_items``, so all sources drop rows for the same reasons and
-report them the same way (``Ingested.dropped``) instead of each adapter inventing its own rules.
+``validate_interactions``, ``duplicate_mask`` and ``align_items``, so all sources drop rows for
+the same reasons and report them the same way (``Ingested.dropped``) instead of each adapter
+inventing its own rules. An adapter returns a ``Source``: its interaction files and how to parse
+one, so that the local engine reads them in one process (``load_dataset``) and the streaming
+engine one file per Ray task (``read_interactions``), with the same code.
 
 Input that cannot be used at all (a missing or empty file, a missing column) raises
 ``InputError`` naming the file and what is missing; damaged single lines are counted and skipped.
@@ -21,6 +24,7 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -34,13 +38,16 @@ import pyarrow.parquet as pq
 from pagellm.config import DataConfig
 from pagellm.data.schema import (
     RAW_COLUMNS,
+    ROW_COLUMNS,
     SAMPLES_PER_REASON,
     Ingested,
     align_items,
     build_items,
-    clean_interactions,
+    duplicate_mask,
+    duplicate_samples,
     parse_timestamps,
     require_columns,
+    validate_interactions,
 )
 from pagellm.errors import InputError
 
@@ -82,10 +89,24 @@ class ReadLog:
     def pop(self, reason: str) -> tuple[int, list]:
         return self.dropped.pop(reason, 0), self.samples.pop(reason, [])
 
+    def merge(self, other: "ReadLog") -> None:
+        """Add the log of another file (read in file order): counts add, samples fill up."""
+        self.dropped.update(other.dropped)
+        for reason, found in other.samples.items():
+            mine = self.samples.setdefault(reason, [])
+            mine.extend(found[: SAMPLES_PER_REASON - len(mine)])
+        self.repaired.update(other.repaired)
+        self.lines.update(other.lines)
+
+    def add_samples(self, reason: str, found: list[dict]) -> None:
+        """Samples of rows dropped after parsing (``row``: 1-based data row), located by line."""
+        self.locate({reason: found})
+        self.merge(ReadLog(samples={reason: found}))
+
     def locate(self, samples: dict) -> None:
-        """Add the file line to each ``clean_interactions`` sample (``row``: 1-based data row)."""
+        """Add the file line to each sample of a parsed data row (``row``: 1-based data row)."""
         for path, line_of in self.lines.items():
-            mine = [s for rows in samples.values() for s in rows if s["file"] == path]
+            mine = [s for rows in samples.values() for s in rows if s["file"] == path and "row" in s]
             if mine:
                 lines = line_of([s["row"] - 1 for s in mine])
                 for s in mine:
@@ -93,19 +114,38 @@ class ReadLog:
 
 
 # ---------------------------------------------------------------------------------- entry point
-def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
-    """Load ``KIND:PATH`` (or ``synthetic[:N]``) into canonical interactions and items."""
+@dataclass(frozen=True)
+class Source:
+    """A file-based data set: its interaction files in order, how to parse one of them into raw
+    ``RAW_COLUMNS`` (``parse(path, log)``), and how to read its items (``read_items(log)``).
+    The callables are module-level functions bound with ``partial``, so they travel to Ray tasks."""
+
+    kind: str
+    ratings: tuple[Path, ...]
+    parse: Callable[[Path, ReadLog], pd.DataFrame]
+    read_items: Callable[[ReadLog], pa.Table]
+    item_files: tuple[Path, ...] = ()
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``KIND:PATH`` -> (kind, PATH), the kind checked."""
     kind, _, arg = str(spec).partition(":")
     kind, arg = kind.strip().lower(), arg.strip()
     if kind not in KINDS:
         raise InputError(f"data.dataset '{spec}': unknown kind '{kind}'; valid kinds: {', '.join(KINDS)}")
-    if kind == "synthetic":
-        n = _parse_count(arg, spec)
-        from pagellm.data.synthetic import generate_synthetic  # lazy: only this kind needs it
-
-        return generate_synthetic(n, cfg.seed)
-    if not arg:
+    if kind != "synthetic" and not arg:
         raise InputError(f"data.dataset '{spec}': missing PATH; write KIND:PATH with KIND one of {', '.join(KINDS)}")
+    return kind, arg
+
+
+def synthetic_count(spec: str) -> Optional[int]:
+    """The N of ``synthetic[:N]`` (None: the generator's default)."""
+    return _parse_count(split_spec(spec)[1], spec)
+
+
+def open_source(spec: str, cfg: DataConfig) -> Source:
+    """The ``Source`` of a file-based ``KIND:PATH`` (every kind but synthetic)."""
+    kind, arg = split_spec(spec)
     adapters = {
         "amazon2014": _amazon2014,
         "amazon2018": _amazon2018,
@@ -113,25 +153,73 @@ def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
         "parquet": _parquet,
         "csv": _csv,
     }
-    log = ReadLog()
-    raw, items, files = adapters[kind](arg, cfg, log)
-    meta_drops, meta_samples = log.pop(META_DROP)  # item-file lines are not interaction rows: counted apart
-    raw = _numbers_from_text(raw)
-    ts, ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(files[0]))
-    interactions, dropped, samples = clean_interactions(
-        raw, source=str(files[0]), rating_min=cfg.rating_min, rating_max=cfg.rating_max, ts=ts
+    return adapters[kind](arg, cfg)
+
+
+def read_interactions(source: Source, index: int, cfg: DataConfig) -> tuple[pa.Table, ReadLog, str]:
+    """Parse and validate interactions file ``index`` of ``source``: the valid rows with their
+    ``ROW_COLUMNS``, the file's log (drops counted and located) and its time format. Duplicates
+    are left to ``duplicate_mask``, which needs every row of a user."""
+    path, log = source.ratings[index], ReadLog()
+    raw = _numbers_from_text(source.parse(path, log))
+    ts, ts_format = parse_timestamps(raw["ts"], cfg.ts_format, str(path))
+    table, dropped, samples = validate_interactions(
+        raw, source=str(path), rating_min=cfg.rating_min, rating_max=cfg.rating_max, ts=ts, file_index=index
     )
     log.locate(samples)
-    items, notes = align_items(interactions, items)
-    notes = {"kind": kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
+    log.merge(ReadLog(dropped=dropped, samples=samples))
+    return table, log, ts_format
+
+
+def finish(source: Source, log: ReadLog, formats: list[str], seen_items: pa.Array, items: pa.Table) -> Ingested:
+    """Items aligned to the kept interactions and the notes of a load; shared by both engines.
+    Returns an ``Ingested`` without interactions (the caller holds them, or never gathers them)."""
+    meta_drops, meta_samples = log.pop(META_DROP)  # item-file lines are not interaction rows: counted apart
+    items, notes = align_items(seen_items, items)
+    files = [*source.ratings, *source.item_files]
+    ts_format = formats[0] if len(set(formats)) == 1 else ",".join(formats)
+    notes = {"kind": source.kind, "files": [str(f) for f in files], "ts_format": ts_format, **notes}
     if meta_drops:
         notes["item_lines_dropped"] = {"malformed_line": meta_drops}
         notes["item_lines_dropped_samples"] = meta_samples
     if log.repaired:
         notes["encoding_repaired_lines"] = dict(log.repaired)  # data.encoding_errors=replace
-    return Ingested(
-        interactions, items, dropped=dropped + log.dropped, notes=notes, drop_samples={**log.samples, **samples}
-    )
+    return Ingested(None, items, dropped=+log.dropped, notes=notes, drop_samples=log.samples)  # + drops zeros
+
+
+def no_rows_left(source: Source, log: ReadLog) -> InputError:
+    return InputError(f"{source.ratings[0]}: no valid interaction rows left; dropped {dict(log.dropped)}")
+
+
+def load_dataset(spec: str, cfg: DataConfig) -> Ingested:
+    """Load ``KIND:PATH`` (or ``synthetic[:N]``) into canonical interactions and items, in one
+    process: every interactions file in order, then duplicates dropped over all of them."""
+    kind, _ = split_spec(spec)
+    if kind == "synthetic":
+        from pagellm.data.synthetic import generate_synthetic  # lazy: only this kind needs it
+
+        return generate_synthetic(synthetic_count(spec), cfg.seed)
+    source = open_source(spec, cfg)
+    log = ReadLog()
+    items = source.read_items(log)
+    tables, formats = [], []
+    for index in range(len(source.ratings)):
+        table, file_log, ts_format = read_interactions(source, index, cfg)
+        log.merge(file_log)
+        tables.append(table)
+        formats.append(ts_format)
+    interactions = pa.concat_tables(tables)
+    if interactions.num_rows == 0:
+        raise no_rows_left(source, log)
+    dup = duplicate_mask(interactions)
+    if dup.any():
+        log.dropped["duplicate_user_item"] += int(dup.sum())
+        log.add_samples("duplicate_user_item", duplicate_samples(interactions, dup, [str(p) for p in source.ratings]))
+        interactions = interactions.filter(pa.array(~dup))
+    interactions = interactions.drop_columns(list(ROW_COLUMNS))  # file order kept
+    ingested = finish(source, log, formats, interactions.column("item_id"), items)
+    ingested.interactions = interactions
+    return ingested
 
 
 def _parse_count(arg: str, spec: str) -> Optional[int]:
@@ -176,10 +264,13 @@ def _existing(path: str | Path) -> Path:
     return p
 
 
-def _open_text(path: Path, encoding: str = "utf-8"):
+def _open_text(path: Path, encoding: str = "utf-8", newline: Optional[str] = None):
+    """A text file, gzipped or not. ``newline=None``: any of \\n, \\r\\n, \\r ends a line (as
+    pyarrow's CSV reader counts them); JSON lines pass ``"\\n"``, where a raw \\r is whitespace
+    inside a record."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding=encoding, errors="replace")
-    return open(path, encoding=encoding, errors="replace")
+        return gzip.open(path, "rt", encoding=encoding, errors="replace", newline=newline)
+    return open(path, encoding=encoding, errors="replace", newline=newline)
 
 
 def _first_line(path: Path, encoding: str = "utf-8") -> Optional[str]:
@@ -346,7 +437,7 @@ def _read_json_lines(
     path = _existing(path)
     fields = list(fields)
     records, lines, malformed, objects = [], [], 0, 0
-    with _open_text(path) as fh:
+    with _open_text(path, newline="\n") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -460,7 +551,7 @@ def _headerless_order(fields: list[str]) -> tuple[str, ...]:
     return AMAZON_CSV_ORDER
 
 
-def _amazon_ratings(path: Path, errors: str, log: ReadLog) -> pd.DataFrame:
+def _amazon_ratings(path: Path, log: ReadLog, errors: str) -> pd.DataFrame:
     """Ratings CSV (``asin, reviewerID, overall, unixReviewTime``, header optional) or review
     JSON lines, by file name."""
     if path.name.lower().endswith(JSON_SUFFIXES):
@@ -477,51 +568,67 @@ def _amazon_ratings(path: Path, errors: str, log: ReadLog) -> pd.DataFrame:
     return raw[list(RAW_COLUMNS)]
 
 
-def _amazon(arg: str, rating_suffixes, categories, errors: str, log: ReadLog) -> tuple:
+def _amazon(kind: str, arg: str, rating_suffixes, categories, errors: str) -> Source:
     ratings_path, meta_path = _amazon_files(arg, rating_suffixes)
-    raw = _amazon_ratings(ratings_path, errors, log)
-    return raw, _meta_items(meta_path, categories, log), [ratings_path, meta_path]
+    return Source(
+        kind,
+        (ratings_path,),
+        partial(_amazon_ratings, errors=errors),
+        partial(_meta_items, meta_path, categories),
+        (meta_path,),
+    )
 
 
-def _amazon2014(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
-    return _amazon(arg, (".csv", ".csv.gz") + JSON_SUFFIXES, _categories2014, cfg.encoding_errors, log)
+def _amazon2014(arg: str, cfg: DataConfig) -> Source:
+    suffixes = (".csv", ".csv.gz") + JSON_SUFFIXES
+    return _amazon("amazon2014", arg, suffixes, _categories2014, cfg.encoding_errors)
 
 
-def _amazon2018(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
-    return _amazon(arg, JSON_SUFFIXES, _categories2018, cfg.encoding_errors, log)
+def _amazon2018(arg: str, cfg: DataConfig) -> Source:
+    return _amazon("amazon2018", arg, JSON_SUFFIXES, _categories2018, cfg.encoding_errors)
 
 
 # --------------------------------------------------------------------------------- movielens
-def _movielens(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
+def _movielens(arg: str, cfg: DataConfig) -> Source:
     """ml-latest(-small) ``ratings.csv`` + ``movies.csv``, or ml-100k ``u.data`` + ``u.item``."""
     root = _existing(arg)
     if not root.is_dir():
         raise InputError(f"{root}: expected a MovieLens directory")
+    errors = cfg.encoding_errors
     if (root / "ratings.csv").is_file() and (root / "movies.csv").is_file():
-        return _movielens_latest(root, cfg.encoding_errors, log)
-    if (root / "u.data").is_file() and (root / "u.item").is_file():
-        return _movielens_100k(root, cfg.encoding_errors, log)
-    found = sorted(p.name for p in root.iterdir())
-    raise InputError(f"{root}: need ratings.csv + movies.csv or u.data + u.item; found {found}")
+        ratings, movies = root / "ratings.csv", root / "movies.csv"
+        parse, items = partial(_ml_latest_ratings, errors=errors), partial(_ml_latest_items, movies, errors)
+    elif (root / "u.data").is_file() and (root / "u.item").is_file():
+        ratings, movies = root / "u.data", root / "u.item"
+        parse, items = partial(_ml_100k_ratings, errors=errors), partial(_ml_100k_items, movies)
+    else:
+        found = sorted(p.name for p in root.iterdir())
+        raise InputError(f"{root}: need ratings.csv + movies.csv or u.data + u.item; found {found}")
+    return Source("movielens", (ratings,), parse, items, (movies,))
 
 
-def _movielens_latest(root: Path, errors: str, log: ReadLog) -> tuple:
-    ratings_path, movies_path = root / "ratings.csv", root / "movies.csv"
-    raw = _read_csv(ratings_path, log, keep=("userId", "movieId", "rating", "timestamp"), errors=errors)
+def _ml_latest_ratings(path: Path, log: ReadLog, errors: str) -> pd.DataFrame:
+    raw = _read_csv(path, log, keep=("userId", "movieId", "rating", "timestamp"), errors=errors)
     raw.columns = list(RAW_COLUMNS)
-    movies = _read_csv(movies_path, log, reason=META_DROP, keep=("movieId", "title", "genres"), errors=errors)
+    return raw
+
+
+def _ml_latest_items(path: Path, errors: str, log: ReadLog) -> pa.Table:
+    movies = _read_csv(path, log, reason=META_DROP, keep=("movieId", "title", "genres"), errors=errors)
     genres = [[] if g == ML_NO_GENRES else [x for x in g.split("|") if x] for g in movies["genres"]]
-    return raw, _genre_items(movies["movieId"], genres, movies["title"]), [ratings_path, movies_path]
+    return _genre_items(movies["movieId"], genres, movies["title"])
 
 
-def _movielens_100k(root: Path, errors: str, log: ReadLog) -> tuple:
-    data_path, item_path = root / "u.data", root / "u.item"
-    raw = _read_csv(data_path, log, names=RAW_COLUMNS, sep="\t", quoting=False, errors=errors)
+def _ml_100k_ratings(path: Path, log: ReadLog, errors: str) -> pd.DataFrame:
+    return _read_csv(path, log, names=RAW_COLUMNS, sep="\t", quoting=False, errors=errors)
+
+
+def _ml_100k_items(path: Path, log: ReadLog) -> pa.Table:
     names = ["movie_id", "title", "release", "video_release", "url", *ML100K_GENRES]
-    movies = _read_csv(item_path, log, reason=META_DROP, names=names, sep="|", encoding="latin-1", quoting=False)
+    movies = _read_csv(path, log, reason=META_DROP, names=names, sep="|", encoding="latin-1", quoting=False)
     flags = movies[list(ML100K_GENRES[1:])].to_numpy() == "1"  # "unknown" is not a genre
     genres = [[g for g, on in zip(ML100K_GENRES[1:], row) if on] for row in flags]
-    return raw, _genre_items(movies["movie_id"], genres, movies["title"]), [data_path, item_path]
+    return _genre_items(movies["movie_id"], genres, movies["title"])
 
 
 def _genre_items(ids, genres: list[list[str]], titles) -> pa.Table:
@@ -535,7 +642,7 @@ def _is_parquet(path: Path) -> bool:
 
 
 def _read_mapped(
-    path: Path, as_parquet: bool, mapping: dict, required: Iterable[str], errors: str, log: ReadLog, reason: str
+    path: Path, log: ReadLog, as_parquet: bool, mapping: dict, required: Iterable[str], errors: str, reason: str
 ) -> pd.DataFrame:
     """Read the mapped columns of a CSV/Parquet file, renamed to canonical names. Columns in
     ``required`` must exist; other mapped columns are read when present. Ids are read as text
@@ -567,45 +674,70 @@ def _read_mapped(
     return pd.DataFrame({c: frame[col] for c, col in present.items()})
 
 
-def _csv(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
-    return _tabular(arg, cfg, log, as_parquet=False)
+def _csv(arg: str, cfg: DataConfig) -> Source:
+    return _tabular("csv", arg, cfg, as_parquet=False)
 
 
-def _parquet(arg: str, cfg: DataConfig, log: ReadLog) -> tuple:
-    return _tabular(arg, cfg, log, as_parquet=True)
+def _parquet(arg: str, cfg: DataConfig) -> Source:
+    return _tabular("parquet", arg, cfg, as_parquet=True)
 
 
-def _tabular(arg: str, cfg: DataConfig, log: ReadLog, as_parquet: bool) -> tuple:
-    """The user's interactions file (columns mapped by ``cfg.columns``) and optional items file
-    (``cfg.items_path``, mapped by ``cfg.item_columns``; without it every category is unknown)."""
-    path = Path(arg).expanduser()
-    raw = _read_mapped(path, as_parquet, cfg.columns, RAW_COLUMNS, cfg.encoding_errors, log, "malformed_line")
-    files = [path]
-    if cfg.items_path:
-        items_path = Path(cfg.items_path).expanduser()
-        meta = _read_mapped(
-            items_path, _is_parquet(items_path), cfg.item_columns, ("item_id",), cfg.encoding_errors, log, META_DROP
-        )
-        meta["item_id"] = meta["item_id"].str.strip()
-        has_id = (meta["item_id"].notna() & (meta["item_id"] != "")).to_numpy()
-        no_id = np.flatnonzero(~has_id)
-        lines = log.lines.get(str(items_path), lambda rows: {})(list(no_id[:SAMPLES_PER_REASON]))
-        for n, row in enumerate(no_id):  # an item row without an id names no item: a counted drop
-            text = ",".join(str(v) for v in meta.iloc[row]) if n < SAMPLES_PER_REASON else ""
-            log.drop(META_DROP, items_path, text, line=lines.get(row), row=int(row) + 1)
-        meta = meta[has_id]
-        files.append(items_path)
-        cats = [_split_categories(v) for v in meta.get("category", [None] * len(meta))]
-        items = build_items(
-            meta["item_id"],
-            [c[0] if c else None for c in cats],
-            cats,
-            [_text(v) for v in meta["title"]] if "title" in meta else None,
-            [_text(v) for v in meta["brand"]] if "brand" in meta else None,
-        )
-    else:
-        items = build_items([], [], [])
-    return raw[list(RAW_COLUMNS)], items, files
+TABULAR_SUFFIXES = {True: (".parquet", ".pq"), False: (".csv", ".csv.gz")}
+
+
+def _tabular_files(arg: str, as_parquet: bool) -> tuple[Path, ...]:
+    """One file, or every file of a directory with the format's suffix, in name order (the
+    shards of a large log: the streaming engine reads them in parallel)."""
+    path = _existing(arg)
+    if path.is_file():
+        return (path,)
+    suffixes = TABULAR_SUFFIXES[as_parquet]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
+    if not files:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise InputError(f"{path}: no {'/'.join(suffixes)} file in the directory; found {found}")
+    return tuple(files)
+
+
+def _tabular(kind: str, arg: str, cfg: DataConfig, as_parquet: bool) -> Source:
+    """The user's interactions file or directory of files (columns mapped by ``cfg.columns``)
+    and optional items file (``cfg.items_path``, mapped by ``cfg.item_columns``; without it every
+    category is unknown)."""
+    parse = partial(
+        _read_mapped,
+        as_parquet=as_parquet,
+        mapping=cfg.columns,
+        required=RAW_COLUMNS,
+        errors=cfg.encoding_errors,
+        reason="malformed_line",
+    )
+    item_files = (Path(cfg.items_path).expanduser(),) if cfg.items_path else ()
+    return Source(kind, _tabular_files(arg, as_parquet), parse, partial(_tabular_items, cfg), item_files)
+
+
+def _tabular_items(cfg: DataConfig, log: ReadLog) -> pa.Table:
+    if not cfg.items_path:
+        return build_items([], [], [])
+    items_path = Path(cfg.items_path).expanduser()
+    meta = _read_mapped(
+        items_path, log, _is_parquet(items_path), cfg.item_columns, ("item_id",), cfg.encoding_errors, META_DROP
+    )
+    meta["item_id"] = meta["item_id"].str.strip()
+    has_id = (meta["item_id"].notna() & (meta["item_id"] != "")).to_numpy()
+    no_id = np.flatnonzero(~has_id)
+    lines = log.lines.get(str(items_path), lambda rows: {})(list(no_id[:SAMPLES_PER_REASON]))
+    for n, row in enumerate(no_id):  # an item row without an id names no item: a counted drop
+        text = ",".join(str(v) for v in meta.iloc[row]) if n < SAMPLES_PER_REASON else ""
+        log.drop(META_DROP, items_path, text, line=lines.get(row), row=int(row) + 1)
+    meta = meta[has_id]
+    cats = [_split_categories(v) for v in meta.get("category", [None] * len(meta))]
+    return build_items(
+        meta["item_id"],
+        [c[0] if c else None for c in cats],
+        cats,
+        [_text(v) for v in meta["title"]] if "title" in meta else None,
+        [_text(v) for v in meta["brand"]] if "brand" in meta else None,
+    )
 
 
 def _split_categories(value) -> list[str]:

@@ -13,6 +13,10 @@ here once.
     pairs/part-*.parquet                   user_id, family, prompt_items, chosen, rejected, window
     eval/{val,test}.parquet                user_id, prompt_items, target
     stats.json                             counts, drops and timings
+
+Every table but items.parquet is a file (the local engine; ft/ and pairs/ sharded) or a
+directory of that name holding parquet parts (the streaming ``ray`` engine); ``DataDir`` reads
+the same rows either way.
 """
 
 from __future__ import annotations
@@ -93,8 +97,19 @@ class DataDir:
     # ------------------------------------------------------------------------ tables
 
     def _read(self, path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        """A table, from its file or its directory of parts. Parts come in no set order (the
+        streaming engine names them by a hash): a directory's rows are sorted by user, stably,
+        so every engine's output reads as the same table (each user's rows are in one part)."""
         self.require(path)
-        return pq.read_table(path, columns=list(columns) if columns else None)
+        columns = list(columns) if columns else None
+        if not path.is_dir():
+            return pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=None if columns is None else list(dict.fromkeys(["user_id", *columns])))
+        table = table.sort_by("user_id") if "user_id" in table.column_names else table
+        return table.select(columns) if columns else table
+
+    def read_interactions(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        return self._read(self.interactions_path, columns)
 
     def read_items(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
         return self._read(self.items_path, columns)

@@ -1,7 +1,7 @@
 """The canonical tables every adapter produces, and the row-level cleaning they share.
 
-Adapters only parse their format into raw columns; ``clean_interactions`` decides which rows
-survive, so that every source drops rows for the same reasons and counts them the same way.
+Adapters only parse their format into raw columns; ``validate_interactions`` and
+``duplicate_mask`` decide which rows survive, so that every source drops rows for the same reasons and counts them the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pagellm.errors import InputError
 
@@ -30,7 +31,7 @@ ITEMS_SCHEMA = pa.schema(
 )
 UNKNOWN_CATEGORY = "unknown"
 
-RAW_COLUMNS = ("user_id", "item_id", "rating", "ts")  # what every adapter hands to clean_interactions
+RAW_COLUMNS = ("user_id", "item_id", "rating", "ts")  # what every adapter hands to validate_interactions
 
 # Reasons a row is dropped, in the order they are checked; a row counts under its first reason.
 DROP_REASONS = (
@@ -41,6 +42,12 @@ DROP_REASONS = (
     "bad_timestamp",
     "duplicate_user_item",
 )
+
+
+def ordered_drops(dropped) -> dict:
+    """Drop counts in ``DROP_REASONS`` order, then any other reason by name (how they print)."""
+    rank = {reason: i for i, reason in enumerate(DROP_REASONS)}
+    return {k: dropped[k] for k in sorted(dropped, key=lambda k: (rank.get(k, len(rank)), k)) if dropped[k]}
 
 
 @dataclass
@@ -70,7 +77,7 @@ MS_FROM = 1e11  # a unix time this large in seconds is the year 5138: the column
 
 
 def parse_timestamps(values: pd.Series, fmt: str, source: str) -> tuple[pd.Series, str]:
-    """A raw time column as numbers ``clean_interactions`` can check, and the format read:
+    """A raw time column as numbers ``validate_interactions`` can check, and the format read:
     unix seconds or milliseconds (kept in their unit: the data stage only orders by time) or
     ISO-8601 dates / datetimes (with or without a zone; naive ones read as UTC) as unix seconds.
     ``auto`` detects the format of the column; a column mixing numbers and ISO dates is an error
@@ -100,17 +107,27 @@ def parse_timestamps(values: pd.Series, fmt: str, source: str) -> tuple[pd.Serie
     return numeric, fmt
 
 
-def clean_interactions(
-    raw: pd.DataFrame, source: str, rating_min: float, rating_max: float, ts: Optional[pd.Series] = None
+ROW_COLUMNS = ("_file", "_row")  # where a validated row came from: file index, 0-based data row
+
+
+def validate_interactions(
+    raw: pd.DataFrame,
+    source: str,
+    rating_min: float,
+    rating_max: float,
+    ts: Optional[pd.Series] = None,
+    file_index: int = 0,
 ) -> tuple[pa.Table, Counter, dict]:
-    """Validate raw ``user_id, item_id, rating, ts`` columns (any dtype) into the canonical table.
+    """Validate the raw ``user_id, item_id, rating, ts`` columns (any dtype) of one file.
 
     Drops, counting each under the first reason that applies (``DROP_REASONS``): missing ids,
     a rating that is not a number or lies outside ``[rating_min, rating_max]``, a timestamp that
-    is not an integer, and repeated (user, item) pairs, of which the latest rating is kept (the
-    user's current opinion; ties keep the later row of the file). Also returns, per reason, the
-    first few dropped rows (``Ingested.drop_samples``) so that a user can find them. ``ts``: the
-    time column as numbers (``parse_timestamps``) when ``raw`` holds it as the file's text.
+    is not an integer. Repeated (user, item) pairs are left to ``duplicate_mask``, which needs
+    every row of a user (a whole file here, a user's shuffle partition in the streaming engine).
+    Returns the canonical columns plus ``ROW_COLUMNS`` (``file_index`` and the row), the counts,
+    and per reason the first few dropped rows (``Ingested.drop_samples``) so that a user can
+    find them. ``ts``: the time column as numbers (``parse_timestamps``) when ``raw`` holds it as
+    the file's text.
     """
     require_columns(raw.columns, RAW_COLUMNS, source)
     if len(raw) == 0:
@@ -119,18 +136,15 @@ def clean_interactions(
     samples: dict[str, list[dict]] = {}
     keep = np.ones(len(raw), dtype=bool)
 
-    def sample(reason: str, rows: np.ndarray) -> None:
-        samples[reason] = [
-            {"file": source, "row": int(r) + 1, "raw": {c: str(raw[c].iloc[r]) for c in RAW_COLUMNS}}
-            for r in rows[:SAMPLES_PER_REASON]
-        ]
-
     def drop(mask: np.ndarray, reason: str) -> None:
         nonlocal keep
         newly = mask & keep
         if newly.any():
             dropped[reason] += int(newly.sum())
-            sample(reason, np.flatnonzero(newly))
+            samples[reason] = [
+                {"file": source, "row": int(r) + 1, "raw": {c: str(raw[c].iloc[r]) for c in RAW_COLUMNS}}
+                for r in np.flatnonzero(newly)[:SAMPLES_PER_REASON]
+            ]
         keep &= ~mask
 
     # ids as stripped text, converted once; null or blank is a missing id
@@ -144,27 +158,49 @@ def clean_interactions(
     ts = pd.to_numeric(raw["ts"] if ts is None else ts, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     with np.errstate(invalid="ignore"):
         drop(~np.isfinite(ts) | (ts != np.floor(ts)) | (ts < 0) | (ts > 2**62), "bad_timestamp")
-
-    df = pd.DataFrame(
+    rows = np.flatnonzero(keep)
+    table = pa.table(
         {
-            "user_id": ids["user_id"].to_numpy()[keep],
-            "item_id": ids["item_id"].to_numpy()[keep],
-            "rating": rating[keep],
-            "ts": ts[keep].astype(np.int64),
+            "user_id": pa.array(ids["user_id"].to_numpy()[keep], pa.string()),
+            "item_id": pa.array(ids["item_id"].to_numpy()[keep], pa.string()),
+            "rating": pa.array(rating[keep], pa.float64()),
+            "ts": pa.array(ts[keep].astype(np.int64), pa.int64()),
+            "_file": pa.array(np.full(len(rows), file_index, dtype=np.int32)),
+            "_row": pa.array(rows.astype(np.int64)),
         }
     )
-    # stable sort by time, so that keep="last" keeps the latest rating (later file row on ties)
-    df = df.sort_values("ts", kind="stable")
-    dup = df.duplicated(subset=["user_id", "item_id"], keep="last").to_numpy()
-    if dup.any():
-        dropped["duplicate_user_item"] += int(dup.sum())
-        sample("duplicate_user_item", np.sort(df.index.to_numpy()[dup]))
-        df = df[~dup]
-    if len(df) == 0:
-        raise InputError(f"{source}: no valid interaction rows left; dropped {dict(dropped)}")
-    df = df.sort_index(kind="stable")  # back to file order
-    table = pa.Table.from_pandas(df, schema=INTERACTIONS_SCHEMA, preserve_index=False)
     return table, dropped, samples
+
+
+def duplicate_mask(table: pa.Table) -> np.ndarray:
+    """Rows that repeat a (user, item) pair of a later row: the latest rating is kept (the user's
+    current opinion), and on equal times the later row in file order (``ROW_COLUMNS``). Depends
+    only on the rows of each user, so a per-user shuffle partition gives the same answer as the
+    whole table."""
+    order = pc.sort_indices(
+        table, sort_keys=[(c, "ascending") for c in ("user_id", "item_id", "ts", *ROW_COLUMNS)]
+    ).to_numpy()
+    if len(order) < 2:
+        return np.zeros(len(order), dtype=bool)
+    pair = [table.column(c).take(order).combine_chunks() for c in ("user_id", "item_id")]
+    same = [pc.equal(col.slice(0, len(col) - 1), col.slice(1)).to_numpy(zero_copy_only=False) for col in pair]
+    mask = np.zeros(len(order), dtype=bool)
+    mask[order[:-1][same[0] & same[1]]] = True  # a row followed by the same pair is superseded
+    return mask
+
+
+def duplicate_samples(table: pa.Table, mask: np.ndarray, sources: list[str]) -> list[dict]:
+    """The first few duplicates in file order, located like ``validate_interactions``' samples."""
+    dups = table.filter(pa.array(mask))
+    first = dups.take(pc.sort_indices(dups, sort_keys=[(c, "ascending") for c in ROW_COLUMNS])[:SAMPLES_PER_REASON])
+    return [
+        {
+            "file": sources[row["_file"]],
+            "row": row["_row"] + 1,
+            "raw": {c: str(row[c]) for c in RAW_COLUMNS},
+        }
+        for row in first.to_pylist()
+    ]
 
 
 def _text(value) -> str | None:
@@ -192,10 +228,11 @@ def build_items(item_ids, category, categories, titles=None, brands=None) -> pa.
     )
 
 
-def align_items(interactions: pa.Table, items: pa.Table) -> tuple[pa.Table, dict]:
-    """Keep one row per item that occurs in the interactions; items with no metadata get
-    category ``unknown``. Returns the items and counts of what changed."""
-    seen = pd.unique(interactions.column("item_id").to_numpy(zero_copy_only=False))
+def align_items(seen_items: pa.Array, items: pa.Table) -> tuple[pa.Table, dict]:
+    """Keep one row per item that occurs in the interactions (``seen_items``, the ids of the
+    kept interactions, repeats allowed); items with no metadata get category ``unknown``.
+    Returns the items and counts of what changed."""
+    seen = pc.unique(seen_items).to_pylist()
     df = items.to_pandas()
     before = len(df)
     df = df.drop_duplicates("item_id", keep="first")

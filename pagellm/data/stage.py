@@ -1,15 +1,17 @@
 """The data stage: canonical tables -> split -> s_i -> prompts, golden lists, pairs, eval targets.
 
-Two engines run the same per-user functions (``pagellm.data.rules``) over the same tables:
-``ray`` (Ray Data: a group-by-user shuffle, then batches of users on every core or node) and
-``local`` (one process, the reference the benchmark compares against). Both write the layout
-of ``pagellm.data.layout.DataDir``.
+Three engines run the same per-batch functions below (and the per-user rules of
+``pagellm.data.rules``): ``ray`` (``pagellm.data.streaming``: reads, a hash shuffle by user,
+the per-user steps and the writes all in Ray Data tasks), ``local`` (one process, the reference)
+and ``gather`` (the tables on the driver, the per-user steps on Ray; the benchmark's earlier
+engine). All write the layout of ``pagellm.data.layout.DataDir`` with the same rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +27,7 @@ from pagellm.config import DataConfig, PageLLMConfig, write_config
 from pagellm.data import rules
 from pagellm.data.ingest import load_dataset
 from pagellm.data.layout import EVAL_SPLITS, DataDir
-from pagellm.data.schema import Ingested
+from pagellm.data.schema import Ingested, ordered_drops
 from pagellm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -182,8 +184,9 @@ def user_blocks(interactions: pa.Table, users_per_block: int) -> list[pa.Table]:
     return [table.slice(lo, hi - lo) for lo, hi in zip(cuts[:-1], cuts[1:])]
 
 
-def run_ray(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa.Table, pa.Table]:
-    """Ray Data engine. Returns (users, records) as Arrow tables in user order.
+def run_gather(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[pa.Table, pa.Table]:
+    """The gather engine (the Ray engine before the streaming one). Returns (users, records) as
+    Arrow tables in user order.
 
     Grouping by user is an Arrow sort on the driver cut into blocks of whole users. Measured
     on 2 CPUs at 1M interactions, Ray Data's group-by shuffle with ``map_groups`` took 42 s for
@@ -239,111 +242,221 @@ def run_local(ingested: Ingested, data_cfg: DataConfig, timings: dict) -> tuple[
 
 # ---------------------------------------------------------------------------------- outputs
 
+# every per-user output of the data directory, by name; written from any batch of whole users
+OUTPUTS = ("split/train", "split/val", "split/test", "split/withheld", "ft", "pairs", "eval/val", "eval/test")
 
-def _write(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+
+def output_path(out: DataDir, name: str) -> Path:
+    """The ``DataDir`` path of an output of ``OUTPUTS``."""
+    group, _, part = name.partition("/")
+    if group == "split":
+        return out.split_path(part)
+    if group == "eval":
+        return out.eval_path(part)
+    return {"ft": out.ft_path, "pairs": out.pairs_path}[group]
 
 
 def _of_kind(records: pa.Table, kind: str) -> pa.Table:
     return records.filter(pc.equal(records.column("kind"), kind))
 
 
-def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa.Table, shard_rows: int) -> dict:
-    """Every file of the data directory (``DataDir``) but stats.json; returns its counts."""
-    _write(ingested.interactions, out.interactions_path)
-    _write(ingested.items, out.items_path)
-    kept = users.filter(pc.equal(users.column("dropped"), ""))
-    flat = pa.table(
+def flatten_users(users: pa.Table) -> pa.Table:
+    """USERS_SCHEMA rows -> one row per interaction (``user_id, item_id, rating, ts, label``)."""
+    items = users.column("items")
+    return pa.table(
         {
-            "user_id": pc.take(kept.column("user_id"), pc.list_parent_indices(kept.column("items"))),
-            "item_id": pc.list_flatten(kept.column("items")),
-            "rating": pc.list_flatten(kept.column("ratings")),
-            "ts": pc.list_flatten(kept.column("ts")),
-            "label": pc.list_flatten(kept.column("labels")),
+            "user_id": pc.take(users.column("user_id"), pc.list_parent_indices(items)),
+            "item_id": pc.list_flatten(items),
+            "rating": pc.list_flatten(users.column("ratings")),
+            "ts": pc.list_flatten(users.column("ts")),
+            "label": pc.list_flatten(users.column("labels")),
         }
     )
-    split_rows = {}
-    for label, name in SPLIT_NAMES.items():
-        part = flat.filter(pc.equal(flat.column("label"), label)).drop_columns(["label"])
-        _write(part, out.split_path(name))
-        split_rows[name] = part.num_rows
 
+
+def output_tables(users: pa.Table, records: pa.Table) -> dict[str, pa.Table]:
+    """The tables of ``OUTPUTS`` for a batch of whole users (USERS_SCHEMA) and their records."""
+    flat = flatten_users(users.filter(pc.equal(users.column("dropped"), "")))
+    tables = {
+        f"split/{name}": flat.filter(pc.equal(flat.column("label"), label)).drop_columns(["label"])
+        for label, name in SPLIT_NAMES.items()
+    }
     # window: "main" (golden_fraction; the pairs use it) or "extra" (extra_ft_fractions)
-    ft = (
+    tables["ft"] = (
         _of_kind(records, "ft")
         .select(["user_id", "prompt_items", "chosen", "family"])
         .rename_columns(["user_id", "prompt_items", "golden", "window"])
     )
     pairs = _of_kind(records, "pair").select(["user_id", "family", "prompt_items", "chosen", "rejected", "reason"])
-    pairs = pairs.rename_columns(["user_id", "family", "prompt_items", "chosen", "rejected", "window"])
-    for directory, table in ((out.ft_path, ft), (out.pairs_path, pairs)):
-        directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("part-*.parquet"):
-            old.unlink()
-        for i, lo in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
-            _write(table.slice(lo, shard_rows), directory / f"part-{i:05d}.parquet")
+    tables["pairs"] = pairs.rename_columns(["user_id", "family", "prompt_items", "chosen", "rejected", "window"])
     for split in EVAL_SPLITS:
         ev = _of_kind(records, split).select(["user_id", "prompt_items", "chosen"])
-        _write(ev.rename_columns(["user_id", "prompt_items", "target"]), out.eval_path(split))
+        tables[f"eval/{split}"] = ev.rename_columns(["user_id", "prompt_items", "target"])
+    return tables
 
+
+def output_counts(users: pa.Table, records: pa.Table, tables: dict[str, pa.Table]) -> Counter:
+    """What a batch of users contributes to stats.json, as flat keys that add up over batches
+    (``GROUP/KEY`` for the nested counts; ``counts_to_stats`` nests them)."""
+    counts: Counter = Counter()
+    for name in SPLIT_NAMES.values():
+        counts[f"split_rows/{name}"] += tables[f"split/{name}"].num_rows
+    counts["ft_rows"] += tables["ft"].num_rows
+    counts["ft_users"] += pc.count_distinct(tables["ft"].column("user_id")).as_py()  # a user is in one batch
+    counts.update(f"pairs_by_family/{f}" for f in tables["pairs"].column("family").to_pylist())
     skips = _of_kind(records, "skip")
-    skipped = Counter(
-        f"{f}: {r}" for f, r in zip(skips.column("family").to_pylist(), skips.column("reason").to_pylist())
+    counts.update(
+        f"pairs_skipped/{f}: {r}"
+        for f, r in zip(skips.column("family").to_pylist(), skips.column("reason").to_pylist())
     )
     capped = _of_kind(records, "capped").column("chosen")
-    dropped_users = Counter(r for r in users.column("dropped").to_pylist() if r)
+    counts["golden_items_capped"] += int(pc.sum(pc.list_value_length(capped)).as_py() or 0)
+    counts["users_with_capped_items"] += len(capped)
+    counts["users"] += users.num_rows
+    dropped = users.column("dropped").to_pylist()
+    counts["users_kept"] += sum(1 for r in dropped if not r)
+    counts.update(f"users_dropped/{r}" for r in dropped if r)
+    return counts
+
+
+def counts_to_stats(counts: Counter) -> dict:
+    """``output_counts`` summed over batches -> the counts of stats.json."""
+    nested = {"split_rows": {name: 0 for name in SPLIT_NAMES.values()}}
+    flat = {}
+    for key in sorted(counts):
+        group, _, name = key.partition("/")
+        if name:
+            nested.setdefault(group, {})[name] = counts[key]
+        else:
+            flat[key] = counts[key]
     return {
-        "split_rows": split_rows,
-        "ft_rows": ft.num_rows,
-        "ft_users": pc.count_distinct(ft.column("user_id")).as_py(),
-        "pairs_by_family": dict(Counter(pairs.column("family").to_pylist())),
-        "pairs_skipped": dict(sorted(skipped.items())),
-        "golden_items_capped": int(pc.sum(pc.list_value_length(capped)).as_py() or 0),
-        "users_with_capped_items": len(capped),
-        "users_kept": kept.num_rows,
-        "users_dropped": dict(dropped_users),
+        "split_rows": nested["split_rows"],
+        "ft_rows": flat.get("ft_rows", 0),
+        "ft_users": flat.get("ft_users", 0),
+        "pairs_by_family": nested.get("pairs_by_family", {}),
+        "pairs_skipped": nested.get("pairs_skipped", {}),
+        "golden_items_capped": flat.get("golden_items_capped", 0),
+        "users_with_capped_items": flat.get("users_with_capped_items", 0),
+        "users": flat.get("users", 0),
+        "users_kept": flat.get("users_kept", 0),
+        "users_dropped": nested.get("users_dropped", {}),
     }
 
 
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def clear_outputs(out: DataDir) -> None:
+    """Remove the outputs of an earlier run (a file or a directory of parts), so that parts of
+    two runs never mix and either engine may follow the other."""
+    for path in [out.interactions_path, *(output_path(out, name) for name in OUTPUTS)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_outputs(out: DataDir, ingested: Ingested, users: pa.Table, records: pa.Table, shard_rows: int) -> dict:
+    """Every file of the data directory (``DataDir``) but stats.json, from tables held in
+    memory (the local and gather engines); returns its counts."""
+    clear_outputs(out)
+    _write(ingested.interactions, out.interactions_path)
+    _write(ingested.items, out.items_path)
+    tables = output_tables(users, records)
+    for name, table in tables.items():
+        path = output_path(out, name)
+        if name in ("ft", "pairs"):
+            for i, lo in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
+                _write(table.slice(lo, shard_rows), path / f"part-{i:05d}.parquet")
+        else:
+            _write(table, path)
+    return counts_to_stats(output_counts(users, records, tables))
+
+
+def difference(a: DataDir, b: DataDir) -> Optional[str]:
+    """The first difference between two data directories, or None: every table read as the
+    stages read it (``DataDir``: parts sorted by user), interactions sorted by user, time and
+    item (their file order is the engine's), and stats.json without engine and seconds. How
+    the engines are held to the same output (tests, bench/data_pipeline.py)."""
+    for name in OUTPUTS:
+        ta, tb = (d._read(output_path(d, name)) for d in (a, b))
+        if not ta.equals(tb):
+            return f"{name} differs ({ta.num_rows} vs {tb.num_rows} rows)"
+    if not a.read_items().equals(b.read_items()):
+        return "items differ"
+    order = [(c, "ascending") for c in ("user_id", "ts", "item_id")]
+    ia, ib = (d.read_interactions().sort_by(order) for d in (a, b))
+    if not ia.equals(ib):
+        return f"interactions differ ({ia.num_rows} vs {ib.num_rows} rows)"
+    sa, sb = (json.loads(d.stats_path.read_text()) for d in (a, b))
+    for st in (sa, sb):
+        st.pop("engine"), st.pop("seconds")
+    if sa != sb:
+        diff = {k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)}
+        return f"stats.json differs: {str(diff)[:2000]}"
+    return None
+
+
+ENGINES = ("ray", "local", "gather")
+
+
 def build_dataset(
-    cfg: PageLLMConfig, out_dir: str | Path, engine: str = "ray", ingested: Optional[Ingested] = None
+    cfg: PageLLMConfig,
+    out_dir: str | Path,
+    engine: str = "ray",
+    ingested: Optional[Ingested] = None,
+    parts_uri: Optional[str] = None,
 ) -> dict:
     """Run the whole data stage and write ``out_dir``; returns the stats also written to
-    ``out_dir/stats.json``."""
+    ``out_dir/stats.json``. Engines: ``ray`` streams on Ray Data (``pagellm.data.streaming``:
+    nothing of the data set's size on the driver); ``local`` is one process, the reference;
+    ``gather`` is the earlier Ray engine (the tables on the driver, the per-user steps on Ray),
+    kept for the benchmark's comparison. ``ingested``: tables already in memory (local, gather).
+    ``parts_uri``: where the ray engine's tasks write the tables when ``out_dir`` is the
+    driver's staging directory of a storage URI (``pagellm data --out URI``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     data_cfg = cfg.data
-    out = Path(out_dir)
-    write_config(cfg, out)
+    out = DataDir(out_dir)
+    write_config(cfg, out.root)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if ingested is None:
-        ingested = load_dataset(data_cfg.dataset, data_cfg)
-    timings["ingest"] = time.perf_counter() - t
-    log.info("ingested %d interactions, %d items", ingested.interactions.num_rows, ingested.items.num_rows)
-
     if engine == "ray":
+        if ingested is not None:
+            raise ValueError("the ray engine reads data.dataset in its tasks; ingested= is for local and gather")
+        from pagellm.data.streaming import run_stream
         from pagellm.ray_utils import init_ray
 
         init_ray(cfg.ray)
-        users, records = run_ray(ingested, data_cfg, timings)
-    elif engine == "local":
-        users, records = run_local(ingested, data_cfg, timings)
+        ingested, counts, totals = run_stream(cfg, out, timings, parts_uri)
     else:
-        raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+        t = time.perf_counter()
+        if ingested is None:
+            ingested = load_dataset(data_cfg.dataset, data_cfg)
+        timings["ingest"] = time.perf_counter() - t
+        log.info("ingested %d interactions, %d items", ingested.interactions.num_rows, ingested.items.num_rows)
+        if engine == "gather":
+            from pagellm.ray_utils import init_ray
 
-    t = time.perf_counter()
-    counts = write_outputs(DataDir(out), ingested, users, records, shard_rows=max(1000, 20 * data_cfg.users_per_block))
-    timings["write"] = time.perf_counter() - t
+            init_ray(cfg.ray)
+        users, records = (run_gather if engine == "gather" else run_local)(ingested, data_cfg, timings)
+        t = time.perf_counter()
+        counts = write_outputs(out, ingested, users, records, shard_rows=max(1000, 20 * data_cfg.users_per_block))
+        timings["write"] = time.perf_counter() - t
+        inter = ingested.interactions
+        totals = {
+            "interactions": inter.num_rows,
+            "positives": int(pc.sum(pc.greater(inter.column("rating"), data_cfg.positive_threshold)).as_py()),
+        }
 
-    inter = ingested.interactions
     stats = {
         "dataset": data_cfg.dataset,
         "engine": engine,
-        "users": users.num_rows,
+        "users": counts.pop("users"),
         "items": ingested.items.num_rows,
-        "interactions": inter.num_rows,
-        "positives": int(pc.sum(pc.greater(inter.column("rating"), data_cfg.positive_threshold)).as_py()),
-        "rows_dropped": dict(ingested.dropped),
+        **totals,
+        "rows_dropped": ordered_drops(ingested.dropped),
         "rows_dropped_total": int(sum(ingested.dropped.values())),
         "rows_dropped_samples": ingested.drop_samples,
         **counts,
@@ -351,7 +464,7 @@ def build_dataset(
         "ingest_notes": ingested.notes,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    DataDir(out).stats_path.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    out.stats_path.write_text(json.dumps(stats, indent=2, default=str) + "\n")
     if stats["users_kept"] < data_cfg.min_users:
         why = (
             f"no positives: no rating is above data.positive_threshold ({data_cfg.positive_threshold:g})"
@@ -360,6 +473,6 @@ def build_dataset(
         )
         raise InputError(
             f"{data_cfg.dataset}: the data stage kept {stats['users_kept']} users, fewer than data.min_users "
-            f"({data_cfg.min_users}); {why} (stats: {DataDir(out).stats_path})"
+            f"({data_cfg.min_users}); {why} (stats: {out.stats_path})"
         )
     return stats
