@@ -1,8 +1,8 @@
-"""Data-pipeline benchmark: the Ray Data engine on 2 CPUs against the local single-process engine.
+"""Data-pipeline benchmark: the streaming Ray engine, the earlier gather engine and one process.
 
 Exact command (repository root, venv active):
 
-    OMP_NUM_THREADS=1 python bench/data_pipeline.py                  # 100k, 1M and 10M interactions
+    OMP_NUM_THREADS=1 python bench/data_pipeline.py --passes one     # 1M, 10M, 50M interactions
     OMP_NUM_THREADS=1 python bench/data_pipeline.py --quick          # 100k only (smoke check)
     OMP_NUM_THREADS=1 python bench/data_pipeline.py --sizes 100000 1000000 --out bench/out/dp
 
@@ -12,10 +12,18 @@ size that fails (out of memory, timeout) leaves the sizes before it recorded.
 
 Method
 ------
-* Per size the synthetic marketplace (``generate_synthetic(n, seed)``) is generated ONCE, in
-  a helper process, and saved as Arrow IPC files under OUT/work/. Both engines load exactly
-  these tables into ordinary (anonymous) memory and receive them as ``ingested=``; generation
-  and loading are outside the timing.
+* Engines (``pagellm.data.stage.build_dataset``): ``ray``, the streaming engine (reads, shuffle,
+  per-user steps and writes in Ray tasks); ``gather``, the earlier Ray engine (tables on the
+  driver, per-user steps on Ray); ``local``, one process. The in-memory two run up to
+  ``--in-memory-max`` (10M): they hold the whole log in one process.
+* Per size the synthetic marketplace (``generate_synthetic(n, seed)``; above 10M the 10M data
+  set repeated with renamed users) is written ONCE, in a helper process, as parquet shards of
+  1M interactions plus ``items.parquet`` under OUT/work/; every engine runs
+  ``data.dataset=parquet:SHARDS`` with ``data.items_path``, so reading the input is inside the
+  timing (the streaming engine reads it in its tasks, the others in the driver).
+* Memory is reported per process group as well: the driver (the measured process), Ray's
+  worker processes (tasks and actors) and Ray's system processes; the driver's peak against the
+  data size is fitted with a line (MiB per million interactions).
 * Every (size, engine, pass) measurement runs in its own fresh process
   (``python bench/data_pipeline.py --engine ray|local --size N --mode time|mem --data DIR
   --json FILE``), so memory kept by one measurement (Arrow pools, Ray's object store, warm
@@ -34,12 +42,12 @@ Method
   PSS sampling and gives peak memory only (its wall time is kept in results.json as
   ``mem_pass_wall_s``). ``--passes one`` measures both in one PSS run; ``--passes off``
   samples nothing (overhead check).
-* Ray: ``ray.init(num_cpus=2, include_dashboard=False)`` once, then one untimed warm-up
+* Ray engines: ``ray.init(num_cpus=2, include_dashboard=False)`` once, then one untimed warm-up
   ``build_dataset`` on 20k synthetic interactions (starts and warms the 2 worker processes and
   Ray Data; its time is reported as ``ray_warmup_s``). The timing then covers
-  ``build_dataset(cfg, out, engine="ray", ingested=...)`` only. Ray Data's progress bars are
+  ``build_dataset(cfg, out, engine=ENGINE)`` only. Ray Data's progress bars are
   switched off (they flood a log file); progress is printed by this script instead.
-* Local: the timing covers ``build_dataset(cfg, out, engine="local", ingested=...)``.
+* Local: the timing covers ``build_dataset(cfg, out, engine="local")``.
 * Throughput: users/s = stats["users_kept"] / wall, pairs/s = stats["pairs_total"] / wall.
   Per-step seconds come from stats["seconds"]; ``other`` is wall minus their sum (for Ray,
   mostly fetching the users table back from the object store).
@@ -62,15 +70,14 @@ Method
 * Calibration: before the sizes, the same small pure-Python workload runs in 1 process, then
   in 2 processes at once; 2 x alone / together is the best speed-up two processes can get on
   this machine (``machine.calibration.two_process_speedup``), whatever the engine.
-* After both engines ran for a size, their output directories are compared file by file
-  (bytes, else Arrow table equality; stats.json without ``engine``/``seconds``); then the
-  input and output files are deleted unless ``--keep``.
+* After the engines ran for a size, the ray engine's output is compared with each other's
+  (``pagellm.data.stage.difference``: every table as the stages read it, stats.json without
+  ``engine``/``seconds``); then the input and output files are deleted unless ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import gc
 import json
 import os
@@ -88,8 +95,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_SIZES = [100_000, 1_000_000, 10_000_000]
-ENGINES = ("ray", "local")
+DEFAULT_SIZES = [1_000_000, 10_000_000, 50_000_000]
+ENGINES = ("ray", "gather", "local")
+IN_MEMORY = ("gather", "local")  # engines that hold the whole table in one process
 MiB = 1024 * 1024
 SEED = 0
 WARMUP_INTERACTIONS = 20_000
@@ -120,6 +128,7 @@ class TreeSampler:
         self._cpu_hist: dict[tuple[int, float], list[tuple[float, float]]] = {}  # -> [(t, cpu s)]
         # (epoch s, tree memory bytes, /dev/shm bytes, sampler thread CPU s)
         self.timeline: list[tuple[float, int, int, float]] = []
+        self.group_timeline: list[tuple[float, dict[str, int]]] = []  # (epoch s, group -> bytes)
         self.rss_fallbacks = 0
         self.thread_cpu_s = 0.0
         self._stop = threading.Event()
@@ -137,6 +146,7 @@ class TreeSampler:
     def sample(self, thread_cpu: float = 0.0) -> int:
         """One sample of the tree: memory bytes (PSS or RSS); records CPU per process."""
         total = 0
+        by_group: dict[str, int] = {}
         now = time.time()
         for p in self._tree():
             try:
@@ -158,6 +168,8 @@ class TreeSampler:
             except self.psutil.Error:  # exited between listing and reading
                 continue
             total += mem
+            group = self._group[ident]
+            by_group[group] = by_group.get(group, 0) + mem
             with self._lock:
                 self._cpu_hist.setdefault(ident, []).append((now, cpu.user + cpu.system))
         try:
@@ -166,6 +178,7 @@ class TreeSampler:
             shm = 0
         with self._lock:
             self.timeline.append((now, total, shm, thread_cpu))
+            self.group_timeline.append((now, by_group))
         return total
 
     def _classify(self, p) -> tuple[str, str]:
@@ -234,7 +247,13 @@ class TreeSampler:
         )
         thread = [x[3] for x in inside]
         step = max(1, len(inside) // 300)
+        in_groups = [g for t, g in self.group_timeline if t0 - 0.01 <= t <= t1 + self.interval]
+        group_peaks = {
+            g: round(max((x.get(g, 0) for x in in_groups), default=0) / MiB, 1)
+            for g in ("driver", "ray_workers", "ray_system")
+        }
         return {
+            "mem_peak_mib_by_group": group_peaks,
             "cpu_s": round(cpu_s, 2),
             "cores_busy_per_step": cores,
             "cpu_s_by_process_group": groups,
@@ -320,49 +339,63 @@ def calibrate_cores() -> dict:
 # ------------------------------------------------------------------------------ child: data
 
 
+BASE_MAX = 10_000_000  # larger sizes replicate the 10M marketplace with renamed users
+SHARD_ROWS = 1_000_000  # interactions per input file
+
+
 def make_data(n: int, data_dir: Path) -> dict:
-    """Generate the synthetic tables for one size and save them as Arrow IPC files."""
-    import pyarrow as pa
+    """Write the synthetic marketplace of one size as the input every engine reads: parquet
+    shards of ``SHARD_ROWS`` interactions (``interactions/``) and ``items.parquet``. Sizes
+    above ``BASE_MAX`` repeat the ``BASE_MAX`` data set with each copy's users renamed
+    (``r1:u7``), so the users are distinct and the items and their shares the same."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from pagellm.data.synthetic import generate_synthetic
 
     t = time.perf_counter()
-    ing = generate_synthetic(n, seed=SEED)
+    base = min(n, BASE_MAX)
+    ing = generate_synthetic(base, seed=SEED)
     gen_s = time.perf_counter() - t
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in (("interactions", ing.interactions), ("items", ing.items)):
-        with pa.OSFile(str(data_dir / f"{name}.arrow"), "wb") as sink:
-            with pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+    shards = data_dir / "interactions"
+    shards.mkdir(parents=True, exist_ok=True)
+    inter, part = ing.interactions, 0
+    for copy in range(-(-n // base)):
+        rows = min(base, n - copy * base)
+        table = inter.slice(0, rows)
+        if copy:
+            table = table.set_column(0, "user_id", pc.binary_join_element_wise(f"r{copy}", table["user_id"], ":"))
+        for lo in range(0, rows, SHARD_ROWS):
+            pq.write_table(table.slice(lo, SHARD_ROWS), shards / f"part-{part:05d}.parquet")
+            part += 1
+    items = ing.items.select(["item_id", "categories", "title", "brand"]).rename_columns(
+        ["item_id", "category", "title", "brand"]
+    )
+    pq.write_table(items, data_dir / "items.parquet")
     meta = {
         "notes": ing.notes,
-        "dropped": dict(ing.dropped),
+        "copies": -(-n // base),
         "generate_s": round(gen_s, 3),
-        "interactions": ing.interactions.num_rows,
-        "items": ing.items.num_rows,
+        "interactions": n,
+        "files": part,
+        "items": items.num_rows,
     }
     (data_dir / "meta.json").write_text(json.dumps(meta, default=str))
     return meta
 
 
-def load_data(data_dir: Path):
-    """Read the saved tables into ordinary memory (not memory-mapped) as an ``Ingested``."""
-    from collections import Counter
+def data_config(data_dir: Path, extra: tuple = ()):
+    """The configuration every engine runs with on the written input."""
+    from pagellm.config import load_config
 
-    import pyarrow as pa
-
-    from pagellm.data.schema import Ingested
-
-    tables = {}
-    for name in ("interactions", "items"):
-        with pa.OSFile(str(data_dir / f"{name}.arrow"), "rb") as source:
-            tables[name] = pa.ipc.open_file(source).read_all()
-    meta = json.loads((data_dir / "meta.json").read_text())
-    return Ingested(
-        interactions=tables["interactions"],
-        items=tables["items"],
-        dropped=Counter(meta["dropped"]),
-        notes=meta["notes"],
+    return load_config(
+        overrides=[
+            f"data.dataset=parquet:{data_dir / 'interactions'}",
+            f"data.items_path={data_dir / 'items.parquet'}",
+            "ray.num_cpus=2",
+            "ray.include_dashboard=false",
+            *extra,
+        ]
     )
 
 
@@ -381,36 +414,24 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
     import pyarrow
 
     from pagellm.config import load_config
-    from pagellm.data.stage import build_dataset, user_blocks
+    from pagellm.data.stage import build_dataset
 
-    cfg = load_config(overrides=[f"data.dataset=synthetic:{n}", "ray.num_cpus=2", "ray.include_dashboard=false"])
-    t = time.perf_counter()
-    ingested = load_data(data_dir)
-    load_s = time.perf_counter() - t
-    log(f"{engine} {n:,}: loaded {ingested.interactions.num_rows:,} interactions in {load_s:.1f} s")
-
-    result: dict = {"engine": engine, "size": n, "load_s": round(load_s, 3)}
-    if engine == "ray":
+    cfg = data_config(data_dir)
+    result: dict = {"engine": engine, "size": n}
+    if engine in ("ray", "gather"):
         import ray
 
         t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
         result["ray_init_s"] = round(time.perf_counter() - t, 3)
         ray.data.DataContext.get_current().enable_progress_bars = False
         result["object_store_mib"] = round(ray.available_resources().get("object_store_memory", 0) / MiB)
-        from pagellm.data.synthetic import generate_synthetic
-
         t = time.perf_counter()
         warm_cfg = load_config(overrides=[f"data.dataset=synthetic:{WARMUP_INTERACTIONS}"])
-        build_dataset(
-            warm_cfg,
-            out_dir.parent / f"warmup_{n}",
-            engine="ray",
-            ingested=generate_synthetic(WARMUP_INTERACTIONS, seed=SEED + 1),
-        )
-        shutil.rmtree(out_dir.parent / f"warmup_{n}", ignore_errors=True)
+        build_dataset(warm_cfg, out_dir.parent / f"warmup_{engine}_{n}", engine=engine)
+        shutil.rmtree(out_dir.parent / f"warmup_{engine}_{n}", ignore_errors=True)
         result["ray_warmup_s"] = round(time.perf_counter() - t, 3)
-        log(f"ray {n:,}: ray.init {result['ray_init_s']:.1f} s, warm-up {result['ray_warmup_s']:.1f} s (untimed)")
+        log(f"{engine} {n:,}: ray.init {result['ray_init_s']:.1f} s, warm-up {result['ray_warmup_s']:.1f} s (untimed)")
 
     gc.collect()
     one_shot = TreeSampler(os.getpid(), pss=(mode == "mem"))
@@ -425,20 +446,19 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
     sys0, steal0 = system_busy()
     t_start = time.time()
     t = time.perf_counter()
-    stats = build_dataset(cfg, out_dir, engine=engine, ingested=ingested)
+    stats = build_dataset(cfg, out_dir, engine=engine)
     wall = time.perf_counter() - t
     t_end = t_start + wall
     sys1, steal1 = system_busy()
 
     steps = dict(stats["seconds"])
     # step windows (epoch s) for the parent's per-step CPU; steps run in STEP_ORDER and
-    # Ray's untimed users fetch sits between build and write
+    # the gather engine's untimed users fetch sits between build and write
     bounds, t_acc = {}, 0.0
     for k in STEP_ORDER:
         if k == "write":
             t_acc = wall - steps.get("write", 0.0)
-        if k != "ingest":
-            bounds[k] = (t_start + t_acc, t_start + t_acc + steps.get(k, 0.0))
+        bounds[k] = (t_start + t_acc, t_start + t_acc + steps.get(k, 0.0))
         t_acc += steps.get(k, 0.0)
     result.update(
         wall_s=round(wall, 3),
@@ -463,18 +483,15 @@ def measure(engine: str, n: int, data_dir: Path, out_dir: Path, mode: str = "tim
         shm_baseline_mib=round(base_shm / MiB, 1),
         mem_rss_fallbacks=one_shot.rss_fallbacks,
         users_per_block=cfg.data.users_per_block,
+        rows_per_partition=cfg.data.rows_per_partition,
         pyarrow=pyarrow.__version__,
     )
     log(f"{engine} {n:,} [{mode} pass]: wall {wall:.1f} s, {result['users_per_s']:,.0f} users/s, steps {steps}")
 
-    if engine == "ray":
+    if engine in ("ray", "gather"):
         import ray
 
         result["ray"] = ray.__version__
-        # diagnostic, untimed above: the driver-side Arrow sort that cuts blocks of whole users
-        t = time.perf_counter()
-        user_blocks(ingested.interactions, cfg.data.users_per_block)
-        result["diag_driver_sort_s"] = round(time.perf_counter() - t, 3)
         ray.shutdown()
     return result
 
@@ -527,35 +544,12 @@ def add_samples(res: dict, sampler: Optional[TreeSampler]) -> None:
 
 
 def compare_outputs(a: Path, b: Path) -> dict:
-    """Are two build_dataset output directories the same? (bytes, else Arrow table equality)"""
-    import pyarrow.parquet as pq
+    """Do two data directories hold the same tables? (``pagellm.data.stage.difference``)"""
+    from pagellm.data.layout import DataDir
+    from pagellm.data.stage import difference
 
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    if files_a != files_b:
-        return {"identical": False, "why": f"file lists differ: {set(files_a) ^ set(files_b)}"}
-    byte_equal = 0
-    for rel in files_a:
-        if filecmp.cmp(a / rel, b / rel, shallow=False):
-            byte_equal += 1
-            continue
-        if rel.name == "stats.json":
-            sa, sb = (json.loads((d / rel).read_text()) for d in (a, b))
-            for s in (sa, sb):
-                s.pop("engine"), s.pop("seconds")
-            if sa != sb:
-                diff = {k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)}
-                keep = a.parent / f"mismatch_{a.name}"
-                keep.mkdir(exist_ok=True)
-                shutil.copy(a / rel, keep / "stats_a.json")
-                shutil.copy(b / rel, keep / "stats_b.json")
-                return {"identical": False, "why": f"stats.json differs: {diff} (copies in {keep})"}
-        elif rel.suffix == ".parquet":
-            if not pq.read_table(a / rel).equals(pq.read_table(b / rel)):
-                return {"identical": False, "why": f"{rel} differs"}
-        else:
-            return {"identical": False, "why": f"{rel} differs"}
-    return {"identical": True, "files": len(files_a), "byte_identical_files": byte_equal}
+    why = difference(DataDir(a), DataDir(b))
+    return {"identical": why is None, **({"why": why} if why else {})}
 
 
 def machine_info() -> dict:
@@ -582,9 +576,24 @@ def fmt_size(n: int) -> str:
 
 def summarize(results: dict) -> None:
     for size, entry in results["sizes"].items():
-        ray_r, loc_r = entry.get("ray"), entry.get("local")
-        if ray_r and loc_r and "wall_s" in ray_r and "wall_s" in loc_r:
-            entry["speed_ratio_ray_over_local"] = round(loc_r["wall_s"] / ray_r["wall_s"], 2)
+        ray_r = entry.get("ray") or {}
+        for other in IN_MEMORY:
+            r = entry.get(other) or {}
+            if "wall_s" in ray_r and "wall_s" in r:
+                entry[f"speed_ratio_ray_over_{other}"] = round(r["wall_s"] / ray_r["wall_s"], 2)
+    # the driver's peak memory against the data size: the slope of a least-squares line
+    for engine in ENGINES:
+        points = [
+            (int(size), e[engine]["mem_peak_mib_by_group"]["driver"])
+            for size, e in results["sizes"].items()
+            if "mem_peak_mib_by_group" in (e.get(engine) or {})
+        ]
+        if len(points) >= 2:
+            import numpy as np
+
+            x, y = np.array(points, dtype=float).T
+            slope = float(np.polyfit(x / 1e6, y, 1)[0])
+            results.setdefault("driver_peak_slope_mib_per_million", {})[engine] = round(slope, 2)
 
 
 STEP_NAMES = ("split", "item_stats", "build", "write")
@@ -595,11 +604,14 @@ def table_rows(results: dict) -> list[list[str]]:
     for size, entry in results["sizes"].items():
         ratio = entry.get("speed_ratio_ray_over_local")
         for engine in ENGINES:
+            if engine in entry.get("skipped", {}):
+                rows.append([fmt_size(int(size)), engine, "skipped: " + entry["skipped"][engine]] + [""] * 14)
+                continue
             r = entry.get(engine)
             if r is None:
                 continue
             if "wall_s" not in r:
-                rows.append([fmt_size(int(size)), engine, f"FAILED: {r.get('error', '?')}"] + [""] * 12)
+                rows.append([fmt_size(int(size)), engine, f"FAILED: {r.get('error', '?')}"] + [""] * 14)
                 continue
             s = r["seconds"]
             rows.append(
@@ -613,9 +625,14 @@ def table_rows(results: dict) -> list[list[str]]:
                     f"{max(r['other_s'], 0.0):.1f}",
                     *("n/a" if r.get(k) is None else f"{r[k]:.2f}" for k in ("cores_busy", "foreign_cores_busy")),
                     *(
-                        (f"{r['mem_peak_above_baseline_mib']:,.0f}", f"{r['mem_peak_mib']:,.0f}")
+                        (
+                            f"{r['mem_peak_above_baseline_mib']:,.0f}",
+                            f"{r['mem_peak_mib']:,.0f}",
+                            f"{r['mem_peak_mib_by_group']['driver']:,.0f}",
+                            f"{r['mem_peak_mib_by_group']['ray_workers']:,.0f}",
+                        )
                         if r.get("mem_kind") == "PSS"
-                        else ("n/a", "n/a")
+                        else ("n/a",) * 4
                     ),
                     f"{ratio:.2f}x" if (ratio and engine == "ray") else "",
                 ]
@@ -638,6 +655,8 @@ HEADER = [
     "other procs cores",
     "peak MiB above base",
     "peak MiB abs",
+    "driver peak MiB",
+    "workers peak MiB",
     "ray/local",
 ]
 
@@ -665,50 +684,66 @@ def render_md(results: dict) -> str:
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     out += [
         "",
-        "ray/local = local wall s / Ray wall s. Times and cores busy from the timing pass; "
+        "ray = the streaming engine, gather = the earlier Ray engine (tables on the driver), "
+        "local = one process. ray/local = local wall s / ray wall s. Times and cores busy from the timing pass; "
         "peak memory (PSS of the process tree) from the separate memory pass "
         "(see the bench/data_pipeline.py docstring).",
     ]
     for size, entry in results["sizes"].items():
-        if "outputs_identical" in entry:
-            out.append(f"- {fmt_size(int(size))}: outputs of both engines identical: {entry['outputs_identical']}")
+        for key, value in entry.items():
+            if key.startswith("outputs_identical"):
+                out.append(f"- {fmt_size(int(size))}: {key.replace('_', ' ')}: {value}")
+    for engine, slope in results.get("driver_peak_slope_mib_per_million", {}).items():
+        out.append(f"- driver peak memory slope, {engine}: {slope} MiB per million interactions")
     return "\n".join(out) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
+    """Kept users/s per size and engine (left) and the driver's peak memory (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    sizes = [s for s, e in results["sizes"].items() if any("wall_s" in e.get(k, {}) for k in ENGINES)]
+    sizes = [s for s, e in results["sizes"].items() if any("wall_s" in (e.get(k) or {}) for k in ENGINES)]
     if not sizes:
         return
     x = np.arange(len(sizes))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"ray": "#1f77b4", "local": "#ff7f0e"}
-    labels = {"ray": "Ray Data (2 CPUs)", "local": "local (1 process)"}
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = {"ray": "#1f77b4", "gather": "#2ca02c", "local": "#ff7f0e"}
+    labels = {"ray": "ray: streaming (2 CPUs)", "gather": "gather: tables on the driver", "local": "local (1 process)"}
     for i, engine in enumerate(ENGINES):
-        vals = [results["sizes"][s].get(engine, {}).get("users_per_s", 0) for s in sizes]
-        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=labels[engine], color=colors[engine])
-        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=8, padding=2)
-    for j, s in enumerate(sizes):
-        ratio = results["sizes"][s].get("speed_ratio_ray_over_local")
-        if ratio:
-            top = max(results["sizes"][s].get(e, {}).get("users_per_s", 0) for e in ENGINES)
-            ax.text(x[j], top * 1.12, f"Ray/local {ratio:.2f}x", ha="center", fontsize=10, fontweight="bold")
+        runs = [results["sizes"][s].get(engine) or {} for s in sizes]
+        vals = [r.get("users_per_s", 0) for r in runs]
+        bars = ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=labels[engine], color=colors[engine])
+        text = [
+            f"{v:,.0f}" if "wall_s" in r else ("skipped" if engine in IN_MEMORY else "") for v, r in zip(vals, runs)
+        ]
+        ax.bar_label(bars, labels=text, fontsize=8, padding=2)
+        driver = [
+            (int(s), r["mem_peak_mib_by_group"]["driver"]) for s, r in zip(sizes, runs) if "mem_peak_mib_by_group" in r
+        ]
+        if driver:
+            mem.plot(
+                [d[0] / 1e6 for d in driver], [d[1] for d in driver], "o-", color=colors[engine], label=labels[engine]
+            )
     ax.set_xticks(x, [f"{fmt_size(int(s))} interactions" for s in sizes])
     ax.set_ylabel("kept users / s (higher is better)")
-    ymax = max(results["sizes"][s].get(e, {}).get("users_per_s", 0) for s in sizes for e in ENGINES)
+    ymax = max((results["sizes"][s].get(e) or {}).get("users_per_s", 0) for s in sizes for e in ENGINES)
     ax.set_ylim(0, ymax * 1.3)
     m = results["machine"]
     ax.set_title(
-        f"build_dataset throughput, {m['cpus']} CPUs / {m['memory_gib']:.0f} GiB "
-        f"(Ray {m['ray']}, pyarrow {m['pyarrow']})",
-        fontsize=10,
+        f"build_dataset throughput, {m['cpus']} CPUs / {m['memory_gib']:.0f} GiB (Ray {m['ray']})", fontsize=10
     )
-    ax.legend(loc="upper left", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    mem.set_xlabel("interactions (millions)")
+    mem.set_ylabel("driver peak memory, MiB (PSS)")
+    slopes = results.get("driver_peak_slope_mib_per_million", {})
+    mem.set_title("driver peak memory; slope: " + ", ".join(f"{e} {v:g} MiB/M" for e, v in slopes.items()), fontsize=9)
+    mem.axhline(1024, color="grey", linestyle="--", linewidth=1)
+    mem.text(0.5, 1060, "1 GiB", fontsize=8, color="grey")
+    mem.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -752,6 +787,13 @@ def parent(ns: argparse.Namespace) -> int:
             continue
         entry["data"] = json.loads((data_dir / "meta.json").read_text())
         for engine in ns.engines:
+            if engine in IN_MEMORY and n > ns.in_memory_max:
+                entry.setdefault("skipped", {})[engine] = (
+                    f"above --in-memory-max {ns.in_memory_max:,}: the whole table in one process "
+                    "(see the driver peak slope)"
+                )
+                log(f"{engine} {n:,}: {entry['skipped'][engine]}")
+                continue
             for mode in passes:
                 json_path = work / f"{engine}_{n}_{mode}.json"
                 json_path.unlink(missing_ok=True)
@@ -804,12 +846,13 @@ def parent(ns: argparse.Namespace) -> int:
                     else:
                         entry[engine]["memory_error"] = res.get("error", "timing pass failed")
                 save(results, out)
-        if all("wall_s" in entry.get(e, {}) for e in ENGINES) and set(ns.engines) == set(ENGINES):
-            log(f"{n:,}: comparing the two engines' outputs")
-            cmp = compare_outputs(work / f"run_local_{n}", work / f"run_ray_{n}")
-            entry["outputs_identical"] = cmp["identical"]
-            entry["outputs_compare"] = cmp
-            log(f"{n:,}: outputs identical: {cmp}")
+        for other in IN_MEMORY:
+            if all("wall_s" in entry.get(e, {}) for e in ("ray", other)):
+                log(f"{n:,}: comparing the ray and {other} engines' outputs")
+                cmp = compare_outputs(work / f"run_ray_{n}", work / f"run_{other}_{n}")
+                entry[f"outputs_identical_ray_vs_{other}"] = cmp["identical"]
+                entry[f"outputs_compare_ray_vs_{other}"] = cmp
+                log(f"{n:,}: {cmp}")
         if not ns.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
             for engine in ENGINES:
@@ -843,6 +886,13 @@ def main(argv=None) -> int:
         "have used < 0.25 cores for 30 s (0: do not wait); the load during a run is always recorded",
     )
     ap.add_argument("--keep", action="store_true", help="keep generated data and outputs under OUT/work")
+    ap.add_argument(
+        "--in-memory-max",
+        type=int,
+        default=10_000_000,
+        help="largest size the gather and local engines run at (they hold the whole table in one "
+        "process: ~0.4 GiB per million interactions)",
+    )
     ap.add_argument(
         "--passes",
         choices=["two", "one", "time", "off"],
