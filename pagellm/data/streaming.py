@@ -39,7 +39,14 @@ from pagellm.config import DataConfig, PageLLMConfig
 from pagellm.data import stage
 from pagellm.data.ingest import ReadLog, Source, finish, no_rows_left, open_source, read_interactions, split_spec
 from pagellm.data.layout import DataDir
-from pagellm.data.schema import RAW_COLUMNS, ROW_COLUMNS, SAMPLES_PER_REASON, Ingested, duplicate_mask
+from pagellm.data.schema import (
+    RAW_COLUMNS,
+    ROW_COLUMNS,
+    SAMPLES_PER_REASON,
+    Ingested,
+    duplicate_mask,
+    duplicate_samples,
+)
 from pagellm.storage import is_uri, resolve
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,7 @@ def _synthetic(n, seed: int):
     table = ingested.interactions
     table = table.append_column("_file", pa.array(np.zeros(table.num_rows, dtype=np.int32)))
     table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    return table, (ingested.items, ingested.notes)
+    return table, (ingested.items, ingested.notes, table.num_rows)
 
 
 def split_partition(block: pa.Table, data_cfg: DataConfig) -> pa.Table:
@@ -116,7 +123,7 @@ def part_name(users: pa.Table) -> str:
     return f"part-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
 
 
-def build_partition(users: pa.Table, ctx, data_cfg: DataConfig, root: str, positive_threshold: float) -> pa.Table:
+def build_partition(users: pa.Table, ctx, data_cfg: DataConfig, root: str) -> pa.Table:
     """A partition's users -> every output's part written to ``root``; returns SUMMARY_SCHEMA
     rows: the partition's counts (``stage.output_counts`` keys and totals) and, per dropped
     duplicate among the first few of the partition, a JSON sample."""
@@ -124,12 +131,16 @@ def build_partition(users: pa.Table, ctx, data_cfg: DataConfig, root: str, posit
     tables = stage.output_tables(users, records)
     name = part_name(users)
     interactions = stage.flatten_users(users).drop_columns(["label"])  # every user, kept or not
+    fs, base = _filesystem(root)
     for rel, table in [*((_rel(output), t) for output, t in tables.items()), (_rel(None), interactions)]:
-        _write_part(table, root, f"{rel}/{name}")
+        path = f"{base}/{rel}/{name}"
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
 
     counts = stage.output_counts(users, records, tables)
     counts["interactions"] += interactions.num_rows
-    counts["positives"] += int(pc.sum(pc.greater(interactions.column("rating"), positive_threshold)).as_py() or 0)
+    positive = pc.greater(interactions.column("rating"), data_cfg.positive_threshold)
+    counts["positives"] += int(pc.sum(positive).as_py() or 0)
     dups = pa.Table.from_struct_array(pc.list_flatten(users.column("duplicates")))
     counts[f"rows_dropped/{DUPLICATE}"] += dups.num_rows
     first = dups.take(pc.sort_indices(dups, sort_keys=[(c, "ascending") for c in ROW_COLUMNS])[:SAMPLES_PER_REASON])
@@ -152,13 +163,6 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(root):
         return resolve(root)
     return pafs.LocalFileSystem(), str(Path(root).resolve())
-
-
-def _write_part(table: pa.Table, root: str, rel: str) -> None:
-    fs, base = _filesystem(root)
-    path = f"{base}/{rel}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
 
 
 def clear_parts(root: str) -> None:
@@ -228,7 +232,7 @@ def run_stream(
     stage._write(ingested.items, out.items_path)
     summary = users_ds.map_batches(
         build_partition,
-        fn_args=(ctx, data_cfg, parts_root, data_cfg.positive_threshold),
+        fn_args=(ctx, data_cfg, parts_root),
         batch_size=None,
         batch_format="pyarrow",
     )
@@ -245,15 +249,9 @@ def run_stream(
     duplicates = counts.pop(f"rows_dropped/{DUPLICATE}", 0)
     if duplicates:
         ingested.dropped[DUPLICATE] += duplicates
-        samples.sort(key=lambda s: (s["_file"], s["_row"]))
-        files = ingest_log["files"]
-        ingest_log["log"].add_samples(
-            DUPLICATE,
-            [
-                {"file": files[s["_file"]], "row": s["_row"] + 1, "raw": {c: str(s[c]) for c in RAW_COLUMNS}}
-                for s in samples[:SAMPLES_PER_REASON]
-            ],
-        )
+        first = pa.Table.from_pylist(samples)  # each partition's first few: the first few overall
+        every = np.ones(first.num_rows, dtype=bool)
+        ingest_log["log"].add_samples(DUPLICATE, duplicate_samples(first, every, ingest_log["files"]))
         ingested.drop_samples = ingest_log["log"].samples
     totals = {"interactions": counts.pop("interactions"), "positives": counts.pop("positives")}
     timings["write"] = time.perf_counter() - t
@@ -271,8 +269,7 @@ def _ingest(data_cfg: DataConfig):
         from pagellm.data.ingest import synthetic_count
 
         ref, info = ray.remote(num_returns=2)(_synthetic).remote(synthetic_count(data_cfg.dataset), data_cfg.seed)
-        items, notes = ray.get(info)
-        rows = ray.get(ray.remote(lambda t: t.num_rows).remote(ref))
+        items, notes, rows = ray.get(info)
 
         def finish_synthetic(seen):
             return Ingested(None, items, notes=notes)
