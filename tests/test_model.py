@@ -868,8 +868,8 @@ def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
 
 def test_next_item_rows_are_every_prefix_with_its_next_item_at_the_page_slot(codec, vocab):
     """One row per positive after a user's first: the prompt of the up to max_items positives
-    before it (time order), the item labelled at the page's first slot; non-positives and other
-    users' items never enter a row, a lone positive gives none."""
+    before it (time order) and the item's index in the item block, the page's first slot's
+    target; non-positives and other users' items never enter a row, a lone positive gives none."""
     from pagellm.train.sft import next_item_rows
 
     train = pd.DataFrame(
@@ -881,17 +881,17 @@ def test_next_item_rows_are_every_prefix_with_its_next_item_at_the_page_slot(cod
         }
     )
     rows = next_item_rows(codec, train, 3.0, max_items=2)
-    t = vocab.item_token
+    t, lo = vocab.item_token, vocab.item_id_range[0]
     # u1's positives in time order: A 1, x|y, b, p00 ("42" has r = 2); "42": p04 then p03
     want = [("u1", ["A 1"], "x|y"), ("u1", ["A 1", "x|y"], "b"), ("u1", ["x|y", "b"], "p00"), ("42", ["p04"], "p03")]
-    ref = []
-    for user, history, item in want:
-        prompt = codec.prompt(user, history)
-        ref.append((prompt + [t[item]], [-100] * len(prompt) + [t[item]]))
-    assert sorted((r.input_ids.tolist(), r.labels.tolist()) for r in rows.itertuples()) == sorted(ref)
+    ref = [(codec.prompt(user, history), t[item] - lo) for user, history, item in want]
+    assert sorted((r.input_ids.tolist(), r.next_item) for r in rows.itertuples()) == sorted(ref)
 
 
 def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_evaluate(codec, vocab, policy_dir):
+    """The loss, computed from the last position's logits alone, equals item-block cross-entropy
+    of the full forward pass at each left-padded prompt's page slot; validation NDCG@100 equals
+    evaluate's ranking (every seen item masked)."""
     from pagellm.eval.metrics import ndcg_at_k
     from pagellm.model.modeling import NextItemLM, PolicyLM
     from pagellm.train.sft import collate_lm, ranking_rows
@@ -899,13 +899,14 @@ def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_ev
     lm = AutoModelForCausalLM.from_pretrained(policy_dir)
     lo, hi = vocab.item_id_range
     module = NextItemLM(lm, lo, hi - lo).eval()
-    ids = torch.tensor([[vocab.user_token["u1"], *codec.history_ids, vocab.item_token["b"], vocab.item_token["42"]]])
-    labels = ids.clone()
-    labels[0, :-2] = -100
-    loss, _ = module(ids, torch.ones_like(ids), labels)
-    logits = lm(input_ids=ids).logits[0, :, lo:hi]
-    hand = F.cross_entropy(logits[-3:-1], torch.tensor([vocab.item_token["b"] - lo, vocab.item_token["42"] - lo]))
-    assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
+    prompts = [codec.prompt("u1", ["b", "42"]), codec.prompt("u 2", [])]
+    nexts = [vocab.item_token["p00"] - lo, vocab.item_token["b"] - lo]
+    batch = collate_lm(vocab.pad_id)({"input_ids": prompts, "next_item": nexts})
+    assert batch["input_ids"][1, 0] == vocab.pad_id  # the shorter prompt is left-padded
+    loss, _ = module(**batch)
+    with torch.no_grad():
+        last = torch.stack([lm(input_ids=torch.tensor([p])).logits[0, -1, lo:hi] for p in prompts])
+    assert loss.item() == pytest.approx(F.cross_entropy(last, torch.tensor(nexts)).item(), rel=1e-5)
 
     users = pd.DataFrame(
         {

@@ -280,22 +280,26 @@ def ranking_validation(
 
 class NextItemLM(nn.Module):
     """Next-item pre-training (the paper's pattern (d) done as sequential recommenders do it):
-    cross-entropy over the item block only, at every position labelled with an item token id
-    (-100 elsewhere). Validation rows carry ``banned`` and ``target`` instead of labels and are
-    scored by ``ranking_validation`` at their last (left-padded) position."""
+    cross-entropy over the item block at the page's first slot, the last position of a
+    left-padded prompt, against ``next_item`` (an index into the item block). Validation rows
+    carry ``banned`` and ``target`` instead and are scored by ``ranking_validation`` there.
+
+    Only that position is projected onto the vocabulary (``logits_to_keep=1``): the output
+    projection of every position is ~90% of a 2 x 64 model's step, and 8.4x its time
+    (docs/benchmarks.md)."""
 
     def __init__(self, lm: PreTrainedModel, item_lo: int, n_items: int):
         super().__init__()
         self.lm, self.item_lo, self.n_items = lm, item_lo, n_items
 
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, banned=None, target=None):
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        items = logits[..., self.item_lo : self.item_lo + self.n_items]
-        if labels is None:
-            return ranking_validation(items[:, -1], banned, target)
-        shift = labels[:, 1:]
-        shift = torch.where(shift >= 0, shift - self.item_lo, shift)
-        loss = F.cross_entropy(items[:, :-1].float().reshape(-1, self.n_items), shift.reshape(-1), ignore_index=-100)
+    def forward(self, input_ids, attention_mask, position_ids=None, next_item=None, banned=None, target=None):
+        logits = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+        ).logits
+        items = logits[:, -1, self.item_lo : self.item_lo + self.n_items]
+        if next_item is None:
+            return ranking_validation(items, banned, target)
+        loss = F.cross_entropy(items.float(), next_item)
         return loss, {"item_loss": loss.detach()}
 
 
@@ -321,7 +325,9 @@ class PolicyLM(nn.Module):
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, banned=None, target=None):
         if labels is None:
             lo, hi = self.item_range
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            logits = self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+            ).logits
             return ranking_validation(logits[:, -1, lo:hi], banned, target)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
         nll, n_tokens = token_nll(out.logits, labels)

@@ -128,18 +128,18 @@ def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
 def next_item_rows(codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int):
     """Next-item rows, every prefix of a user's training positives in time order (as SASRec
     trains): for each positive i_t after the first, the prompt of the up to ``max_items``
-    positives before it, ``[user] history: i_{t-k} .. i_{t-1} page:``, labelled with i_t at the
-    page's first slot: the position a page starts from at evaluation."""
-    vocab = codec.vocab
+    positives before it, ``[user] history: i_{t-k} .. i_{t-1} page:``, and ``next_item``, the
+    index of i_t in the item block: the target of the page's first slot, the position a page
+    starts from at evaluation."""
+    vocab, lo = codec.vocab, codec.vocab.item_id_range[0]
     positives = train[train.rating > positive_threshold].sort_values(["user_id", "ts", "item_id"], kind="stable")
-    ids, labels = [], []
+    ids, targets = [], []
     for user, seq in positives.groupby("user_id").item_id:
         items = list(seq)
         for t in range(1, len(items)):
-            prompt = codec.prompt(user, items[max(0, t - max_items) : t])
-            ids.append(np.asarray(prompt + [vocab.item_token[items[t]]], np.int64))
-            labels.append(np.asarray([-100] * len(prompt) + [vocab.item_token[items[t]]], np.int64))
-    return pd.DataFrame({"input_ids": ids, "labels": labels})
+            ids.append(np.asarray(codec.prompt(user, items[max(0, t - max_items) : t]), np.int64))
+            targets.append(vocab.item_token[items[t]] - lo)
+    return pd.DataFrame({"input_ids": ids, "next_item": np.asarray(targets, np.int64)})
 
 
 def ranking_rows(codec: PromptCodec, users: pd.DataFrame) -> pd.DataFrame:
@@ -164,16 +164,19 @@ def ranking_rows(codec: PromptCodec, users: pd.DataFrame) -> pd.DataFrame:
 def collate_lm(pad_id: int):
     def collate(batch: dict) -> dict:
         ids = batch["input_ids"]
-        if "banned" in batch:  # ranking rows: left padding, the next slot at the last column
+        if "labels" not in batch:  # ranking and next-item rows: left padding, the next slot at the last column
             width = max(len(x) for x in ids)
             attention = pad_batch([np.r_[np.zeros(width - len(x)), np.ones(len(x))] for x in ids], 0)
-            return {
+            out = {
                 "input_ids": pad_batch([np.r_[np.full(width - len(x), pad_id), x] for x in ids], pad_id),
                 "attention_mask": attention,
                 "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
-                "banned": pad_batch(batch["banned"], -1),
-                "target": pad_batch(batch["target"], -1),
             }
+            if "next_item" in batch:
+                out["next_item"] = torch.as_tensor(np.asarray(batch["next_item"], np.int64))
+            else:
+                out["banned"], out["target"] = pad_batch(batch["banned"], -1), pad_batch(batch["target"], -1)
+            return out
         out = {
             "input_ids": pad_batch(ids, pad_id),
             "attention_mask": pad_batch([np.ones(len(x)) for x in ids], 0),
