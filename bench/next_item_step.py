@@ -6,11 +6,11 @@ Exact command (repository root, venv active; DATA a ``pagellm data`` output, SFT
 sft`` output of the same data, whose tokenizer and model are used):
 
     OMP_NUM_THREADS=1 python bench/next_item_step.py --data runs/ml/data50 --sft runs/ml/sft6 \\
-        --max-items 20 50 --out bench/results/next_item_step.json
+        --max-items 20 50 --out bench/results/next_item_step_2026-12-05.json
 
 Options: ``--steps N`` (timed steps after 2 untimed ones, default 10), ``--batch`` (default 128,
 the MovieLens recipe's). Rows: ``pagellm.train.sft.next_item_rows`` of the data's training split,
-the first ``batch x steps`` after a seeded shuffle, batched by ``collate_lm``. Both versions
+the first ``batch x (steps + 2)`` after a seeded shuffle, batched by ``collate_lm``. Both versions
 start from the same weights and take AdamW steps; the loss of the first step must agree (it is
 the same cross-entropy; measured without dropout), which the script checks. Writes OUT (JSON) and OUT with .md.
 """

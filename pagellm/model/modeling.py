@@ -284,9 +284,8 @@ class NextItemLM(nn.Module):
     left-padded prompt, against ``next_item`` (an index into the item block). Validation rows
     carry ``banned`` and ``target`` instead and are scored by ``ranking_validation`` there.
 
-    Only that position is projected onto the vocabulary (``logits_to_keep=1``): the output
-    projection of every position is ~90% of a 2 x 64 model's step, and 8.4x its time
-    (docs/benchmarks.md)."""
+    Only that position is projected onto the vocabulary (``logits_to_keep=1``): projecting every
+    position was ~88% of a 2 x 64 model's step, 8.1-8.3x slower (docs/benchmarks.md)."""
 
     def __init__(self, lm: PreTrainedModel, item_lo: int, n_items: int):
         super().__init__()
