@@ -47,9 +47,9 @@ def full_projection_loss(module: NextItemLM, batch: dict, pad_id: int) -> torch.
     labels = torch.full_like(right, -100)
     for row, n in enumerate(lengths.tolist()):
         right[row, :n] = ids[row, ids.shape[1] - n :]
-        right[row, n] = batch["next_item"][row] + lo
+        right[row, n] = batch["next_item"][row, 0] + lo  # horizon 1: one target per row
         mask[row, : n + 1] = 1
-        labels[row, n] = batch["next_item"][row]
+        labels[row, n] = batch["next_item"][row, 0]
     logits = module.lm(input_ids=right, attention_mask=mask).logits[..., lo : lo + module.n_items]
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, module.n_items), labels[:, 1:].reshape(-1), ignore_index=-100

@@ -341,6 +341,14 @@ class SFTConfig:
     )
     next_item_lr: float = opt(1e-3, "next-item pre-training: peak learning rate", gt=0.0)
     next_item_max_items: int = opt(50, "next-item pre-training: the longest history before a target item", ge=1)
+    next_item_horizon: int = opt(
+        1,
+        "next-item pre-training: a prefix's targets are the user's next this many positives, each "
+        "weighted 1/n in a multinomial likelihood over the item block (PinnerFormer's dense all-action "
+        "loss; evaluation's targets are every positive of the next period, not the next alone); "
+        "1: the next item only, as SASRec trains",
+        ge=1,
+    )
     patience: int = opt(
         10,
         "next-item pre-training and golden-list fine-tuning: epochs without a better validation NDCG@100 "

@@ -866,10 +866,11 @@ def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
     assert pages["hybrid"][0] != pages["generate"][0]
 
 
-def test_next_item_rows_are_every_prefix_with_its_next_item_at_the_page_slot(codec, vocab):
+def test_next_item_rows_are_every_prefix_with_its_next_items_at_the_page_slot(codec, vocab):
     """One row per positive after a user's first: the prompt of the up to max_items positives
-    before it (time order) and the item's index in the item block, the page's first slot's
-    target; non-positives and other users' items never enter a row, a lone positive gives none."""
+    before it (time order) and the item-block indices of it and the horizon - 1 positives after
+    it (fewer at the history's end), the page's first slot's targets; non-positives and other
+    users' items never enter a row, a lone positive gives none."""
     from pagellm.train.sft import next_item_rows
 
     train = pd.DataFrame(
@@ -880,12 +881,19 @@ def test_next_item_rows_are_every_prefix_with_its_next_item_at_the_page_slot(cod
             "ts": [1, 2, 3, 4, 5, 1, 2, 1],
         }
     )
-    rows = next_item_rows(codec, train, 3.0, max_items=2)
     t, lo = vocab.item_token, vocab.item_id_range[0]
     # u1's positives in time order: A 1, x|y, b, p00 ("42" has r = 2); "42": p04 then p03
-    want = [("u1", ["A 1"], "x|y"), ("u1", ["A 1", "x|y"], "b"), ("u1", ["x|y", "b"], "p00"), ("42", ["p04"], "p03")]
-    ref = [(codec.prompt(user, history), t[item] - lo) for user, history, item in want]
-    assert sorted((r.input_ids.tolist(), r.next_item) for r in rows.itertuples()) == sorted(ref)
+    want = [
+        ("u1", ["A 1"], ["x|y", "b"]),
+        ("u1", ["A 1", "x|y"], ["b", "p00"]),
+        ("u1", ["x|y", "b"], ["p00"]),
+        ("42", ["p04"], ["p03"]),
+    ]
+    for horizon in (1, 2):
+        rows = next_item_rows(codec, train, 3.0, max_items=2, horizon=horizon)
+        got = sorted((r.input_ids.tolist(), r.next_item.tolist()) for r in rows.itertuples())
+        ref = [(codec.prompt(user, history), [t[i] - lo for i in nexts[:horizon]]) for user, history, nexts in want]
+        assert got == sorted(ref)
 
 
 def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_evaluate(codec, vocab, policy_dir):
@@ -901,12 +909,18 @@ def test_next_item_loss_is_item_block_cross_entropy_and_validation_ranks_like_ev
     module = NextItemLM(lm, lo, hi - lo).eval()
     prompts = [codec.prompt("u1", ["b", "42"]), codec.prompt("u 2", [])]
     nexts = [vocab.item_token["p00"] - lo, vocab.item_token["b"] - lo]
-    batch = collate_lm(vocab.pad_id)({"input_ids": prompts, "next_item": nexts})
+    batch = collate_lm(vocab.pad_id)({"input_ids": prompts, "next_item": [np.array([n]) for n in nexts]})
     assert batch["input_ids"][1, 0] == vocab.pad_id  # the shorter prompt is left-padded
     loss, _ = module(**batch)
     with torch.no_grad():
         last = torch.stack([lm(input_ids=torch.tensor([p])).logits[0, -1, lo:hi] for p in prompts])
     assert loss.item() == pytest.approx(F.cross_entropy(last, torch.tensor(nexts)).item(), rel=1e-5)
+    # several next items (sft.next_item_horizon): each row's mean NLL of its own targets, -1 padding ignored
+    futures = [np.array([nexts[0], vocab.item_token["A 1"] - lo, vocab.item_token["x|y"] - lo]), np.array([nexts[1]])]
+    loss, _ = module(**collate_lm(vocab.pad_id)({"input_ids": prompts, "next_item": futures}))
+    logp = last.log_softmax(-1)
+    ref = (-logp[0, futures[0]].mean() - logp[1, futures[1]].mean()) / 2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
     users = pd.DataFrame(
         {

@@ -278,10 +278,21 @@ def ranking_validation(
     return nll, {f"ndcg@{k}": ndcg.mean().detach()}
 
 
+def future_items_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the mean negative log-likelihood of each row's targets (a [rows, k]
+    index tensor, -1 padded) under the softmax of ``logits``: a multinomial over the items the
+    user rates next (PinnerFormer's dense all-action loss); with one target per row, cross-entropy."""
+    logp = logits.float().log_softmax(-1)
+    valid = targets >= 0
+    picked = logp.gather(1, targets.clamp(min=0)) * valid
+    return (-picked.sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+
 class NextItemLM(nn.Module):
     """Next-item pre-training (the paper's pattern (d) done as sequential recommenders do it):
     cross-entropy over the item block at the page's first slot, the last position of a
-    left-padded prompt, against ``next_item`` (an index into the item block). Validation rows
+    left-padded prompt, against ``next_item`` ([rows, k] indices into the item block, -1
+    padded: the next ``sft.next_item_horizon`` items, ``future_items_nll``). Validation rows
     carry ``banned`` and ``target`` instead and are scored by ``ranking_validation`` there.
 
     Only that position is projected onto the vocabulary (``logits_to_keep=1``): projecting every
@@ -298,7 +309,7 @@ class NextItemLM(nn.Module):
         items = logits[:, -1, self.item_lo : self.item_lo + self.n_items]
         if next_item is None:
             return ranking_validation(items, banned, target)
-        loss = F.cross_entropy(items.float(), next_item)
+        loss = future_items_nll(items, next_item)
         return loss, {"item_loss": loss.detach()}
 
 

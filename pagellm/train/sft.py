@@ -125,21 +125,24 @@ def page_rows(codec: PromptCodec, users, prompts, pages) -> pd.DataFrame:
     return pd.DataFrame({"input_ids": ids, "labels": labels})
 
 
-def next_item_rows(codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int):
+def next_item_rows(
+    codec: PromptCodec, train: pd.DataFrame, positive_threshold: float, max_items: int, horizon: int = 1
+):
     """Next-item rows, every prefix of a user's training positives in time order (as SASRec
     trains): for each positive i_t after the first, the prompt of the up to ``max_items``
     positives before it, ``[user] history: i_{t-k} .. i_{t-1} page:``, and ``next_item``, the
-    index of i_t in the item block: the target of the page's first slot, the position a page
-    starts from at evaluation."""
+    indices in the item block of i_t .. i_{t+horizon-1} (fewer at the end of the history): the
+    targets of the page's first slot, the position a page starts from at evaluation."""
     vocab, lo = codec.vocab, codec.vocab.item_id_range[0]
     positives = train[train.rating > positive_threshold].sort_values(["user_id", "ts", "item_id"], kind="stable")
     ids, targets = [], []
     for user, seq in positives.groupby("user_id").item_id:
         items = list(seq)
+        index = np.asarray([vocab.item_token[i] - lo for i in items], np.int64)
         for t in range(1, len(items)):
             ids.append(np.asarray(codec.prompt(user, items[max(0, t - max_items) : t]), np.int64))
-            targets.append(vocab.item_token[items[t]] - lo)
-    return pd.DataFrame({"input_ids": ids, "next_item": np.asarray(targets, np.int64)})
+            targets.append(index[t : t + horizon])
+    return pd.DataFrame({"input_ids": ids, "next_item": targets})
 
 
 def ranking_rows(codec: PromptCodec, users: pd.DataFrame) -> pd.DataFrame:
@@ -173,7 +176,7 @@ def collate_lm(pad_id: int):
                 "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
             }
             if "next_item" in batch:
-                out["next_item"] = torch.as_tensor(np.asarray(batch["next_item"], np.int64))
+                out["next_item"] = pad_batch(batch["next_item"], -1)
             else:
                 out["banned"], out["target"] = pad_batch(batch["banned"], -1), pad_batch(batch["target"], -1)
             return out
@@ -337,7 +340,13 @@ def next_item_pretraining(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, 
 
     codec = PromptCodec.from_tokenizer(tokenizer)
     vocab, sft_cfg = codec.vocab, cfg.sft
-    rows = next_item_rows(codec, data["train"], cfg.data.positive_threshold, sft_cfg.next_item_max_items)
+    rows = next_item_rows(
+        codec,
+        data["train"],
+        cfg.data.positive_threshold,
+        sft_cfg.next_item_max_items,
+        sft_cfg.next_item_horizon,
+    )
     log.info("next-item pre-training on %d prefixes", len(rows))
     meta_dir, (lo, hi) = (out / META_DIR).resolve(), vocab.item_id_range
 
