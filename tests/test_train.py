@@ -176,8 +176,10 @@ def test_sft_and_reward_stages_on_synthetic_data(tiny_stages):
     assert agreement["pages"] == tiny_stages["cfg"].reward.agreement_samples * min(
         tiny_stages["cfg"].reward.agreement_users, len(pd.read_parquet(tmp_path / "data" / "eval" / "val.parquet"))
     )
-    for name in ("coarse", "fine", "combined"):
+    for name in ("coarse", "fine", "combined", "sft_policy"):
         assert agreement[name]["pooled"] is None or -1 <= agreement[name]["pooled"] <= 1
+    # the policy's own page log-probability, the reference row, is scored on the same pages
+    assert agreement["sft_policy"]["users"] == agreement["coarse"]["users"]
     for kind in ("coarse", "fine"):
         assert (tmp_path / "reward" / kind / "reward_head.safetensors").exists()
     meta = {k: json.loads((tmp_path / "reward" / k / "reward_head.json").read_text()) for k in ("coarse", "fine")}

@@ -104,14 +104,15 @@ def reward_agreement(rewards: dict[str, np.ndarray], ndcg: np.ndarray, users: np
 
 def sample_pages(
     cfg: PageLLMConfig, policy, rows: list[tuple], min_items: int, max_items: int, generator
-) -> list[list[str]]:
+) -> tuple[list[list[str]], np.ndarray]:
     """Pages sampled from ``policy`` as PPO rolls out (its temperature and top-p) for ``rows`` of
-    (user, prompt items, items the page may not show), ``min_items``..``max_items`` long."""
+    (user, prompt items, items the page may not show), ``min_items``..``max_items`` long, and
+    each page's mean log-probability per written step under the distribution it was drawn from."""
     from pagellm.model.decoding import generate_pages
 
     codec, vocab = policy.codec, policy.vocab
     constraint = policy.constraint(min_items, max_items)
-    pages = []
+    pages, logprobs = [], []
     for lo in range(0, len(rows), 64):
         part = rows[lo : lo + 64]
         written = generate_pages(
@@ -123,9 +124,12 @@ def sample_pages(
             top_p=cfg.ppo.top_p,
             generator=generator,
             banned_items=[[vocab.item_token[i] for i in banned if i in vocab.item_token] for _, _, banned in part],
+            with_logprobs=True,
         )
         pages += [[vocab.token_item[t] for t in row] for row in written.item_tokens(constraint)]
-    return pages
+        steps = written.step_mask.float()
+        logprobs.append(((written.logprobs * steps).sum(1) / steps.sum(1).clamp(min=1)).numpy())
+    return pages, np.concatenate(logprobs) if logprobs else np.zeros(0)
 
 
 def policy_sample_pairs(cfg: PageLLMConfig, policy, pairs: pd.DataFrame, interacted: dict) -> pd.DataFrame:
@@ -143,31 +147,35 @@ def policy_sample_pairs(cfg: PageLLMConfig, policy, pairs: pd.DataFrame, interac
     gen, parts = torch.Generator().manual_seed(cfg.train.seed), []
     for n, group in windows.groupby(windows.chosen.map(len), sort=True):
         rows = [(u, list(p), interacted.get(u, set())) for u, p in zip(group.user_id, group.prompt_items)]
-        parts.append(group.assign(family=POLICY_FAMILY, rejected=sample_pages(cfg, policy, rows, n, n, gen)))
+        parts.append(group.assign(family=POLICY_FAMILY, rejected=sample_pages(cfg, policy, rows, n, n, gen)[0]))
     return pd.concat(parts, ignore_index=True) if parts else windows.iloc[:0]
 
 
-def sampled_validation_pages(cfg: PageLLMConfig, policy, users: pd.DataFrame) -> tuple[list, list[list[str]]]:
+def sampled_validation_pages(
+    cfg: PageLLMConfig, policy, users: pd.DataFrame
+) -> tuple[list, list[list[str]], np.ndarray]:
     """``reward.agreement_samples`` pages per user sampled from ``policy`` as PPO rolls out
     (``ppo.page_min_items``..``page_max_items`` items), never showing an item the user saw
-    before the split. Returns (user of each page, pages)."""
+    before the split. Returns (user of each page, pages, their mean log-probability per step)."""
     import torch
 
     k = cfg.reward.agreement_samples
     rows = [(u, list(p), list(s)) for u, p, s in zip(users.user_id, users.prompt_items, users.seen) for _ in range(k)]
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    pages = sample_pages(cfg, policy, rows, cfg.ppo.page_min_items, cfg.ppo.page_max_items, gen)
-    return [u for u, _, _ in rows], pages
+    pages, logprobs = sample_pages(cfg, policy, rows, cfg.ppo.page_min_items, cfg.ppo.page_max_items, gen)
+    return [u for u, _, _ in rows], pages, logprobs
 
 
 def measure_agreement(cfg: PageLLMConfig, data: DataDir, policy, heads: dict[str, RewardModel]) -> dict:
     """``reward_agreement`` of R_c, R_f and R_c + R_f on pages the SFT ``policy`` samples for a
-    seeded subset of ``reward.agreement_users`` validation users."""
+    seeded subset of ``reward.agreement_users`` validation users; ``sft_policy``, the policy's
+    own mean log-probability of each page, is the reference: how well what the policy already
+    knows ranks its pages. A head below it tells PPO less than the policy knows."""
     from pagellm.eval.metrics import ndcg_at_k
 
     users = data.eval_users("val", cfg.data.positive_threshold)
     users = users.sample(min(cfg.reward.agreement_users, len(users)), random_state=cfg.train.seed)
-    owners, pages = sampled_validation_pages(cfg, policy, users)
+    owners, pages, logprobs = sampled_validation_pages(cfg, policy, users)
     target = dict(zip(users.user_id, users.target))
     ndcg = np.array([ndcg_at_k(page, target[u], cfg.ppo.page_max_items) for u, page in zip(owners, pages)])
     prompt = dict(zip(users.user_id, users.prompt_items))
@@ -175,6 +183,7 @@ def measure_agreement(cfg: PageLLMConfig, data: DataDir, policy, heads: dict[str
     ids, masks = [e[0] for e in encoded], [e[1] for e in encoded]
     rewards = {kind: score_lists(heads[kind], ids, masks, policy.vocab.pad_id) for kind in KINDS}
     rewards["combined"] = rewards["coarse"] + rewards["fine"]
+    rewards["sft_policy"] = logprobs
     return reward_agreement(rewards, ndcg, np.asarray(owners))
 
 
