@@ -15,11 +15,15 @@ also paired, user by user, with that report's ``--bar`` model, and this Multi-VA
 values are compared with the report's ``multivae`` row (the same training; ties may order
 differently here, where the item block is ranked in the policy's order).
 
-Exact command behind docs/results/movielens/collaborative_tilt.{json,png} (38 s; repository root, venv on):
+Exact commands behind docs/results/{movielens,amazon2014}/collaborative_tilt.{json,png} (38 s, 7 s;
+repository root, venv on):
 
     OMP_NUM_THREADS=2 python bench/collaborative_tilt_probe.py --data runs/ml/data50 --sft runs/ml/sft50 \\
         --compare docs/results/movielens/compare/users.parquet --bar recbole:MultiVAE \\
         --out docs/results/movielens/collaborative_tilt.json
+    OMP_NUM_THREADS=2 python bench/collaborative_tilt_probe.py --data runs/amz/data --sft runs/amz/sft_cooc \\
+        --compare docs/results/amazon2014/compare/users.parquet --bar recbole:SASRec \\
+        --out docs/results/amazon2014/collaborative_tilt.json
 """
 
 from __future__ import annotations
