@@ -179,18 +179,6 @@ def clear_parts(root: str) -> None:
 # --------------------------------------------------------------------------------- the driver
 
 
-def wait_for_free_cpu(timeout_s: float = 10.0) -> None:
-    """Wait until the cluster has a free CPU, for at most ``timeout_s``. The hash shuffle's
-    actors hand their CPUs back a few tens of ms after ``materialize`` returns; a dataset started
-    in that window makes Ray Data warn that it "will hang unless more CPUs are freed" (seen once
-    in a job's log on a 2-CPU cluster), which here it would not."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def run_stream(
     cfg: PageLLMConfig, out: DataDir, timings: dict, parts_root: Optional[str] = None
 ) -> tuple[Ingested, dict, dict]:
@@ -225,7 +213,6 @@ def run_stream(
         .map_batches(split_partition, fn_args=(data_cfg,), batch_size=None, batch_format="pyarrow")
         .materialize()
     )
-    wait_for_free_cpu()
     timings["split"] = time.perf_counter() - t
 
     t = time.perf_counter()
