@@ -42,6 +42,7 @@ from pagellm.data.layout import DataDir
 from pagellm.eval.baselines import load_protocol, multivae_scores, train_multivae
 from pagellm.eval.metrics import paired_bootstrap
 from pagellm.model.artifact import load_policy
+from pagellm.outputs import figure
 from pagellm.train.sft import ranking_rows
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -61,24 +62,16 @@ def block_scores(policy, protocol_items: list[str], scores: np.ndarray) -> torch
 
 def plot(report: dict, path: Path) -> None:
     """Validation NDCG@100 of log pi_ref + w * log p_VAE against w; SFT and Multi-VAE alone dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     val = report["validation_ndcg@100"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(WEIGHTS, [val[str(w)] for w in WEIGHTS], marker="o", label="SFT + w * Multi-VAE")
-    ax.axhline(val["0.0"], color="black", linestyle="--", label="SFT policy (w = 0)")
-    ax.axhline(val["multivae alone"], color="grey", linestyle=":", label="Multi-VAE alone")
-    ax.axvline(report["chosen_w"], color="tab:red", alpha=0.4, label=f"chosen w = {report['chosen_w']}")
-    ax.set_xlabel("w = 1 / beta")
-    ax.set_ylabel("validation NDCG@100")
-    ax.set_title("Collaborative reward tilt of the SFT policy's first slot")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, panel_size=(6.0, 3.6)) as (_, (ax,)):
+        ax.plot(WEIGHTS, [val[str(w)] for w in WEIGHTS], marker="o", label="SFT + w * Multi-VAE")
+        ax.axhline(val["0.0"], color="black", linestyle="--", label="SFT policy (w = 0)")
+        ax.axhline(val["multivae alone"], color="grey", linestyle=":", label="Multi-VAE alone")
+        ax.axvline(report["chosen_w"], color="tab:red", alpha=0.4, label=f"chosen w = {report['chosen_w']}")
+        ax.set_xlabel("w = 1 / beta")
+        ax.set_ylabel("validation NDCG@100")
+        ax.set_title("Collaborative reward tilt of the SFT policy's first slot")
+        ax.legend(fontsize=8)
 
 
 def main() -> None:
