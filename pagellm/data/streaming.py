@@ -179,6 +179,19 @@ def clear_parts(root: str) -> None:
 # --------------------------------------------------------------------------------- the driver
 
 
+def wait_for_free_cpu(timeout_s: float = 10.0) -> None:
+    """Wait (at most ``timeout_s``) until the cluster's resource view shows a free CPU. Called
+    before each dataset runs: the tasks that just finished (the reads, the previous dataset's map
+    tasks) leave the view a moment after ``ray.get`` returns, and a dataset started in that window
+    makes Ray Data warn that it "will hang unless more CPUs are freed up" (seen in a job's log on a
+    2-CPU cluster), which here it would not."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def run_stream(
     cfg: PageLLMConfig, out: DataDir, timings: dict, parts_root: Optional[str] = None
 ) -> tuple[Ingested, dict, dict]:
@@ -208,6 +221,7 @@ def run_stream(
     data_ctx.execution_options.preserve_order = False
     cpus = int(ray.cluster_resources().get("CPU", 1))
     partitions = max(2 * cpus, math.ceil(rows / data_cfg.rows_per_partition))
+    wait_for_free_cpu()
     users_ds = (
         blocks.repartition(partitions, keys=["user_id"])
         .map_batches(split_partition, fn_args=(data_cfg,), batch_size=None, batch_format="pyarrow")
@@ -216,6 +230,7 @@ def run_stream(
     timings["split"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    wait_for_free_cpu()
     # a tree of small tasks: each partial is catalogue-sized; the driver gets one table
     sums = users_ds.map_batches(item_partials, batch_size=None, batch_format="pyarrow").to_arrow_refs()
     while len(sums) > 1:
@@ -230,6 +245,7 @@ def run_stream(
     stage.clear_outputs(out)
     clear_parts(parts_root)
     stage._write(ingested.items, out.items_path)
+    wait_for_free_cpu()
     summary = users_ds.map_batches(
         build_partition,
         fn_args=(ctx, data_cfg, parts_root),
