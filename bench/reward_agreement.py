@@ -18,7 +18,7 @@ from pathlib import Path
 from pagellm.config import load_config
 from pagellm.data.layout import DataDir
 from pagellm.model.artifact import load_policy
-from pagellm.model.modeling import RewardModel
+from pagellm.model.modeling import load_reward_head
 from pagellm.train.reward import KINDS, measure_agreement
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     cfg = load_config(str(Path(args.reward) / "config.yaml"))
-    heads = {kind: RewardModel.from_pretrained(Path(args.reward) / kind) for kind in KINDS}
+    heads = {kind: load_reward_head(Path(args.reward) / kind) for kind in KINDS}
     agreement = measure_agreement(cfg, DataDir(args.data), load_policy(args.sft), heads)
     command = (
         f"python bench/reward_agreement.py --data {args.data} --sft {args.sft} --reward {args.reward} --out {args.out}"

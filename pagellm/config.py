@@ -26,6 +26,7 @@ from pagellm.errors import ConfigError
 
 PAIR_FAMILIES = ("np", "rk", "d", "rd", "pm")  # data.pair_families (pagellm.data.rules builds each)
 REWARD_POOLINGS = ("mean", "dcg")  # reward.fine_pooling (pagellm.model.modeling.item_weights)
+FINE_MODELS = ("lm", "multivae")  # reward.fine_model (pagellm.model.modeling.load_reward_head)
 TS_FORMATS = ("auto", "unix_s", "unix_ms", "iso")  # data.ts_format (pagellm.data.schema.parse_timestamps)
 PAGE_MODES = ("generate", "score", "hybrid")  # eval.page_mode (pagellm.model.decoding.write_pages)
 
@@ -387,6 +388,12 @@ class RewardConfig:
         "how R_f pools its item scores: mean (eq. 13, every slot alike) or dcg (slot k weighted "
         "1/log2(1 + k), normalised: the top of the page counts as it does in NDCG)",
     )
+    fine_model: str = opt(
+        "lm",
+        "what R_f reads: lm (the paper's fine head: the SFT backbone with a scalar head, Bradley-Terry "
+        "on D_reward) or multivae (ours: log(n p(item | the prompt's items)) of a Multi-VAE fitted on "
+        "the training positives as the compare report fits it; a collaborative view the policy lacks)",
+    )
     policy_pairs: bool = opt(
         False,
         "add a ps pair per (prompt, golden list) of D_reward: the golden list against a page of its "
@@ -411,6 +418,8 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.fine_pooling not in REWARD_POOLINGS:
             raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
+        if self.fine_model not in FINE_MODELS:
+            raise ConfigError(f"reward.fine_model must be one of {list(FINE_MODELS)}, got {self.fine_model!r}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from pagellm.config import ModelConfig
 from pagellm.data.schema import build_items
 from pagellm.model.modeling import (
+    CollaborativeReward,
     PolicyLM,
     PolicyWithRatingHead,
     RewardModel,
@@ -20,7 +21,9 @@ from pagellm.model.modeling import (
     collaborative_item_vectors,
     cooccurrence_item_vectors,
     item_weights,
+    load_reward_head,
     p5_init_new_embeddings,
+    pad_batch,
     token_nll,
     unwrap_lm,
 )
@@ -574,6 +577,63 @@ def test_fine_score_dcg_pooling_weights_the_top_slots(codec, vocab, policy_dir, 
     assert RewardModel.from_pretrained(tmp_path).pooling == "dcg"
     with pytest.raises(ValueError, match="pooling"):
         RewardModel.from_policy(policy_dir, "fine", pooling="max")
+
+
+def test_collaborative_fine_reward_scores_page_items_given_the_prompts_items(codec, vocab, policy_dir, tmp_path):
+    from pagellm.config import PPOConfig, TrainConfig
+    from pagellm.eval.baselines import MultiVAE
+    from pagellm.rl.batch import RolloutBatch
+    from pagellm.rl.workers import RewardWorker
+
+    torch.manual_seed(0)
+    lo, hi = vocab.item_id_range
+    n = hi - lo
+    model = CollaborativeReward(MultiVAE(n, hidden=16, latent=4), lo, "dcg").eval()
+    lists = _lists(codec)
+    ids, mask = lists[1]  # prompt items 42 and b, page [4]
+    ids0, mask0 = lists[0]  # prompt item A 1, page [x|y, 42, b]
+
+    def expected(ids, mask):
+        history = [t - lo for t, m in zip(ids, mask) if lo <= t < hi and not m]
+        x = torch.zeros(1, n)
+        x[0, history] = 1.0
+        logp = model.vae(x)[0][0].log_softmax(-1) + np.log(n)
+        page = [t - lo for t, m in zip(ids, mask) if m]
+        w = 1.0 / np.log2(np.arange(2, len(page) + 2))
+        return float((logp[page].detach().numpy() * w).sum() / w.sum())
+
+    with torch.no_grad():
+        batch = pad_batch([ids, ids0], vocab.pad_id)
+        attention = pad_batch([np.ones(len(ids)), np.ones(len(ids0))], 0)
+        scores = model.score(batch, attention, pad_batch([mask, mask0], 0))
+    assert scores.tolist() == pytest.approx([expected(ids, mask), expected(ids0, mask0)], abs=1e-5)
+    # the page's items are not history: another page under the same prompt changes only the scored items
+    other_ids, other_mask = encode_list(codec, "u 2", ["42", "b"], ["p01"])
+    with torch.no_grad():
+        other = model.score(
+            torch.tensor(other_ids[None]), torch.ones(1, len(other_ids)), torch.tensor(other_mask[None])
+        )
+    assert other.item() == pytest.approx(expected(other_ids, other_mask), abs=1e-5) and other.item() != scores[0].item()
+
+    model.save_pretrained(tmp_path / "fine")
+    reloaded = load_reward_head(tmp_path / "fine")
+    assert isinstance(reloaded, CollaborativeReward) and reloaded.pooling == "dcg" and not reloaded.training
+    assert torch.allclose(reloaded.score(batch, attention, pad_batch([mask, mask0], 0)), scores)
+    RewardModel.from_policy(policy_dir, "coarse").save_pretrained(tmp_path / "coarse")
+    assert isinstance(load_reward_head(tmp_path / "coarse"), RewardModel)
+
+    # PPO's fine role scores a rollout page as the reward stage scores the same list
+    worker = RewardWorker(
+        str(tmp_path / "fine"), vocab.pad_id, vocab.eos_id, ppo=PPOConfig(), train=TrainConfig(), num_cpus=1, num_gpus=0
+    )
+    pages = [["4"], ["x|y", "42", "b"]]
+    tokens = pad_batch([vocab.items_to_ids(p) + [vocab.eos_id] for p in pages], vocab.pad_id)
+    actions = torch.where(tokens == vocab.eos_id, n, tokens - lo).masked_fill(tokens == vocab.pad_id, -1)
+    prompts = [codec.prompt("u 2", ["42", "b"]), codec.prompt("u1", ["A 1"])]
+    rollout = RolloutBatch(prompts, actions, tokens, tokens != vocab.pad_id)
+    out = worker.score(rollout)
+    assert out.page.tolist() == pytest.approx(scores.tolist(), abs=1e-5)
+    assert out.steps[1, 3] == 0 and out.steps[0, 1:].abs().sum() == 0  # EOS and padding score nothing
 
 
 def test_spearman_and_reward_agreement():

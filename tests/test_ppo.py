@@ -4,6 +4,7 @@ the driver is killed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -237,3 +238,39 @@ def test_rollout_prompts_from_training_windows(tiny_stages):
     assert b.train == [codec.prompt(u, list(p)) for u, p in zip(ft.user_id[ft_kept], ft.prompt_items[ft_kept])]
     assert len(b.train) > len(a.train) and a.holdout == b.holdout
     assert planned_iterations(by_ft, root / "data") == 2 * -(-int(ft_kept.sum()) // 16)
+
+
+def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
+    """reward.fine_model=multivae: the reward stage's R_f is a Multi-VAE fitted on the training
+    positives (best epoch on validation NDCG@100); PPO's fine role loads it beside the LM coarse
+    head and its page rewards are log-lifts over a uniform guess, not the LM head's."""
+    import shutil
+
+    from pagellm.eval.baselines import load_protocol, multivae_scores, reindexed, validation_ndcg
+    from pagellm.model.artifact import load_codec
+    from pagellm.model.modeling import CollaborativeReward, load_reward_head
+    from pagellm.train.reward import fit_collaborative_fine
+
+    root = tiny_stages["root"]
+    cfg = load_config(
+        overrides=[*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "reward.fine_model=multivae"]
+    )
+    shutil.copytree(root / "reward" / "coarse", tmp_path / "reward" / "coarse")
+    vocab = load_codec(root / "sft").vocab
+    fit = fit_collaborative_fine(cfg, root / "data", vocab, tmp_path / "reward" / "fine")
+    head = load_reward_head(tmp_path / "reward" / "fine")
+    assert isinstance(head, CollaborativeReward) and head.pooling == cfg.reward.fine_pooling
+    # the exported Multi-VAE is the best epoch: its validation NDCG@100 is the one reported
+    lo, _ = vocab.item_id_range
+    val = reindexed(
+        load_protocol(root / "data", "val", cfg.data.positive_threshold),
+        [vocab.token_item[lo + k] for k in range(len(vocab.item_token))],
+    )
+    assert validation_ndcg(multivae_scores(head.vae, val), val) == fit["valid_ndcg@100"] > 0
+    assert 1 <= fit["epoch"] <= fit["epochs_run"]
+
+    run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo", local=True)
+    records = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+    trained = [r for r in records if r["iteration"] > 0]
+    assert len(trained) == 1 and "value_loss" in trained[0]
+    assert all(math.isfinite(r["reward_fine"]) and r["reward_fine"] != 0 for r in trained)

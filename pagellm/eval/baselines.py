@@ -69,6 +69,20 @@ def load_protocol(data_dir: Path, split: str, positive_threshold: float = 3.0) -
     return Protocol(items, train[["user_id", "item", "ts"]], users)
 
 
+def reindexed(p: Protocol, items: list[str]) -> Protocol:
+    """``p`` with its items in the order of ``items`` (e.g. a policy's item block), so a model
+    trained on it scores columns in that order. Every item of ``p`` must be in ``items``."""
+    missing = set(p.items) - set(items)
+    if missing:
+        raise InputError(f"{len(missing)} catalogue items have no place in the new order, e.g. {sorted(missing)[:5]}")
+    position = {item: k for k, item in enumerate(items)}
+    new = np.array([position[i] for i in p.items])
+    users = p.users.assign(
+        history=[new[h].tolist() for h in p.users.history], seen=[new[s].tolist() for s in p.users.seen]
+    )
+    return Protocol(list(items), p.train_pos.assign(item=new[p.train_pos.item.to_numpy()]), users)
+
+
 def _top_k(scores: np.ndarray, seen: list, k: int) -> np.ndarray:
     scores = scores.astype(np.float64, copy=True)
     scores[seen] = -np.inf

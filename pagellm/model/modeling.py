@@ -7,6 +7,7 @@ Every model saves in Hugging Face format (safetensors) so a stage's output direc
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -378,9 +379,11 @@ class RewardModel(nn.Module):
         self.backbone, self.kind, self.pooling = backbone, kind, pooling
         self.head = nn.Linear(backbone.config.hidden_size, 1)
 
-    def item_scores(self, input_ids, attention_mask) -> torch.Tensor:
+    def item_scores(self, input_ids, attention_mask, item_mask=None) -> torch.Tensor:
+        """A score at every position (the item there, for R_f); ``item_mask`` is not needed:
+        the causal backbone reads what came before."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden).squeeze(-1)  # a score at every position
+        return self.head(hidden).squeeze(-1)
 
     def score(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
         scores = self.item_scores(input_ids, attention_mask)
@@ -420,6 +423,72 @@ class RewardModel(nn.Module):
         return cls(AutoModel.from_pretrained(policy_dir), kind, pooling)
 
 
+class CollaborativeReward(nn.Module):
+    """R_f from a collaborative model (``reward.fine_model=multivae``, ours): each item of the
+    list scores log(n p(item | the row's other items)), n the item block's size, under a Multi-VAE
+    fitted on the training positives, the history being every item token outside ``item_mask``
+    (the prompt's items); pooled over the list by ``item_weights`` as the LM fine head. A
+    log-probability is a Bradley-Terry score as it stands (Luce's choice rule: P(a over b) =
+    p_a / (p_a + p_b)), so nothing is fitted on D_reward; log n makes a uniform guess score 0.
+    The Multi-VAE's columns are the item block (token id - ``item_lo``)."""
+
+    kind = "fine"
+    FILE = "collaborative.safetensors"
+
+    def __init__(self, vae: nn.Module, item_lo: int, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in REWARD_POOLINGS:
+            raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
+        self.vae, self.item_lo, self.pooling = vae, item_lo, pooling
+        self.n_items = vae.decoder[-1].out_features
+
+    def item_scores(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
+        """log(n p(token at t | history)) at every item position t, 0 elsewhere."""
+        block = input_ids - self.item_lo
+        is_item = (block >= 0) & (block < self.n_items) & attention_mask.bool()
+        history = is_item & ~item_mask.bool()
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(block)
+        x = torch.zeros(len(input_ids), self.n_items, device=input_ids.device)
+        x[rows[history], block[history]] = 1.0
+        logp = self.vae(x)[0].log_softmax(-1) + math.log(self.n_items)
+        return torch.where(is_item, logp.gather(1, block.clamp(0, self.n_items - 1)), 0.0)
+
+    def score(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
+        scores = self.item_scores(input_ids, attention_mask, item_mask)
+        return (scores * item_weights(item_mask, self.pooling)).sum(1)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}, str(directory / self.FILE)
+        )
+        hidden, latent = self.vae.encoder[0].out_features, self.vae.latent
+        meta = {"kind": "fine", "model": "multivae", "pooling": self.pooling, "item_lo": self.item_lo}
+        meta.update(n_items=self.n_items, hidden=hidden, latent=latent)
+        (directory / REWARD_META_FILE).write_text(json.dumps(meta))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "CollaborativeReward":
+        from pagellm.eval.baselines import MultiVAE
+
+        directory = Path(directory)
+        meta = json.loads((directory / REWARD_META_FILE).read_text())
+        vae = MultiVAE(meta["n_items"], meta["hidden"], meta["latent"])
+        vae.load_state_dict(load_file(str(directory / cls.FILE)))
+        return cls(vae, meta["item_lo"], meta["pooling"]).eval()
+
+
+def load_reward_head(directory: str | Path) -> RewardModel | CollaborativeReward:
+    """A reward stage's ``coarse`` or ``fine`` directory, whichever model it holds."""
+    meta = json.loads((Path(directory) / REWARD_META_FILE).read_text())
+    return (
+        CollaborativeReward.from_pretrained(directory)
+        if meta.get("model") == "multivae"
+        else RewardModel.from_pretrained(directory)
+    )
+
+
 def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:
     """Right-pad a sequence of 1-d arrays into a [rows, longest] tensor."""
     longest = max((len(r) for r in rows), default=1)
@@ -430,7 +499,9 @@ def pad_batch(rows, pad_value: int, dtype=torch.long) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_lists(model: RewardModel, ids: list, masks: list, pad_id: int, batch_size: int = 128) -> np.ndarray:
+def score_lists(
+    model: RewardModel | CollaborativeReward, ids: list, masks: list, pad_id: int, batch_size: int = 128
+) -> np.ndarray:
     """Reward scores of ``encode_list`` rows, in batches."""
     model.eval()
     out = []

@@ -34,7 +34,7 @@ from pagellm.model.decoding import (
     masked_logprobs,
     rollout_batch,
 )
-from pagellm.model.modeling import RewardModel, item_weights
+from pagellm.model.modeling import RewardModel, item_weights, load_reward_head
 from pagellm.rl.batch import PageScores, RolloutBatch
 from pagellm.rl.ppo_math import policy_loss, value_loss
 from pagellm.storage import local_copy, staged
@@ -275,20 +275,23 @@ class RewardWorker(RoleWorker):
         super().__init__(**kw)
         self.pad_id, self.eos_id = pad_id, eos_id
         with local_copy(reward_dir) as directory:
-            self.model = RewardModel.from_pretrained(directory).to(self.device).eval().requires_grad_(False)
+            self.model = load_reward_head(directory).to(self.device).eval().requires_grad_(False)
         self.kind = self.model.kind
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> PageScores:
         ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
-        scores = self.model.item_scores(ids.to(self.device), attention.to(self.device)).float().cpu()
-        lengths = batch.step_mask.sum(1)
-        last = torch.tensor([len(p) for p in batch.prompts]) + lengths - 1
         is_item = batch.step_mask & (batch.tokens != self.eos_id)
         rows = torch.arange(len(batch))
-        if self.kind == "coarse":
-            return PageScores(scores[rows, last], torch.zeros(batch.actions.shape))
         # item at step s sits at position len(prompt) + s, one after the logit position
-        item_scores = gather_steps(scores, (positions + 1).clamp(max=scores.shape[1] - 1))
+        item_positions = (positions + 1).clamp(max=ids.shape[1] - 1)
+        item_mask = torch.zeros(ids.shape, dtype=torch.bool)
+        item_mask[rows[:, None].expand_as(item_positions)[is_item], item_positions[is_item]] = True
+        scores = self.model.item_scores(ids.to(self.device), attention.to(self.device), item_mask.to(self.device))
+        scores = scores.float().cpu()
+        if self.kind == "coarse":
+            last = torch.tensor([len(p) for p in batch.prompts]) + batch.step_mask.sum(1) - 1
+            return PageScores(scores[rows, last], torch.zeros(batch.actions.shape))
+        item_scores = gather_steps(scores, item_positions)
         steps = item_scores * item_weights(is_item, self.model.pooling)
         return PageScores(steps.sum(1), steps)

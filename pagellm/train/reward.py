@@ -23,7 +23,7 @@ from pagellm.config import PageLLMConfig, write_config
 from pagellm.data.layout import DataDir
 from pagellm.data.rules import FAMILIES
 from pagellm.model.artifact import load_codec, load_policy
-from pagellm.model.modeling import RewardModel, pad_batch, score_lists
+from pagellm.model.modeling import CollaborativeReward, RewardModel, load_reward_head, pad_batch, score_lists
 from pagellm.model.prompts import PromptCodec, encode_list
 from pagellm.outputs import figure, read_jsonl
 from pagellm.train.loop import FitSpec, fit, fits_side_by_side
@@ -166,7 +166,9 @@ def sampled_validation_pages(
     return [u for u, _, _ in rows], pages, logprobs
 
 
-def measure_agreement(cfg: PageLLMConfig, data: DataDir, policy, heads: dict[str, RewardModel]) -> dict:
+def measure_agreement(
+    cfg: PageLLMConfig, data: DataDir, policy, heads: dict[str, RewardModel | CollaborativeReward]
+) -> dict:
     """``reward_agreement`` of R_c, R_f and R_c + R_f on pages the SFT ``policy`` samples for a
     seeded subset of ``reward.agreement_users`` validation users; ``sft_policy``, the policy's
     own mean log-probability of each page, is the reference: how well what the policy already
@@ -198,6 +200,23 @@ def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
         for ax in axes:
             ax.set_xlabel("epoch")
             ax.legend()
+
+
+def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path) -> dict:
+    """R_f of ``reward.fine_model=multivae``: a Multi-VAE fitted on the training positives as
+    the compare report fits its baseline (best epoch on validation NDCG@100), its columns the
+    policy's item block; written to ``out`` (``CollaborativeReward``)."""
+    from pagellm.eval.baselines import load_protocol, reindexed, train_multivae
+
+    lo, _ = vocab.item_id_range
+    block = [vocab.token_item[lo + k] for k in range(len(vocab.item_token))]
+    val = reindexed(load_protocol(data_dir, "val", cfg.data.positive_threshold), block)
+    epochs = {"epochs": cfg.eval.baseline_epochs} if cfg.eval.baseline_epochs else {}
+    vae = train_multivae(val, seed=cfg.train.seed, val=val, patience=cfg.eval.baseline_patience, **epochs)
+    CollaborativeReward(vae, lo, cfg.reward.fine_pooling).save_pretrained(out)
+    best = vae.selection
+    log.info("R_f: Multi-VAE, validation NDCG@100 %.4f at epoch %d", best.best, best.best_epoch)
+    return {"valid_ndcg@100": best.best, "epoch": best.best_epoch, "epochs_run": len(best.history)}
 
 
 def run_reward(
@@ -260,14 +279,20 @@ def run_reward(
     # the two heads are independent fits from the same SFT backbone: side by side when the
     # cluster holds both worker groups at once (each fit's start-up and shut-down, ~40 s on a
     # small machine, then overlaps), one after the other otherwise
-    together = fits_side_by_side(cfg.train, len(KINDS))
-    log.info("reward heads: %s", "coarse and fine side by side" if together else "coarse, then fine")
-    with ThreadPoolExecutor(max_workers=len(KINDS) if together else 1) as pool:
-        running = {kind: pool.submit(fit_head, kind) for kind in KINDS}
+    lm_kinds = KINDS if cfg.reward.fine_model == "lm" else ("coarse",)
+    together = fits_side_by_side(cfg.train, len(lm_kinds))
+    log.info(
+        "reward heads: %s",
+        "coarse and fine side by side" if together and len(lm_kinds) > 1 else ", then ".join(lm_kinds),
+    )
+    with ThreadPoolExecutor(max_workers=len(lm_kinds) if together else 1) as pool:
+        running = {kind: pool.submit(fit_head, kind) for kind in lm_kinds}
     fit_metrics = {kind: job.result() for kind, job in running.items()}
+    if cfg.reward.fine_model == "multivae":
+        fit_metrics["fine"] = fit_collaborative_fine(cfg, data.root, codec.vocab, out / "fine")
 
     test = datasets["test"]
-    margins, heads = {}, {kind: RewardModel.from_pretrained(out / kind) for kind in KINDS}
+    margins, heads = {}, {kind: load_reward_head(out / kind) for kind in KINDS}
     for kind, model in heads.items():
         chosen = score_lists(model, list(test.chosen_ids), list(test.chosen_mask), codec.vocab.pad_id)
         rejected = score_lists(model, list(test.rejected_ids), list(test.rejected_mask), codec.vocab.pad_id)
@@ -277,7 +302,7 @@ def run_reward(
     if cfg.reward.agreement_users:
         agreement = measure_agreement(cfg, data, policy, heads)
         log.info("reward vs page NDCG (Spearman): %s", {k: v for k, v in agreement.items() if isinstance(v, dict)})
-    logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in KINDS}
+    logs = {kind: read_jsonl(out / "logs" / f"reward_{kind}.jsonl") for kind in lm_kinds}
     plot_reward_curves(logs, out / "reward_curves.png")
     metrics = {
         "accuracy": pairwise_accuracy(margins, test.family.to_numpy()),
