@@ -472,6 +472,14 @@ class PPOConfig:
     )
     coarse_weight: float = opt(1.0, "w_c, the weight of R_c in R", ge=0.0)
     fine_weight: float = opt(1.0, "w_f, the weight of R_f in R", ge=0.0)
+    fine_objective: str = opt(
+        "sampled",
+        "how R_f trains the policy. sampled: in the sampled page's reward, as PPO does (the paper); "
+        "expected (ours; needs reward.fine_model=multivae, whose R_f scores every item at once): at "
+        "every step of a rollout page, sum over all actions of pi(a) [kl_beta (log pi - log pi_ref) - "
+        "fine_weight r(a)], minimised by pi ∝ pi_ref exp(fine_weight r / kl_beta); R_f then leaves the "
+        "sampled reward, which keeps R_c and the KL penalty",
+    )
     reward_placement: str = opt(
         "terminal",
         "terminal: all reward on the last token (the paper); dense: each item's fine score "
@@ -522,6 +530,7 @@ class PPOConfig:
             "kl_estimator": ("k1", "k3"),
             "rewards": ("both", "coarse", "fine", "none"),
             "reward_placement": ("terminal", "dense"),
+            "fine_objective": ("sampled", "expected"),
             "final_policy": ("last", "best_val"),
             "advantage": ("gae", "group"),
             "rollout_prompts": ("validation", "training_windows"),

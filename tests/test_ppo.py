@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM
@@ -246,15 +247,17 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     head and its page rewards are log-lifts over a uniform guess, not the LM head's."""
     import shutil
 
+    from safetensors.torch import load_file
+
+    from pagellm.errors import InputError
     from pagellm.eval.baselines import load_protocol, multivae_scores, reindexed, validation_ndcg
     from pagellm.model.artifact import load_codec
     from pagellm.model.modeling import CollaborativeReward, load_reward_head
     from pagellm.train.reward import fit_collaborative_fine
 
     root = tiny_stages["root"]
-    cfg = load_config(
-        overrides=[*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "reward.fine_model=multivae"]
-    )
+    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "reward.fine_model=multivae"]
+    cfg = load_config(overrides=overrides)
     shutil.copytree(root / "reward" / "coarse", tmp_path / "reward" / "coarse")
     vocab = load_codec(root / "sft").vocab
     fit = fit_collaborative_fine(cfg, root / "data", vocab, tmp_path / "reward" / "fine")
@@ -272,5 +275,17 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo", local=True)
     records = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
     trained = [r for r in records if r["iteration"] > 0]
-    assert len(trained) == 1 and "value_loss" in trained[0]
+    assert len(trained) == 1 and "value_loss" in trained[0] and "expected_loss" not in trained[0]
     assert all(math.isfinite(r["reward_fine"]) and r["reward_fine"] != 0 for r in trained)
+
+    # ppo.fine_objective=expected: R_f trains the policy through every action's score
+    exact = load_config(overrides=[*overrides, "ppo.fine_objective=expected"])
+    run_ppo(exact, root / "data", root / "sft", tmp_path / "reward", tmp_path / "exact", local=True)
+    trained = [r for r in read_jsonl(tmp_path / "exact" / "metrics.jsonl") if r["iteration"] > 0]
+    assert len(trained) == 1 and math.isfinite(trained[0]["expected_loss"]) and trained[0]["expected_reward_fine"] != 0
+    before = load_file(root / "sft" / "model.safetensors")
+    after = load_file(tmp_path / "exact" / "policy" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    # an LM fine head cannot score every item at once: a clear error naming the head's file
+    with pytest.raises(InputError, match=r"fine/reward_head.json: ppo.fine_objective=expected"):
+        run_ppo(exact, root / "data", root / "sft", root / "reward", tmp_path / "lm", local=True)

@@ -231,3 +231,35 @@ def test_greedy_pages_run_out_of_items_gracefully(tiny):
     pages = generate_pages(lm, [[lo, lo + 1]], constraint, vocab.pad_id, greedy=True)
     items = pages.tokens[0, : int(pages.step_mask[0].sum())].tolist()[:-1]
     assert sorted(items) == list(range(lo + 2, hi))  # every item not in the history, then EOS
+
+
+def test_expected_reward_loss_reaches_the_tilted_reference():
+    """Minimising the exact KL-regularised expected reward over free logits lands on
+    pi ∝ pi_ref exp(w r / beta) at every real step, disallowed actions keep no mass, padding
+    steps do not count, and the reported reward is the expectation under pi."""
+    from pagellm.rl.ppo_math import expected_reward_loss
+
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.ones(2, 3, 5, dtype=torch.bool)
+    allowed[0, 1, 2] = allowed[1, :, 4] = False
+    ref = torch.randn(2, 3, 5, generator=g).masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    rewards = torch.randn(2, 5, generator=g)
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    beta, weight = 0.5, 0.3
+    logits = torch.zeros(2, 3, 5, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(3000):
+        log_probs = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        loss, reward = expected_reward_loss(log_probs, ref, rewards, allowed, mask, beta, weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(logits.grad).all()
+    pi = logits.detach().masked_fill(~allowed, float("-inf")).softmax(-1)
+    target = (ref + weight * rewards[:, None, :] / beta).masked_fill(~allowed, float("-inf")).softmax(-1)
+    real = mask.bool()
+    assert torch.allclose(pi[real], target[real], atol=1e-3)
+    assert (pi[~allowed] == 0).all()
+    assert torch.allclose(logits.detach()[1, 2], torch.zeros(5))  # a padding step gets no gradient
+    expected = (pi * rewards[:, None, :]).sum(-1)
+    assert reward.item() == pytest.approx(float((expected * mask).sum() / mask.sum()), abs=1e-4)

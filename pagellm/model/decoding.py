@@ -102,13 +102,18 @@ def allowed_masks(
     return out
 
 
+def masked_log_probs(action_logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T, A] log-probabilities of the masked, temperature-scaled distribution (-inf where
+    not ``allowed``). ``action_logits`` [B, T, A] (``PageConstraint.restrict``)."""
+    return (action_logits.float() / temperature).masked_fill(~allowed, NEG_INF).log_softmax(-1)
+
+
 def masked_logprobs(
     action_logits: torch.Tensor, allowed: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0
 ):
     """log pi(a_t) and the entropy of the masked, temperature-scaled distribution at every step.
     ``action_logits`` [B, T, A] (``PageConstraint.restrict``), ``allowed`` [B, T, A]."""
-    logits = (action_logits.float() / temperature).masked_fill(~allowed, NEG_INF)
-    log_probs = logits.log_softmax(-1)
+    log_probs = masked_log_probs(action_logits, allowed, temperature)
     logp = log_probs.gather(-1, actions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     # padding steps (action -1) get 0, never -inf, so that masked sums and ratios stay finite
     logp = torch.where((actions >= 0) & torch.isfinite(logp), logp, torch.zeros_like(logp))

@@ -442,15 +442,26 @@ class CollaborativeReward(nn.Module):
         self.vae, self.item_lo, self.pooling = vae, item_lo, pooling
         self.n_items = vae.decoder[-1].out_features
 
+    def _items(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        block = input_ids - self.item_lo
+        return block, (block >= 0) & (block < self.n_items) & attention_mask.bool()
+
+    def _block_logp(self, block, history) -> torch.Tensor:
+        rows = torch.arange(len(block), device=block.device)[:, None].expand_as(block)
+        x = torch.zeros(len(block), self.n_items, device=block.device)
+        x[rows[history], block[history]] = 1.0
+        return self.vae(x)[0].log_softmax(-1) + math.log(self.n_items)
+
+    def block_scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """[B, n_items] log(n p(item | every item token of the row)): each item's score as the
+        next item of a list after these ids (a prompt)."""
+        block, is_item = self._items(input_ids, attention_mask)
+        return self._block_logp(block, is_item)
+
     def item_scores(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
         """log(n p(token at t | history)) at every item position t, 0 elsewhere."""
-        block = input_ids - self.item_lo
-        is_item = (block >= 0) & (block < self.n_items) & attention_mask.bool()
-        history = is_item & ~item_mask.bool()
-        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(block)
-        x = torch.zeros(len(input_ids), self.n_items, device=input_ids.device)
-        x[rows[history], block[history]] = 1.0
-        logp = self.vae(x)[0].log_softmax(-1) + math.log(self.n_items)
+        block, is_item = self._items(input_ids, attention_mask)
+        logp = self._block_logp(block, is_item & ~item_mask.bool())
         return torch.where(is_item, logp.gather(1, block.clamp(0, self.n_items - 1)), 0.0)
 
     def score(self, input_ids, attention_mask, item_mask) -> torch.Tensor:

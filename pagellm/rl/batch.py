@@ -19,6 +19,7 @@ from pagellm.model.decoding import Pages
 # what a padded step holds in each per-step field
 _PAD = {"actions": -1, "step_mask": False, "old_logp": 0.0, "advantages": 0.0, "old_values": 0.0, "returns": 0.0}
 _STEP_FIELDS = ("actions", "tokens", "step_mask", "old_logp", "advantages", "old_values", "returns")
+_ROW_FIELDS = (*_STEP_FIELDS, "ref_log_probs", "action_rewards")  # what ``rows`` picks
 
 
 def shard_rows(n: int, parts: int) -> list[slice]:
@@ -39,6 +40,9 @@ class RolloutBatch:
     advantages: Optional[torch.Tensor] = None  # [B, T] float: whitened GAE advantages
     old_values: Optional[torch.Tensor] = None  # [B, T] float: critic values at rollout time
     returns: Optional[torch.Tensor] = None  # [B, T] float: GAE returns (the critic's targets)
+    # ppo.fine_objective=expected: the reference's whole distribution and R_f of every action
+    ref_log_probs: Optional[torch.Tensor] = None  # [B, T, A] float: log pi_ref(a) at every step
+    action_rewards: Optional[torch.Tensor] = None  # [B, A] float: R_f's score of each action
 
     @classmethod
     def from_pages(cls, prompts: Sequence[Sequence[int]], pages: Pages) -> "RolloutBatch":
@@ -57,7 +61,7 @@ class RolloutBatch:
     def rows(self, index: slice | torch.Tensor) -> "RolloutBatch":
         """The rows at ``index`` (a slice or a 1-d index tensor), every field alike."""
         picked = range(len(self))[index] if isinstance(index, slice) else index.tolist()
-        fields = {name: getattr(self, name)[index] for name in _STEP_FIELDS if getattr(self, name) is not None}
+        fields = {name: getattr(self, name)[index] for name in _ROW_FIELDS if getattr(self, name) is not None}
         return RolloutBatch([self.prompts[i] for i in picked], **fields)
 
     def shard(self, parts: int) -> list["RolloutBatch"]:
@@ -66,7 +70,8 @@ class RolloutBatch:
 
     @staticmethod
     def concat(parts: Sequence["RolloutBatch"], pad_id: int) -> "RolloutBatch":
-        """Shards back in one batch, padded to the longest page (shards stop when theirs end)."""
+        """Shards back in one batch, padded to the longest page (shards stop when theirs end);
+        the per-step fields only (what generation returns)."""
         width = max(p.actions.shape[1] for p in parts)
         fields = {}
         for name in _STEP_FIELDS:

@@ -273,17 +273,31 @@ def ppo_iteration(
     batch = generate(roles, prompts, greedy=False, seed=seed, pad_id=pad_id)
     t1 = time.perf_counter()
     critic = ppo.advantage == "gae"  # group-relative advantages need no values
+    # fine_objective=expected: R_f trains the policy through the whole distribution at every step
+    expected = ppo.fine_objective == "expected" and ppo.rewards in ("both", "fine")
     pending = {
         "old_logp": on_shards(roles, "policy", "logprobs", batch),
         "ref_logp": on_shards(roles, "reference", "logprobs", batch),
         **({"values": on_shards(roles, "critic", "values", batch)} if critic else {}),
+        **(
+            {
+                "ref_log_probs": on_shards(roles, "reference", "action_log_probs", batch),
+                "action_rewards": on_shards(roles, "fine", "action_scores", batch),
+            }
+            if expected
+            else {}
+        ),
     }
     scores = scores_of(roles, ("coarse", "fine"), batch)
     old_logp, ref_logp = (torch.cat(roles.collect(pending[k])) for k in ("old_logp", "ref_logp"))
+    exact = {k: torch.cat(roles.collect(pending[k])) for k in ("ref_log_probs", "action_rewards") if expected}
     t2 = time.perf_counter()
     mask = batch.step_mask.float()
     kl = kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
-    task = place_rewards(ppo, scores["coarse"], scores["fine"], mask, normalizer)
+    sampled_fine = scores["fine"]
+    if expected:  # R_f is in the exact term, not in the sampled reward
+        sampled_fine = PageScores(torch.zeros_like(sampled_fine.page), torch.zeros_like(sampled_fine.steps))
+    task = place_rewards(ppo, scores["coarse"], sampled_fine, mask, normalizer)
     rewards = token_rewards(task, kl, kl_ctl.beta, mask)
     if critic:
         values = torch.cat(roles.collect(pending["values"]))
@@ -292,7 +306,7 @@ def ppo_iteration(
     else:
         advantages = group_advantages(rewards.sum(1), ppo.group_size, mask)
         values = returns = torch.zeros_like(mask)
-    batch = batch.with_fields(old_logp=old_logp, advantages=advantages, old_values=values, returns=returns)
+    batch = batch.with_fields(old_logp=old_logp, advantages=advantages, old_values=values, returns=returns, **exact)
     t3 = time.perf_counter()
     pending = {role: on_shards(roles, role, "train", batch, seed) for role in ("policy", "critic")[: 1 + critic]}
     trained = {role: mean_stats(roles.collect(p)) for role, p in pending.items()}
@@ -449,11 +463,17 @@ def plot_ppo(records: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------- stage
 
 
-def check_inputs(sft_dir: Path, reward_dir: Path) -> None:
+def check_inputs(ppo, sft_dir: Path, reward_dir: Path) -> None:
     require_policy(sft_dir)
     for need in (reward_dir / "coarse" / "reward_head.json", reward_dir / "fine" / "reward_head.json"):
         if not need.exists():
             raise InputError(f"missing {need}: run `pagellm reward` first")
+    fine = reward_dir / "fine" / "reward_head.json"
+    if ppo.fine_objective == "expected" and json.loads(fine.read_text()).get("model") != "multivae":
+        raise InputError(
+            f"{fine}: ppo.fine_objective=expected needs a fine reward that scores every item "
+            "(run `pagellm reward` with reward.fine_model=multivae)"
+        )
 
 
 def restore(roles, root, out: Path, normalizer: RunningMeanStd, kl_ctl: KLController) -> int:
@@ -520,7 +540,7 @@ def run_ppo(
     # actors get locations they can read on any node: a URI as given, a path made absolute
     sft_at, reward_at = (str(d) if is_uri(d) else str(Path(d).resolve()) for d in (sft_dir, reward_dir))
     sft_dir, reward_dir = fetch(sft_dir).resolve(), fetch(reward_dir).resolve()
-    check_inputs(sft_dir, reward_dir)
+    check_inputs(cfg.ppo, sft_dir, reward_dir)
     if not local:
         from pagellm.ray_utils import init_ray
 

@@ -146,3 +146,28 @@ class KLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.beta = float(state["beta"])
+
+
+def expected_reward_loss(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    rewards: torch.Tensor,
+    allowed: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL-regularised expected item reward at every visited step, summed over the whole
+    action space instead of sampled (``ppo.fine_objective=expected``, ours):
+
+        loss = mean over steps of sum_a pi(a) [beta (log pi(a) - log pi_ref(a)) - weight r(a)]
+
+    Its minimiser at each step is pi ∝ pi_ref exp(weight r / beta), the optimum PPO only
+    approaches by sampling. ``log_probs``, ``ref_log_probs`` [B, T, A] (masked distributions,
+    any value where not ``allowed``), ``rewards`` [B, A] (one per action, the same at every step
+    of a page), ``mask`` [B, T] the real steps. Returns (loss, the expected reward per step)."""
+    probs = log_probs.masked_fill(~allowed, -math.inf).exp()
+    log_ratio = log_probs.masked_fill(~allowed, 0.0) - ref_log_probs.masked_fill(~allowed, 0.0)
+    expected = (probs * rewards[:, None, :]).sum(-1)
+    per_step = beta * (probs * log_ratio).sum(-1) - weight * expected
+    return masked_mean(per_step, mask), masked_mean(expected.detach(), mask)

@@ -31,12 +31,13 @@ from pagellm.model.decoding import (
     allowed_masks,
     gather_steps,
     generate_pages,
+    masked_log_probs,
     masked_logprobs,
     rollout_batch,
 )
-from pagellm.model.modeling import RewardModel, item_weights, load_reward_head
+from pagellm.model.modeling import CollaborativeReward, RewardModel, item_weights, load_reward_head, pad_batch
 from pagellm.rl.batch import PageScores, RolloutBatch
-from pagellm.rl.ppo_math import policy_loss, value_loss
+from pagellm.rl.ppo_math import expected_reward_loss, policy_loss, value_loss
 from pagellm.storage import local_copy, staged
 from pagellm.train.loop import WEIGHTS_FILE, ModelOptimizer, load_module, save_module
 
@@ -179,11 +180,16 @@ class PolicyWorker(RoleWorker):
             user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed)
         )
 
-    def _logprobs(self, batch: RolloutBatch, forward):
+    def _action_logits(self, batch: RolloutBatch, forward):
+        """[B, T, A] action logits at every step and the allowed-action mask."""
         ids, attention, positions = rollout_batch(batch.prompts, batch.pages, self.pad_id)
         out = forward(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
         logits = self.constraint.restrict(gather_steps(out.logits, positions))
         allowed = allowed_masks(self.constraint, batch.prompts, batch.actions, batch.step_mask).to(self.device)
+        return logits, allowed
+
+    def _logprobs(self, batch: RolloutBatch, forward):
+        logits, allowed = self._action_logits(batch, forward)
         return masked_logprobs(logits, allowed, batch.actions.to(self.device), self.ppo.temperature)
 
     @torch.no_grad()
@@ -191,16 +197,41 @@ class PolicyWorker(RoleWorker):
         """[B, T] log-probability of each written action."""
         return self._logprobs(batch, self.model)[0].cpu()
 
+    @torch.no_grad()
+    def action_log_probs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, T, A] the whole masked distribution at every step (-inf where not allowed)."""
+        return masked_log_probs(*self._action_logits(batch, self.model), self.ppo.temperature).cpu()
+
     def train(self, batch: RolloutBatch, seed: int) -> dict[str, float]:
-        """PPO clipped surrogate over this shard's minibatches."""
+        """PPO clipped surrogate over this shard's minibatches; with ``ref_log_probs`` and
+        ``action_rewards`` attached (``ppo.fine_objective=expected``) plus the exact expected
+        item reward of every step (``expected_reward_loss``)."""
         stats = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        expected = batch.action_rewards is not None
+        if expected:
+            stats.update(expected_loss=0.0, expected_reward_fine=0.0)
         steps = 0
         for sub in self._minibatches(batch, seed):
-            logp, entropy = self._logprobs(sub, self._forward())
+            logits, allowed = self._action_logits(sub, self._forward())
+            actions = sub.actions.to(self.device)
+            logp, entropy = masked_logprobs(logits, allowed, actions, self.ppo.temperature)
             mask = sub.step_mask.to(self.device).float()
             loss, clip_frac, approx_kl = policy_loss(
                 logp, sub.old_logp.to(self.device), sub.advantages.to(self.device), mask, self.ppo.clip
             )
+            if expected:
+                exact, reward = expected_reward_loss(
+                    masked_log_probs(logits, allowed, self.ppo.temperature),
+                    sub.ref_log_probs.to(self.device),
+                    sub.action_rewards.to(self.device),
+                    allowed,
+                    mask,
+                    self.ppo.kl_beta,
+                    self.ppo.fine_weight,
+                )
+                loss = loss + exact
+                stats["expected_loss"] += float(exact.detach())
+                stats["expected_reward_fine"] += float(reward)
             self.optimizer.step(loss)
             ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
             for key, value in (
@@ -295,3 +326,16 @@ class RewardWorker(RoleWorker):
         item_scores = gather_steps(scores, item_positions)
         steps = item_scores * item_weights(is_item, self.model.pooling)
         return PageScores(steps.sum(1), steps)
+
+    @torch.no_grad()
+    def action_scores(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, A] R_f's score of every action given each page's prompt (EOS: 0), for
+        ``ppo.fine_objective=expected``; a collaborative R_f only (one pass scores every item)."""
+        if not isinstance(self.model, CollaborativeReward):
+            raise ValueError(
+                "ppo.fine_objective=expected needs a fine reward that scores every item: reward.fine_model=multivae"
+            )
+        ids = pad_batch(batch.prompts, self.pad_id)
+        attention = pad_batch([[1] * len(p) for p in batch.prompts], 0)
+        scores = self.model.block_scores(ids.to(self.device), attention.to(self.device)).float().cpu()
+        return torch.cat([scores, torch.zeros(len(batch), 1)], 1)
