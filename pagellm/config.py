@@ -477,8 +477,8 @@ class PPOConfig:
         "how R_f trains the policy. sampled: in the sampled page's reward, as PPO does (the paper); "
         "expected (ours; needs reward.fine_model=multivae, whose R_f scores every item at once): at "
         "every step of a rollout page, sum over all actions of pi(a) [kl_beta (log pi - log pi_ref) - "
-        "fine_weight r(a)], minimised by pi ∝ pi_ref exp(fine_weight r / kl_beta); R_f then leaves the "
-        "sampled reward, which keeps R_c and the KL penalty",
+        "fine_weight r(a)], minimised by pi ∝ pi_ref exp(fine_weight r / kl_beta); R_f and the KL "
+        "penalty then leave the sampled reward, which keeps R_c",
     )
     reward_placement: str = opt(
         "terminal",

@@ -298,7 +298,8 @@ def ppo_iteration(
     if expected:  # R_f is in the exact term, not in the sampled reward
         sampled_fine = PageScores(torch.zeros_like(sampled_fine.page), torch.zeros_like(sampled_fine.steps))
     task = place_rewards(ppo, scores["coarse"], sampled_fine, mask, normalizer)
-    rewards = token_rewards(task, kl, kl_ctl.beta, mask)
+    # with the exact term the KL is in it, at every step and over every action: not sampled twice
+    rewards = token_rewards(task, kl, 0.0 if expected else kl_ctl.beta, mask)
     if critic:
         values = torch.cat(roles.collect(pending["values"]))
         advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.gae_lambda)
