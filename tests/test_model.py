@@ -581,7 +581,7 @@ def test_fine_score_dcg_pooling_weights_the_top_slots(codec, vocab, policy_dir, 
 
 def test_collaborative_fine_reward_scores_page_items_given_the_prompts_items(codec, vocab, policy_dir, tmp_path):
     from pagellm.config import PPOConfig, TrainConfig
-    from pagellm.eval.baselines import MultiVAE
+    from pagellm.model.multivae import MultiVAE
     from pagellm.rl.batch import RolloutBatch
     from pagellm.rl.workers import RewardWorker
 

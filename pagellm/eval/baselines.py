@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from pagellm.data.layout import DataDir
 from pagellm.errors import InputError
 from pagellm.eval.metrics import ndcg_at_k
+from pagellm.model.multivae import MultiVAE
 
 log = logging.getLogger(__name__)
 BASELINES = ("popularity", "itemknn", "bprmf", "sasrec", "multivae")
@@ -342,23 +343,6 @@ def sasrec_scores(model: SASRec, q: Protocol) -> np.ndarray:
     with torch.no_grad():
         seq, lengths = _right_pad([[i + 1 for i in h] for h in q.users.history], model.max_len)
         return torch.cat([model(seq[lo : lo + 256], lengths[lo : lo + 256]) for lo in range(0, len(seq), 256)]).numpy()
-
-
-class MultiVAE(nn.Module):
-    """[items] -> 600 -> (mu, logvar) 200 -> 600 -> [items] logits, tanh, input dropout 0.5."""
-
-    def __init__(self, n_items: int, hidden: int = 600, latent: int = 200, dropout: float = 0.5):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(n_items, hidden), nn.Tanh(), nn.Linear(hidden, 2 * latent))
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, n_items))
-        self.drop, self.latent = nn.Dropout(dropout), latent
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(self.drop(nn.functional.normalize(x, dim=1)))
-        mu, logvar = h[:, : self.latent], h[:, self.latent :]
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
-        return self.decoder(z), kl
 
 
 def _binary_rows(rows: list[list[int]], n_items: int) -> torch.Tensor:

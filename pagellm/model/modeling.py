@@ -21,6 +21,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHead
 
 from pagellm.config import REWARD_POOLINGS, ModelConfig
 from pagellm.errors import ConfigError
+from pagellm.model.multivae import MultiVAE
 from pagellm.model.vocab import Vocab
 
 RATING_HEAD_FILE = "rating_head.safetensors"
@@ -481,8 +482,6 @@ class CollaborativeReward(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "CollaborativeReward":
-        from pagellm.eval.baselines import MultiVAE
-
         directory = Path(directory)
         meta = json.loads((directory / REWARD_META_FILE).read_text())
         vae = MultiVAE(meta["n_items"], meta["hidden"], meta["latent"])
