@@ -4,7 +4,8 @@ Both start from the SFT policy's backbone, train with the Bradley-Terry loss on 
 (eq. 11, eq. 14) on Ray Train + DeepSpeed, and stop early on validation log-likelihood.
 Pairs are split by user (hash of the user id) into train / validation / test, so no user's
 pairs straddle the split; pairwise accuracy on the test users is reported per family for
-R_c, R_f and R_c + R_f.
+R_c, R_f and R_c + R_f. With ``reward.fine_model=multivae`` (ours) R_f is a Multi-VAE fitted
+on the training positives instead (``fit_collaborative_fine``), scored by the same measures.
 """
 
 from __future__ import annotations
