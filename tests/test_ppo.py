@@ -264,11 +264,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     head = load_reward_head(tmp_path / "reward" / "fine")
     assert isinstance(head, CollaborativeReward) and head.pooling == cfg.reward.fine_pooling
     # the exported Multi-VAE is the best epoch: its validation NDCG@100 is the one reported
-    lo, _ = vocab.item_id_range
-    val = reindexed(
-        load_protocol(root / "data", "val", cfg.data.positive_threshold),
-        [vocab.token_item[lo + k] for k in range(len(vocab.item_token))],
-    )
+    val = reindexed(load_protocol(root / "data", "val", cfg.data.positive_threshold), vocab.item_block)
     assert validation_ndcg(multivae_scores(head.vae, val), val) == fit["valid_ndcg@100"] > 0
     assert 1 <= fit["epoch"] <= fit["epochs_run"]
 

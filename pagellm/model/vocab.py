@@ -97,6 +97,12 @@ class Vocab:
         ids = self.item_token.values()
         return min(ids), max(ids) + 1
 
+    @property
+    def item_block(self) -> list[str]:
+        """Item ids in token order: column k of a score over the item block is ``item_block[k]``."""
+        lo, hi = self.item_id_range
+        return [self.token_item[t] for t in range(lo, hi)]
+
     def items_to_ids(self, items: Sequence[str]) -> list[int]:
         return [self.item_token[i] for i in items]
 

@@ -209,12 +209,10 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     policy's item block; written to ``out`` (``CollaborativeReward``)."""
     from pagellm.eval.baselines import load_protocol, reindexed, train_multivae
 
-    lo, _ = vocab.item_id_range
-    block = [vocab.token_item[lo + k] for k in range(len(vocab.item_token))]
-    val = reindexed(load_protocol(data_dir, "val", cfg.data.positive_threshold), block)
+    val = reindexed(load_protocol(data_dir, "val", cfg.data.positive_threshold), vocab.item_block)
     epochs = {"epochs": cfg.eval.baseline_epochs} if cfg.eval.baseline_epochs else {}
     vae = train_multivae(val, seed=cfg.train.seed, val=val, patience=cfg.eval.baseline_patience, **epochs)
-    CollaborativeReward(vae, lo, cfg.reward.fine_pooling).save_pretrained(out)
+    CollaborativeReward(vae, vocab.item_id_range[0], cfg.reward.fine_pooling).save_pretrained(out)
     best = vae.selection
     log.info("R_f: Multi-VAE, validation NDCG@100 %.4f at epoch %d", best.best, best.best_epoch)
     return {"valid_ndcg@100": best.best, "epoch": best.best_epoch, "epochs_run": len(best.history)}
