@@ -478,7 +478,10 @@ class PPOConfig:
         "expected (ours; needs reward.fine_model=multivae, whose R_f scores every item at once): at "
         "every step of a rollout page, sum over all actions of pi(a) [kl_beta (log pi - log pi_ref) - "
         "fine_weight r(a)], minimised by pi ∝ pi_ref exp(fine_weight r / kl_beta); R_f and the KL "
-        "penalty then leave the sampled reward, which keeps R_c",
+        "penalty then leave the sampled reward, which keeps R_c. closed_form (ours; multivae too): "
+        "that optimum taken exactly where pages are written: PPO trains on R_c (and the KL) alone "
+        "and the policy's pages add fine_weight / kl_beta x r(item | prompt) to every slot's item "
+        "logits (PPO_DIR/policy/fine_tilt, applied by evaluate, PPO validation and Serve)",
     )
     reward_placement: str = opt(
         "terminal",
@@ -502,7 +505,8 @@ class PPOConfig:
     final_policy: str = opt(
         "last",
         "PPO_DIR/policy: last (the paper: the policy after the last iteration) or best_val (the "
-        "checkpoint with the best validation NDCG@100; needs checkpoint_every to divide eval_every)",
+        "checkpoint with the best validation NDCG@100, the SFT policy of iteration 0 included; needs "
+        "checkpoint_every to divide eval_every)",
     )
     holdout_fraction: float = opt(
         0.1, "users whose prompts are held out of rollouts (the held-out reward curve)", ge=0.0, le=0.5
@@ -530,7 +534,7 @@ class PPOConfig:
             "kl_estimator": ("k1", "k3"),
             "rewards": ("both", "coarse", "fine", "none"),
             "reward_placement": ("terminal", "dense"),
-            "fine_objective": ("sampled", "expected"),
+            "fine_objective": ("sampled", "expected", "closed_form"),
             "final_policy": ("last", "best_val"),
             "advantage": ("gae", "group"),
             "rollout_prompts": ("validation", "training_windows"),
@@ -563,6 +567,11 @@ class PPOConfig:
             raise ConfigError(
                 f"ppo.advantage=group needs ppo.group_size >= 2 dividing ppo.batch_size ({self.batch_size}), "
                 f"got {self.group_size}"
+            )
+        if self.fine_objective == "closed_form" and (self.kl_adaptive or self.kl_beta <= 0):
+            raise ConfigError(
+                "ppo.fine_objective=closed_form tilts pages by fine_weight / kl_beta: it needs a fixed "
+                f"ppo.kl_beta > 0 (got kl_beta={self.kl_beta}, kl_adaptive={self.kl_adaptive})"
             )
         if self.page_min_items > self.page_max_items:
             raise ConfigError(

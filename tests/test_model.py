@@ -926,6 +926,43 @@ def test_page_modes_score_and_hybrid(codec, vocab, policy_dir):
     assert pages["hybrid"][0] != pages["generate"][0]
 
 
+def test_a_policy_with_a_fine_tilt_ranks_by_its_logits_plus_the_weighted_reward(codec, vocab, policy_dir, tmp_path):
+    """A policy directory holding a FineTilt (ppo.fine_objective=closed_form) loads with it, and
+    every page mode writes from log pi + w R_f(item | prompt): score pages are the item block
+    ranked by that sum, the first generated item is its argmax; without the tilt the pages differ
+    (the reward is strong enough to reorder them)."""
+    import shutil
+
+    from pagellm.config import EvalConfig
+    from pagellm.model.artifact import TILT_DIR, FineTilt, load_policy
+    from pagellm.model.multivae import MultiVAE
+
+    torch.manual_seed(0)
+    lo, hi = vocab.item_id_range
+    tilted_dir = tmp_path / "tilted"
+    shutil.copytree(policy_dir, tilted_dir)
+    FineTilt(CollaborativeReward(MultiVAE(hi - lo, hidden=16, latent=4), lo).eval(), 5.0).save(tilted_dir)
+    plain, tilted = load_policy(policy_dir), load_policy(tilted_dir)
+    assert plain.tilt is None and tilted.tilt.weight == 5.0 and (tilted_dir / TILT_DIR / "tilt.json").exists()
+    users, histories, banned, k = ["u1", "u 2", "42"], [["A 1", "b"], ["42"], []], [["p01"], [], ["p02"]], 6
+    for row, (user, history) in enumerate(zip(users, histories)):
+        prompt = codec.prompt(user, history)
+        with torch.no_grad():
+            logits = tilted.model(input_ids=torch.tensor([prompt])).logits[0, -1, lo:hi].clone()
+            r = tilted.tilt.reward.prompt_scores([prompt], vocab.pad_id)[0]
+        total = logits + 5.0 * r
+        total[[vocab.item_token[i] - lo for i in history + banned[row]]] = float("-inf")
+        score, _ = tilted.write_tokens([user], [history], [banned[row]], k, EvalConfig(page_mode="score"))
+        first, _ = tilted.write_tokens([user], [history], [banned[row]], 1, EvalConfig(page_mode="generate"))
+        assert score[0] == (total.topk(k).indices + lo).tolist()
+        assert first[0] == [int(total.argmax()) + lo]
+    cfg = EvalConfig(page_mode="score")
+    assert (
+        tilted.write_tokens(users, histories, banned, k, cfg)[0]
+        != plain.write_tokens(users, histories, banned, k, cfg)[0]
+    )
+
+
 def test_next_item_rows_are_every_prefix_with_its_next_items_at_the_page_slot(codec, vocab):
     """One row per positive after a user's first: the prompt of the up to max_items positives
     before it (time order) and the item-block indices of it and the horizon - 1 positives after

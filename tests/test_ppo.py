@@ -151,8 +151,8 @@ def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_pat
 
 def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, tmp_path):
     """final_policy=best_val: PPO_DIR/policy is the checkpoint whose validation NDCG@100 was the
-    best among the saved ones, and events.jsonl says which; a config that would leave evaluated
-    policies unsaved is refused."""
+    best among the saved ones, the SFT policy saved at iteration 0 included, and events.jsonl
+    says which; a config that would leave evaluated policies unsaved is refused."""
     import pytest
     from safetensors.torch import load_file
 
@@ -174,7 +174,7 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
     run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val_ndcg@100" in r]
     assert [r["iteration"] for r in evals] == [0, 2, 4, 6]
-    best = max(evals[1:], key=lambda r: r["val_ndcg@100"])
+    best = max(evals, key=lambda r: r["val_ndcg@100"])  # iteration 0, the SFT policy, is a candidate
     chosen = [
         json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if '"final_policy"' in line
     ]
@@ -187,10 +187,12 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
         }
     ]
     policy = load_file(tmp_path / "policy" / "model.safetensors")
-    for it in (2, 4, 6):
+    sft = load_file(tiny_stages["root"] / "sft" / "model.safetensors")
+    for it in (0, 2, 4, 6):
         saved = load_file(tmp_path / "checkpoints" / f"iter_{it:06d}" / "policy" / "model.safetensors")
         same = all((policy[k] == saved[k]).all() for k in policy)
         assert same == (it == best["iteration"]), it  # the policies differ after every update
+        assert all((sft[k] == saved[k]).all() for k in saved if k in sft) == (it == 0), it
 
 
 def test_group_relative_advantages_train_without_the_critic(tiny_stages, tmp_path):
@@ -285,3 +287,26 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     # an LM fine head cannot score every item at once: a clear error naming the head's file
     with pytest.raises(InputError, match=r"fine/reward_head.json: ppo.fine_objective=expected"):
         run_ppo(exact, root / "data", root / "sft", root / "reward", tmp_path / "lm", local=True)
+
+    # ppo.fine_objective=closed_form: R_f leaves training and tilts the pages the policy writes by
+    # fine_weight / kl_beta; the exported policy carries the tilt, and what PPO validated is what
+    # `pagellm evaluate` reads from it
+    from pagellm.errors import ConfigError
+    from pagellm.model.artifact import TILT_DIR, FineTilt
+
+    with pytest.raises(ConfigError, match="closed_form"):
+        load_config(overrides=["ppo.fine_objective=closed_form", "ppo.kl_adaptive=true"])
+    closed_overrides = ["ppo.fine_objective=closed_form", "ppo.eval_every=1", "ppo.final_policy=last"]
+    closed = load_config(overrides=[*overrides, *closed_overrides, "ppo.eval_max_users=null", "eval.page_items=20"])
+    run_ppo(closed, root / "data", root / "sft", tmp_path / "reward", tmp_path / "closed", local=True)
+    records = read_jsonl(tmp_path / "closed" / "metrics.jsonl")
+    assert "expected_loss" not in records[-1] and records[-1]["reward_fine"] != 0  # logged, not trained on
+    policy = tmp_path / "closed" / "policy"
+    tilt = FineTilt.load(policy)
+    assert tilt.weight == pytest.approx(closed.ppo.fine_weight / closed.ppo.kl_beta)
+    assert torch.equal(tilt.reward.vae.decoder[-1].weight, head.vae.decoder[-1].weight)
+    evaluated = run_evaluate(closed, policy, root / "data", "val", tmp_path / "eval_tilted")
+    assert records[-1]["val_ndcg@100"] == evaluated["ndcg@100"]
+    shutil.rmtree(policy / TILT_DIR)
+    plain = run_evaluate(closed, policy, root / "data", "val", tmp_path / "eval_plain")
+    assert plain["ndcg@100"] != evaluated["ndcg@100"]  # the same weights write other pages untilted

@@ -4,6 +4,7 @@ vocabulary, prompt codec and page constraint, and write pages with the same code
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,7 +14,10 @@ import torch
 from pagellm.config import EvalConfig
 from pagellm.errors import InputError
 from pagellm.model.decoding import PageConstraint, write_pages
+from pagellm.model.modeling import CollaborativeReward, load_reward_head
 from pagellm.model.prompts import PromptCodec
+
+TILT_DIR = "fine_tilt"  # in a policy directory: the R_f its pages are tilted by (FineTilt)
 
 
 def load_codec(directory: str | Path) -> PromptCodec:
@@ -24,9 +28,40 @@ def load_codec(directory: str | Path) -> PromptCodec:
 
 
 @dataclass
+class FineTilt:
+    """R_f applied where the policy writes pages (``ppo.fine_objective=closed_form``, ours): every
+    slot's item logits get ``weight`` x R_f(item | prompt) added, so pages come from
+    pi ∝ pi_theta exp(fine_weight R_f / kl_beta), the exact optimum of the KL-regularised R_f
+    objective on top of pi_theta, where gradient steps reached under half of it (docs/ppo.md).
+    Saved in the policy directory (``TILT_DIR``), so evaluation and serving apply it alike."""
+
+    reward: CollaborativeReward  # a collaborative R_f: scores every item of the block in one pass
+    weight: float  # fine_weight / kl_beta
+
+    META = "tilt.json"
+
+    def item_bias(self, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        return self.weight * self.reward.prompt_scores(prompts, pad_id).float()
+
+    def save(self, policy_dir: str | Path) -> None:
+        self.reward.save_pretrained(Path(policy_dir) / TILT_DIR)
+        (Path(policy_dir) / TILT_DIR / self.META).write_text(json.dumps({"weight": self.weight}))
+
+    @classmethod
+    def load(cls, policy_dir: str | Path, device: str | torch.device = "cpu") -> Optional["FineTilt"]:
+        """The tilt saved in ``policy_dir``, or None when its pages are the model's own."""
+        directory = Path(policy_dir) / TILT_DIR
+        if not directory.exists():
+            return None
+        weight = json.loads((directory / cls.META).read_text())["weight"]
+        return cls(load_reward_head(directory).to(device).eval().requires_grad_(False), float(weight))
+
+
+@dataclass
 class Policy:
     model: torch.nn.Module  # a causal LM over the tokenizer's vocabulary (eval mode)
     codec: PromptCodec  # prompts and pages <-> token ids; ``codec.vocab`` holds the tokenizer
+    tilt: Optional[FineTilt] = None  # R_f added to the item logits of every slot (FineTilt)
 
     @property
     def vocab(self):
@@ -68,15 +103,17 @@ class Policy:
         """One batch of pages of ``k`` item tokens and their log-probabilities (``decoding.write_pages``
         with ``cfg``'s page mode and decoding); serving calls this with the request's k."""
         token = self.vocab.item_token
+        prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, histories)]
         return write_pages(
             self.model,
-            [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, histories)],
+            prompts,
             self.constraint(k, k),
             self.vocab.pad_id,
             k,
             mode=cfg.page_mode,
             hybrid_items=cfg.hybrid_items,
             banned_items=[[token[i] for i in items if i in token] for items in banned],
+            item_bias=self.tilt.item_bias(prompts, self.vocab.pad_id) if self.tilt else None,
             greedy=cfg.decoding == "greedy",
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -93,8 +130,8 @@ def require_policy(directory: str | Path) -> Path:
 
 
 def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Policy:
-    """The policy in ``directory``: its model (eval mode, on ``device``) and codec."""
+    """The policy in ``directory``: its model (eval mode, on ``device``), codec and tilt, if any."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(require_policy(directory)).to(device).eval()
-    return Policy(model, load_codec(directory))
+    return Policy(model, load_codec(directory), FineTilt.load(directory, device))

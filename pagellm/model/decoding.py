@@ -60,6 +60,14 @@ class PageConstraint:
         return [t - self.item_lo for t in prompt if self.item_lo <= t < self.item_lo + self.n_items]
 
 
+def add_item_bias(action_logits: torch.Tensor, item_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, n_items + 1] action logits with a per-prompt [B, n_items] bias on the items (EOS as is)."""
+    if item_bias is None:
+        return action_logits
+    n = item_bias.shape[-1]
+    return torch.cat([action_logits[:, :n] + item_bias, action_logits[:, n:]], dim=-1)
+
+
 def step_allowed(constraint: PageConstraint, written: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
     """Allowed actions [B, A] for rows that have written ``written`` items, ``banned`` [B, A]
     holding the items already used (and the history). EOS needs ``min_items`` items (or no
@@ -171,10 +179,12 @@ def generate_pages(
     generator: Optional[torch.Generator] = None,
     banned_items: Optional[Sequence[Sequence[int]]] = None,
     with_logprobs: bool = False,
+    item_bias: Optional[torch.Tensor] = None,
 ) -> Pages:
     """Write one page per prompt under the constraint, with the model's KV cache.
     ``banned_items`` adds, per prompt, item token ids that may not be written (evaluation masks
-    every item the user has already seen, not only the prompt's)."""
+    every item the user has already seen, not only the prompt's); ``item_bias`` [B, n_items] is
+    added to the items' logits at every slot (a policy's ``FineTilt``)."""
     device = next(model.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -193,7 +203,7 @@ def generate_pages(
     actions, step_masks, step_logprobs = [], [], []
     for _ in range(constraint.max_items + 1):
         allowed = step_allowed(constraint, written, banned)
-        logits = constraint.restrict(out.logits[:, -1].float()).masked_fill(~allowed, NEG_INF)
+        logits = add_item_bias(constraint.restrict(out.logits[:, -1].float()), item_bias).masked_fill(~allowed, NEG_INF)
         if greedy:
             action = logits.argmax(-1)
         else:
@@ -239,12 +249,13 @@ def fill_by_score(
     pad_id: int,
     k: int,
     banned_items: Optional[Sequence[Sequence[int]]] = None,
+    item_bias: Optional[torch.Tensor] = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Extend each (possibly empty) page of item tokens to ``k`` items with the items the model
     ranks highest for the next slot: one forward pass over [prompt || page], the next-token
-    distribution renormalised over the item block less the prompt's history
-    (``exclude_history``), ``banned_items`` and the page's own items. Returns the added tokens
-    and their log-probabilities under that distribution, best first."""
+    distribution (items' logits plus ``item_bias``) renormalised over the item block less the
+    prompt's history (``exclude_history``), ``banned_items`` and the page's own items. Returns the
+    added tokens and their log-probabilities under that distribution, best first."""
     device = next(model.parameters()).device
     seqs = [list(p) + list(w) for p, w in zip(prompts, pages)]
     width = max(len(s) for s in seqs)
@@ -255,7 +266,7 @@ def fill_by_score(
         attention[row, width - len(seq) :] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device))
-    items = constraint.restrict(logits.logits[:, -1].float())[:, : constraint.n_items]
+    items = add_item_bias(constraint.restrict(logits.logits[:, -1].float()), item_bias)[:, : constraint.n_items]
     banned = initial_banned(constraint, prompts, banned_items, device)[:, : constraint.n_items]
     for row, page in enumerate(pages):
         banned[row, constraint.history_actions(page)] = True
@@ -278,13 +289,15 @@ def write_pages(
     mode: str = "generate",
     hybrid_items: int = 3,
     banned_items: Optional[Sequence[Sequence[int]]] = None,
+    item_bias: Optional[torch.Tensor] = None,
     **sampling,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Pages of ``k`` item tokens and each item's log-probability, by ``mode``: ``generate``
     writes all k slots under the constraint (``generate_pages``; ``sampling``: greedy,
     temperature, top_p, generator), ``score`` ranks the item block by the first slot's
     distribution (one forward pass), ``hybrid`` generates the first ``hybrid_items`` and fills
-    the rest by the distribution after them (``fill_by_score``)."""
+    the rest by the distribution after them (``fill_by_score``); ``item_bias`` [B, n_items] is
+    added to the items' logits of every slot, in every mode."""
     if mode not in PAGE_MODES:
         raise ValueError(f"page mode must be one of {PAGE_MODES}, got {mode!r}")
     n = {"generate": k, "score": 0, "hybrid": min(hybrid_items, k)}[mode]
@@ -292,7 +305,9 @@ def write_pages(
     scores: list[list[float]] = [[] for _ in prompts]
     if n:
         head = replace(constraint, min_items=n, max_items=n)
-        pages = generate_pages(model, prompts, head, pad_id, banned_items=banned_items, with_logprobs=True, **sampling)
+        pages = generate_pages(
+            model, prompts, head, pad_id, banned_items=banned_items, with_logprobs=True, item_bias=item_bias, **sampling
+        )
         for row in range(len(prompts)):
             steps = [
                 (int(t), float(lp))
@@ -301,7 +316,7 @@ def write_pages(
             ]
             tokens[row], scores[row] = [t for t, _ in steps], [lp for _, lp in steps]
     if n < k:
-        more, more_scores = fill_by_score(model, prompts, tokens, constraint, pad_id, k, banned_items)
+        more, more_scores = fill_by_score(model, prompts, tokens, constraint, pad_id, k, banned_items, item_bias)
         tokens = [t + m for t, m in zip(tokens, more)]
         scores = [s + m for s, m in zip(scores, more_scores)]
     return tokens, scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -458,6 +458,12 @@ class CollaborativeReward(nn.Module):
         next item of a list after these ids (a prompt)."""
         block, is_item = self._items(input_ids, attention_mask)
         return self._block_logp(block, is_item)
+
+    def prompt_scores(self, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """``block_scores`` of token-id prompts of any lengths: [len(prompts), n_items]."""
+        device = next(self.parameters()).device
+        ids = pad_batch(prompts, pad_id).to(device)
+        return self.block_scores(ids, pad_batch([[1] * len(p) for p in prompts], 0).to(device))
 
     def item_scores(self, input_ids, attention_mask, item_mask) -> torch.Tensor:
         """log(n p(token at t | history)) at every item position t, 0 elsewhere."""

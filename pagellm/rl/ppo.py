@@ -145,6 +145,9 @@ def role_specs(cfg: PageLLMConfig, sft_dir: str, reward_dir: str, constraint: Pa
     """Each role's actor class and arguments; ``sft_dir``/``reward_dir`` are locations (paths or
     URIs) that every actor reads on its own node."""
     ppo, train = cfg.ppo, cfg.train
+    # fine_objective=closed_form: the policy's pages carry R_f exactly (FineTilt); the reference's do not
+    tilted = ppo.fine_objective == "closed_form" and ppo.rewards in ("both", "fine")
+    tilt = (join(reward_dir, "fine"), ppo.fine_weight / ppo.kl_beta) if tilted else None
 
     def common(role: str, rank: int, world: int) -> dict:
         r = getattr(ppo, role)
@@ -165,6 +168,7 @@ def role_specs(cfg: PageLLMConfig, sft_dir: str, reward_dir: str, constraint: Pa
                 "constraint": constraint,
                 "pad_id": pad_id,
                 "trainable": True,
+                "tilt": tilt,
                 **common("policy", rank, world),
             },
         ),
@@ -273,8 +277,10 @@ def ppo_iteration(
     batch = generate(roles, prompts, greedy=False, seed=seed, pad_id=pad_id)
     t1 = time.perf_counter()
     critic = ppo.advantage == "gae"  # group-relative advantages need no values
-    # fine_objective=expected: R_f trains the policy through the whole distribution at every step
-    expected = ppo.fine_objective == "expected" and ppo.rewards in ("both", "fine")
+    # fine_objective=expected: R_f trains the policy through the whole distribution at every step;
+    # closed_form: R_f is applied where pages are written (FineTilt). Either way not sampled.
+    fine_apart = ppo.fine_objective != "sampled" and ppo.rewards in ("both", "fine")
+    expected = fine_apart and ppo.fine_objective == "expected"
     pending = {
         "old_logp": on_shards(roles, "policy", "logprobs", batch),
         "ref_logp": on_shards(roles, "reference", "logprobs", batch),
@@ -295,7 +301,7 @@ def ppo_iteration(
     mask = batch.step_mask.float()
     kl = kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
     sampled_fine = scores["fine"]
-    if expected:  # R_f is in the exact term, not in the sampled reward
+    if fine_apart:  # R_f is in the exact term or the tilt, not in the sampled reward
         sampled_fine = PageScores(torch.zeros_like(sampled_fine.page), torch.zeros_like(sampled_fine.steps))
     task = place_rewards(ppo, scores["coarse"], sampled_fine, mask, normalizer)
     # with the exact term the KL is in it, at every step and over every action: not sampled twice
@@ -395,16 +401,16 @@ def checkpoint_dir(root, iteration: int) -> str:
 
 def best_val_checkpoint(root, out: Path) -> str:
     """The saved checkpoint whose evaluation had the best validation NDCG@100 (``final_policy:
-    best_val``); logged to events.jsonl. Iteration 0 (the SFT policy) is not a PPO checkpoint: if
-    it was better than every update, that is said in the log and the best PPO checkpoint is used."""
+    best_val``), iteration 0 (the SFT policy, saved before any update) included: a run whose
+    updates never beat the reference on validation exports the reference, as early stopping would.
+    Ties go to the earlier iteration. Logged to events.jsonl."""
     evals = [r for r in read_jsonl(out / METRICS_FILE) if "val_ndcg@100" in r]
     saved = [r for r in evals if exists(join(checkpoint_dir(root, r["iteration"]), STATE_FILE))]
     best = max(saved, key=lambda r: r["val_ndcg@100"])
-    start = next((r for r in evals if r["iteration"] == 0), None)
-    if start is not None and start["val_ndcg@100"] > best["val_ndcg@100"]:
+    if best["iteration"] == 0:
         log.warning(
-            "final_policy=best_val: the SFT policy (validation NDCG@100 %.4f) beat every PPO checkpoint (best %.4f)",
-            start["val_ndcg@100"],
+            "final_policy=best_val: no PPO checkpoint beat the SFT policy on validation (NDCG@100 %.4f): "
+            "exporting iteration 0",
             best["val_ndcg@100"],
         )
     append_jsonl(
@@ -470,9 +476,9 @@ def check_inputs(ppo, sft_dir: Path, reward_dir: Path) -> None:
         if not need.exists():
             raise InputError(f"missing {need}: run `pagellm reward` first")
     fine = reward_dir / "fine" / "reward_head.json"
-    if ppo.fine_objective == "expected" and json.loads(fine.read_text()).get("model") != "multivae":
+    if ppo.fine_objective != "sampled" and json.loads(fine.read_text()).get("model") != "multivae":
         raise InputError(
-            f"{fine}: ppo.fine_objective=expected needs a fine reward that scores every item "
+            f"{fine}: ppo.fine_objective={ppo.fine_objective} needs a fine reward that scores every item "
             "(run `pagellm reward` with reward.fine_model=multivae)"
         )
 
@@ -579,6 +585,8 @@ def run_ppo(
         if start == 0:  # the reference point: the SFT policy before any update
             first = {"iteration": 0, **evaluate(roles, cfg, prompts, ppo.seed, pad_id)}
             append_jsonl(metrics_path, first)
+            if ppo.final_policy == "best_val":  # the reference is a candidate of the final policy
+                save_checkpoint(roles, root, out, 0, normalizer, kl_ctl, tokenizer)
             if on_evaluation:
                 on_evaluation(first)
         bar = tqdm(range(start, total), desc="PPO", initial=start, total=total)

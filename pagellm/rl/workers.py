@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pagellm.config import EvalConfig, PPOConfig, TrainConfig
-from pagellm.model.artifact import load_policy
+from pagellm.model.artifact import FineTilt, load_policy
 from pagellm.model.decoding import (
     PageConstraint,
     allowed_masks,
@@ -35,7 +35,7 @@ from pagellm.model.decoding import (
     masked_logprobs,
     rollout_batch,
 )
-from pagellm.model.modeling import CollaborativeReward, RewardModel, item_weights, load_reward_head, pad_batch
+from pagellm.model.modeling import CollaborativeReward, RewardModel, item_weights, load_reward_head
 from pagellm.rl.batch import PageScores, RolloutBatch
 from pagellm.rl.ppo_math import expected_reward_loss, policy_loss, value_loss
 from pagellm.storage import local_copy, staged
@@ -136,11 +136,26 @@ class RoleWorker:
 
 
 class PolicyWorker(RoleWorker):
-    def __init__(self, model_dir: str, constraint: PageConstraint, pad_id: int, trainable: bool, **kw):
+    def __init__(
+        self,
+        model_dir: str,
+        constraint: PageConstraint,
+        pad_id: int,
+        trainable: bool,
+        tilt: Optional[tuple[str, float]] = None,
+        **kw,
+    ):
+        """``tilt``: (a collaborative R_f's directory, its weight) that this policy's validation
+        pages and saved policies carry (``FineTilt``, ``ppo.fine_objective=closed_form``);
+        rollouts and the PPO loss read the model alone."""
         super().__init__(**kw)
         self.constraint, self.pad_id, self.trainable = constraint, pad_id, trainable
         with local_copy(model_dir) as directory:  # a URI: this node's own download
             self.policy = load_policy(directory, self.device)
+        if tilt is not None:
+            with local_copy(tilt[0]) as directory:
+                head = load_reward_head(directory).to(self.device).eval().requires_grad_(False)
+            self.policy.tilt = FineTilt(head, tilt[1])
         self.model = self.policy.model
         if not trainable:
             self.model.requires_grad_(False)
@@ -256,6 +271,8 @@ class PolicyWorker(RoleWorker):
             self._save_state(self.model, directory)
             if self.rank == 0:
                 self.model.save_pretrained(directory)
+                if self.policy.tilt is not None:
+                    self.policy.tilt.save(directory)
 
 
 class CriticWorker(RoleWorker):
@@ -335,7 +352,5 @@ class RewardWorker(RoleWorker):
             raise ValueError(
                 "ppo.fine_objective=expected needs a fine reward that scores every item: reward.fine_model=multivae"
             )
-        ids = pad_batch(batch.prompts, self.pad_id)
-        attention = pad_batch([[1] * len(p) for p in batch.prompts], 0)
-        scores = self.model.block_scores(ids.to(self.device), attention.to(self.device)).float().cpu()
+        scores = self.model.prompt_scores(batch.prompts, self.pad_id).float().cpu()
         return torch.cat([scores, torch.zeros(len(batch), 1)], 1)
