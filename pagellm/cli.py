@@ -186,7 +186,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.kind == "ablation":
         report = run_ablation(
-            cfg, args.config, list(args.overrides), args.data, args.sft, args.reward, args.out, args.seeds, args.split
+            cfg,
+            args.config,
+            list(args.overrides),
+            args.data,
+            args.sft,
+            args.reward,
+            args.out,
+            args.seeds,
+            args.split,
+            args.report_only,
         )
         print((Path(args.out) / "ablation.md").read_text())
     else:
@@ -474,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "ablation":
             q.add_argument("--sft", required=True, help="SFT_DIR")
             q.add_argument("--reward", required=True, help="REWARD_DIR")
+            q.add_argument(
+                "--report-only",
+                action="store_true",
+                help="rebuild the report from the evaluations already in --out (train and evaluate nothing)",
+            )
         if kind == "compare":
             q.add_argument(
                 "--policy",

@@ -109,11 +109,30 @@ def _table(rows: dict[str, dict[str, tuple[float, float]]], note: str, results: 
     return "\n".join(lines) + "\n"
 
 
+def _evaluated(eval_dir: Path) -> dict:
+    """A finished evaluation's metrics (``--report-only``), or one ConfigError naming it."""
+    try:
+        return json.loads((eval_dir / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"ablation --report-only: {eval_dir} holds no evaluation (metrics.json): run it first")
+
+
 def run_ablation(
-    cfg: PageLLMConfig, config_paths, overrides, data_dir, sft_dir, reward_dir, out_dir, seeds, split="test"
+    cfg: PageLLMConfig,
+    config_paths,
+    overrides,
+    data_dir,
+    sft_dir,
+    reward_dir,
+    out_dir,
+    seeds,
+    split="test",
+    report_only: bool = False,
 ) -> dict:
     """Train and evaluate each variant over ``seeds``; SFT only is evaluated once (greedy
-    decoding of one model is deterministic, so its spread is 0)."""
+    decoding of one model is deterministic, so its spread is 0). Every variant is paired with
+    SFT and with R_c + R_f (paper Figure 5: both heads above either alone). ``report_only``
+    rebuilds the report from the evaluations already in ``out_dir``, training nothing."""
     from pagellm.eval.evaluate import run_evaluate
     from pagellm.rl.ppo import run_ppo
 
@@ -122,7 +141,7 @@ def run_ablation(
     started = time.perf_counter()
     results: dict[str, list[dict]] = {}
     sft_eval = out / "runs" / "sft" / f"eval_{split}"
-    results["sft"] = [run_evaluate(cfg, sft_dir, data_dir, split, sft_eval)]
+    results["sft"] = [_evaluated(sft_eval) if report_only else run_evaluate(cfg, sft_dir, data_dir, split, sft_eval)]
     users = {"sft": [per_user(sft_eval)]}
     for name, rewards in VARIANTS.items():
         if rewards is None:
@@ -131,26 +150,37 @@ def run_ablation(
         for seed in seeds:
             run_cfg = load_config(config_paths, [*overrides, f"ppo.rewards={rewards}", f"ppo.seed={seed}"])
             run_dir = out / "runs" / name / f"seed_{seed}"
-            run_ppo(run_cfg, data_dir, sft_dir, reward_dir, run_dir)
-            results[name].append(run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}"))
+            if report_only:
+                results[name].append(_evaluated(run_dir / f"eval_{split}"))
+            else:
+                run_ppo(run_cfg, data_dir, sft_dir, reward_dir, run_dir)
+                results[name].append(
+                    run_evaluate(run_cfg, run_dir / "policy", data_dir, split, run_dir / f"eval_{split}")
+                )
             users[name].append(per_user(run_dir / f"eval_{split}"))
     rows = {name: {k: mean_sd([r[k] for r in runs]) for k in METRICS} for name, runs in results.items()}
-    paired = paired_against(users, "sft")
+    paired, against_both = paired_against(users, "sft"), paired_against(users, "coarse+fine")
+    wall = time.perf_counter() - started
+    if report_only and (out / "ablation.json").exists():  # the runs' time, not the rebuild's
+        wall = json.loads((out / "ablation.json").read_text())["wall_seconds"]
     report = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "split": split,
         "seeds": list(seeds),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall,
         "mean_sd": rows,
         "paired_vs_sft": paired,
+        "paired_vs_coarse+fine": against_both,
         "runs": results,
     }
     (out / "ablation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    rebuilt = "; rebuilt from the runs' evaluations (--report-only), nothing trained" if report_only else ""
     note = (
         f"Command: `{report['command']}`  \nSplit: {split}; PPO variants: mean ± sd over seeds {list(seeds)}; "
-        f"wall time {report['wall_seconds'] / 60:.1f} min."
+        f"wall time {report['wall_seconds'] / 60:.1f} min{rebuilt}."
     )
-    (out / "ablation.md").write_text(_table(rows, note, results) + paired_table(paired, "sft"))
+    tables = paired_table(paired, "sft") + paired_table(against_both, "coarse+fine")
+    (out / "ablation.md").write_text(_table(rows, note, results) + tables)
     bar_chart(
         rows,
         ("ndcg@100", "recall@20", "ild", "category_entropy"),

@@ -310,3 +310,34 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     shutil.rmtree(policy / TILT_DIR)
     plain = run_evaluate(closed, policy, root / "data", "val", tmp_path / "eval_plain")
     assert plain["ndcg@100"] != evaluated["ndcg@100"]  # the same weights write other pages untilted
+
+
+def test_ablation_pairs_each_variant_with_sft_and_both_heads_and_rebuilds_its_report(tiny_stages, tmp_path):
+    """`pagellm experiment ablation`: SFT and the three reward variants on the test split, each
+    paired with SFT and with R_c + R_f (Figure 5's question) user by user; --report-only
+    rebuilds the same report from the runs' evaluations without training, and says so; a
+    missing evaluation is one ConfigError naming it."""
+    from pagellm.errors import ConfigError
+    from pagellm.eval.paired import per_user
+    from pagellm.experiments import VARIANTS, run_ablation
+
+    root = tiny_stages["root"]
+    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "eval.page_items=20"]
+    args = (load_config(overrides=overrides), None, overrides, root / "data", root / "sft", root / "reward")
+    report = run_ablation(*args, tmp_path, [0])
+    assert list(report["mean_sd"]) == list(VARIANTS)
+    both = per_user(tmp_path / "runs" / "coarse+fine" / "seed_0" / "eval_test")
+    for name in ("sft", "coarse", "fine"):
+        own = per_user(tmp_path / "runs" / name / ("eval_test" if name == "sft" else "seed_0/eval_test"))
+        pair = report["paired_vs_coarse+fine"][name]
+        assert pair["users"] == len(own) > 100
+        assert pair["ndcg@100"]["mean"] == pytest.approx((own["ndcg@100"] - both["ndcg@100"]).mean())
+    text = (tmp_path / "ablation.md").read_text()
+    assert "Against sft, user by user" in text and "Against coarse+fine, user by user" in text
+
+    rebuilt = run_ablation(*args, tmp_path, [0], report_only=True)
+    for key in ("mean_sd", "paired_vs_sft", "paired_vs_coarse+fine"):
+        assert json.dumps(rebuilt[key], sort_keys=True) == json.dumps(report[key], sort_keys=True), key
+    assert "nothing trained" in (tmp_path / "ablation.md").read_text()
+    with pytest.raises(ConfigError, match=r"seed_1/eval_test holds no evaluation"):
+        run_ablation(*args, tmp_path, [0, 1], report_only=True)
