@@ -36,6 +36,11 @@ def paired_difference(frame: pd.DataFrame, reference: pd.DataFrame) -> dict:
     return out
 
 
+def _signed(value: float) -> str:
+    """+0.1234; identical pages averaged over seeds differ by rounding (-3e-19): +0.0000, not -0.0000."""
+    return f"{round(value, 12) + 0.0:+.4f}"
+
+
 def paired_table(paired: dict, reference: str) -> str:
     """Markdown: each model's per-user difference to ``reference`` with its 95% interval."""
     if not paired:
@@ -49,6 +54,6 @@ def paired_table(paired: dict, reference: str) -> str:
         "|---|" + "---|" * len(PAIRED),
     ]
     for name, p in paired.items():
-        cells = [f"{p[k]['mean']:+.4f} [{p[k]['ci95'][0]:+.4f}, {p[k]['ci95'][1]:+.4f}]" for k in PAIRED]
+        cells = [f"{_signed(p[k]['mean'])} [{_signed(p[k]['ci95'][0])}, {_signed(p[k]['ci95'][1])}]" for k in PAIRED]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

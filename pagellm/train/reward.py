@@ -214,7 +214,8 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     vae = train_multivae(val, seed=cfg.train.seed, val=val, patience=cfg.eval.baseline_patience, **epochs)
     CollaborativeReward(vae, vocab.item_id_range[0], cfg.reward.fine_pooling).save_pretrained(out)
     best = vae.selection
-    log.info("R_f: Multi-VAE, validation NDCG@100 %.4f at epoch %d", best.best, best.best_epoch)
+    # one console line, as the Ray Train fits print one per epoch (EpochLines)
+    print(f"  reward_fine: Multi-VAE, validation NDCG@100 {best.best:.4f} at epoch {best.best_epoch}", flush=True)
     return {"valid_ndcg@100": best.best, "epoch": best.best_epoch, "epochs_run": len(best.history)}
 
 
