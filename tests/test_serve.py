@@ -23,6 +23,28 @@ from pagellm.serve.ab import assign, parse_split
 from pagellm.serve.api import MAX_BODY_BYTES, ServingData
 
 
+def test_model_version_names_the_weights_and_the_fine_tilt(tmp_path):
+    """`model` in every answer: the directory @ a hash of what writes its pages, so the same LM
+    weights with an R_f tilt (ppo.fine_objective=closed_form) or another tilt weight are other
+    versions, and a copy of a directory is the same version."""
+    from pagellm.model.artifact import TILT_DIR
+    from pagellm.serve.app import model_version
+
+    plain, tilted = tmp_path / "a" / "policy", tmp_path / "b" / "policy"
+    plain.mkdir(parents=True)
+    (plain / "model.safetensors").write_bytes(b"weights")
+    shutil.copytree(plain, tilted)
+    assert model_version(plain) == model_version(tilted) and model_version(plain).startswith("policy@")
+    (tilted / TILT_DIR).mkdir()
+    (tilted / TILT_DIR / "collaborative.safetensors").write_bytes(b"multivae")
+    (tilted / TILT_DIR / "tilt.json").write_text('{"weight": 0.7}')
+    strong = model_version(tilted)
+    assert strong != model_version(plain)
+    (tilted / TILT_DIR / "tilt.json").write_text('{"weight": 1.0}')
+    assert model_version(tilted) not in (strong, model_version(plain))
+    assert model_version(tmp_path / "missing") == "missing@unknown"
+
+
 def test_assignment_is_stable_and_follows_weights():
     split = parse_split("A=70,B=30", ["A", "B"])
     arms = Counter(assign(f"user{i}", split, "salt") for i in range(20_000))
