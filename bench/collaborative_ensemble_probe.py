@@ -24,16 +24,14 @@ Exact commands behind docs/results/{movielens,amazon2014}/collaborative_ensemble
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from collaborative_tilt_probe import block_scores
+from collaborative_tilt_probe import block_scores, probe_arguments, report_per_user
 from reward_tilt_probe import per_user_ndcg, policy_logprobs
 
 from pagellm.data.layout import DataDir
@@ -63,11 +61,7 @@ def knn_log_scores(sim: np.ndarray, q) -> np.ndarray:
 
 def paired_with_bar(compare: str, bar: str, test_users: list, per_user: dict) -> dict:
     """Each row against ``bar`` of a compare report on the same split, user by user."""
-    frame = pd.read_parquet(compare)
-    values = frame[frame.model == bar].set_index("user_id")["ndcg@100"]
-    if sorted(values.index) != sorted(test_users):
-        raise SystemExit(f"{compare}: its test users differ from --data's")
-    ref = values.loc[test_users].to_numpy()
+    ref = report_per_user(compare, bar, test_users)
     return {
         "bar": {"model": bar, "ndcg@100": float(ref.mean())},
         "minus bar": {r: paired_bootstrap(v - ref) for r, v in per_user.items()},
@@ -86,14 +80,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--sft", required=True, help="the SFT policy directory (pi_ref)")
-    p.add_argument("--out", required=True, help="JSON to write")
-    p.add_argument("--positive-threshold", type=float, default=3.0)
-    p.add_argument("--compare", help="users.parquet of a compare report on the same split: pair each row with --bar")
-    p.add_argument("--bar", default="recbole:MultiVAE", help="the model of --compare to pair with")
-    args = p.parse_args()
+    args = probe_arguments(__doc__.splitlines()[0])
     torch.manual_seed(0)
     start = time.time()
     policy, data = load_policy(args.sft), DataDir(args.data)

@@ -60,6 +60,29 @@ def block_scores(policy, protocol_items: list[str], scores: np.ndarray) -> torch
     return out
 
 
+def probe_arguments(description: str) -> argparse.Namespace:
+    """The command line of the collaborative probes: data, SFT policy, output, and optionally a
+    compare report whose ``--bar`` model the test rows are paired with."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", required=True)
+    p.add_argument("--sft", required=True, help="the SFT policy directory (pi_ref)")
+    p.add_argument("--out", required=True, help="JSON to write")
+    p.add_argument("--positive-threshold", type=float, default=3.0)
+    p.add_argument("--compare", help="users.parquet of a compare report on the same split")
+    p.add_argument("--bar", default="recbole:MultiVAE", help="the model of --compare to pair with")
+    return p.parse_args()
+
+
+def report_per_user(compare: str, model: str, test_users: list) -> np.ndarray:
+    """``model``'s per-user NDCG@100 in a compare report, in ``test_users``' order; the report
+    must hold exactly these users (the same split)."""
+    frame = pd.read_parquet(compare)
+    values = frame[frame.model == model].set_index("user_id")["ndcg@100"]
+    if sorted(values.index) != sorted(test_users):
+        raise SystemExit(f"{compare}: its test users differ from --data's")
+    return values.loc[test_users].to_numpy()
+
+
 def plot(report: dict, path: Path) -> None:
     """Validation NDCG@100 of log pi_ref + w * log p_VAE against w; SFT and Multi-VAE alone dashed."""
     val = report["validation_ndcg@100"]
@@ -75,14 +98,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--sft", required=True, help="the SFT policy directory (pi_ref)")
-    p.add_argument("--out", required=True, help="JSON to write")
-    p.add_argument("--positive-threshold", type=float, default=3.0)
-    p.add_argument("--compare", help="users.parquet of a compare report on the same split")
-    p.add_argument("--bar", default="recbole:MultiVAE", help="the model of --compare to pair with")
-    args = p.parse_args()
+    args = probe_arguments(__doc__.splitlines()[0])
     torch.manual_seed(0)
     start = time.time()
     policy, data = load_policy(args.sft), DataDir(args.data)
@@ -122,14 +138,10 @@ def main() -> None:
         },
     }
     if args.compare:
-        compare = pd.read_parquet(args.compare)
-        by_model = {m: g.set_index("user_id")["ndcg@100"] for m, g in compare.groupby("model")}
-        if sorted(by_model[args.bar].index) != sorted(test_users):
-            raise SystemExit(f"{args.compare}: its test users differ from {args.data}'s")
-        bar = by_model[args.bar].loc[test_users].to_numpy()
+        bar = report_per_user(args.compare, args.bar, test_users)
         report["test"][args.bar] = float(bar.mean())
         report["test"][f"tilted - {args.bar}"] = paired_bootstrap(tilted - bar)
-        gap = np.abs(by_model["multivae"].loc[test_users].to_numpy() - vae_alone)
+        gap = np.abs(report_per_user(args.compare, "multivae", test_users) - vae_alone)
         report["test"]["multivae vs the report's multivae"] = {
             "users differing": int((gap > 1e-9).sum()),
             "largest difference": float(gap.max()),

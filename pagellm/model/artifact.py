@@ -48,13 +48,17 @@ class FineTilt:
         (Path(policy_dir) / TILT_DIR / self.META).write_text(json.dumps({"weight": self.weight}))
 
     @classmethod
+    def of_reward(cls, reward_dir: str | Path, weight: float, device: str | torch.device = "cpu") -> "FineTilt":
+        """A tilt by the collaborative R_f in ``reward_dir`` (a reward stage's ``fine``) at ``weight``."""
+        return cls(load_reward_head(reward_dir).to(device).eval().requires_grad_(False), float(weight))
+
+    @classmethod
     def load(cls, policy_dir: str | Path, device: str | torch.device = "cpu") -> Optional["FineTilt"]:
         """The tilt saved in ``policy_dir``, or None when its pages are the model's own."""
         directory = Path(policy_dir) / TILT_DIR
         if not directory.exists():
             return None
-        weight = json.loads((directory / cls.META).read_text())["weight"]
-        return cls(load_reward_head(directory).to(device).eval().requires_grad_(False), float(weight))
+        return cls.of_reward(directory, json.loads((directory / cls.META).read_text())["weight"], device)
 
 
 @dataclass

@@ -154,8 +154,7 @@ class PolicyWorker(RoleWorker):
             self.policy = load_policy(directory, self.device)
         if tilt is not None:
             with local_copy(tilt[0]) as directory:
-                head = load_reward_head(directory).to(self.device).eval().requires_grad_(False)
-            self.policy.tilt = FineTilt(head, tilt[1])
+                self.policy.tilt = FineTilt.of_reward(directory, tilt[1], self.device)
         self.model = self.policy.model
         if not trainable:
             self.model.requires_grad_(False)
