@@ -394,6 +394,17 @@ class RewardConfig:
         "on D_reward) or multivae (ours: log(n p(item | the prompt's items)) of a Multi-VAE fitted on "
         "the training positives as the compare report fits it; a collaborative view the policy lacks)",
     )
+    fine_vaes: int = opt(
+        1,
+        "with fine_model=multivae: Multi-VAEs fitted (seeds train.seed, train.seed + 1, ...) whose "
+        "log-probabilities R_f averages; more than one smooths one fit's quirks (ours)",
+        ge=1,
+    )
+    fine_itemknn: bool = opt(
+        False,
+        "with fine_model=multivae: add ItemKNN's log-normalised scores to R_f (a geometric mixture), "
+        "its neighbourhood and weight the best of R_f's own validation NDCG@100 (ours)",
+    )
     policy_pairs: bool = opt(
         False,
         "add a ps pair per (prompt, golden list) of D_reward: the golden list against a page of its "
@@ -420,6 +431,8 @@ class RewardConfig:
             raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
         if self.fine_model not in FINE_MODELS:
             raise ConfigError(f"reward.fine_model must be one of {list(FINE_MODELS)}, got {self.fine_model!r}")
+        if self.fine_model != "multivae" and (self.fine_vaes > 1 or self.fine_itemknn):
+            raise ConfigError("reward.fine_vaes > 1 and reward.fine_itemknn need reward.fine_model=multivae")
 
 
 @dataclass

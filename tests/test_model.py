@@ -597,7 +597,7 @@ def test_collaborative_fine_reward_scores_page_items_given_the_prompts_items(cod
         history = [t - lo for t, m in zip(ids, mask) if lo <= t < hi and not m]
         x = torch.zeros(1, n)
         x[0, history] = 1.0
-        logp = model.vae(x)[0][0].log_softmax(-1) + np.log(n)
+        logp = model.vaes[0](x)[0][0].log_softmax(-1) + np.log(n)
         page = [t - lo for t, m in zip(ids, mask) if m]
         w = 1.0 / np.log2(np.arange(2, len(page) + 2))
         return float((logp[page].detach().numpy() * w).sum() / w.sum())
@@ -634,6 +634,56 @@ def test_collaborative_fine_reward_scores_page_items_given_the_prompts_items(cod
     out = worker.score(rollout)
     assert out.page.tolist() == pytest.approx(scores.tolist(), abs=1e-5)
     assert out.steps[1, 3] == 0 and out.steps[0, 1:].abs().sum() == 0  # EOS and padding score nothing
+
+
+def test_collaborative_ensemble_averages_its_vaes_and_adds_itemknn_as_a_log_probability(vocab, tmp_path):
+    """reward.fine_vaes / fine_itemknn: R_f = mean of the Multi-VAEs' log p + w x log of ItemKNN's
+    scores normalised to sum 1 (+ (1 + w) log n); an item no history item neighbours gets a floor,
+    not -inf; it saves and reloads whole, and a single-VAE file of the older layout still loads."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pagellm.model.modeling import REWARD_META_FILE
+    from pagellm.model.multivae import MultiVAE
+
+    torch.manual_seed(0)
+    lo, hi = vocab.item_id_range
+    n = hi - lo
+    vaes = [MultiVAE(n, hidden=16, latent=4).eval() for _ in range(2)]
+    index = torch.tensor([[(i + 1) % n, (i + 2) % n] for i in range(n)])
+    value = torch.rand(n, 2) + 0.1
+    head = CollaborativeReward(vaes, lo, "mean", (index, value), 0.5).eval()
+    history = [0, 2]
+    x = torch.zeros(1, n)
+    x[0, history] = 1.0
+    s = torch.zeros(n)
+    for h in history:
+        s[index[h]] += value[h]
+    q = s.clamp(min=1e-12) / s.clamp(min=1e-12).sum()
+    with torch.no_grad():
+        vae_logp = torch.stack([v(x)[0][0].log_softmax(-1) for v in vaes]).mean(0)
+        expected = vae_logp + 0.5 * q.log() + 1.5 * np.log(n)
+        got = head.prompt_scores([[lo + h for h in history]], vocab.pad_id)[0]
+    assert torch.allclose(got, expected, atol=1e-5) and torch.isfinite(got).all()
+    assert (s == 0).any()  # some items have no neighbour in this history: the floor, finite above
+
+    head.save_pretrained(tmp_path / "ensemble")
+    reloaded = load_reward_head(tmp_path / "ensemble")
+    assert len(reloaded.vaes) == 2 and reloaded.knn_weight == 0.5 and torch.equal(reloaded.knn_index, index)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.prompt_scores([[lo + h for h in history]], vocab.pad_id)[0], got)
+
+    # the layout of a single Multi-VAE saved before ensembles: unprefixed keys, no "vaes" in the meta
+    old = tmp_path / "single"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in vaes[0].state_dict().items()}, str(old / CollaborativeReward.FILE))
+    meta = {"kind": "fine", "model": "multivae", "pooling": "mean", "item_lo": lo, "n_items": n, "hidden": 16}
+    (old / REWARD_META_FILE).write_text(json.dumps({**meta, "latent": 4}))
+    single = load_reward_head(old)
+    with torch.no_grad():
+        one = single.prompt_scores([[lo + h for h in history]], vocab.pad_id)[0]
+        assert torch.allclose(one, vaes[0](x)[0][0].log_softmax(-1) + np.log(n), atol=1e-5)
 
 
 def test_spearman_and_reward_agreement():

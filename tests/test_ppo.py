@@ -267,8 +267,18 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     assert isinstance(head, CollaborativeReward) and head.pooling == cfg.reward.fine_pooling
     # the exported Multi-VAE is the best epoch: its validation NDCG@100 is the one reported
     val = reindexed(load_protocol(root / "data", "val", cfg.data.positive_threshold), vocab.item_block)
-    assert validation_ndcg(multivae_scores(head.vae, val), val) == fit["valid_ndcg@100"] > 0
-    assert 1 <= fit["epoch"] <= fit["epochs_run"]
+    assert validation_ndcg(multivae_scores(head.vaes[0], val), val) == pytest.approx(fit["valid_ndcg@100"])
+    assert fit["valid_ndcg@100"] > 0 and len(head.vaes) == 1 and head.knn_weight == 0 and fit["vae_epochs"][0] >= 1
+
+    # reward.fine_vaes=2, fine_itemknn=true: two seeds and ItemKNN, whose weight is the best of R_f's
+    # own validation NDCG@100, and the saved ensemble scores what the fit reported
+    ens_cfg = load_config(overrides=[*overrides, "reward.fine_vaes=2", "reward.fine_itemknn=true"])
+    ens = fit_collaborative_fine(ens_cfg, root / "data", vocab, tmp_path / "ensemble")
+    ensemble = load_reward_head(tmp_path / "ensemble")
+    assert len(ensemble.vaes) == 2 and ensemble.knn_weight == ens["knn_weight"]
+    assert ens["knn_weights_ndcg"][ens["knn_weight"]] == max(ens["knn_weights_ndcg"].values())
+    assert ens["valid_ndcg@100"] == pytest.approx(ens["knn_weights_ndcg"][ens["knn_weight"]])
+    assert not torch.equal(ensemble.vaes[0].decoder[-1].weight, ensemble.vaes[1].decoder[-1].weight)
 
     run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo", local=True)
     records = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
@@ -304,7 +314,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     policy = tmp_path / "closed" / "policy"
     tilt = FineTilt.load(policy)
     assert tilt.weight == pytest.approx(closed.ppo.fine_weight / closed.ppo.kl_beta)
-    assert torch.equal(tilt.reward.vae.decoder[-1].weight, head.vae.decoder[-1].weight)
+    assert torch.equal(tilt.reward.vaes[0].decoder[-1].weight, head.vaes[0].decoder[-1].weight)
     evaluated = run_evaluate(closed, policy, root / "data", "val", tmp_path / "eval_tilted")
     assert records[-1]["val_ndcg@100"] == evaluated["ndcg@100"]
     shutil.rmtree(policy / TILT_DIR)

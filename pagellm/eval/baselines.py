@@ -376,7 +376,7 @@ def train_multivae(
         nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
         return nll + min(beta_max, beta_max * next(steps) / anneal_steps) * kl
 
-    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience, "Multi-VAE")
+    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience, f"Multi-VAE seed {seed}")
     best.fit(opt, loss_of, len(x), 256, epochs, rng)
     model.selection = best
     return model
@@ -388,6 +388,16 @@ def multivae_scores(model: MultiVAE, q: Protocol) -> np.ndarray:
 
 
 ITEMKNN_NEIGHBOURS = (10, 20, 50, 100, 200, 400)  # candidates when a validation protocol is given
+
+
+def best_itemknn_neighbours(p: Protocol, val: Protocol) -> int:
+    """The ``ITEMKNN_NEIGHBOURS`` size whose ItemKNN (fitted on ``p``'s training positives)
+    scores best on validation NDCG@100."""
+    neighbours = max(
+        ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_itemknn_scores(itemknn_similarity(p, n), val), val)
+    )
+    log.info("itemknn: %d neighbours (best validation NDCG@100)", neighbours)
+    return neighbours
 
 
 def baseline_scores(
@@ -402,12 +412,7 @@ def baseline_scores(
     if name == "popularity":
         return np.tile(popularity_scores(p), (len(p.users), 1))
     if name == "itemknn":
-        neighbours = 100
-        if val is not None:
-            neighbours = max(
-                ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_itemknn_scores(itemknn_similarity(p, n), val), val)
-            )
-            log.info("itemknn: %d neighbours (best validation NDCG@100)", neighbours)
+        neighbours = best_itemknn_neighbours(p, val) if val is not None else 100
         return _itemknn_scores(itemknn_similarity(p, neighbours), p)
     if name == "bprmf":
         return train_bprmf(p, seed=seed, val=val, **budget)(p)

@@ -426,32 +426,63 @@ class RewardModel(nn.Module):
 
 class CollaborativeReward(nn.Module):
     """R_f from a collaborative model (``reward.fine_model=multivae``, ours): each item of the
-    list scores log(n p(item | the row's other items)), n the item block's size, under a Multi-VAE
-    fitted on the training positives, the history being every item token outside ``item_mask``
-    (the prompt's items); pooled over the list by ``item_weights`` as the LM fine head. A
-    log-probability is a Bradley-Terry score as it stands (Luce's choice rule: P(a over b) =
-    p_a / (p_a + p_b)), so nothing is fitted on D_reward; log n makes a uniform guess score 0.
-    The Multi-VAE's columns are the item block (token id - ``item_lo``)."""
+    list scores log(n p(item | the row's other items)), n the item block's size, the history
+    being every item token outside ``item_mask`` (the prompt's items); pooled over the list by
+    ``item_weights`` as the LM fine head. p is a Multi-VAE fitted on the training positives, or
+    an ensemble (``reward.fine_vaes``, ``reward.fine_itemknn``): the mean log-probability of
+    several Multi-VAEs plus ``knn_weight`` x the log of ItemKNN's scores normalised to sum 1, a
+    geometric mixture of two collaborative views that err differently. A log-probability is a
+    Bradley-Terry score as it stands (Luce's choice rule: P(a over b) = p_a / (p_a + p_b)), so
+    nothing is fitted on D_reward; the log n terms make a uniform guess score 0. Columns are the
+    item block (token id - ``item_lo``)."""
 
     kind = "fine"
     FILE = "collaborative.safetensors"
 
-    def __init__(self, vae: nn.Module, item_lo: int, pooling: str = "mean"):
+    def __init__(
+        self,
+        vaes: nn.Module | Sequence[nn.Module],
+        item_lo: int,
+        pooling: str = "mean",
+        knn: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        knn_weight: float = 0.0,
+    ):
+        """``knn``: ItemKNN's neighbours as (index, similarity) [n_items, neighbours] (row i: the
+        items i lends its similarity to), used with ``knn_weight`` > 0."""
         super().__init__()
         if pooling not in REWARD_POOLINGS:
             raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
-        self.vae, self.item_lo, self.pooling = vae, item_lo, pooling
-        self.n_items = vae.decoder[-1].out_features
+        self.vaes = nn.ModuleList([vaes] if isinstance(vaes, nn.Module) else vaes)
+        self.item_lo, self.pooling = item_lo, pooling
+        self.n_items = self.vaes[0].decoder[-1].out_features
+        self.knn_weight = float(knn_weight) if knn is not None else 0.0
+        index, value = knn if knn is not None else (torch.zeros(self.n_items, 0), torch.zeros(self.n_items, 0))
+        self.register_buffer("knn_index", index.long(), persistent=False)
+        self.register_buffer("knn_value", value.float(), persistent=False)
 
     def _items(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         block = input_ids - self.item_lo
         return block, (block >= 0) & (block < self.n_items) & attention_mask.bool()
 
+    def _knn_logq(self, block, history) -> torch.Tensor:
+        """log of ItemKNN's scores (each history item's neighbours get its similarity), normalised
+        to sum 1 over the block; an item no history item neighbours gets a floor of 1e-12."""
+        rows, length = block.shape
+        index = self.knn_index[block.clamp(0, self.n_items - 1)]  # [B, L, k]
+        value = self.knn_value[block.clamp(0, self.n_items - 1)] * history[..., None]
+        s = torch.zeros(rows, self.n_items, device=block.device)
+        s.scatter_add_(1, index.reshape(rows, -1), value.reshape(rows, -1))
+        s = s.clamp(min=1e-12)
+        return (s / s.sum(1, keepdim=True)).log()
+
     def _block_logp(self, block, history) -> torch.Tensor:
         rows = torch.arange(len(block), device=block.device)[:, None].expand_as(block)
         x = torch.zeros(len(block), self.n_items, device=block.device)
         x[rows[history], block[history]] = 1.0
-        return self.vae(x)[0].log_softmax(-1) + math.log(self.n_items)
+        logp = torch.stack([vae(x)[0].log_softmax(-1) for vae in self.vaes]).mean(0)
+        if self.knn_weight:
+            logp = logp + self.knn_weight * self._knn_logq(block, history)
+        return logp + (1.0 + self.knn_weight) * math.log(self.n_items)
 
     def block_scores(self, input_ids, attention_mask) -> torch.Tensor:
         """[B, n_items] log(n p(item | every item token of the row)): each item's score as the
@@ -478,21 +509,29 @@ class CollaborativeReward(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}, str(directory / self.FILE)
-        )
-        hidden, latent = self.vae.encoder[0].out_features, self.vae.latent
+        tensors = {f"vaes.{k}": v for k, v in self.vaes.state_dict().items()}
+        tensors.update({"knn.index": self.knn_index.int(), "knn.value": self.knn_value})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / self.FILE))
+        hidden, latent = self.vaes[0].encoder[0].out_features, self.vaes[0].latent
         meta = {"kind": "fine", "model": "multivae", "pooling": self.pooling, "item_lo": self.item_lo}
-        meta.update(n_items=self.n_items, hidden=hidden, latent=latent)
+        meta.update(n_items=self.n_items, hidden=hidden, latent=latent, vaes=len(self.vaes))
+        meta.update(knn_weight=self.knn_weight, knn_neighbours=self.knn_index.shape[1])
         (directory / REWARD_META_FILE).write_text(json.dumps(meta))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "CollaborativeReward":
         directory = Path(directory)
         meta = json.loads((directory / REWARD_META_FILE).read_text())
-        vae = MultiVAE(meta["n_items"], meta["hidden"], meta["latent"])
-        vae.load_state_dict(load_file(str(directory / cls.FILE)))
-        return cls(vae, meta["item_lo"], meta["pooling"]).eval()
+        tensors = load_file(str(directory / cls.FILE))
+        vaes = nn.ModuleList(
+            [MultiVAE(meta["n_items"], meta["hidden"], meta["latent"]) for _ in range(meta.get("vaes", 1))]
+        )
+        if "vaes" in meta:
+            vaes.load_state_dict({k[len("vaes.") :]: v for k, v in tensors.items() if k.startswith("vaes.")})
+        else:  # a single Multi-VAE saved before ensembles (its keys unprefixed)
+            vaes[0].load_state_dict(tensors)
+        knn = (tensors["knn.index"], tensors["knn.value"]) if meta.get("knn_neighbours") else None
+        return cls(list(vaes), meta["item_lo"], meta["pooling"], knn, meta.get("knn_weight", 0.0)).eval()
 
 
 def load_reward_head(directory: str | Path) -> RewardModel | CollaborativeReward:

@@ -203,20 +203,58 @@ def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
             ax.legend()
 
 
+KNN_WEIGHTS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)  # reward.fine_itemknn: candidates for ItemKNN's weight in R_f
+
+
 def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path) -> dict:
-    """R_f of ``reward.fine_model=multivae``: a Multi-VAE fitted on the training positives as
-    the compare report fits its baseline (best epoch on validation NDCG@100), its columns the
-    policy's item block; written to ``out`` (``CollaborativeReward``)."""
-    from pagellm.eval.baselines import load_protocol, reindexed, train_multivae
+    """R_f of ``reward.fine_model=multivae``: ``reward.fine_vaes`` Multi-VAEs fitted on the training
+    positives as the compare report fits its baseline (best epoch on validation NDCG@100), and with
+    ``reward.fine_itemknn`` ItemKNN, its neighbourhood and weight the best of R_f's validation
+    NDCG@100; columns are the policy's item block. Written to ``out`` (``CollaborativeReward``)."""
+    import torch
+
+    from pagellm.eval.baselines import (
+        best_itemknn_neighbours,
+        itemknn_similarity,
+        load_protocol,
+        reindexed,
+        train_multivae,
+        validation_ndcg,
+    )
 
     val = reindexed(load_protocol(data_dir, "val", cfg.data.positive_threshold), vocab.item_block)
     epochs = {"epochs": cfg.eval.baseline_epochs} if cfg.eval.baseline_epochs else {}
-    vae = train_multivae(val, seed=cfg.train.seed, val=val, patience=cfg.eval.baseline_patience, **epochs)
-    CollaborativeReward(vae, vocab.item_id_range[0], cfg.reward.fine_pooling).save_pretrained(out)
-    best = vae.selection
+    vaes = [
+        train_multivae(val, seed=cfg.train.seed + k, val=val, patience=cfg.eval.baseline_patience, **epochs)
+        for k in range(cfg.reward.fine_vaes)
+    ]
+    lo = vocab.item_id_range[0]
+    prompts = [[lo + j for j in history] for history in val.users.history]
+
+    def val_ndcg(head: CollaborativeReward) -> float:
+        with torch.no_grad():
+            return validation_ndcg(head.prompt_scores(prompts, vocab.pad_id).numpy(), val)
+
+    head = CollaborativeReward(vaes, lo, cfg.reward.fine_pooling)
+    selection = {"vae_epochs": [v.selection.best_epoch for v in vaes], "vaes_ndcg@100": val_ndcg(head)}
+    if cfg.reward.fine_itemknn:
+        neighbours = best_itemknn_neighbours(val, val)
+        sim = torch.as_tensor(itemknn_similarity(val, neighbours))
+        value, index = sim.topk(min(neighbours, sim.shape[1]), dim=1)
+        scored = {
+            w: val_ndcg(CollaborativeReward(vaes, lo, cfg.reward.fine_pooling, (index, value), w)) for w in KNN_WEIGHTS
+        }
+        weight = max(scored, key=scored.get)
+        head = CollaborativeReward(vaes, lo, cfg.reward.fine_pooling, (index, value), weight)
+        selection.update(knn_neighbours=neighbours, knn_weight=weight, knn_weights_ndcg=scored)
+    head.save_pretrained(out)
+    ndcg = val_ndcg(head)
     # one console line, as the Ray Train fits print one per epoch (EpochLines)
-    print(f"  reward_fine: Multi-VAE, validation NDCG@100 {best.best:.4f} at epoch {best.best_epoch}", flush=True)
-    return {"valid_ndcg@100": best.best, "epoch": best.best_epoch, "epochs_run": len(best.history)}
+    parts = f"{len(vaes)} Multi-VAE{'s' if len(vaes) > 1 else ''}"
+    if cfg.reward.fine_itemknn:
+        parts += f" + {selection['knn_weight']} x ItemKNN ({selection['knn_neighbours']} neighbours)"
+    print(f"  reward_fine: {parts}, validation NDCG@100 {ndcg:.4f}", flush=True)
+    return {"valid_ndcg@100": ndcg, **selection}
 
 
 def run_reward(
@@ -309,7 +347,7 @@ def run_reward(
         "test_pairs": test.family.value_counts().to_dict(),
         "pairs": {p: len(d) for p, d in datasets.items()},
         "fit": {
-            k: {m: v for m, v in fm.items() if m.startswith(("train_", "valid_", "epoch", "step"))}
+            k: {m: v for m, v in fm.items() if m.startswith(("train_", "valid_", "epoch", "step", "vae", "knn_"))}
             for k, fm in fit_metrics.items()
         },
         "margin_std": {k: float(np.std(m)) for k, m in margins.items()},
