@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,8 +126,12 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
             assert f"[{k}/{len(STAGES)}] {name}: done in " in logs, logs[-4000:]
         for fit in ("meta", "golden_ft", "reward_coarse"):
             assert sum(line.startswith(f"  {fit} epoch 1/1: ") for line in logs.splitlines()) == 1, fit
-        # the embedded profile's R_f: a Multi-VAE fitted in the driver, one line for it
-        assert sum(line.startswith("  reward_fine: Multi-VAE, validation NDCG@100 ") for line in logs.splitlines()) == 1
+        # the embedded profile's R_f: three Multi-VAEs and ItemKNN fitted in the driver, one line for it
+        fine_lines = [line for line in logs.splitlines() if line.startswith("  reward_fine: ")]
+        assert len(fine_lines) == 1 and re.fullmatch(
+            r"  reward_fine: 3 Multi-VAEs \+ [0-9.]+ x ItemKNN \(\d+ neighbours\), validation NDCG@100 0\.\d{4}",
+            fine_lines[0],
+        ), fine_lines
         assert not [line for line in logs.splitlines() if "split(" in line and "%|" in line]  # Ray Data split bars
         # the workers' output stays in Ray's log files, copied beside the run (-v forwards it)
         assert "RayTrainWorker pid=" not in logs and "TrainController pid=" not in logs
