@@ -145,9 +145,9 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
 
         # (the tokenizer trainer printed 3 blank lines.) A tqdm bar's first draw starts with a
         # carriage return, which reaches the job log as a line break: the empty line before a
-        # bar's first draw ("?it/s]", "?epoch/s]": the PPO and the Multi-VAE R_f bars) is its own
+        # bar's first draw ("?it/s]", "?fit/s]": the PPO and the R_f Multi-VAE fits' bars) is its own
         def first_draw(line: str) -> bool:
-            return "?it/s]" in line or "?epoch/s]" in line
+            return re.search(r"\?\w+/s\]", line) is not None
 
         blank = [
             k

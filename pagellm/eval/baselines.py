@@ -152,12 +152,21 @@ def validation_ndcg(scores: np.ndarray, val: Protocol, k: int = 100) -> float:
 class BestEpoch:
     """Early stopping on validation NDCG@100: scored after every epoch, stop after ``patience``
     epochs without a better score, the best epoch's parameters restored. Without a validation
-    protocol every epoch runs and the last is kept."""
+    protocol every epoch runs and the last is kept. ``progress=False`` hides the epoch bar (a
+    caller that shows its own)."""
 
-    def __init__(self, modules: list[nn.Module], val: Protocol | None, scores, patience: int = 10, name: str = ""):
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        val: Protocol | None,
+        scores,
+        patience: int = 10,
+        name: str = "",
+        progress: bool = True,
+    ):
         self.modules, self.val, self.scores, self.patience = modules, val, scores, patience
         self.best, self.best_epoch, self.state, self.history = -1.0, 0, None, []
-        self.bar = tqdm(desc=f"{name} epochs".strip(), unit="epoch")
+        self.bar = tqdm(desc=f"{name} epochs".strip(), unit="epoch", disable=not progress)
 
     def stop(self, epoch: int) -> bool:
         self.bar.update()
@@ -361,6 +370,7 @@ def train_multivae(
     seed: int = 0,
     val: Protocol | None = None,
     patience: int = 10,
+    progress: bool = True,
 ) -> MultiVAE:
     """Multinomial log-likelihood + beta * KL, beta annealed linearly to ``beta_max`` (the
     paper's partially regularised objective), on each user's set of training positives."""
@@ -376,7 +386,7 @@ def train_multivae(
         nll = -(logits.log_softmax(1) * x[b]).sum(1).mean()
         return nll + min(beta_max, beta_max * next(steps) / anneal_steps) * kl
 
-    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience, f"Multi-VAE seed {seed}")
+    best = BestEpoch([model], val, lambda q: multivae_scores(model, q), patience, f"Multi-VAE seed {seed}", progress)
     best.fit(opt, loss_of, len(x), 256, epochs, rng)
     model.selection = best
     return model

@@ -224,10 +224,10 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
 
     val = reindexed(load_protocol(data_dir, "val", cfg.data.positive_threshold), vocab.item_block)
     epochs = {"epochs": cfg.eval.baseline_epochs} if cfg.eval.baseline_epochs else {}
-    vaes = [
-        train_multivae(val, seed=cfg.train.seed + k, val=val, patience=cfg.eval.baseline_patience, **epochs)
-        for k in range(cfg.reward.fine_vaes)
-    ]
+    # no epoch bars (a job log shows every redraw as a line of its own): each fit logs one line
+    # when it ends, its best validation epoch, as the Ray Train fits print a line per epoch
+    budget = {"patience": cfg.eval.baseline_patience, "progress": False, **epochs}
+    vaes = [train_multivae(val, seed=cfg.train.seed + k, val=val, **budget) for k in range(cfg.reward.fine_vaes)]
     lo = vocab.item_id_range[0]
     prompts = [[lo + j for j in history] for history in val.users.history]
 
