@@ -153,7 +153,7 @@ class BestEpoch:
     """Early stopping on validation NDCG@100: scored after every epoch, stop after ``patience``
     epochs without a better score, the best epoch's parameters restored. Without a validation
     protocol every epoch runs and the last is kept. ``progress=False`` hides the epoch bar (a
-    caller that shows its own)."""
+    caller whose output is a job log, where every redraw is a line)."""
 
     def __init__(
         self,

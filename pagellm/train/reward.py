@@ -236,7 +236,8 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
             return validation_ndcg(head.prompt_scores(prompts, vocab.pad_id).numpy(), val)
 
     head = CollaborativeReward(vaes, lo, cfg.reward.fine_pooling)
-    selection = {"vae_epochs": [v.selection.best_epoch for v in vaes], "vaes_ndcg@100": val_ndcg(head)}
+    ndcg = val_ndcg(head)
+    selection = {"vae_epochs": [v.selection.best_epoch for v in vaes], "vaes_ndcg@100": ndcg}
     if cfg.reward.fine_itemknn:
         neighbours = best_itemknn_neighbours(val, val)
         sim = torch.as_tensor(itemknn_similarity(val, neighbours))
@@ -245,10 +246,9 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
             w: val_ndcg(CollaborativeReward(vaes, lo, cfg.reward.fine_pooling, (index, value), w)) for w in KNN_WEIGHTS
         }
         weight = max(scored, key=scored.get)
-        head = CollaborativeReward(vaes, lo, cfg.reward.fine_pooling, (index, value), weight)
+        head, ndcg = CollaborativeReward(vaes, lo, cfg.reward.fine_pooling, (index, value), weight), scored[weight]
         selection.update(knn_neighbours=neighbours, knn_weight=weight, knn_weights_ndcg=scored)
     head.save_pretrained(out)
-    ndcg = val_ndcg(head)
     # one console line, as the Ray Train fits print one per epoch (EpochLines)
     parts = f"{len(vaes)} Multi-VAE{'s' if len(vaes) > 1 else ''}"
     if cfg.reward.fine_itemknn:
