@@ -53,7 +53,8 @@ def main() -> None:
     report = {
         "command": "python bench/fine_weight_sweep.py "
         + " ".join(f"--config {c}" for c in args.config)
-        + f" --data {args.data} --sft {args.sft} --reward {args.reward} --out {args.out}",
+        + f" --data {args.data} --sft {args.sft} --reward {args.reward} --out {args.out}"
+        + ("" if tuple(args.weights) == WEIGHTS else " --weights " + " ".join(f"{w:g}" for w in args.weights)),
         "reward_fine": json.loads((Path(args.reward) / "fine" / "reward_head.json").read_text()),
         "validation_ndcg@100": {str(w): s for w, s in scores.items()},
         "best_weight": best,

@@ -496,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a PageLLM policy to evaluate (repeat); NAME=DIR1,DIR2,.. are its seeds (mean +- sd, per-user means)",
             )
         if kind != "ablation":
-            q.add_argument("--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae"])
+            q.add_argument(
+                "--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae", "ease"]
+            )
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--split", choices=("val", "test"), default="test")
         q.add_argument("--out", required=True, help="report directory, e.g. docs/results/amazon2014/ablation")

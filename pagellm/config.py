@@ -405,6 +405,12 @@ class RewardConfig:
         "with fine_model=multivae: add ItemKNN's log-normalised scores to R_f (a geometric mixture), "
         "its neighbourhood and weight the best of R_f's own validation NDCG@100 (ours)",
     )
+    fine_ease: bool = opt(
+        False,
+        "with fine_model=multivae: add EASE's log-normalised scores to R_f (Steck 2019, the linear "
+        "item-item autoencoder in closed form), its L2 penalty chosen as the ease baseline's and its "
+        "weight, jointly with ItemKNN's, the best of R_f's own validation NDCG@100 (ours)",
+    )
     policy_pairs: bool = opt(
         False,
         "add a ps pair per (prompt, golden list) of D_reward: the golden list against a page of its "
@@ -431,8 +437,10 @@ class RewardConfig:
             raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
         if self.fine_model not in FINE_MODELS:
             raise ConfigError(f"reward.fine_model must be one of {list(FINE_MODELS)}, got {self.fine_model!r}")
-        if self.fine_model != "multivae" and (self.fine_vaes > 1 or self.fine_itemknn):
-            raise ConfigError("reward.fine_vaes > 1 and reward.fine_itemknn need reward.fine_model=multivae")
+        if self.fine_model != "multivae" and (self.fine_vaes > 1 or self.fine_itemknn or self.fine_ease):
+            raise ConfigError(
+                "reward.fine_vaes > 1, reward.fine_itemknn and reward.fine_ease need reward.fine_model=multivae"
+            )
 
 
 @dataclass
@@ -620,7 +628,7 @@ class EvalConfig:
     num_gpus: float = opt(0.0, "GPUs per actor", ge=0.0)
     seed: int = opt(0, "seed of sampled decoding", ge=0)
     report_baselines: list[str] = opt(
-        ["popularity", "itemknn", "multivae", "sasrec"],
+        ["popularity", "itemknn", "multivae", "sasrec", "ease"],
         "in-house baselines (docs/baselines.md; epoch or neighbourhood chosen on validation) that "
         "`pagellm run` scores on the test split beside SFT and PPO in its report",
     )

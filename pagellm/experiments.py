@@ -36,7 +36,14 @@ from pagellm.outputs import bar_chart, figure
 VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "both"}
 
 
-DETERMINISTIC = {"popularity", "itemknn", "recbole:Pop", "recbole:ItemKNN"}  # trained once, not per seed
+DETERMINISTIC = {
+    "popularity",
+    "itemknn",
+    "ease",
+    "recbole:Pop",
+    "recbole:ItemKNN",
+    "recbole:EASE",
+}  # trained once, not per seed
 USERS_FILE = "users.parquet"  # compare: model, user_id and each PAIRED metric (mean over seeds)
 RECBOLE_KEYS = ("epochs_run", "best_epoch", "train_seconds", "recbole_valid", "recbole_test", "settings")
 

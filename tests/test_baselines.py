@@ -11,8 +11,11 @@ import pytest
 from pagellm.config import load_config
 from pagellm.errors import ConfigError
 from pagellm.eval.baselines import (
+    EASE_L2,
     Protocol,
     baseline_pages,
+    best_ease,
+    ease_weights,
     itemknn_similarity,
     load_protocol,
     pages_from_scores,
@@ -44,6 +47,31 @@ def test_itemknn_cosine_by_hand():
     # item columns: a = {u1, u2, u3}, b = {u1}, c = {u2}: cos(a, b) = 1 / sqrt(3)
     assert sim[0, 1] == pytest.approx(1 / np.sqrt(3)) and sim[1, 2] == 0.0 and sim[0, 0] == 0.0
     assert baseline_pages("itemknn", p, k=1)[1] in (["b"], ["c"])
+
+
+def test_ease_weights_solve_the_constrained_ridge_regression(tiny_stages):
+    """EASE's B minimises ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0: its stationarity condition
+    (G + l2 I) B = G - diag(mu) holds off the diagonal (G = X'X), for any mu; best_ease keeps the
+    penalty whose pages score best on validation."""
+    p = load_protocol(tiny_stages["root"] / "data", "val")
+    weights = ease_weights(p, 10.0).astype(np.float64)
+    x = np.zeros((p.train_pos.user_id.nunique(), len(p.items)))
+    x[p.train_pos.user_id.astype("category").cat.codes, p.train_pos.item] = 1.0
+    gram = x.T @ x
+    residual = (gram + 10.0 * np.eye(len(gram))) @ weights - gram
+    off_diagonal = residual[~np.eye(len(gram), dtype=bool)]
+    assert np.abs(np.diag(weights)).max() == 0 and np.abs(off_diagonal).max() < 1e-3 * np.abs(gram).max()
+    assert np.abs(weights).max() > 0  # not the trivial solution
+
+    from pagellm.eval.baselines import _itemknn_scores, validation_ndcg
+
+    l2, chosen = best_ease(p, p)
+    scores = {penalty: validation_ndcg(_itemknn_scores(ease_weights(p, penalty), p), p) for penalty in EASE_L2}
+    assert scores[l2] == max(scores.values()) and np.array_equal(chosen, ease_weights(p, l2))
+    pages = baseline_pages("ease", p, k=20, val=p)
+    assert all(
+        len(page) == 20 and not set(page) & {p.items[j] for j in seen} for page, seen in zip(pages, p.users.seen)
+    )
 
 
 def test_compare_report_names_the_gap_to_the_best_baseline(tiny_stages, tmp_path):

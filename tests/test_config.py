@@ -163,7 +163,7 @@ def test_every_shipped_config_loads(name):
         assert cfg.data.pair_families == ["np", "rk", "d", "rd"] and cfg.model.item_init == "p5"
         assert cfg.eval.page_mode == "generate" and cfg.model.user_tokens and cfg.sft.next_item_epochs == 0
         assert cfg.reward.fine_model == "lm" and cfg.ppo.fine_objective == "sampled" and cfg.ppo.fine_weight == 1.0
-        assert cfg.reward.fine_vaes == 1 and not cfg.reward.fine_itemknn
+        assert cfg.reward.fine_vaes == 1 and not cfg.reward.fine_itemknn and not cfg.reward.fine_ease
 
 
 def _numeric_fields(cls=PageLLMConfig, prefix=""):

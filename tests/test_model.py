@@ -636,10 +636,11 @@ def test_collaborative_fine_reward_scores_page_items_given_the_prompts_items(cod
     assert out.steps[1, 3] == 0 and out.steps[0, 1:].abs().sum() == 0  # EOS and padding score nothing
 
 
-def test_collaborative_ensemble_averages_its_vaes_and_adds_itemknn_as_a_log_probability(vocab, tmp_path):
-    """reward.fine_vaes / fine_itemknn: R_f = mean of the Multi-VAEs' log p + w x log of ItemKNN's
-    scores normalised to sum 1 (+ (1 + w) log n); an item no history item neighbours gets a floor,
-    not -inf; it saves and reloads whole, and a single-VAE file of the older layout still loads."""
+def test_collaborative_ensemble_averages_its_vaes_and_adds_item_item_views_as_log_probabilities(vocab, tmp_path):
+    """reward.fine_vaes / fine_itemknn / fine_ease: R_f = mean of the Multi-VAEs' log p + for each
+    item-item view w x log of its scores normalised to sum 1 (+ (1 + sum w) log n); an item whose
+    score is not positive (no neighbour in the history; EASE's negative weights) gets a floor, not
+    -inf or NaN; it saves and reloads whole, and a single-VAE file of the older layout still loads."""
     import json
 
     from safetensors.torch import save_file
@@ -653,24 +654,33 @@ def test_collaborative_ensemble_averages_its_vaes_and_adds_itemknn_as_a_log_prob
     vaes = [MultiVAE(n, hidden=16, latent=4).eval() for _ in range(2)]
     index = torch.tensor([[(i + 1) % n, (i + 2) % n] for i in range(n)])
     value = torch.rand(n, 2) + 0.1
-    head = CollaborativeReward(vaes, lo, "mean", (index, value), 0.5).eval()
+    ease_index = torch.tensor([[(i + 3) % n, (i + 5) % n, (i + 7) % n] for i in range(n)])
+    ease_value = torch.randn(n, 3)  # EASE's weights are signed
+    views = {"knn": (index, value, 0.5), "ease": (ease_index, ease_value, 2.0)}
+    head = CollaborativeReward(vaes, lo, "mean", views).eval()
     history = [0, 2]
     x = torch.zeros(1, n)
     x[0, history] = 1.0
-    s = torch.zeros(n)
-    for h in history:
-        s[index[h]] += value[h]
-    q = s.clamp(min=1e-12) / s.clamp(min=1e-12).sum()
+
+    def log_normalised(idx, val):
+        s = torch.zeros(n)
+        for h in history:
+            s[idx[h]] += val[h]
+        return s, (s.clamp(min=1e-12) / s.clamp(min=1e-12).sum()).log()
+
+    s, knn_logq = log_normalised(index, value)
+    e, ease_logq = log_normalised(ease_index, ease_value)
     with torch.no_grad():
         vae_logp = torch.stack([v(x)[0][0].log_softmax(-1) for v in vaes]).mean(0)
-        expected = vae_logp + 0.5 * q.log() + 1.5 * np.log(n)
+        expected = vae_logp + 0.5 * knn_logq + 2.0 * ease_logq + 3.5 * np.log(n)
         got = head.prompt_scores([[lo + h for h in history]], vocab.pad_id)[0]
-    assert torch.allclose(got, expected, atol=1e-5) and torch.isfinite(got).all()
-    assert (s == 0).any()  # some items have no neighbour in this history: the floor, finite above
+    assert torch.allclose(got, expected, atol=1e-4) and torch.isfinite(got).all()
+    assert (s == 0).any() and (e < 0).any()  # the floor, finite above
 
     head.save_pretrained(tmp_path / "ensemble")
     reloaded = load_reward_head(tmp_path / "ensemble")
-    assert len(reloaded.vaes) == 2 and reloaded.knn_weight == 0.5 and torch.equal(reloaded.knn_index, index)
+    assert len(reloaded.vaes) == 2 and reloaded.view_weights == {"knn": 0.5, "ease": 2.0}
+    assert torch.equal(reloaded.knn_index, index) and torch.equal(reloaded.ease_value, ease_value)
     with torch.no_grad():
         assert torch.allclose(reloaded.prompt_scores([[lo + h for h in history]], vocab.pad_id)[0], got)
 

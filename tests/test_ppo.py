@@ -268,16 +268,29 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     # the exported Multi-VAE is the best epoch: its validation NDCG@100 is the one reported
     val = reindexed(load_protocol(root / "data", "val", cfg.data.positive_threshold), vocab.item_block)
     assert validation_ndcg(multivae_scores(head.vaes[0], val), val) == pytest.approx(fit["valid_ndcg@100"])
-    assert fit["valid_ndcg@100"] > 0 and len(head.vaes) == 1 and head.knn_weight == 0 and fit["vae_epochs"][0] >= 1
+    assert fit["valid_ndcg@100"] > 0 and len(head.vaes) == 1 and not head.view_weights and fit["vae_epochs"][0] >= 1
 
-    # reward.fine_vaes=2, fine_itemknn=true: two seeds and ItemKNN, whose weight is the best of R_f's
-    # own validation NDCG@100, and the saved ensemble scores what the fit reported
-    ens_cfg = load_config(overrides=[*overrides, "reward.fine_vaes=2", "reward.fine_itemknn=true"])
+    # reward.fine_vaes=2, fine_itemknn=true, fine_ease=true: two seeds, ItemKNN and EASE, whose
+    # weights are the best pair of R_f's own validation NDCG@100, and the saved ensemble scores what
+    # the fit reported
+    ens_cfg = load_config(
+        overrides=[*overrides, "reward.fine_vaes=2", "reward.fine_itemknn=true", "reward.fine_ease=true"]
+    )
     ens = fit_collaborative_fine(ens_cfg, root / "data", vocab, tmp_path / "ensemble")
     ensemble = load_reward_head(tmp_path / "ensemble")
-    assert len(ensemble.vaes) == 2 and ensemble.knn_weight == ens["knn_weight"]
-    assert ens["knn_weights_ndcg"][ens["knn_weight"]] == max(ens["knn_weights_ndcg"].values())
-    assert ens["valid_ndcg@100"] == pytest.approx(ens["knn_weights_ndcg"][ens["knn_weight"]])
+    chosen = {"knn": ens["knn_weight"], "ease": ens["ease_weight"]}
+    assert len(ensemble.vaes) == 2 and ensemble.view_weights == {k: w for k, w in chosen.items() if w}
+    grid = ens["view_weights_ndcg"]  # 0 leaves a view out: the grid holds the VAEs alone too
+    assert (
+        len(grid) == 56
+        and grid["knn=0.0 ease=0.0"] == pytest.approx(ens["vaes_ndcg@100"])
+        and grid[f"knn={ens['knn_weight']} ease={ens['ease_weight']}"] == max(grid.values())
+    )
+    assert ens["valid_ndcg@100"] == pytest.approx(max(grid.values()), abs=1e-4)
+    with torch.no_grad():
+        lo = vocab.item_id_range[0]
+        saved = ensemble.prompt_scores([[lo + j for j in h] for h in val.users.history], vocab.pad_id).numpy()
+    assert validation_ndcg(saved, val) == pytest.approx(ens["valid_ndcg@100"])
     assert not torch.equal(ensemble.vaes[0].decoder[-1].weight, ensemble.vaes[1].decoder[-1].weight)
 
     run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo", local=True)

@@ -429,47 +429,51 @@ class CollaborativeReward(nn.Module):
     list scores log(n p(item | the row's other items)), n the item block's size, the history
     being every item token outside ``item_mask`` (the prompt's items); pooled over the list by
     ``item_weights`` as the LM fine head. p is a Multi-VAE fitted on the training positives, or
-    an ensemble (``reward.fine_vaes``, ``reward.fine_itemknn``): the mean log-probability of
-    several Multi-VAEs plus ``knn_weight`` x the log of ItemKNN's scores normalised to sum 1, a
-    geometric mixture of two collaborative views that err differently. A log-probability is a
-    Bradley-Terry score as it stands (Luce's choice rule: P(a over b) = p_a / (p_a + p_b)), so
-    nothing is fitted on D_reward; the log n terms make a uniform guess score 0. Columns are the
-    item block (token id - ``item_lo``)."""
+    an ensemble (``reward.fine_vaes``, ``reward.fine_itemknn``, ``reward.fine_ease``): the mean
+    log-probability of several Multi-VAEs plus, for each item-item view (ItemKNN's similarities,
+    EASE's weights), its weight x the log of its scores normalised to sum 1: a geometric mixture
+    of collaborative views that err differently. A log-probability is a Bradley-Terry score as it
+    stands (Luce's choice rule: P(a over b) = p_a / (p_a + p_b)), so nothing is fitted on
+    D_reward; the log n terms make a uniform guess score 0. Columns are the item block (token id
+    - ``item_lo``)."""
 
     kind = "fine"
     FILE = "collaborative.safetensors"
+    VIEWS = ("knn", "ease")  # item-item views, in the order they are summed
 
     def __init__(
         self,
         vaes: nn.Module | Sequence[nn.Module],
         item_lo: int,
         pooling: str = "mean",
-        knn: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        knn_weight: float = 0.0,
+        views: Optional[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = None,
     ):
-        """``knn``: ItemKNN's neighbours as (index, similarity) [n_items, neighbours] (row i: the
-        items i lends its similarity to), used with ``knn_weight`` > 0."""
+        """``views``: name (``VIEWS``) -> (index, value, weight), an item-item matrix kept sparse as
+        each row's top entries [n_items, k] (row i: the items history item i lends its value to)."""
         super().__init__()
         if pooling not in REWARD_POOLINGS:
             raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
+        unknown = set(views or {}) - set(self.VIEWS)
+        if unknown:
+            raise ValueError(f"unknown item-item views {sorted(unknown)}; choose from {self.VIEWS}")
         self.vaes = nn.ModuleList([vaes] if isinstance(vaes, nn.Module) else vaes)
         self.item_lo, self.pooling = item_lo, pooling
         self.n_items = self.vaes[0].decoder[-1].out_features
-        self.knn_weight = float(knn_weight) if knn is not None else 0.0
-        index, value = knn if knn is not None else (torch.zeros(self.n_items, 0), torch.zeros(self.n_items, 0))
-        self.register_buffer("knn_index", index.long(), persistent=False)
-        self.register_buffer("knn_value", value.float(), persistent=False)
+        self.view_weights = {name: float(weight) for name, (_, _, weight) in (views or {}).items()}
+        for name, (index, value, _) in (views or {}).items():
+            self.register_buffer(f"{name}_index", index.long(), persistent=False)
+            self.register_buffer(f"{name}_value", value.float(), persistent=False)
 
     def _items(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         block = input_ids - self.item_lo
         return block, (block >= 0) & (block < self.n_items) & attention_mask.bool()
 
-    def _knn_logq(self, block, history) -> torch.Tensor:
-        """log of ItemKNN's scores (each history item's neighbours get its similarity), normalised
-        to sum 1 over the block; an item no history item neighbours gets a floor of 1e-12."""
+    def _view_logq(self, name: str, block, history) -> torch.Tensor:
+        """log of an item-item view's scores (each history item lends its row's values), normalised
+        to sum 1 over the block; an item whose score is not positive gets a floor of 1e-12."""
         rows, length = block.shape
-        index = self.knn_index[block.clamp(0, self.n_items - 1)]  # [B, L, k]
-        value = self.knn_value[block.clamp(0, self.n_items - 1)] * history[..., None]
+        index = getattr(self, f"{name}_index")[block.clamp(0, self.n_items - 1)]  # [B, L, k]
+        value = getattr(self, f"{name}_value")[block.clamp(0, self.n_items - 1)] * history[..., None]
         s = torch.zeros(rows, self.n_items, device=block.device)
         s.scatter_add_(1, index.reshape(rows, -1), value.reshape(rows, -1))
         s = s.clamp(min=1e-12)
@@ -480,9 +484,9 @@ class CollaborativeReward(nn.Module):
         x = torch.zeros(len(block), self.n_items, device=block.device)
         x[rows[history], block[history]] = 1.0
         logp = torch.stack([vae(x)[0].log_softmax(-1) for vae in self.vaes]).mean(0)
-        if self.knn_weight:
-            logp = logp + self.knn_weight * self._knn_logq(block, history)
-        return logp + (1.0 + self.knn_weight) * math.log(self.n_items)
+        for name, weight in self.view_weights.items():
+            logp = logp + weight * self._view_logq(name, block, history)
+        return logp + (1.0 + sum(self.view_weights.values())) * math.log(self.n_items)
 
     def block_scores(self, input_ids, attention_mask) -> torch.Tensor:
         """[B, n_items] log(n p(item | every item token of the row)): each item's score as the
@@ -510,12 +514,16 @@ class CollaborativeReward(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"vaes.{k}": v for k, v in self.vaes.state_dict().items()}
-        tensors.update({"knn.index": self.knn_index.int(), "knn.value": self.knn_value})
+        for name in self.view_weights:
+            tensors.update(
+                {f"{name}.index": getattr(self, f"{name}_index").int(), f"{name}.value": getattr(self, f"{name}_value")}
+            )
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / self.FILE))
         hidden, latent = self.vaes[0].encoder[0].out_features, self.vaes[0].latent
         meta = {"kind": "fine", "model": "multivae", "pooling": self.pooling, "item_lo": self.item_lo}
         meta.update(n_items=self.n_items, hidden=hidden, latent=latent, vaes=len(self.vaes))
-        meta.update(knn_weight=self.knn_weight, knn_neighbours=self.knn_index.shape[1])
+        for name, weight in self.view_weights.items():
+            meta.update({f"{name}_weight": weight, f"{name}_neighbours": getattr(self, f"{name}_index").shape[1]})
         (directory / REWARD_META_FILE).write_text(json.dumps(meta))
 
     @classmethod
@@ -530,8 +538,12 @@ class CollaborativeReward(nn.Module):
             vaes.load_state_dict({k[len("vaes.") :]: v for k, v in tensors.items() if k.startswith("vaes.")})
         else:  # a single Multi-VAE saved before ensembles (its keys unprefixed)
             vaes[0].load_state_dict(tensors)
-        knn = (tensors["knn.index"], tensors["knn.value"]) if meta.get("knn_neighbours") else None
-        return cls(list(vaes), meta["item_lo"], meta["pooling"], knn, meta.get("knn_weight", 0.0)).eval()
+        views = {  # a view saved with weight 0 (ItemKNN before EASE, when off) is left out
+            name: (tensors[f"{name}.index"], tensors[f"{name}.value"], meta[f"{name}_weight"])
+            for name in cls.VIEWS
+            if meta.get(f"{name}_weight")
+        }
+        return cls(list(vaes), meta["item_lo"], meta["pooling"], views).eval()
 
 
 def load_reward_head(directory: str | Path) -> RewardModel | CollaborativeReward:
