@@ -36,7 +36,7 @@ from reward_tilt_probe import per_user_ndcg, policy_logprobs
 
 from pagellm.data.layout import DataDir
 from pagellm.eval.baselines import (
-    _itemknn_scores,
+    _item_item_scores,
     itemknn_similarity,
     load_protocol,
     multivae_scores,
@@ -55,7 +55,7 @@ NEIGHBOURS = (50, 100, 200, 400)
 
 def knn_log_scores(sim: np.ndarray, q) -> np.ndarray:
     """log of each user's ItemKNN scores normalised to sum 1 (a probability, as the VAE's)."""
-    s = np.clip(_itemknn_scores(sim, q), 1e-12, None)
+    s = np.clip(_item_item_scores(sim, q), 1e-12, None)
     return np.log(s / s.sum(1, keepdims=True))
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     policy, data = load_policy(args.sft), DataDir(args.data)
     val, test = (load_protocol(Path(args.data), s, args.positive_threshold) for s in ("val", "test"))
     vaes = [train_multivae(test, seed=seed, val=val) for seed in range(3)]
-    neighbours = max(NEIGHBOURS, key=lambda k: validation_ndcg(_itemknn_scores(itemknn_similarity(val, k), val), val))
+    neighbours = max(NEIGHBOURS, key=lambda k: validation_ndcg(_item_item_scores(itemknn_similarity(val, k), val), val))
     views = {}
     for name, protocol in (("val", val), ("test", test)):
         users = data.eval_users(name, args.positive_threshold)

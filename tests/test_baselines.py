@@ -63,10 +63,10 @@ def test_ease_weights_solve_the_constrained_ridge_regression(tiny_stages):
     assert np.abs(np.diag(weights)).max() == 0 and np.abs(off_diagonal).max() < 1e-3 * np.abs(gram).max()
     assert np.abs(weights).max() > 0  # not the trivial solution
 
-    from pagellm.eval.baselines import _itemknn_scores, validation_ndcg
+    from pagellm.eval.baselines import _item_item_scores, validation_ndcg
 
     l2, chosen = best_ease(p, p)
-    scores = {penalty: validation_ndcg(_itemknn_scores(ease_weights(p, penalty), p), p) for penalty in EASE_L2}
+    scores = {penalty: validation_ndcg(_item_item_scores(ease_weights(p, penalty), p), p) for penalty in EASE_L2}
     assert scores[l2] == max(scores.values()) and np.array_equal(chosen, ease_weights(p, l2))
     pages = baseline_pages("ease", p, k=20, val=p)
     assert all(

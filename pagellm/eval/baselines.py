@@ -141,21 +141,30 @@ def itemknn_similarity(p: Protocol, neighbours: int = 100) -> np.ndarray:
     return sim
 
 
-def _itemknn_scores(sim: np.ndarray, q: Protocol) -> np.ndarray:
+def _item_item_scores(sim: np.ndarray, q: Protocol) -> np.ndarray:
     """Each user's sum of the rows of an item-item matrix (ItemKNN's similarity, EASE's weights)
     over their history."""
     return np.stack([sim[h].sum(0) if h else np.zeros(len(q.items)) for h in q.users.history])
+
+
+def _item_gram(p: Protocol) -> np.ndarray:
+    """X'X of the binary training-positive matrix (float64), what EASE inverts."""
+    x = _user_item_matrix(p, np.float64)
+    return x.T @ x
+
+
+def _ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
+    inverse = np.linalg.inv(gram + l2 * np.eye(len(gram)))
+    weights = inverse / -np.diag(inverse)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    return weights.astype(np.float32)
 
 
 def ease_weights(p: Protocol, l2: float) -> np.ndarray:
     """EASE's item-item weights [items, items] (Steck, 2019) from the training positives: the
     ridge regression of every item's column on all the others, with a zero diagonal, in closed
     form. One inverse of the item Gram matrix (float64; ~20 s for MovieLens's 9.7k items on 2 CPUs)."""
-    x = _user_item_matrix(p, np.float64)
-    inverse = np.linalg.inv(x.T @ x + l2 * np.eye(len(p.items)))
-    weights = inverse / -np.diag(inverse)[None, :]
-    np.fill_diagonal(weights, 0.0)
-    return weights.astype(np.float32)
+    return _ease_from_gram(_item_gram(p), l2)
 
 
 def validation_ndcg(scores: np.ndarray, val: Protocol, k: int = 100) -> float:
@@ -426,7 +435,7 @@ def best_itemknn_neighbours(p: Protocol, val: Protocol) -> int:
     """The ``ITEMKNN_NEIGHBOURS`` size whose ItemKNN (fitted on ``p``'s training positives)
     scores best on validation NDCG@100."""
     neighbours = max(
-        ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_itemknn_scores(itemknn_similarity(p, n), val), val)
+        ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_item_item_scores(itemknn_similarity(p, n), val), val)
     )
     log.info("itemknn: %d neighbours (best validation NDCG@100)", neighbours)
     return neighbours
@@ -438,10 +447,10 @@ EASE_L2 = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)  # candidates when a valid
 def best_ease(p: Protocol, val: Protocol) -> tuple[float, np.ndarray]:
     """The ``EASE_L2`` penalty whose EASE (fitted on ``p``'s training positives) scores best on
     validation NDCG@100, and its weights."""
-    best = (-1.0, 0.0, None)
+    best, gram = (-1.0, 0.0, None), _item_gram(p)  # one Gram matrix for every penalty
     for l2 in EASE_L2:
-        weights = ease_weights(p, l2)
-        ndcg = validation_ndcg(_itemknn_scores(weights, val), val)
+        weights = _ease_from_gram(gram, l2)
+        ndcg = validation_ndcg(_item_item_scores(weights, val), val)
         best = max(best, (ndcg, l2, weights), key=lambda b: b[0])
     log.info("ease: l2 %g (best validation NDCG@100 %.4f)", best[1], best[0])
     return best[1], best[2]
@@ -460,10 +469,10 @@ def baseline_scores(
         return np.tile(popularity_scores(p), (len(p.users), 1))
     if name == "itemknn":
         neighbours = best_itemknn_neighbours(p, val) if val is not None else 100
-        return _itemknn_scores(itemknn_similarity(p, neighbours), p)
+        return _item_item_scores(itemknn_similarity(p, neighbours), p)
     if name == "ease":
         weights = best_ease(p, val)[1] if val is not None else ease_weights(p, 500.0)
-        return _itemknn_scores(weights, p)
+        return _item_item_scores(weights, p)
     if name == "bprmf":
         return train_bprmf(p, seed=seed, val=val, **budget)(p)
     if name == "sasrec":
