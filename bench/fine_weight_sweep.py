@@ -37,8 +37,9 @@ def main() -> None:
     p.add_argument("--reward", required=True, help="a reward stage's output; its fine/ is the R_f")
     p.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
     p.add_argument("--out", required=True, help="JSON to write (and a PNG beside it)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as the stages take them")
     args = p.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     start, scores = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy"
@@ -52,7 +53,7 @@ def main() -> None:
     best = max(scores, key=scores.get)
     report = {
         "command": "python bench/fine_weight_sweep.py "
-        + " ".join(f"--config {c}" for c in args.config)
+        + " ".join([*(f"--config {c}" for c in args.config), *args.overrides])
         + f" --data {args.data} --sft {args.sft} --reward {args.reward} --out {args.out}"
         + ("" if tuple(args.weights) == WEIGHTS else " --weights " + " ".join(f"{w:g}" for w in args.weights)),
         "reward_fine": json.loads((Path(args.reward) / "fine" / "reward_head.json").read_text()),

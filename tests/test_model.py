@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from pagellm.config import ModelConfig
 from pagellm.data.schema import build_items
+from pagellm.errors import ConfigError
 from pagellm.model.modeling import (
     CollaborativeReward,
     PolicyLM,
@@ -1021,6 +1022,23 @@ def test_a_policy_with_a_fine_tilt_ranks_by_its_logits_plus_the_weighted_reward(
         tilted.write_tokens(users, histories, banned, k, cfg)[0]
         != plain.write_tokens(users, histories, banned, k, cfg)[0]
     )
+    # eval.tilt_history: the LM reads the prompt's history, the tilt each user's whole history
+    user, prompt_items, whole, ban = "u1", ["b"], ["A 1", "42", "b"], ["A 1", "42"]
+    with torch.no_grad():
+        logits = tilted.model(input_ids=torch.tensor([codec.prompt(user, prompt_items)])).logits[0, -1, lo:hi]
+        r_whole, r_prompt = tilted.tilt.reward.prompt_scores(
+            [codec.prompt(user, whole), codec.prompt(user, prompt_items)], vocab.pad_id
+        )
+    assert not torch.allclose(r_whole, r_prompt)
+    for mode, r in (("all", r_whole), ("prompt", r_prompt)):
+        total = logits + 5.0 * r
+        total[[vocab.item_token[i] - lo for i in prompt_items + ban]] = float("-inf")
+        cfg = EvalConfig(page_mode="score", tilt_history=mode)
+        pages, _ = tilted.write_tokens([user], [prompt_items], [ban], 3, cfg, tilt_histories=[whole])
+        assert pages[0] == (total.topk(3).indices + lo).tolist(), mode
+    assert tilted.write_tokens([user], [prompt_items], [ban], 3, cfg)[0] == pages  # prompt: as if none given
+    with pytest.raises(ConfigError, match="tilt_history"):
+        EvalConfig(tilt_history="everything")
 
 
 def test_next_item_rows_are_every_prefix_with_its_next_items_at_the_page_slot(codec, vocab):

@@ -113,13 +113,18 @@ def _page(url: str, session=requests, **body) -> requests.Response:
 
 def test_serving_prompts_are_the_evaluation_prompts(tiny_stages):
     """What a replica knows before the test split gives every test user exactly the prompt the
-    data stage wrote (positives only, newest prompt_max_items), and popularity counts positives."""
+    data stage wrote (positives only, newest prompt_max_items) and, for a tilt, the whole history
+    evaluation passes (every positive before the split); popularity counts positives."""
     root, cfg = tiny_stages["root"], tiny_stages["cfg"]
     data = ServingData.load(root / "data", cfg.data.prompt_max_items, cfg.data.positive_threshold, before="test")
     test = DataDir(root / "data").read_eval("test").to_pandas()
     assert len(test) > 20
+    whole = DataDir(root / "data").eval_users("test", cfg.data.positive_threshold).set_index("user_id").history
+    assert any(len(whole[u]) > len(p) for u, p in zip(test.user_id, test.prompt_items))  # some prompts are cut
     for user, prompt in zip(test.user_id, test.prompt_items):
         assert data.user_history(user, None) == list(prompt)
+        assert data.whole_history(user, None) == list(whole[user])  # what a tilt reads (eval.tilt_history)
+    assert data.whole_history(test.user_id[0], ["x"]) == ["x"]  # a request's history replaces it
     before = DataDir(root / "data").interactions_before("test")
     counts = before[before.rating > cfg.data.positive_threshold].item_id.value_counts()
     assert [counts[i] for i in data.popular] == sorted(counts.values, reverse=True)

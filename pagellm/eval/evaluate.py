@@ -53,7 +53,7 @@ class PageGenerator:
 
     def __call__(self, batch: dict) -> dict:
         items = self.policy.write_pages(
-            batch["user_id"], batch["prompt_items"], batch["seen_items"], self.cfg, self.generator
+            batch["user_id"], batch["prompt_items"], batch["seen_items"], self.cfg, self.generator, batch["history"]
         )
         pages_col = np.empty(len(items), dtype=object)  # one list per row, not a 2-d array
         for row, page in enumerate(items):
@@ -71,7 +71,7 @@ def generate_all(model_dir: Path, users: pd.DataFrame, cfg: EvalConfig) -> pd.Da
     """Pages for every user through a Ray Data actor pool."""
     import ray.data
 
-    cols = users[["user_id", "prompt_items", "seen_items"]]
+    cols = users[["user_id", "prompt_items", "seen_items", "history"]]
     # one block per batch so every actor of the pool gets work
     ds = ray.data.from_pandas([cols.iloc[lo : lo + cfg.batch_size] for lo in range(0, len(cols), cfg.batch_size)])
     pages = ds.map_batches(

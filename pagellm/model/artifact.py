@@ -81,16 +81,19 @@ class Policy:
         banned: Sequence[Sequence[str]],
         cfg: EvalConfig,
         generator: Optional[torch.Generator] = None,
+        tilt_histories: Optional[Sequence[Sequence[str]]] = None,
     ) -> list[list[str]]:
         """Pages of exactly ``cfg.page_items`` items (the evaluation protocol; ``cfg.page_mode``)
         for users with these prompt histories, never showing a ``banned`` item (unknown ids are
         ignored), in chunks of ``cfg.batch_size`` users. The same chunks give the same pages bit
-        for bit, wherever this runs (an evaluation actor or a PPO policy worker)."""
+        for bit, wherever this runs (an evaluation actor or a PPO policy worker).
+        ``tilt_histories``: each user's whole history, for the tilt (``write_tokens``)."""
         pages: list[list[str]] = []
         for lo in range(0, len(user_ids), cfg.batch_size):
             hi = lo + cfg.batch_size
+            whole = None if tilt_histories is None else tilt_histories[lo:hi]
             written, _ = self.write_tokens(
-                user_ids[lo:hi], histories[lo:hi], banned[lo:hi], cfg.page_items, cfg, generator
+                user_ids[lo:hi], histories[lo:hi], banned[lo:hi], cfg.page_items, cfg, generator, whole
             )
             pages += [[self.vocab.token_item[t] for t in row] for row in written]
         return pages
@@ -103,11 +106,17 @@ class Policy:
         k: int,
         cfg: EvalConfig,
         generator: Optional[torch.Generator] = None,
+        tilt_histories: Optional[Sequence[Sequence[str]]] = None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """One batch of pages of ``k`` item tokens and their log-probabilities (``decoding.write_pages``
-        with ``cfg``'s page mode and decoding); serving calls this with the request's k."""
+        with ``cfg``'s page mode and decoding); serving calls this with the request's k. The LM
+        reads the prompt ``histories``; the tilt reads ``tilt_histories`` (each user's whole
+        history) where given and ``cfg.tilt_history`` is ``all``: R_f's weights were chosen on
+        whole histories, and a collaborative model reads them all as the baselines do."""
         token = self.vocab.item_token
         prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, histories)]
+        whole = tilt_histories is not None and cfg.tilt_history == "all"
+        tilt_prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, tilt_histories)] if whole else prompts
         return write_pages(
             self.model,
             prompts,
@@ -117,7 +126,7 @@ class Policy:
             mode=cfg.page_mode,
             hybrid_items=cfg.hybrid_items,
             banned_items=[[token[i] for i in items if i in token] for items in banned],
-            item_bias=self.tilt.item_bias(prompts, self.vocab.pad_id) if self.tilt else None,
+            item_bias=self.tilt.item_bias(tilt_prompts, self.vocab.pad_id) if self.tilt else None,
             greedy=cfg.decoding == "greedy",
             temperature=cfg.temperature,
             top_p=cfg.top_p,

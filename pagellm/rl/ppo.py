@@ -356,7 +356,7 @@ def validate(roles, cfg: PageLLMConfig, users: pd.DataFrame, category: dict) -> 
         slice(s.start * cfg.eval.batch_size, min(s.stop * cfg.eval.batch_size, len(users)))
         for s in shard_rows(chunks, roles.world("policy"))
     ]
-    columns = [list(users[c]) for c in ("user_id", "prompt_items", "seen_items")]
+    columns = [list(users[c]) for c in ("user_id", "prompt_items", "seen_items", "history")]
     pending = roles.submit("policy", "validation_pages", [(*(col[p] for col in columns), cfg.eval) for p in parts])
     pages = [page for part in roles.collect(pending) for page in part]
     _, metrics = score_pages(pages, users.target, category)

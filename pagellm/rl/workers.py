@@ -188,10 +188,12 @@ class PolicyWorker(RoleWorker):
         return RolloutBatch.concat(chunks, self.pad_id)
 
     @torch.no_grad()
-    def validation_pages(self, user_ids: list, histories: list, banned: list, eval_cfg: EvalConfig) -> list[list[str]]:
+    def validation_pages(
+        self, user_ids: list, histories: list, banned: list, whole_histories: list, eval_cfg: EvalConfig
+    ) -> list[list[str]]:
         """Pages of the evaluation protocol (``Policy.write_pages``, as ``pagellm evaluate``)."""
         return self.policy.write_pages(
-            user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed)
+            user_ids, histories, banned, eval_cfg, torch.Generator().manual_seed(eval_cfg.seed), whole_histories
         )
 
     def _action_logits(self, batch: RolloutBatch, forward):

@@ -112,10 +112,13 @@ class ServingData:
             prompt_items=prompt_items,
         )
 
+    def whole_history(self, user_id: str, given: Optional[list[str]]) -> list[str]:
+        """The request's history when given, else the cached one: what a tilt reads (eval.tilt_history)."""
+        return given if given is not None else self.history.get(user_id, [])
+
     def user_history(self, user_id: str, given: Optional[list[str]]) -> list[str]:
-        """The prompt history: the request's when given, else the cached one (latest items)."""
-        items = given if given is not None else self.history.get(user_id, [])
-        return items[-self.prompt_items :]
+        """The prompt history: the latest ``prompt_items`` of ``whole_history``."""
+        return self.whole_history(user_id, given)[-self.prompt_items :]
 
     def excluded(self, user_id: str, given_history: Optional[list[str]], exclude: Optional[list[str]]) -> set[str]:
         return self.seen.get(user_id, set()) | set(given_history or []) | set(exclude or [])

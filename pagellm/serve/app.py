@@ -161,7 +161,8 @@ class PagePolicy:
                 "known_user": known,
                 "model": self.version,
             }
-        items, scores = await self._generate((user, tuple(history), tuple(sorted(excluded)), request["k"]))
+        whole = tuple(self.data.whole_history(user, request["history"]))
+        items, scores = await self._generate((user, tuple(history), tuple(sorted(excluded)), request["k"], whole))
         return {"items": items, "scores": scores, "source": "policy", "known_user": known, "model": self.version}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -173,8 +174,8 @@ class PagePolicy:
         long as its largest k; each is cut to its own k (greedy decoding with EOS banned for k
         steps, and ranking by score, write the same first k items at any longer length)."""
         k = max(r[3] for r in batch)
-        users, histories, excluded, wants = zip(*batch)
-        tokens, logprobs = self.policy.write_tokens(users, histories, excluded, k, self.pages)
+        users, histories, excluded, wants, wholes = zip(*batch)
+        tokens, logprobs = self.policy.write_tokens(users, histories, excluded, k, self.pages, tilt_histories=wholes)
         return [
             ([self.vocab.token_item[t] for t in row[:want]], [round(lp, 5) for lp in scores[:want]])
             for row, scores, want in zip(tokens, logprobs, wants)
