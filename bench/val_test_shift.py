@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import pandas as pd
 
 from pagellm.config import load_config
 from pagellm.data.layout import DataDir
-from pagellm.eval.baselines import _item_item_scores, _top_k, best_ease, load_protocol
+from pagellm.eval.baselines import _item_item_scores, best_ease, load_protocol, pages_from_scores
 from pagellm.eval.evaluate import eval_users, score_pages
 from pagellm.model.artifact import load_policy
 from pagellm.outputs import figure
@@ -78,9 +79,8 @@ def main() -> None:
     index = {item: j for j, item in enumerate(protocols["val"].items)}
     for (split, variant), history in histories.items():
         q = protocols[split]  # EASE reads the whole history, cut as the variant cuts it
-        q = type(q)(q.items, q.train_pos, q.users.assign(history=[[index[i] for i in h] for h in history]))
-        s = _item_item_scores(weights, q)
-        pages = [[q.items[j] for j in _top_k(row, seen, 100)] for row, seen in zip(s, q.users.seen)]
+        q = replace(q, users=q.users.assign(history=[[index[i] for i in h] for h in history]))
+        pages, _ = pages_from_scores(q, list(q.users.user_id), q.items, _item_item_scores(weights, q))
         per_user[(f"EASE (L2 {l2:g})", split, variant)] = ndcg(pages, users[split], categories)
     models = list(dict.fromkeys(m for m, _, _ in per_user))
     for m in models:

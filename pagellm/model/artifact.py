@@ -115,8 +115,11 @@ class Policy:
         whole histories, and a collaborative model reads them all as the baselines do."""
         token = self.vocab.item_token
         prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, histories)]
-        whole = tilt_histories is not None and cfg.tilt_history == "all"
-        tilt_prompts = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, tilt_histories)] if whole else prompts
+        item_bias = None
+        if self.tilt:  # no prompts built twice for a policy without one (serving's hot path)
+            whole = tilt_histories is not None and cfg.tilt_history == "all"
+            read = [self.codec.prompt(u, list(h)) for u, h in zip(user_ids, tilt_histories)] if whole else prompts
+            item_bias = self.tilt.item_bias(read, self.vocab.pad_id)
         return write_pages(
             self.model,
             prompts,
@@ -126,7 +129,7 @@ class Policy:
             mode=cfg.page_mode,
             hybrid_items=cfg.hybrid_items,
             banned_items=[[token[i] for i in items if i in token] for items in banned],
-            item_bias=self.tilt.item_bias(tilt_prompts, self.vocab.pad_id) if self.tilt else None,
+            item_bias=item_bias,
             greedy=cfg.decoding == "greedy",
             temperature=cfg.temperature,
             top_p=cfg.top_p,
