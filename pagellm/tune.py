@@ -5,7 +5,9 @@ stages; beta only changes PPO. The sweep therefore runs in two steps:
   1. upstream  for each lambda of ``tune.lambdas``, the data -> SFT -> reward chain, cached
                under OUT/upstream/<hash of the configuration that produces it>: a later sweep
                (or a resumed one) with the same configuration reuses it; events.jsonl there
-               records every build and every reuse
+               records every build and every reuse. lambda shapes only the golden lists, so
+               a lambda's build takes meta and next-item pre-training from another lambda's
+               finished build and trains golden-list fine-tuning and the reward heads alone
   2. trials    one PPO run per (beta, lambda) in a Tune trial whose placement group holds the
                trial's driver (bundle 0) and the PPO roles (``ppo.<role>`` resources); the trial
                reports validation NDCG@100 at every PPO evaluation, so ASHA stops weak trials
@@ -18,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -40,6 +44,21 @@ def upstream_key(cfg: PageLLMConfig) -> str:
     return sections_key(cfg, UPSTREAM_SECTIONS)
 
 
+def pretraining_key(cfg: PageLLMConfig) -> str:
+    """``upstream_key`` less lambda: meta and next-item pre-training read the items, the
+    training split and the validation users, which lambda does not change (it caps categories
+    in the golden lists only), so builds that differ in lambda alone share their pre-training."""
+    return upstream_key(replace(cfg, data=replace(cfg.data, category_cap=1.0)))
+
+
+def _pretrained_sft(root: Path, key: str) -> Optional[Path]:
+    """The SFT directory of a finished build with the same ``pretraining_key``, if any."""
+    for done in sorted(root.glob("*/done.json")):
+        if json.loads(done.read_text()).get("pretraining_key") == key:
+            return done.parent / "sft"
+    return None
+
+
 def _event(root: Path, **record) -> None:
     append_jsonl(root / "events.jsonl", {"time": time.time(), **record})
 
@@ -59,16 +78,25 @@ def prepare_upstream(cfg: PageLLMConfig, root: Path) -> dict[str, str]:
         log.info("upstream stages for lambda=%g: reusing %s", cfg.data.category_cap, where)
         _event(root, event="reused", key=key, category_cap=cfg.data.category_cap)
         return dirs
-    log.info("upstream stages for lambda=%g: building %s (data, SFT, reward)", cfg.data.category_cap, where)
+    shared = pretraining_key(cfg)
+    pretrained = _pretrained_sft(root, shared)
+    log.info(
+        "upstream stages for lambda=%g: building %s (data, SFT, reward%s)",
+        cfg.data.category_cap,
+        where,
+        f"; pre-training from {pretrained.parent.name}" if pretrained else "",
+    )
     started = time.perf_counter()
     where.mkdir(parents=True, exist_ok=True)
     write_config(cfg, where)
     build_dataset(cfg, dirs["data"], engine="ray")
-    sft = run_sft(cfg, dirs["data"], dirs["sft"])
+    sft = run_sft(cfg, dirs["data"], dirs["sft"], pretrained=pretrained)
     reward = run_reward(cfg, dirs["data"], dirs["sft"], dirs["reward"])
     seconds = time.perf_counter() - started
     summary = {
         "key": key,
+        "pretraining_key": shared,
+        "pretraining_from": pretrained.parent.name if pretrained else None,
         "category_cap": cfg.data.category_cap,
         "seconds": seconds,
         "valid_page_rate": sft["valid_page_rate"],

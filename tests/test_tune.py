@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from pagellm.config import PPO_ROLES, load_config
 from pagellm.errors import ConfigError
 from pagellm.rl.groups import role_bundles
-from pagellm.tune import upstream_events, upstream_key
+from pagellm.tune import pretraining_key, upstream_events, upstream_key
 
 SWEEP = [
     *TINY_STAGES,
@@ -44,6 +44,9 @@ def test_upstream_key_follows_lambda_not_beta():
     )
     assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "data.category_cap=0.3"]))
     assert upstream_key(base) != upstream_key(load_config(overrides=[*TINY_STAGES, "sft.ft_epochs=7"]))
+    # pre-training is shared across lambda, not across anything else the upstream stages read
+    assert pretraining_key(base) == pretraining_key(load_config(overrides=[*TINY_STAGES, "data.category_cap=0.3"]))
+    assert pretraining_key(base) != pretraining_key(load_config(overrides=[*TINY_STAGES, "sft.next_item_epochs=3"]))
 
 
 def test_trial_bundles_follow_role_resources():
@@ -91,7 +94,8 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     per lambda, no finished trial ran again, and every trial of the 1 x 2 grid finished (one beta:
     CI time; beta's search space is test_optuna_searcher_with_asha's).
     lambda = 0.4 (the default) is the session's tiny stages, put in the cache beforehand: the
-    sweep must find it by its configuration hash and build only lambda = 0.3."""
+    sweep must find it by its configuration hash and build only lambda = 0.3, whose meta and
+    next-item pre-training it copies from lambda = 0.4's (only golden-list fine-tuning trains)."""
     out = tmp_path / "sweep"
     _seed_cache(out, tiny_stages)
     import ray
@@ -122,6 +126,11 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     events = upstream_events(out / "upstream")
     built = [e for e in events if e["event"] == "built"]
     assert [e["category_cap"] for e in built] == [0.3], events
+    assert built[0]["pretraining_from"] == f"lambda_0.4_{upstream_key(tiny_stages['cfg'])}", built
+    sft_dir = out / "upstream" / f"lambda_0.3_{built[0]['key']}" / "sft"
+    sft, tiny_sft = (json.loads((d / "metrics.json").read_text()) for d in (sft_dir, tiny_stages["root"] / "sft"))
+    assert [sft[k] for k in ("meta", "next_item", "vocab")] == [tiny_sft[k] for k in ("meta", "next_item", "vocab")]
+    assert {p.name for p in (sft_dir / "logs" / "ray_train").iterdir()} == {"golden_ft"}  # the one fit it ran
     assert sorted(e["category_cap"] for e in events if e["event"] == "reused") == [0.3, 0.4, 0.4], events
 
     trials = _trial_events(out / "sweep")
@@ -155,11 +164,13 @@ def _assert_best_checkpoints(table: pd.DataFrame) -> None:
 
 
 def _seed_cache(out: Path, tiny_stages) -> None:
-    where = out / "upstream" / f"lambda_0.4_{upstream_key(tiny_stages['cfg'])}"
+    """The session's tiny stages as the finished upstream build of lambda = 0.4 (the default)."""
+    cfg = tiny_stages["cfg"]
+    where = out / "upstream" / f"lambda_0.4_{upstream_key(cfg)}"
     where.mkdir(parents=True)
     for name in ("data", "sft", "reward"):
         (where / name).symlink_to(tiny_stages["root"] / name)
-    (where / "done.json").write_text("{}\n")
+    (where / "done.json").write_text(json.dumps({"key": upstream_key(cfg), "pretraining_key": pretraining_key(cfg)}))
 
 
 def test_optuna_searcher_with_asha(tiny_stages, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -421,6 +422,21 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
     return {"metrics": metrics, "rows": len(ft)}
 
 
+def _copy_pretraining(src: Path, out: Path, has_next_item: bool) -> tuple[dict, Optional[dict]]:
+    """``run_sft``'s meta and next-item results taken from ``src``, another SFT directory: their
+    exports and epoch logs copied into ``out``, their metrics read from its metrics.json."""
+    done = json.loads((src / "metrics.json").read_text())
+    stages = [(META_DIR, "meta")] + ([(NEXT_ITEM_DIR, "next_item")] if has_next_item else [])
+    (out / SFT_LOGS).mkdir(parents=True, exist_ok=True)
+    for directory, stage in stages:
+        shutil.copytree(src / directory, out / directory, dirs_exist_ok=True)
+        if (src / SFT_LOGS / f"{stage}.jsonl").exists():  # meta pre-training off writes no log
+            shutil.copy2(src / SFT_LOGS / f"{stage}.jsonl", out / SFT_LOGS / f"{stage}.jsonl")
+    meta = {"metrics": done["meta"], "rows": done["meta_rows"]}
+    next_item = {"metrics": done["next_item"], "rows": done["next_item_rows"]} if has_next_item else None
+    return meta, next_item
+
+
 def page_validity(pages: list) -> dict:
     """How many unconstrained greedy pages are valid, and why the others are not."""
     return {
@@ -439,21 +455,36 @@ def _epoch_summary(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k.startswith(("train_", "valid_", "epoch", "step"))}
 
 
-def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, storage_path: Optional[str] = None) -> dict:
+def run_sft(
+    cfg: PageLLMConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    storage_path: Optional[str] = None,
+    pretrained: Optional[Path] = None,
+) -> dict:
     """Meta pre-training then golden-list fine-tuning; SFT_DIR is the reference policy.
-    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default SFT_DIR/logs)."""
-    from transformers import AutoModelForCausalLM
+    ``storage_path``: Ray Train's checkpoints (a URI for multi-node runs; default SFT_DIR/logs).
+    ``pretrained``: an SFT directory whose meta and next-item pre-training read the same inputs
+    under the same settings (``pagellm.tune.pretraining_key``: a sweep over lambda); its
+    tokenizer, exports and epoch logs are copied and only golden-list fine-tuning is trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pagellm.ray_utils import init_ray
 
     out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
     init_ray(cfg.ray)
     write_config(cfg, out)
-    users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
-    tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
+    has_next_item = cfg.sft.next_item_epochs > 0
+    if pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        meta, next_item = _copy_pretraining(Path(pretrained), out, has_next_item)
+    else:
+        users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
+        items = DataDir(data_dir).read_items()
+        tokenizer = build_tokenizer(cfg.model.name_or_path, items, users, cfg.model.bpe_vocab_size)
+        meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
+        next_item = next_item_pretraining(cfg, tokenizer, data, out, storage_path) if has_next_item else None
     codec = PromptCodec.from_tokenizer(tokenizer)
-    meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
-    next_item = next_item_pretraining(cfg, tokenizer, data, out, storage_path) if cfg.sft.next_item_epochs > 0 else None
     ft = golden_finetuning(cfg, tokenizer, data, out, storage_path)
 
     val = data["val"]
@@ -487,6 +518,7 @@ def run_sft(cfg: PageLLMConfig, data_dir: str | Path, out_dir: str | Path, stora
         },
         "meta_rows": meta["rows"],
         "ft_rows": ft["rows"],
+        "pretrained_from": str(pretrained) if pretrained else None,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     return metrics
