@@ -687,7 +687,8 @@ class TuneConfig:
     lambdas: list[float] = opt(
         [0.3, 0.4, 0.5],
         "values of data.category_cap; each changes the golden lists, so the data, SFT and "
-        "reward stages run once per distinct lambda (cached by a hash of their configuration)",
+        "reward stages run once per distinct lambda (cached by a hash of their configuration; "
+        "meta and next-item pre-training, which lambda leaves alone, run once for all)",
     )
     num_samples: int = opt(1, "grid repeats, or trials of a searcher", ge=1)
     scheduler: str = opt(
