@@ -8,7 +8,11 @@ make test differ from validation:
   use the newest items loses nothing there;
 - history length (quartiles of the users' training positives);
 - whether the split's cut falls inside a block of ratings with the same timestamp (ties are
-  ordered by item id, so a model could learn that order).
+  ordered by item id, so a model could learn that order);
+- how popular the targets are: popularity's own pages on both splits, and each model's
+  Recall@100 by the tercile of its targets' training-positive counts (tercile edges from the
+  validation and test targets together), since a model that knows popular items better than
+  rare ones loses more where the targets are rarer.
 
 Exact command behind docs/results/movielens/val_test_shift.{json,md,png} (E as in that README):
 
@@ -30,7 +34,7 @@ import pandas as pd
 
 from pagellm.config import load_config
 from pagellm.data.layout import DataDir
-from pagellm.eval.baselines import _item_item_scores, best_ease, load_protocol, pages_from_scores
+from pagellm.eval.baselines import _item_item_scores, baseline_pages, best_ease, load_protocol, pages_from_scores
 from pagellm.eval.evaluate import eval_users, score_pages
 from pagellm.model.artifact import load_policy
 from pagellm.outputs import figure
@@ -41,6 +45,18 @@ SPLITS = ("val", "test")
 def ndcg(pages, users: pd.DataFrame, categories) -> np.ndarray:
     rows, _ = score_pages(pages, users.target, categories)
     return np.array([r["ndcg@100"] for r in rows])
+
+
+def recall_by_tercile(pages, targets, tercile: dict) -> dict:
+    """Recall@100 over the targets of each popularity tercile (all users' targets pooled)."""
+    hits, counts = {}, {}
+    for page, target in zip(pages, targets):
+        shown = set(page)
+        for item in target:
+            t = tercile[item]
+            counts[t] = counts.get(t, 0) + 1
+            hits[t] = hits.get(t, 0) + (item in shown)
+    return {t: hits[t] / counts[t] for t in sorted(counts)}
 
 
 def main() -> None:
@@ -63,7 +79,7 @@ def main() -> None:
             h[: n_train[u]] for u, h in zip(users["test"].user_id, users["test"].history)
         ],
     }
-    per_user, scores = {}, {}
+    per_user, scores, pages_of = {}, {}, {}  # pages_of: (model, split) -> the pages as evaluated
     for name, directory in (a.split("=", 1) for a in args.policy):
         policy = load_policy(directory)
         for (split, variant), history in histories.items():
@@ -71,6 +87,8 @@ def main() -> None:
             prompt = [h[-k:] for h in history]
             pages = policy.write_pages(list(u.user_id), prompt, list(u.seen_items), cfg.eval, tilt_histories=history)
             per_user[(name, split, variant)] = ndcg(pages, u, categories)
+            if variant == "as evaluated":
+                pages_of[(name, split)] = pages
             print(
                 f"{name}, {split}, prompt {variant}: NDCG@100 {per_user[(name, split, variant)].mean():.4f}", flush=True
             )
@@ -82,6 +100,16 @@ def main() -> None:
         q = replace(q, users=q.users.assign(history=[[index[i] for i in h] for h in history]))
         pages, _ = pages_from_scores(q, list(q.users.user_id), q.items, _item_item_scores(weights, q))
         per_user[(f"EASE (L2 {l2:g})", split, variant)] = ndcg(pages, users[split], categories)
+        if variant == "as evaluated":
+            pages_of[(f"EASE (L2 {l2:g})", split)] = pages
+    for split in SPLITS:  # popularity reads no history: the same page under every cut
+        pages = baseline_pages("popularity", protocols[split], 100)
+        for variant in (
+            "as evaluated",
+            "last ninth of training dropped" if split == "val" else "validation items dropped",
+        ):
+            per_user[("popularity", split, variant)] = ndcg(pages, users[split], categories)
+        pages_of[("popularity", split)] = pages
     models = list(dict.fromkeys(m for m, _, _ in per_user))
     for m in models:
         val, test = per_user[(m, "val", "as evaluated")], per_user[(m, "test", "as evaluated")]
@@ -112,6 +140,29 @@ def main() -> None:
             for key, col in (("history quartile", "q"), ("cut inside a same-second block", "tie")):
                 for level, value in frame.groupby(col, observed=True).ndcg.mean().items():
                     groups.setdefault(m, {}).setdefault(key, {}).setdefault(str(level), {})[split] = value
+    # target popularity: training-positive counts of every item, terciles of the targets' counts
+    train_pos = inter[(inter.split == "train") & (inter.rating > cfg.data.positive_threshold)]
+    count = train_pos.item_id.value_counts()
+    pooled = pd.Series([count.get(i, 0) for split in SPLITS for t in users[split].target for i in t])
+    edges = pooled.quantile([1 / 3, 2 / 3]).tolist()
+    names = [f"rare (<= {edges[0]:g})", f"middle (<= {edges[1]:g})", f"popular (> {edges[1]:g})"]
+    tercile = {i: names[int(np.searchsorted(edges, count.get(i, 0), side="left"))] for i in set(inter.item_id)}
+    popularity = {
+        split: {
+            "median training count of a target": float(
+                np.median([count.get(i, 0) for t in users[split].target for i in t])
+            ),
+            "targets per tercile": pd.Series([tercile[i] for t in users[split].target for i in t])
+            .value_counts()
+            .reindex(names)
+            .tolist(),
+        }
+        for split in SPLITS
+    }
+    for m in models:
+        for split in SPLITS:
+            for level, value in recall_by_tercile(pages_of[(m, split)], users[split].target, tercile).items():
+                groups[m].setdefault("target popularity (Recall@100)", {}).setdefault(level, {})[split] = value
     report = {
         "command": "python bench/val_test_shift.py "
         + " ".join(f"--config {c}" for c in args.config)
@@ -121,6 +172,7 @@ def main() -> None:
         "users": {s: len(users[s]) for s in SPLITS},
         "ndcg@100": scores,
         "breakdowns": groups,
+        "target popularity": {"terciles": names, **popularity},
         "seconds": round(time.time() - start, 1),
     }
     out = Path(args.out)
@@ -133,11 +185,13 @@ def main() -> None:
         "|---" * 6 + "|",
     ]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in scores[m].values()) + " |" for m in models]
-    for key in ("history quartile", "cut inside a same-second block"):
-        levels = list(groups[models[0]][key])
+    for key in ("history quartile", "cut inside a same-second block", "target popularity (Recall@100)"):
+        levels = (
+            [lv for lv in names if lv in groups[models[0]][key]] if "Recall" in key else list(groups[models[0]][key])
+        )
         lines += [
             "",
-            f"By {key} (val / test NDCG@100):",
+            f"By {key} (val / test{'' if 'Recall' in key else ' NDCG@100'}):",
             "",
             "| model | " + " | ".join(levels) + " |",
             "|---" * (1 + len(levels)) + "|",
@@ -148,6 +202,16 @@ def main() -> None:
             + " |"
             for m in models
         ]
+    lines += [
+        "",
+        "Targets' training-positive counts: "
+        + "; ".join(
+            f"{split} median {popularity[split]['median training count of a target']:g}, per tercile "
+            + " / ".join(map(str, popularity[split]["targets per tercile"]))
+            for split in SPLITS
+        )
+        + ".",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with figure(out.with_suffix(".png"), 2, panel_size=(5.0, 3.6)) as (_, axes):
         x = np.arange(len(models))
