@@ -204,15 +204,15 @@ def test_trained_baselines_keep_their_best_validation_epoch(tmp_path):
     build_dataset(load_config(overrides=["data.dataset=synthetic:4000"]), tmp_path / "data", engine="local")
     p, val = load_protocol(tmp_path / "data", "test"), load_protocol(tmp_path / "data", "val")
     trained = {
-        "bprmf": (train_bprmf(p, epochs=12, val=val, patience=3), None),
-        "sasrec": (train_sasrec(p, epochs=12, val=val, patience=3), sasrec_scores),
-        "multivae": (train_multivae(p, epochs=12, val=val, patience=3), multivae_scores),
+        "bprmf": (train_bprmf(p, epochs=8, val=val, patience=3), None),
+        "sasrec": (train_sasrec(p, epochs=8, val=val, patience=3), sasrec_scores),
+        "multivae": (train_multivae(p, epochs=8, val=val, patience=3), multivae_scores),
     }
     for name, (model, scores) in trained.items():
         sel = model.selection
         history = sel.history
-        assert 1 <= len(history) <= 12 and sel.best_epoch == int(np.argmax(history)) + 1, name
-        assert len(history) == 12 or len(history) == sel.best_epoch + 3, name  # stopped by patience
+        assert 1 <= len(history) <= 8 and sel.best_epoch == int(np.argmax(history)) + 1, name
+        assert len(history) == 8 or len(history) == sel.best_epoch + 3, name  # stopped by patience
         on_val = model(val) if scores is None else scores(model, val)
         assert validation_ndcg(on_val, val) == pytest.approx(max(history), abs=1e-12), name  # best restored
         # test pages: k distinct items, none seen before the split

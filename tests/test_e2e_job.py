@@ -28,9 +28,12 @@ TINY_RUN = [
     "model.n_head=2",
     "model.n_embd=32",
     "model.bpe_vocab_size=300",
-    "sft.meta_epochs=1",
+    # one SFT fit (golden-list fine-tuning from the initialised LM): under `ray start --head` each
+    # Ray Train fit costs ~20 s of start-up and shutdown; meta and next-item pre-training run in
+    # tests/conftest.py's tiny stages (tests/test_train.py)
+    "sft.meta_epochs=0",
+    "sft.next_item_epochs=0",
     "sft.ft_epochs=1",
-    "sft.next_item_epochs=0",  # one Ray Train fit less; the next-item phase: tests/test_train.py
     "reward.epochs=1",
     "ppo.max_iterations=2",
     "ppo.batch_size=16",
@@ -124,7 +127,7 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         # the console: a counter per stage, one line per epoch of each Ray Train fit, no split bars
         for k, name in enumerate(STAGES.values(), start=1):
             assert f"[{k}/{len(STAGES)}] {name}: done in " in logs, logs[-4000:]
-        for fit in ("meta", "golden_ft", "reward_coarse"):
+        for fit in ("golden_ft", "reward_coarse"):
             assert sum(line.startswith(f"  {fit} epoch 1/1: ") for line in logs.splitlines()) == 1, fit
         # the embedded profile's R_f: three Multi-VAEs, ItemKNN and EASE fitted in the driver, one line for it
         fine_lines = [line for line in logs.splitlines() if line.startswith("  reward_fine: ")]
