@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def main() -> None:
     report = {
         "command": "OMP_NUM_THREADS=2 python bench/sft_seed_ensemble.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else shlex.quote(str(v))}"
             for k, v in vars(args).items()
             if v is not None
         ),
