@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from reward_tilt_probe import per_user_ndcg, policy_logprobs
+from reward_tilt_probe import per_user_ndcg, policy_logprobs, write_report
 
 from pagellm.data.layout import DataDir
 from pagellm.eval.baselines import load_protocol, multivae_scores, train_multivae
@@ -148,9 +148,7 @@ def main() -> None:
         }
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, Path(args.out).with_suffix(".png"))
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

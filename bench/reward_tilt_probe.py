@@ -87,6 +87,13 @@ def per_user_ndcg(scores: torch.Tensor, rows, k: int = 100) -> np.ndarray:
     return np.array([ndcg_at_k(list(t), [x for x in target if x >= 0], k) for t, target in zip(top, rows.target)])
 
 
+def write_report(report: dict, out: str | Path, plot) -> None:
+    """A probe's report as JSON at ``out`` (its directory made) and ``plot(report, PNG)`` beside it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, Path(out).with_suffix(".png"))
+
+
 def split_scores(policy, heads, data: DataDir, split: str, threshold: float, max_users: int | None):
     users = data.eval_users(split, threshold)
     if max_users:
@@ -162,9 +169,7 @@ def main() -> None:
         test[f"{head} alone"] = float(per_user_ndcg(r[head], rows).mean())
     report["test"], report["seconds"] = test, round(time.time() - start, 1)
     print(json.dumps(test, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, Path(args.out).with_suffix(".png"))
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from collaborative_tilt_probe import report_per_user
-from reward_tilt_probe import per_user_ndcg, policy_logprobs
+from reward_tilt_probe import per_user_ndcg, policy_logprobs, write_report
 
 from pagellm.data.layout import DataDir
 from pagellm.eval.metrics import paired_bootstrap
@@ -114,9 +114,8 @@ def plot(report: dict, path: Path) -> None:
         for ax, view in zip(axes, views):
             x = np.arange(len(labels) + 1)
             for offset, split in ((-0.2, "validation"), (0.2, "test")):
-                by_seed = report[view][split]["seeds"]
-                ensemble = report[view][split][report[view]["combination"]] if split == "validation" else None
-                values = [by_seed[n] for n in report["seeds"]] + [ensemble or report[view]["test"]["ensemble"]]
+                ensemble = report[view][split]["ensemble" if split == "test" else report[view]["combination"]]
+                values = [report[view][split]["seeds"][n] for n in report["seeds"]] + [ensemble]
                 ax.bar(x + offset, values, width=0.4, label=split)
             bar = report[view]["test"].get("bar")
             if bar:
@@ -167,9 +166,7 @@ def main() -> None:
         }
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, Path(args.out).with_suffix(".png"))
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":
