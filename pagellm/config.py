@@ -363,6 +363,13 @@ class SFTConfig:
         "the last epoch (last, the paper's)",
     )
     valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate", ge=1)
+    members: int = opt(
+        1,
+        "LMs trained through every SFT phase with seeds train.seed, train.seed + 1, ... (SFT_DIR/members/k); "
+        "the policy ranks with their geometric mean, which PPO then trains as one model "
+        "(pagellm.model.ensemble). K times the SFT time and K forward passes a page; 1: one LM, the paper's",
+        ge=1,
+    )
     unlikelihood_weight: float = opt(
         0.0,
         "weight of an unlikelihood term on repeated page items and an empty page, added to "

@@ -540,11 +540,14 @@ def _drop_chart(drops: dict[str, dict], path: Path, pagellm: set[str]) -> None:
 
 
 def saved_parameters(model_dir) -> int:
-    """Parameters of a saved Hugging Face model, read from its safetensors headers (no load)."""
+    """Parameters of a saved policy (every member of an ensemble), read from its safetensors
+    headers (no load)."""
     from safetensors import safe_open
 
+    from pagellm.model.ensemble import lm_dirs
+
     total = 0
-    for path in Path(model_dir).glob("*.safetensors"):
+    for path in (p for d in lm_dirs(model_dir) for p in d.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
                 total += math.prod(f.get_slice(name).get_shape())

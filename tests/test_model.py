@@ -1041,6 +1041,58 @@ def test_a_policy_with_a_fine_tilt_ranks_by_its_logits_plus_the_weighted_reward(
         EvalConfig(tilt_history="everything")
 
 
+def test_an_ensemble_policy_ranks_and_writes_by_its_members_mean_log_probabilities(codec, vocab, tokenizer, tmp_path):
+    """sft.members: a policy directory of K LMs loads as one model whose next-token logits are the
+    members' mean log-softmax. Score pages rank the item block by it, greedy pages (KV cache per
+    member) equal a step-by-step recomputation without cache, and the directory is checked,
+    counted and versioned member by member."""
+    from pagellm.config import EvalConfig
+    from pagellm.errors import InputError
+    from pagellm.experiments import saved_parameters
+    from pagellm.model.artifact import Policy, load_policy, require_policy
+    from pagellm.model.ensemble import MemberEnsemble, lm_dirs
+    from pagellm.serve.app import model_version
+
+    lms = [build_lm(tiny_cfg(), tokenizer, vocab.base_size, seed=s).eval() for s in (1, 2)]
+    directory = tmp_path / "ensemble"
+    MemberEnsemble(lms).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    assert lm_dirs(directory) == [directory / "members" / "0", directory / "members" / "1"]
+    policy = load_policy(directory)
+    assert isinstance(policy.model, MemberEnsemble) and len(policy.model.members) == 2
+    assert saved_parameters(directory) == 2 * sum(p.numel() for p in lms[0].parameters())
+    lo, hi = vocab.item_id_range
+
+    def combined(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logps = [lm(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1) for lm in lms]
+        return torch.stack(logps).mean(0)[lo:hi].clone()
+
+    users, histories, banned, k = ["u1", "u 2"], [["A 1", "b"], ["42"]], [["p01"], []], 5
+    score, _ = policy.write_tokens(users, histories, banned, k, EvalConfig(page_mode="score"))
+    greedy, _ = policy.write_tokens(users, histories, banned, k, EvalConfig(page_mode="generate"))
+    for row, (user, history) in enumerate(zip(users, histories)):
+        prompt, hidden = codec.prompt(user, history), [vocab.item_token[i] - lo for i in history + banned[row]]
+        logits = combined(prompt)
+        logits[hidden] = float("-inf")
+        assert score[row] == (logits.topk(k).indices + lo).tolist()
+        written: list[int] = []
+        for _ in range(k):  # no cache: the whole sequence again at every slot
+            logits = combined(prompt + written)
+            logits[hidden + [t - lo for t in written]] = float("-inf")
+            written.append(int(logits.argmax()) + lo)
+        assert greedy[row] == written
+    single = Policy(lms[0], policy.codec)
+    assert score != single.write_tokens(users, histories, banned, k, EvalConfig(page_mode="score"))[0]
+    version = model_version(directory)
+    next(lms[1].parameters()).data.add_(1.0)
+    lms[1].save_pretrained(directory / "members" / "1")
+    assert model_version(directory) != version
+    (directory / "members" / "1" / "config.json").unlink()
+    with pytest.raises(InputError, match="members/1 holds no model"):
+        require_policy(directory)
+
+
 def test_next_item_rows_are_every_prefix_with_its_next_items_at_the_page_slot(codec, vocab):
     """One row per positive after a user's first: the prompt of the up to max_items positives
     before it (time order) and the item-block indices of it and the horizon - 1 positives after

@@ -364,3 +364,44 @@ def test_ablation_pairs_each_variant_with_sft_and_both_heads_and_rebuilds_its_re
     assert "nothing trained" in (tmp_path / "ablation.md").read_text()
     with pytest.raises(ConfigError, match=r"seed_1/eval_test holds no evaluation"):
         run_ablation(*args, tmp_path, [0, 1], report_only=True)
+
+
+def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_stages, tmp_path):
+    """sft.members=2: SFT trains two LMs (seeds train.seed and train.seed + 1) into
+    SFT_DIR/members/k; SFT_DIR ranks with their mean log-softmax, and the validation NDCG@100 that
+    metrics.json gives it is `pagellm evaluate`'s. PPO trains the ensemble as one policy: both
+    members move, and PPO_DIR/policy is an ensemble again."""
+    from safetensors.torch import load_file
+
+    from pagellm.model.ensemble import lm_dirs
+    from pagellm.train.sft import run_sft
+
+    root = tiny_stages["root"]
+    overrides = [
+        *tiny_stages["overrides"],
+        *PPO_QUICK,
+        "sft.members=2",
+        "sft.meta_epochs=0",  # one fit per member: CI time
+        "sft.next_item_epochs=0",
+        "sft.ft_epochs=1",
+        "eval.page_mode=score",
+        "ppo.max_iterations=2",
+    ]
+    cfg = load_config(overrides=overrides)
+    sft_dir = tmp_path / "sft"
+    metrics = run_sft(cfg, root / "data", sft_dir)
+    members = lm_dirs(sft_dir)
+    assert members == [sft_dir / "members" / "0", sft_dir / "members" / "1"]
+    assert [m["golden_ft"]["epoch"] for m in metrics["members"]] == [1, 1]
+    weights = [load_file(m / "model.safetensors") for m in members]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # two seeds
+    evaluated = run_evaluate(cfg, sft_dir, root / "data", "val", tmp_path / "eval")
+    assert metrics["ensemble_valid_ndcg@100"] == pytest.approx(evaluated["ndcg@100"], abs=1e-6)
+    assert metrics["ensemble_valid_ndcg@100"] != pytest.approx(metrics["member_valid_ndcg@100"][0], abs=1e-6)
+
+    run_ppo(cfg, root / "data", sft_dir, root / "reward", tmp_path / "ppo", local=True)
+    policy = lm_dirs(tmp_path / "ppo" / "policy")
+    assert len(policy) == 2
+    for before, saved in zip(weights, policy):
+        after = load_file(saved / "model.safetensors")
+        assert any(not torch.equal(before[k], after[k]) for k in before if k in after)

@@ -14,6 +14,7 @@ import torch
 from pagellm.config import EvalConfig
 from pagellm.errors import InputError
 from pagellm.model.decoding import PageConstraint, write_pages
+from pagellm.model.ensemble import lm_dirs, load_lm
 from pagellm.model.modeling import CollaborativeReward, load_reward_head
 from pagellm.model.prompts import PromptCodec
 
@@ -63,7 +64,7 @@ class FineTilt:
 
 @dataclass
 class Policy:
-    model: torch.nn.Module  # a causal LM over the tokenizer's vocabulary (eval mode)
+    model: torch.nn.Module  # a causal LM over the tokenizer's vocabulary, or a MemberEnsemble (eval mode)
     codec: PromptCodec  # prompts and pages <-> token ids; ``codec.vocab`` holds the tokenizer
     tilt: Optional[FineTilt] = None  # R_f added to the item logits of every slot (FineTilt)
 
@@ -138,16 +139,17 @@ class Policy:
 
 
 def require_policy(directory: str | Path) -> Path:
-    """``directory`` when it holds a policy, else one InputError naming it (before any work)."""
+    """``directory`` when it holds a policy (one LM or an ensemble's members), else one
+    InputError naming it (before any work)."""
     directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise InputError(f"{directory} holds no model (config.json missing): pass an SFT_DIR or PPO_DIR/policy")
+    missing = [d for d in lm_dirs(directory) if not (d / "config.json").exists()]
+    if missing:
+        raise InputError(f"{missing[0]} holds no model (config.json missing): pass an SFT_DIR or PPO_DIR/policy")
     return directory
 
 
 def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Policy:
-    """The policy in ``directory``: its model (eval mode, on ``device``), codec and tilt, if any."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(require_policy(directory)).to(device).eval()
+    """The policy in ``directory``: its model (one LM or a ``MemberEnsemble``; eval mode, on
+    ``device``), codec and tilt, if any."""
+    model = load_lm(require_policy(directory)).to(device).eval()
     return Policy(model, load_codec(directory), FineTilt.load(directory, device))

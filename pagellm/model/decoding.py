@@ -162,7 +162,10 @@ class Pages:
 def cache_argument(model) -> str:
     """The name of the KV-cache argument (and output field) of ``model``'s forward: ``cache`` in
     transformers 5.x (where ``past_key_values`` is deprecated and warns), ``past_key_values``
-    before. A PEFT wrapper's forward takes ``**kwargs``: its base model's signature decides."""
+    before. A PEFT wrapper's forward takes ``**kwargs``: its base model's signature decides; a
+    ``MemberEnsemble`` names its members'."""
+    if hasattr(model, "members"):
+        return cache_argument(model.members[0])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 

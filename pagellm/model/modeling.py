@@ -420,8 +420,11 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy_dir: str | Path, kind: str, pooling: str = "mean") -> "RewardModel":
-        """Backbone initialised from the SFT policy (its LM head is dropped)."""
-        return cls(AutoModel.from_pretrained(policy_dir), kind, pooling)
+        """Backbone initialised from the SFT policy (its LM head is dropped; of an ensemble
+        policy, its first member's)."""
+        from pagellm.model.ensemble import lm_dirs
+
+        return cls(AutoModel.from_pretrained(lm_dirs(policy_dir)[0]), kind, pooling)
 
 
 class CollaborativeReward(nn.Module):

@@ -34,6 +34,7 @@ from ray import serve
 from pagellm.config import PAGE_MODES, EvalConfig
 from pagellm.errors import InputError
 from pagellm.model.artifact import TILT_DIR, require_policy
+from pagellm.model.ensemble import lm_dirs
 from pagellm.serve.ab import assign, check_split
 from pagellm.serve.api import (
     MAX_BODY_BYTES,
@@ -90,11 +91,14 @@ class AppArgs(BaseModel):
 def model_version(model_dir: str | Path) -> str:
     """directory name @ the first 8 hex digits of the weights' sha256: what served a page. A
     policy's R_f tilt (``fine_tilt/``: its Multi-VAE and weight) is part of what writes its pages,
-    so it enters the hash too: the same LM with and without it are two versions."""
-    weights = Path(model_dir) / "model.safetensors"
-    if not weights.exists():
+    so it enters the hash too: the same LM with and without it are two versions. An ensemble
+    policy hashes its members' weights in order."""
+    weights = [d / "model.safetensors" for d in lm_dirs(model_dir)]
+    if not all(w.exists() for w in weights):
         return f"{Path(model_dir).name}@unknown"
-    digest = hashlib.sha256(weights.read_bytes())
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(w.read_bytes())
     tilt = Path(model_dir) / TILT_DIR
     for part in sorted(tilt.iterdir()) if tilt.is_dir() else []:
         digest.update(part.read_bytes())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -467,21 +468,73 @@ def run_sft(
     ``pretrained``: an SFT directory whose meta and next-item pre-training read the same inputs
     under the same settings (``pagellm.tune.pretraining_key``: a sweep over lambda); its
     tokenizer, exports and epoch logs are copied and only golden-list fine-tuning is trained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pagellm.ray_utils import init_ray
 
     out, data = Path(out_dir), read_data_dir(Path(data_dir), cfg.data.positive_threshold)
     init_ray(cfg.ray)
+    if pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    else:
+        users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
+        tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
+    if cfg.sft.members == 1:
+        return _train_policy(cfg, data, tokenizer, out, storage_path, pretrained)
+    return _train_members(cfg, data, tokenizer, out, storage_path, pretrained)
+
+
+def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage_path, pretrained) -> dict:
+    """``sft.members`` > 1: the whole SFT once per member, ``train.seed`` + k, each into
+    OUT/members/k (a policy directory of its own; from ``pretrained``'s member k under Tune),
+    then OUT becomes their ensemble (``pagellm.model.ensemble``); metrics.json holds each
+    member's and the ensemble's validation NDCG@100 (the fits' own measure)."""
+    from pagellm.model.ensemble import MEMBERS_DIR, load_lm, member_dir, write_ensemble_meta
+
+    write_config(cfg, out)
+    members = []
+    for k in range(cfg.sft.members):
+        seed = cfg.train.seed + k
+        log.info("SFT member %d of %d (train.seed %d)", k + 1, cfg.sft.members, seed)
+        member_cfg = replace(cfg, train=replace(cfg.train, seed=seed), sft=replace(cfg.sft, members=1))
+        storage = f"{storage_path}/{MEMBERS_DIR}/{k}" if storage_path else None
+        source = member_dir(pretrained, k) if pretrained else None
+        members.append(_train_policy(member_cfg, data, tokenizer, member_dir(out, k), storage, source))
+    tokenizer.save_pretrained(out)
+    write_ensemble_meta(out, cfg.sft.members)
+    codec = PromptCodec.from_tokenizer(tokenizer)
+    model = PolicyLM(load_lm(out).eval(), 0.0, codec.vocab.eos_id, codec.vocab.item_id_range)
+    rows, collate = ranking_rows(codec, data["val"]), collate_lm(codec.vocab.pad_id)
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(rows), 256):
+            chunk = rows.iloc[lo : lo + 256]
+            total += float(model(**collate(chunk.to_dict("list")))[1]["ndcg@100"]) * len(chunk)
+    metrics = {
+        "members": members,
+        "member_valid_ndcg@100": [m["golden_ft"].get("valid_ndcg@100") for m in members],
+        "ensemble_valid_ndcg@100": total / max(len(rows), 1),
+    }
+    log.info(
+        "SFT ensemble of %d: validation NDCG@100 %.4f (members %s)",
+        cfg.sft.members,
+        metrics["ensemble_valid_ndcg@100"],
+        ", ".join(f"{v:.4f}" for v in metrics["member_valid_ndcg@100"] if v is not None),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    return metrics
+
+
+def _train_policy(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage_path, pretrained) -> dict:
+    """One LM through the SFT phases into ``out`` (with ``tokenizer`` beside it); from
+    ``pretrained``, its meta and next-item phases copied and only golden-list fine-tuning trained."""
+    from transformers import AutoModelForCausalLM
+
     write_config(cfg, out)
     has_next_item = cfg.sft.next_item_epochs > 0
     if pretrained:
-        tokenizer = AutoTokenizer.from_pretrained(pretrained)
         meta, next_item = _copy_pretraining(Path(pretrained), out, has_next_item)
     else:
-        users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
-        items = DataDir(data_dir).read_items()
-        tokenizer = build_tokenizer(cfg.model.name_or_path, items, users, cfg.model.bpe_vocab_size)
         meta = meta_pretraining(cfg, tokenizer, data, out, storage_path)
         next_item = next_item_pretraining(cfg, tokenizer, data, out, storage_path) if has_next_item else None
     codec = PromptCodec.from_tokenizer(tokenizer)
