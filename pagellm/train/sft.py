@@ -478,7 +478,9 @@ def run_sft(
         tokenizer = AutoTokenizer.from_pretrained(pretrained)
     else:
         users = sorted(set(data["train"].user_id) | set(data["val"].user_id)) if cfg.model.user_tokens else []
-        tokenizer = build_tokenizer(cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size)
+        tokenizer = build_tokenizer(
+            cfg.model.name_or_path, DataDir(data_dir).read_items(), users, cfg.model.bpe_vocab_size
+        )
     if cfg.sft.members == 1:
         return _train_policy(cfg, data, tokenizer, out, storage_path, pretrained)
     return _train_members(cfg, data, tokenizer, out, storage_path, pretrained)
