@@ -1082,6 +1082,8 @@ def test_an_ensemble_policy_ranks_and_writes_by_its_members_mean_log_probabiliti
             logits[hidden + [t - lo for t in written]] = float("-inf")
             written.append(int(logits.argmax()) + lo)
         assert greedy[row] == written
+    twins = MemberEnsemble([lms[0], lms[0]])  # unconstrained greedy pages (SFT's validity check), as one LM's
+    assert greedy_pages(twins, codec, users, histories, 4) == greedy_pages(lms[0], codec, users, histories, 4)
     single = Policy(lms[0], policy.codec)
     assert score != single.write_tokens(users, histories, banned, k, EvalConfig(page_mode="score"))[0]
     version = model_version(directory)

@@ -398,6 +398,7 @@ def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_
     evaluated = run_evaluate(cfg, sft_dir, root / "data", "val", tmp_path / "eval")
     assert metrics["ensemble_valid_ndcg@100"] == pytest.approx(evaluated["ndcg@100"], abs=1e-6)
     assert metrics["ensemble_valid_ndcg@100"] != pytest.approx(metrics["member_valid_ndcg@100"][0], abs=1e-6)
+    assert 0.0 <= metrics["valid_page_rate"] <= 1.0  # what `pagellm sft` and Tune report
 
     run_ppo(cfg, root / "data", sft_dir, root / "reward", tmp_path / "ppo", local=True)
     policy = lm_dirs(tmp_path / "ppo" / "policy")

@@ -68,6 +68,32 @@ class MemberEnsemble(nn.Module):
         caches = {name: [getattr(out, name) for out in outs]} if use_cache else {}
         return SimpleNamespace(logits=logits, **caches)
 
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_token_id: int, **_):
+        """Greedy decoding of left-padded prompts, as ``generate`` of one LM returns it (prompt
+        and new tokens; a row that wrote EOS continues with pad): what SFT's page-validity check
+        asks of a policy."""
+        name = cache_argument(self)
+        ids, attention = input_ids, attention_mask
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1).masked_fill(done, pad_token_id)
+            ids, done = torch.cat([ids, token[:, None]], 1), done | (token == eos_token_id)
+            if bool(done.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+            positions = positions[:, -1:] + 1
+            out = self(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=positions,
+                use_cache=True,
+                **{name: getattr(out, name)},
+            )
+        return ids
+
     def save_pretrained(self, directory: str | Path) -> None:
         for k, member in enumerate(self.members):
             member.save_pretrained(member_dir(directory, k))

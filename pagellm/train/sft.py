@@ -491,7 +491,7 @@ def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage
     OUT/members/k (a policy directory of its own; from ``pretrained``'s member k under Tune),
     then OUT becomes their ensemble (``pagellm.model.ensemble``); metrics.json holds each
     member's and the ensemble's validation NDCG@100 (the fits' own measure)."""
-    from pagellm.model.ensemble import MEMBERS_DIR, load_lm, member_dir, write_ensemble_meta
+    from pagellm.model.ensemble import MEMBERS_DIR, member_dir, write_ensemble_meta
 
     write_config(cfg, out)
     members = []
@@ -504,22 +504,34 @@ def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage
         members.append(_train_policy(member_cfg, data, tokenizer, member_dir(out, k), storage, source))
     tokenizer.save_pretrained(out)
     write_ensemble_meta(out, cfg.sft.members)
-    codec = PromptCodec.from_tokenizer(tokenizer)
-    model = PolicyLM(load_lm(out).eval(), 0.0, codec.vocab.eos_id, codec.vocab.item_id_range)
-    rows, collate = ranking_rows(codec, data["val"]), collate_lm(codec.vocab.pad_id)
+    return ensemble_metrics(cfg, data, out, members)
+
+
+def ensemble_metrics(cfg: PageLLMConfig, data: dict, out: Path, members: list[dict]) -> dict:
+    """metrics.json of an ensemble SFT_DIR: each member's metrics, their and the ensemble's
+    validation NDCG@100 (the fits' measure, ``ranking_validation``) and the ensemble's greedy
+    page validity."""
+    from pagellm.model.artifact import load_policy
+
+    policy = load_policy(out)
+    codec, val = policy.codec, data["val"]
+    model = PolicyLM(policy.model, 0.0, codec.vocab.eos_id, codec.vocab.item_id_range)
+    rows, collate = ranking_rows(codec, val), collate_lm(codec.vocab.pad_id)
     total = 0.0
     with torch.no_grad():
         for lo in range(0, len(rows), 256):
             chunk = rows.iloc[lo : lo + 256]
             total += float(model(**collate(chunk.to_dict("list")))[1]["ndcg@100"]) * len(chunk)
+    pages = greedy_pages(policy.model, codec, list(val.user_id), list(val.prompt_items), cfg.sft.valid_page_max_items)
     metrics = {
         "members": members,
         "member_valid_ndcg@100": [m["golden_ft"].get("valid_ndcg@100") for m in members],
         "ensemble_valid_ndcg@100": total / max(len(rows), 1),
+        **page_validity(pages),
     }
     log.info(
         "SFT ensemble of %d: validation NDCG@100 %.4f (members %s)",
-        cfg.sft.members,
+        len(members),
         metrics["ensemble_valid_ndcg@100"],
         ", ".join(f"{v:.4f}" for v in metrics["member_valid_ndcg@100"] if v is not None),
     )
