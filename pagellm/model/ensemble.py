@@ -1,7 +1,7 @@
 """A policy of K causal LMs trained with different seeds (``sft.members``), read as one model.
 
 Why: the LM is small and its seeds disagree user by user; ranking with several of them lifts
-NDCG@100 where any one is level with SASRec (docs/deviations.md, "SFT members"). They combine as
+NDCG@100 where any one is level with SASRec (docs/training.md, "SFT members"). They combine as
 a product of experts: the next-token log-probabilities are the members' mean log-softmax. That is
 the geometric mean of their distributions, whose ranking (and renormalised distribution) is the
 same whether it is taken over the vocabulary, the item block, or the item block less the masked

@@ -3,7 +3,8 @@
 Reads the data stage's Parquet outputs (training interactions only), builds the vocabulary,
 trains on Ray Train + DeepSpeed (``pagellm.train.loop``) and writes SFT_DIR: a Hugging Face
 model directory (the reference policy) with its tokenizer, plus metrics.json, the JSONL
-training logs and a loss-curve PNG.
+training logs and a loss-curve PNG; with ``sft.members`` > 1, one such directory per member
+under SFT_DIR/members/ (``pagellm.model.ensemble``).
 """
 
 from __future__ import annotations
