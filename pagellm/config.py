@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import operator
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -353,8 +354,15 @@ class SFTConfig:
     )
     patience: int = opt(
         10,
-        "next-item pre-training and golden-list fine-tuning: epochs without a better validation NDCG@100 "
-        "(score mode, every seen item masked) before stopping; the best epoch is exported",
+        "next-item pre-training: epochs without a better validation NDCG@100 (score mode, every seen "
+        "item masked) before stopping; the best epoch is exported",
+        ge=1,
+    )
+    ft_patience: int = opt(
+        3,
+        "golden-list fine-tuning (ft_select ndcg@100): the same for its epochs. After next-item "
+        "pre-training it peaks at epoch 1 or 2 (all 11 Amazon SFTs, docs/training.md), so 3 exports "
+        "the same epoch as 10 did and stops 5-6 epochs sooner",
         ge=1,
     )
     ft_select: str = opt(
@@ -735,6 +743,13 @@ class RayConfig:
 
     num_cpus: Optional[int] = opt(None, "CPUs of the local Ray; null: all cores of this machine", ge=1)
     include_dashboard: bool = opt(False, "start Ray's dashboard")
+
+    def cores(self) -> int:
+        """The CPUs PageLLM uses on this machine: ``num_cpus``, else every core this process may run
+        on (as Ray counts them); the torch threads of work the driver does alone (the baselines)."""
+        if self.num_cpus:
+            return self.num_cpus
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass

@@ -274,7 +274,14 @@ def run_compare(
                 extra = {"users_without_scores": missing, "recbole": {k: run[k] for k in RECBOLE_KEYS}}
             else:
                 pages = baseline_pages(
-                    name, protocol, cfg.eval.page_items, seed, val, cfg.eval.baseline_epochs, cfg.eval.baseline_patience
+                    name,
+                    protocol,
+                    cfg.eval.page_items,
+                    seed,
+                    val,
+                    cfg.eval.baseline_epochs,
+                    cfg.eval.baseline_patience,
+                    cfg.ray.cores(),
                 )
             scored = [page_metrics(p, t, category) for p, t in zip(pages, protocol.users.target)]
             results[name].append({**mean_metrics(scored), "seconds": time.perf_counter() - began, **extra})

@@ -112,7 +112,14 @@ def baseline_metrics(cfg: PageLLMConfig, data_dir: Path) -> tuple[dict[str, dict
     means, users = {}, {}
     for name in cfg.eval.report_baselines:
         pages = baseline_pages(
-            name, test, cfg.eval.page_items, 0, val, cfg.eval.baseline_epochs, cfg.eval.baseline_patience
+            name,
+            test,
+            cfg.eval.page_items,
+            0,
+            val,
+            cfg.eval.baseline_epochs,
+            cfg.eval.baseline_patience,
+            cfg.ray.cores(),
         )
         rows = [page_metrics(p, t, category) for p, t in zip(pages, test.users.target)]
         means[name] = {**mean_metrics(rows), "users": len(pages), "page_items": cfg.eval.page_items}

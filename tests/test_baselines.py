@@ -222,3 +222,22 @@ def test_trained_baselines_keep_their_best_validation_epoch(tmp_path):
         for page, seen in zip(pages, p.users.seen):
             assert len(page) == len(set(page)) == min(15, len(p.items) - len(set(seen))), name
             assert not {p.items[i] for i in seen} & set(page), name
+
+
+def test_baselines_train_on_the_cores_they_are_given_and_give_the_threads_back():
+    """`pagellm run` and `compare` train the baselines in the driver with every core
+    (``RayConfig.cores``): the pages are those of one thread, and the driver's thread count is
+    restored afterwards, also when the baseline fails."""
+    import torch
+
+    from pagellm.config import RayConfig
+
+    assert RayConfig(num_cpus=3).cores() == 3 and RayConfig().cores() >= 1
+    p, before = toy(), torch.get_num_threads()
+    one = baseline_pages("sasrec", p, k=2, epochs=2, threads=1)
+    assert torch.get_num_threads() == before
+    assert baseline_pages("sasrec", p, k=2, epochs=2, threads=2) == one
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_pages("nope", p, threads=before + 1)
+    assert torch.get_num_threads() == before

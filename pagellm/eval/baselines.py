@@ -24,6 +24,7 @@ import copy
 import itertools
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,6 +483,18 @@ def baseline_scores(
     raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (None: left as they are), then restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def baseline_pages(
     name: str,
     p: Protocol,
@@ -490,7 +503,13 @@ def baseline_pages(
     val: Protocol | None = None,
     epochs: int = 0,
     patience: int = 10,
+    threads: int | None = None,
 ) -> list[list[str]]:
-    """Top-k pages (item ids) of one baseline for every evaluation user (``baseline_scores``)."""
-    scores = baseline_scores(name, p, seed, val, epochs, patience)
+    """Top-k pages (item ids) of one baseline for every evaluation user (``baseline_scores``).
+    ``threads``: torch threads while it trains and scores. `pagellm run` and `compare` train the
+    baselines in the driver while no Ray work runs, so they give it every core
+    (``RayConfig.cores``): SASRec's epochs on Amazon take 0.70x the time on 2 threads as on 1,
+    with the same validation scores (docs/benchmarks.md)."""
+    with torch_threads(threads):
+        scores = baseline_scores(name, p, seed, val, epochs, patience)
     return [[p.items[j] for j in _top_k(row, seen, k)] for row, seen in zip(scores, p.users.seen)]

@@ -408,7 +408,7 @@ def golden_finetuning(cfg: PageLLMConfig, tokenizer, data: dict, out: Path, stor
             collate_lm(vocab.pad_id),
             _lm_exporter(tokenizer),
             early_stopping=by_ndcg,
-            patience=sft_cfg.patience,
+            patience=sft_cfg.ft_patience,
             select="ndcg@100" if by_ndcg else "loss",
             maximize=by_ndcg,
         ),
