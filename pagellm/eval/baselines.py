@@ -508,7 +508,7 @@ def baseline_pages(
     """Top-k pages (item ids) of one baseline for every evaluation user (``baseline_scores``).
     ``threads``: torch threads while it trains and scores. `pagellm run` and `compare` train the
     baselines in the driver while no Ray work runs, so they give it every core
-    (``RayConfig.cores``): SASRec's epochs on Amazon take 0.70x the time on 2 threads as on 1,
+    (``RayConfig.cores``): SASRec's epochs on Amazon run 1.4x faster on 2 threads than on 1,
     with the same validation scores (docs/benchmarks.md)."""
     with torch_threads(threads):
         scores = baseline_scores(name, p, seed, val, epochs, patience)
