@@ -367,7 +367,7 @@ class SFTConfig:
     )
     ft_select: str = opt(
         "ndcg@100",
-        "golden-list fine-tuning exports the epoch with the best validation ndcg@100 (with patience), or "
+        "golden-list fine-tuning exports the epoch with the best validation ndcg@100 (stopped by ft_patience), or "
         "the last epoch (last, the paper's)",
     )
     valid_page_max_items: int = opt(20, "greedy decoding length for valid_page_rate", ge=1)
