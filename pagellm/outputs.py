@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import threading
 import time
 from contextlib import contextmanager
@@ -163,6 +164,9 @@ def bar_chart(
             else:
                 yerr = [rows[n][key][1] if rows[n][key][1] == rows[n][key][1] else 0.0 for n in names]
             ax.bar(names, means, yerr=yerr, capsize=3, color=[colour[n in pagellm] for n in names])
+            # long model names ("PageLLM PPO R_c + R_f on 2 SFT members (chain seeds 0, 1, 2)") would
+            # otherwise take the figure's height from the bars
+            ax.set_xticks(range(len(names)), [textwrap.fill(n, 28) for n in names])
             ax.set_title(key)
             ax.tick_params(axis="x", rotation=60, labelsize=7)
         handles = [Patch(color=colour[True], label="PageLLM"), Patch(color=colour[False], label="baselines")]
