@@ -8,8 +8,10 @@ import json
 import pyarrow as pa
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModel, AutoModelForCausalLM
 
+from pagellm.cli import SMOLLM2_DIR
 from pagellm.config import ModelConfig
 from pagellm.errors import ConfigError
 from pagellm.model.gguf_import import import_gguf, packaged_gguf
@@ -20,8 +22,15 @@ from pagellm.train.sft import collate_lm
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    """The directory `pagellm setup smollm2` converted (.ci/run runs it) when it came from the
+    installed GGUF; a conversion of its own otherwise (the same ~20 s, not twice in CI)."""
+    setup = REPO / SMOLLM2_DIR
+    if (setup / "import.json").exists():
+        summary = json.loads((setup / "import.json").read_text())
+        if summary["source"] == str(packaged_gguf()) and (setup / "model.safetensors").exists():
+            return setup, summary
     out = tmp_path_factory.mktemp("smollm2")
-    return out, import_gguf("smollm2", out)  # needs `pagellm setup smollm2` (.ci/run runs it)
+    return out, import_gguf("smollm2", out)  # needs the package `pagellm setup smollm2` installs
 
 
 def test_gguf_import_gives_a_plain_model_with_the_ggufs_logits(smollm2):
