@@ -153,7 +153,7 @@ def setup_env(venv: Path) -> Path:
     python = venv / "bin" / "python"
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "--no-compile", "torch==2.13.0", "-r", str(REQUIREMENTS)],
+        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "-r", str(REQUIREMENTS)],
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "recbole==1.2.1"],
     ]
     for step in steps:
