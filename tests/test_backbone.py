@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from pagellm.cli import SMOLLM2_DIR
 from pagellm.config import ModelConfig
 from pagellm.errors import ConfigError
-from pagellm.model.gguf_import import import_gguf, packaged_gguf
+from pagellm.model.gguf_import import SUMMARY_FILE, import_gguf, packaged_gguf
 from pagellm.model.modeling import PolicyLM, RewardModel, build_lm, lora_targets, unwrap_lm
 from pagellm.model.vocab import Vocab, build_tokenizer
 from pagellm.train.sft import collate_lm
@@ -25,8 +25,8 @@ def smollm2(tmp_path_factory):
     """The directory `pagellm setup smollm2` converted (.ci/run runs it) when it came from the
     installed GGUF; a conversion of its own otherwise (the same ~20 s, not twice in CI)."""
     setup = REPO / SMOLLM2_DIR
-    if (setup / "import.json").exists():
-        summary = json.loads((setup / "import.json").read_text())
+    if (setup / SUMMARY_FILE).exists():
+        summary = json.loads((setup / SUMMARY_FILE).read_text())
         if summary["source"] == str(packaged_gguf()) and (setup / "model.safetensors").exists():
             return setup, summary
     out = tmp_path_factory.mktemp("smollm2")

