@@ -3,8 +3,9 @@ seconds per epoch and whether the validation scores agree.
 
 `pagellm run` and `pagellm experiment compare` train their in-house baselines in the driver
 while no Ray work runs, with torch's threads at ``RayConfig.cores()`` (``baseline_pages``'s
-``threads``). SASRec is the baseline that costs: about 60 epochs of ~8 s on Amazon, most of the
-report stage of `pagellm run`.
+``threads``). SASRec is the baseline that costs: about 60 epochs on Amazon, most of the report
+stage of `pagellm run` (~8 s each when it ran a pass per prefix, ~2 s per window since
+2026-12-07: bench/sasrec_windows.py).
 
 Exact command (repository root, venv active; a data directory of `pagellm data`):
 

@@ -224,6 +224,37 @@ def test_trained_baselines_keep_their_best_validation_epoch(tmp_path):
             assert not {p.items[i] for i in seen} & set(page), name
 
 
+def test_sasrec_windows_train_every_prefix_once_with_its_own_history():
+    """RecBole's augmentation (every prefix a sample) read off one causal pass per window: each
+    target comes once, with the items just before it (at most max_len, at least max_len // 2 + 1
+    where it has that many), and the window's state at its position is the prefix's own state."""
+    import torch
+
+    from pagellm.eval.baselines import SASRec, sasrec_windows
+
+    for max_len in (1, 4, 7):
+        for n in range(0, 30):
+            inputs, labels = sasrec_windows([list(range(100, 100 + n))], max_len)
+            trained = {}
+            for x, y in zip(inputs.tolist(), labels.tolist()):
+                for k, label in enumerate(y):
+                    if label >= 0:
+                        assert label not in trained
+                        trained[label] = [i - 1 for i in x[: k + 1]]
+            assert sorted(trained) == list(range(101, 100 + n)), (max_len, n)
+            for label, history in trained.items():
+                assert history == list(range(label - len(history), label)), (max_len, n, label)
+                assert min(label - 100, max_len // 2 + 1) <= len(history) <= max_len, (max_len, n, label)
+    model = SASRec(20, max_len=7).eval()
+    (window,), _ = sasrec_windows([[3, 1, 4, 1, 5, 9, 2, 6]], 7)
+    with torch.no_grad():
+        states = model.states(window[None])[0] @ model.item.weight[1:].T
+        for k in range(7):
+            prefix = torch.zeros(1, 7, dtype=torch.long)
+            prefix[0, : k + 1] = window[: k + 1]
+            assert torch.allclose(states[k], model(prefix, torch.tensor([k + 1]))[0], atol=1e-5), k
+
+
 def test_baselines_train_on_the_cores_they_are_given_and_give_the_threads_back():
     """`pagellm run` and `compare` train the baselines in the driver with every core
     (``RayConfig.cores``): the pages are those of one thread, and the driver's thread count is
