@@ -103,6 +103,10 @@ def test_reward_and_evaluate_read_and_write_uris(tiny_stages, tmp_path, monkeypa
             "--out",
             uri(out),
             *tiny_stages["overrides"],
+            # what this test is about is where the stage reads and writes: no policy-sampled pairs
+            # and no agreement pages (tests/test_train.py covers both): CI time
+            "reward.policy_pairs=false",
+            "reward.agreement_users=0",
         ]
     )
     assert code == 0

@@ -60,7 +60,7 @@ def _train_workers() -> list[psutil.Process]:
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path, tokenizer):
     import ray.data
 
-    epochs = 5
+    epochs = 3  # killed in epoch 2, resumed from epoch 1's checkpoint, one more epoch after it
     spec = tiny_lm_spec(epochs, tokenizer, Vocab.from_tokenizer(tokenizer).base_size, "killed")
     rows = tiny_rows(tokenizer, 1600)
     datasets = {"train": ray.data.from_pandas(rows), "valid": ray.data.from_pandas(rows.head(64))}

@@ -80,7 +80,10 @@ def _start(out: Path, address: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
     log = open(out.parent / f"tune_{len(list(out.parent.glob('tune_*.log')))}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP, "tune.betas=[0.05]"],
+        # two PPO iterations per trial (one evaluation after updates): CI time; the four of
+        # SWEEP, with ASHA's rung at two, are test_optuna_searcher_with_asha's
+        [sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP, "tune.betas=[0.05]"]
+        + ["ppo.max_iterations=2"],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -110,7 +113,7 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
             e[-1]["event"] == "start" for e in trials.values()
         ):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     log0 = (tmp_path / "tune_0.log").read_text()
     assert first.poll() is None, f"the sweep ended before it was interrupted:\n{log0[-3000:]}"
     os.killpg(first.pid, signal.SIGINT)
