@@ -33,7 +33,16 @@ import torch
 from torch import nn
 
 from pagellm.config import RayConfig
-from pagellm.eval.baselines import SASRec, _right_pad, load_protocol, sasrec_windows, torch_threads
+from pagellm.eval.baselines import (
+    BestEpoch,
+    SASRec,
+    _right_pad,
+    load_protocol,
+    sasrec_windows,
+    torch_threads,
+    train_sequences,
+    windows_per_batch,
+)
 
 MAX_LEN, BATCH = 50, 2048
 
@@ -50,13 +59,10 @@ def prefix_samples(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def epoch_seconds(model: SASRec, rows: int, batch: int, loss_of) -> float:
+    """One training epoch as ``train_sasrec`` runs it (``BestEpoch.fit``), without validation."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     started = time.perf_counter()
-    for b in np.array_split(np.random.default_rng(0).permutation(rows), max(1, math.ceil(rows / batch))):
-        loss = loss_of(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    BestEpoch([model], None, None, progress=False).fit(opt, loss_of, rows, batch, 1, np.random.default_rng(0))
     return time.perf_counter() - started
 
 
@@ -70,28 +76,27 @@ def main() -> None:
     results = {}
     for data in args.data:
         p = load_protocol(data, "test")
-        seqs = list(p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list))
+        seqs = train_sequences(p)
         inputs, lengths, labels = prefix_samples(seqs)
         windows, window_labels = sasrec_windows(seqs, MAX_LEN)
         targets = int((window_labels >= 0).sum())
-        window_batch = math.ceil(len(windows) * BATCH / targets)
+        window_batch = windows_per_batch(window_labels, BATCH)
         assert targets == len(labels)  # the same targets either way
         torch.manual_seed(0)
-        model = SASRec(len(p.items), max_len=MAX_LEN).train()
+        model = SASRec(len(p.items), max_len=MAX_LEN)
 
         def prefix_loss(b):
             return nn.functional.cross_entropy(model(inputs[b], lengths[b]), labels[b])
-
-        def window_loss(b):
-            y = window_labels[b]
-            hit = y >= 0
-            return nn.functional.cross_entropy(model.states(windows[b])[hit] @ model.item.weight[1:].T, y[hit])
 
         timed = {"prefix": [], "window": []}
         with torch_threads(RayConfig().cores()):
             for _ in range(args.epochs):
                 timed["prefix"].append(epoch_seconds(model, len(labels), BATCH, prefix_loss))
-                timed["window"].append(epoch_seconds(model, len(windows), window_batch, window_loss))
+                timed["window"].append(
+                    epoch_seconds(
+                        model, len(windows), window_batch, lambda b: model.window_loss(windows[b], window_labels[b])
+                    )
+                )
         prefix, window = statistics.median(timed["prefix"]), statistics.median(timed["window"])
         results[str(data)] = {
             "users": len(seqs),

@@ -332,6 +332,12 @@ class SASRec(nn.Module):
         last = self.states(seq)[torch.arange(len(seq)), lengths - 1]
         return last @ self.item.weight[1:].T
 
+    def window_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Full-softmax cross-entropy over items at every trained target of windows
+        (``sasrec_windows``), from one causal pass."""
+        hit = labels >= 0
+        return nn.functional.cross_entropy(self.states(inputs)[hit] @ self.item.weight[1:].T, labels[hit])
+
 
 def _right_pad(seqs: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The last ``length`` items of each sequence, right-padded with 0, and their lengths
@@ -344,6 +350,17 @@ def _right_pad(seqs: list[list[int]], length: int) -> tuple[torch.Tensor, torch.
             out[row, : len(s)] = torch.as_tensor(s)
             lengths[row] = len(s)
     return out, lengths
+
+
+def train_sequences(p: Protocol) -> list[list[int]]:
+    """Each training user's positives (item indices) in time order."""
+    return list(p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list))
+
+
+def windows_per_batch(labels: torch.Tensor, targets_per_batch: int) -> int:
+    """Windows per batch so that a batch holds ~``targets_per_batch`` targets: an epoch takes as
+    many batches as prefix samples in batches of ``targets_per_batch`` would."""
+    return math.ceil(len(labels) * targets_per_batch / max(int((labels >= 0).sum()), 1))
 
 
 def sasrec_windows(seqs: list[list[int]], max_len: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,20 +405,18 @@ def train_sasrec(
     (docs/baselines.md)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    seqs = p.train_pos.sort_values(["user_id", "ts"], kind="stable").groupby("user_id").item.agg(list)
-    inputs, labels = sasrec_windows(list(seqs), max_len)
-    targets = int((labels >= 0).sum())
+    inputs, labels = sasrec_windows(train_sequences(p), max_len)
     model = SASRec(len(p.items), max_len=max_len)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best = BestEpoch([model], val, lambda q: sasrec_scores(model, q), patience, "SASRec")
-
-    def loss_of(b: np.ndarray) -> torch.Tensor:
-        y = labels[b]
-        hit = y >= 0
-        return nn.functional.cross_entropy(model.states(inputs[b])[hit] @ model.item.weight[1:].T, y[hit])
-
-    # batches of ~batch_size targets: as many batches per epoch as RecBole's prefix samples make
-    best.fit(opt, loss_of, len(inputs), math.ceil(len(inputs) * batch_size / max(targets, 1)), epochs, rng)
+    best.fit(
+        opt,
+        lambda b: model.window_loss(inputs[b], labels[b]),
+        len(inputs),
+        windows_per_batch(labels, batch_size),
+        epochs,
+        rng,
+    )
     model.selection = best
     return model
 
