@@ -35,14 +35,13 @@ from torch import nn
 from pagellm.config import RayConfig
 from pagellm.eval.baselines import (
     BestEpoch,
-    SASRec,
-    _right_pad,
     load_protocol,
     sasrec_windows,
     torch_threads,
     train_sequences,
     windows_per_batch,
 )
+from pagellm.model.sasrec import SASRec, right_pad
 
 MAX_LEN, BATCH = 50, 2048
 
@@ -54,7 +53,7 @@ def prefix_samples(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, t
         for t in range(1, len(seq)):
             prefixes.append([i + 1 for i in seq[max(0, t - MAX_LEN) : t]])
             labels.append(seq[t])
-    inputs, lengths = _right_pad(prefixes, MAX_LEN)
+    inputs, lengths = right_pad(prefixes, MAX_LEN)
     return inputs, lengths, torch.as_tensor(labels)
 
 

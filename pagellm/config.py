@@ -427,6 +427,14 @@ class RewardConfig:
         "item-item autoencoder in closed form), its L2 penalty chosen as the ease baseline's and its "
         "weight, jointly with ItemKNN's, the best of R_f's own validation NDCG@100 (ours)",
     )
+    fine_sasrecs: int = opt(
+        0,
+        "with fine_model=multivae: SASRec seeds (train.seed, train.seed + 1, ...; trained as the sasrec "
+        "baseline) whose mean log-softmax after the history read in order joins R_f, its weight chosen "
+        "jointly with ItemKNN's and EASE's on R_f's own validation NDCG@100; 0 leaves the sequential "
+        "view out (ours: the set views are blind to order)",
+        ge=0,
+    )
     policy_pairs: bool = opt(
         False,
         "add a ps pair per (prompt, golden list) of D_reward: the golden list against a page of its "
@@ -453,9 +461,12 @@ class RewardConfig:
             raise ConfigError(f"reward.fine_pooling must be one of {list(REWARD_POOLINGS)}, got {self.fine_pooling!r}")
         if self.fine_model not in FINE_MODELS:
             raise ConfigError(f"reward.fine_model must be one of {list(FINE_MODELS)}, got {self.fine_model!r}")
-        if self.fine_model != "multivae" and (self.fine_vaes > 1 or self.fine_itemknn or self.fine_ease):
+        if self.fine_model != "multivae" and (
+            self.fine_vaes > 1 or self.fine_itemknn or self.fine_ease or self.fine_sasrecs
+        ):
             raise ConfigError(
-                "reward.fine_vaes > 1, reward.fine_itemknn and reward.fine_ease need reward.fine_model=multivae"
+                "reward.fine_vaes > 1, reward.fine_itemknn, reward.fine_ease and reward.fine_sasrecs "
+                "need reward.fine_model=multivae"
             )
 
 

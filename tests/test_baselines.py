@@ -230,7 +230,8 @@ def test_sasrec_windows_train_every_prefix_once_with_its_own_history():
     where it has that many), and the window's state at its position is the prefix's own state."""
     import torch
 
-    from pagellm.eval.baselines import SASRec, sasrec_windows
+    from pagellm.eval.baselines import sasrec_windows
+    from pagellm.model.sasrec import SASRec
 
     for max_len in (1, 4, 7):
         for n in range(0, 30):

@@ -697,6 +697,45 @@ def test_collaborative_ensemble_averages_its_vaes_and_adds_item_item_views_as_lo
         assert torch.allclose(one, vaes[0](x)[0][0].log_softmax(-1) + np.log(n), atol=1e-5)
 
 
+def test_collaborative_reward_adds_sasrec_seeds_reading_the_history_in_order(vocab, tmp_path):
+    """reward.fine_sasrecs: R_f adds w x the SASRec seeds' mean log-softmax after the prompt's item
+    tokens in their order (the last max_len of them, other tokens skipped), exactly the sasrec
+    baseline's scores of that history; the order matters; it saves and reloads whole."""
+    from pagellm.eval.baselines import right_pad
+    from pagellm.model.multivae import MultiVAE
+    from pagellm.model.sasrec import SASRec
+
+    torch.manual_seed(0)
+    lo, hi = vocab.item_id_range
+    n = hi - lo
+    vae = MultiVAE(n, hidden=16, latent=4).eval()
+    sasrecs = [SASRec(n, dim=8, max_len=3).eval() for _ in range(2)]
+    head = CollaborativeReward([vae], lo, "mean", None, sasrecs, 0.7).eval()
+    user = vocab.user_token["u1"]  # a non-item token inside the row
+    histories = [[0, 2, 1, 3], [3], []]
+    prompts = [[user, *[lo + h for h in histories[0]]], [lo + 3, user], [user]]
+
+    def expected(history):
+        x = torch.zeros(1, n)
+        x[0, history] = 1.0
+        seq, length = right_pad([[h + 1 for h in history]], 3)
+        seq_logp = torch.stack([m(seq, length)[0].log_softmax(-1) for m in sasrecs]).mean(0)
+        return vae(x)[0][0].log_softmax(-1) + 0.7 * seq_logp + 1.7 * np.log(n)
+
+    with torch.no_grad():
+        got = head.prompt_scores(prompts, vocab.pad_id)
+        for row, history in enumerate(histories):
+            assert torch.allclose(got[row], expected(history), atol=1e-4)
+        reordered = head.prompt_scores([[user, *[lo + h for h in [2, 0, 3, 1]]]], vocab.pad_id)[0]
+    assert not torch.allclose(reordered, got[0], atol=1e-3)  # the set views alone would not tell
+
+    head.save_pretrained(tmp_path / "seq")
+    reloaded = load_reward_head(tmp_path / "seq")
+    assert len(reloaded.sasrecs) == 2 and reloaded.sasrec_weight == pytest.approx(0.7)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.prompt_scores(prompts, vocab.pad_id), got, atol=1e-6)
+
+
 def test_spearman_and_reward_agreement():
     assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])) == pytest.approx(1.0)
     assert spearman(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)

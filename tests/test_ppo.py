@@ -270,22 +270,20 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     assert validation_ndcg(multivae_scores(head.vaes[0], val), val) == pytest.approx(fit["valid_ndcg@100"])
     assert fit["valid_ndcg@100"] > 0 and len(head.vaes) == 1 and not head.view_weights and fit["vae_epochs"][0] >= 1
 
-    # reward.fine_vaes=2, fine_itemknn=true, fine_ease=true: two seeds, ItemKNN and EASE, whose
-    # weights are the best pair of R_f's own validation NDCG@100, and the saved ensemble scores what
-    # the fit reported
-    ens_cfg = load_config(
-        overrides=[*overrides, "reward.fine_vaes=2", "reward.fine_itemknn=true", "reward.fine_ease=true"]
-    )
+    # reward.fine_vaes=2, fine_itemknn=true, fine_ease=true, fine_sasrecs=1: two seeds, ItemKNN,
+    # EASE and a SASRec, whose weights are the best combination of R_f's own validation NDCG@100,
+    # and the saved ensemble scores what the fit reported
+    views = ["reward.fine_vaes=2", "reward.fine_itemknn=true", "reward.fine_ease=true", "reward.fine_sasrecs=1"]
+    ens_cfg = load_config(overrides=[*overrides, *views])
     ens = fit_collaborative_fine(ens_cfg, root / "data", vocab, tmp_path / "ensemble")
     ensemble = load_reward_head(tmp_path / "ensemble")
     chosen = {"knn": ens["knn_weight"], "ease": ens["ease_weight"]}
     assert len(ensemble.vaes) == 2 and ensemble.view_weights == {k: w for k, w in chosen.items() if w}
+    assert ensemble.sasrec_weight == ens["sasrec_weight"] and len(ensemble.sasrecs) == (ens["sasrec_weight"] > 0)
     grid = ens["view_weights_ndcg"]  # 0 leaves a view out: the grid holds the VAEs alone too
-    assert (
-        len(grid) == 56
-        and grid["knn=0.0 ease=0.0"] == pytest.approx(ens["vaes_ndcg@100"])
-        and grid[f"knn={ens['knn_weight']} ease={ens['ease_weight']}"] == max(grid.values())
-    )
+    best = f"knn={ens['knn_weight']} ease={ens['ease_weight']} sasrec={ens['sasrec_weight']}"
+    assert len(grid) == 7 * 8 * 7 and grid["knn=0.0 ease=0.0 sasrec=0.0"] == pytest.approx(ens["vaes_ndcg@100"])
+    assert grid[best] == max(grid.values()) and len(ens["sasrec_epochs"]) == 1
     assert ens["valid_ndcg@100"] == pytest.approx(max(grid.values()), abs=1e-4)
     with torch.no_grad():
         lo = vocab.item_id_range[0]

@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHead
 from pagellm.config import REWARD_POOLINGS, ModelConfig
 from pagellm.errors import ConfigError
 from pagellm.model.multivae import MultiVAE
+from pagellm.model.sasrec import SASRec
 from pagellm.model.vocab import Vocab
 
 RATING_HEAD_FILE = "rating_head.safetensors"
@@ -432,10 +433,12 @@ class CollaborativeReward(nn.Module):
     list scores log(n p(item | the row's other items)), n the item block's size, the history
     being every item token outside ``item_mask`` (the prompt's items); pooled over the list by
     ``item_weights`` as the LM fine head. p is a Multi-VAE fitted on the training positives, or
-    an ensemble (``reward.fine_vaes``, ``reward.fine_itemknn``, ``reward.fine_ease``): the mean
-    log-probability of several Multi-VAEs plus, for each item-item view (ItemKNN's similarities,
-    EASE's weights), its weight x the log of its scores normalised to sum 1: a geometric mixture
-    of collaborative views that err differently. A log-probability is a Bradley-Terry score as it
+    an ensemble (``reward.fine_vaes``, ``reward.fine_itemknn``, ``reward.fine_ease``,
+    ``reward.fine_sasrecs``): the mean log-probability of several Multi-VAEs plus, for each
+    item-item view (ItemKNN's similarities, EASE's weights), its weight x the log of its scores
+    normalised to sum 1, plus ``sasrec_weight`` x the mean log-softmax of SASRec seeds reading the
+    history in order (the last ``max_len`` items): a geometric mixture of views that err
+    differently, the set views blind to order, SASRec to everything older than its window. A log-probability is a Bradley-Terry score as it
     stands (Luce's choice rule: P(a over b) = p_a / (p_a + p_b)), so nothing is fitted on
     D_reward; the log n terms make a uniform guess score 0. Columns are the item block (token id
     - ``item_lo``)."""
@@ -450,9 +453,12 @@ class CollaborativeReward(nn.Module):
         item_lo: int,
         pooling: str = "mean",
         views: Optional[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = None,
+        sasrecs: Sequence[SASRec] = (),
+        sasrec_weight: float = 0.0,
     ):
         """``views``: name (``VIEWS``) -> (index, value, weight), an item-item matrix kept sparse as
-        each row's top entries [n_items, k] (row i: the items history item i lends its value to)."""
+        each row's top entries [n_items, k] (row i: the items history item i lends its value to).
+        ``sasrecs``: SASRec models over the same item block (item k is SASRec's k + 1)."""
         super().__init__()
         if pooling not in REWARD_POOLINGS:
             raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
@@ -466,6 +472,7 @@ class CollaborativeReward(nn.Module):
         for name, (index, value, _) in (views or {}).items():
             self.register_buffer(f"{name}_index", index.long(), persistent=False)
             self.register_buffer(f"{name}_value", value.float(), persistent=False)
+        self.sasrecs, self.sasrec_weight = nn.ModuleList(sasrecs), float(sasrec_weight) if sasrecs else 0.0
 
     def _items(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         block = input_ids - self.item_lo
@@ -482,6 +489,19 @@ class CollaborativeReward(nn.Module):
         s = s.clamp(min=1e-12)
         return (s / s.sum(1, keepdim=True)).log()
 
+    def _sasrec_logp(self, block, history) -> torch.Tensor:
+        """The SASRec seeds' mean log-softmax after each row's history items, taken in their order
+        (the last ``max_len``), as ``pagellm.eval.baselines.sasrec_scores`` reads a user."""
+        length, width = history.sum(1), block.shape[1]
+        first = torch.argsort((~history).to(torch.int8), dim=1, stable=True)  # history positions first, in order
+        seq = torch.where(torch.arange(width, device=block.device) < length[:, None], block.gather(1, first) + 1, 0)
+        keep = self.sasrecs[0].max_len
+        seq = F.pad(seq, (0, max(0, keep - width)))
+        start = (length - keep).clamp(min=0)
+        seq = seq.gather(1, start[:, None] + torch.arange(keep, device=block.device))
+        lengths = length.clamp(min=1, max=keep)
+        return torch.stack([m(seq, lengths).log_softmax(-1) for m in self.sasrecs]).mean(0)
+
     def _block_logp(self, block, history) -> torch.Tensor:
         rows = torch.arange(len(block), device=block.device)[:, None].expand_as(block)
         x = torch.zeros(len(block), self.n_items, device=block.device)
@@ -489,7 +509,10 @@ class CollaborativeReward(nn.Module):
         logp = torch.stack([vae(x)[0].log_softmax(-1) for vae in self.vaes]).mean(0)
         for name, weight in self.view_weights.items():
             logp = logp + weight * self._view_logq(name, block, history)
-        return logp + (1.0 + sum(self.view_weights.values())) * math.log(self.n_items)
+        if self.sasrec_weight:
+            logp = logp + self.sasrec_weight * self._sasrec_logp(block, history)
+        total = 1.0 + sum(self.view_weights.values()) + self.sasrec_weight
+        return logp + total * math.log(self.n_items)
 
     def block_scores(self, input_ids, attention_mask) -> torch.Tensor:
         """[B, n_items] log(n p(item | every item token of the row)): each item's score as the
@@ -517,6 +540,7 @@ class CollaborativeReward(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"vaes.{k}": v for k, v in self.vaes.state_dict().items()}
+        tensors.update({f"sasrecs.{k}": v for k, v in self.sasrecs.state_dict().items()})
         for name in self.view_weights:
             tensors.update(
                 {f"{name}.index": getattr(self, f"{name}_index").int(), f"{name}.value": getattr(self, f"{name}_value")}
@@ -527,6 +551,8 @@ class CollaborativeReward(nn.Module):
         meta.update(n_items=self.n_items, hidden=hidden, latent=latent, vaes=len(self.vaes))
         for name, weight in self.view_weights.items():
             meta.update({f"{name}_weight": weight, f"{name}_neighbours": getattr(self, f"{name}_index").shape[1]})
+        if self.sasrec_weight:
+            meta.update(sasrecs=len(self.sasrecs), sasrec_weight=self.sasrec_weight, sasrec_shape=self.sasrecs[0].shape)
         (directory / REWARD_META_FILE).write_text(json.dumps(meta))
 
     @classmethod
@@ -546,7 +572,13 @@ class CollaborativeReward(nn.Module):
             for name in cls.VIEWS
             if meta.get(f"{name}_weight")
         }
-        return cls(list(vaes), meta["item_lo"], meta["pooling"], views).eval()
+        sasrecs = nn.ModuleList(
+            [SASRec(meta["n_items"], **meta["sasrec_shape"]) for _ in range(meta.get("sasrecs", 0))]
+        )
+        sasrecs.load_state_dict({k[len("sasrecs.") :]: v for k, v in tensors.items() if k.startswith("sasrecs.")})
+        return cls(
+            list(vaes), meta["item_lo"], meta["pooling"], views, list(sasrecs), meta.get("sasrec_weight", 0.0)
+        ).eval()
 
 
 def load_reward_head(directory: str | Path) -> RewardModel | CollaborativeReward:

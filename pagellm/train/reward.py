@@ -206,6 +206,7 @@ def plot_reward_curves(logs: dict[str, list[dict]], path: Path) -> None:
 # candidates for the weight of each item-item view in R_f, chosen jointly; 0 leaves the view out
 KNN_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0)  # reward.fine_itemknn
 EASE_WEIGHTS = (0.0, 0.35, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)  # reward.fine_ease
+SASREC_WEIGHTS = (0.0, 0.35, 0.7, 1.0, 1.5, 2.0, 3.0)  # reward.fine_sasrecs
 # EASE weights kept per item (largest magnitudes): 78 MB for MovieLens's 9.7k items; EASE alone
 # reads validation NDCG@100 0.1883 with them, 0.1895 dense, 0.1856 with 400
 EASE_ENTRIES = 1000
@@ -226,8 +227,9 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     """R_f of ``reward.fine_model=multivae``: ``reward.fine_vaes`` Multi-VAEs fitted on the training
     positives as the compare report fits its baseline (best epoch on validation NDCG@100); with
     ``reward.fine_itemknn`` / ``reward.fine_ease`` the item-item views ItemKNN (its neighbourhood
-    chosen as the baseline's) and EASE (its L2 penalty chosen as the baseline's), their weights
-    the best pair of R_f's validation NDCG@100. Columns are the policy's item block. Written to
+    chosen as the baseline's) and EASE (its L2 penalty chosen as the baseline's), and with
+    ``reward.fine_sasrecs`` that many SASRec seeds (trained as the baseline), their weights the
+    best combination of R_f's validation NDCG@100. Columns are the policy's item block. Written to
     ``out`` (``CollaborativeReward``)."""
     import itertools
 
@@ -240,6 +242,7 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
         load_protocol,
         reindexed,
         train_multivae,
+        train_sasrec,
         validation_ndcg,
     )
 
@@ -249,12 +252,14 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     # when it ends, its best validation epoch, as the Ray Train fits print a line per epoch
     budget = {"patience": cfg.eval.baseline_patience, "progress": False, **epochs}
     vaes = [train_multivae(val, seed=cfg.train.seed + k, val=val, **budget) for k in range(cfg.reward.fine_vaes)]
+    sasrecs = [train_sasrec(val, seed=cfg.train.seed + k, val=val, **budget) for k in range(cfg.reward.fine_sasrecs)]
     lo, pooling = vocab.item_id_range[0], cfg.reward.fine_pooling
     prompts = [[lo + j for j in history] for history in val.users.history]
 
-    def prompt_scores(views: dict) -> torch.Tensor:
+    def prompt_scores(views: dict, sasrec_weight: float = 0.0) -> torch.Tensor:
         with torch.no_grad():
-            return CollaborativeReward(vaes, lo, pooling, views).prompt_scores(prompts, vocab.pad_id)
+            head = CollaborativeReward(vaes, lo, pooling, views, sasrecs, sasrec_weight)
+            return head.prompt_scores(prompts, vocab.pad_id)
 
     base = prompt_scores({})
     selection = {
@@ -272,24 +277,31 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
         selection.update(ease_l2=l2, ease_entries=sparse["ease"][0].shape[1])
     # R_f is linear in each view's log-scores, so every weight pair is scored from one pass per view
     offsets = {name: prompt_scores({name: (*sparse[name], 1.0)}) - base for name in sparse}
+    if sasrecs:
+        offsets["sasrec"], grids["sasrec"] = prompt_scores({}, 1.0) - base, SASREC_WEIGHTS
+        selection["sasrec_epochs"] = [m.selection.best_epoch for m in sasrecs]
     scored = {
-        weights: validation_ndcg((base + sum(w * offsets[n] for n, w in zip(sparse, weights))).numpy(), val)
+        weights: validation_ndcg((base + sum(w * offsets[n] for n, w in zip(grids, weights))).numpy(), val)
         for weights in itertools.product(*grids.values())
     }
-    chosen = max(scored, key=scored.get)
-    head = CollaborativeReward(vaes, lo, pooling, {n: (*sparse[n], w) for n, w in zip(sparse, chosen) if w})
+    chosen = dict(zip(grids, max(scored, key=scored.get)))
+    views = {n: (*sparse[n], chosen[n]) for n in sparse if chosen[n]}
+    sasrec_weight = chosen.get("sasrec", 0.0)
+    head = CollaborativeReward(vaes, lo, pooling, views, sasrecs if sasrec_weight else (), sasrec_weight)
     head.save_pretrained(out)
     with torch.no_grad():  # the saved head's own score (the grid's sums may round differently)
         ndcg = validation_ndcg(head.prompt_scores(prompts, vocab.pad_id).numpy(), val)
-    selection.update({f"{n}_weight": w for n, w in zip(sparse, chosen)})
-    if sparse:
-        selection["view_weights_ndcg"] = {" ".join(f"{n}={w}" for n, w in zip(sparse, k)): v for k, v in scored.items()}
+    selection.update({f"{n}_weight": w for n, w in chosen.items()})
+    if grids:
+        selection["view_weights_ndcg"] = {" ".join(f"{n}={w}" for n, w in zip(grids, k)): v for k, v in scored.items()}
     # one console line, as the Ray Train fits print one per epoch (EpochLines)
     parts = f"{len(vaes)} Multi-VAE{'s' if len(vaes) > 1 else ''}"
     if "knn" in sparse:
         parts += f" + {selection['knn_weight']} x ItemKNN ({selection['knn_neighbours']} neighbours)"
     if "ease" in sparse:
         parts += f" + {selection['ease_weight']} x EASE (L2 {selection['ease_l2']:g})"
+    if sasrecs:
+        parts += f" + {selection['sasrec_weight']} x {len(sasrecs)} SASRec{'s' if len(sasrecs) > 1 else ''}"
     print(f"  reward_fine: {parts}, validation NDCG@100 {ndcg:.4f}", flush=True)
     return {"valid_ndcg@100": ndcg, **selection}
 
