@@ -376,7 +376,11 @@ def run_reward(
         running = {kind: pool.submit(fit_head, kind) for kind in lm_kinds}
     fit_metrics = {kind: job.result() for kind, job in running.items()}
     if cfg.reward.fine_model == "multivae":
-        fit_metrics["fine"] = fit_collaborative_fine(cfg, data.root, codec.vocab, out / "fine")
+        from pagellm.eval.baselines import torch_threads
+
+        # the driver fits these alone, after the LM heads: every core, as the report's baselines
+        with torch_threads(cfg.ray.cores()):
+            fit_metrics["fine"] = fit_collaborative_fine(cfg, data.root, codec.vocab, out / "fine")
 
     test = datasets["test"]
     margins, heads = {}, {kind: load_reward_head(out / kind) for kind in KINDS}
