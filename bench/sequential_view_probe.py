@@ -12,11 +12,11 @@ w is chosen on validation (the grid below); test pairs each row with ``policy`` 
 ``--compare``, the report's ``--bar`` model. SASRec is trained as the compare report trains it
 (``train_sasrec``: best epoch on validation NDCG@100); every seen item is masked.
 
-Exact commands behind docs/results/amazon2014/sequential_view.{json,png} (repository root, venv on):
+Exact commands behind docs/results/amazon2014/sequential_view/probe.{json,png} (repository root, venv on):
 
     OMP_NUM_THREADS=1 python bench/sequential_view_probe.py --data runs/amz/run_m3/data \\
         --policy runs/amz/run_m3/ppo/policy --compare docs/results/amazon2014/compare/users.parquet \\
-        --bar 'recbole:SASRec [compare_seq_seeds]' --out docs/results/amazon2014/sequential_view.json
+        --bar 'recbole:SASRec [compare_seq_seeds]' --out docs/results/amazon2014/sequential_view/probe.json
 """
 
 from __future__ import annotations

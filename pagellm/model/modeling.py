@@ -438,9 +438,9 @@ class CollaborativeReward(nn.Module):
     item-item view (ItemKNN's similarities, EASE's weights), its weight x the log of its scores
     normalised to sum 1, plus ``sasrec_weight`` x the mean log-softmax of SASRec seeds reading the
     history in order (the last ``max_len`` items): a geometric mixture of views that err
-    differently, the set views blind to order, SASRec to everything older than its window. A log-probability is a Bradley-Terry score as it
-    stands (Luce's choice rule: P(a over b) = p_a / (p_a + p_b)), so nothing is fitted on
-    D_reward; the log n terms make a uniform guess score 0. Columns are the item block (token id
+    differently, the set views blind to order, SASRec to everything older than its window. A
+    log-probability is a Bradley-Terry score as it stands (Luce's choice rule: P(a over b) =
+    p_a / (p_a + p_b)), so nothing is fitted on D_reward; the log n terms make a uniform guess score 0. Columns are the item block (token id
     - ``item_lo``)."""
 
     kind = "fine"
@@ -472,7 +472,9 @@ class CollaborativeReward(nn.Module):
         for name, (index, value, _) in (views or {}).items():
             self.register_buffer(f"{name}_index", index.long(), persistent=False)
             self.register_buffer(f"{name}_value", value.float(), persistent=False)
-        self.sasrecs, self.sasrec_weight = nn.ModuleList(sasrecs), float(sasrec_weight) if sasrecs else 0.0
+        # a weight of 0 leaves the sequential view out (and its models unsaved)
+        self.sasrec_weight = float(sasrec_weight) if sasrecs else 0.0
+        self.sasrecs = nn.ModuleList(sasrecs if self.sasrec_weight else [])
 
     def _items(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         block = input_ids - self.item_lo

@@ -287,7 +287,7 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     chosen = dict(zip(grids, max(scored, key=scored.get)))
     views = {n: (*sparse[n], chosen[n]) for n in sparse if chosen[n]}
     sasrec_weight = chosen.get("sasrec", 0.0)
-    head = CollaborativeReward(vaes, lo, pooling, views, sasrecs if sasrec_weight else (), sasrec_weight)
+    head = CollaborativeReward(vaes, lo, pooling, views, sasrecs, sasrec_weight)
     head.save_pretrained(out)
     with torch.no_grad():  # the saved head's own score (the grid's sums may round differently)
         ndcg = validation_ndcg(head.prompt_scores(prompts, vocab.pad_id).numpy(), val)
