@@ -403,7 +403,7 @@ def run_reward(
             k: {
                 m: v
                 for m, v in fm.items()
-                if m.startswith(("train_", "valid_", "epoch", "step", "vae", "knn_", "ease_", "view_"))
+                if m.startswith(("train_", "valid_", "epoch", "step", "vae", "knn_", "ease_", "sasrec_", "view_"))
             }
             for k, fm in fit_metrics.items()
         },
