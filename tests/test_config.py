@@ -164,6 +164,7 @@ def test_every_shipped_config_loads(name):
         assert cfg.eval.page_mode == "generate" and cfg.model.user_tokens and cfg.sft.next_item_epochs == 0
         assert cfg.reward.fine_model == "lm" and cfg.ppo.fine_objective == "sampled" and cfg.ppo.fine_weight == 1.0
         assert cfg.reward.fine_vaes == 1 and not cfg.reward.fine_itemknn and not cfg.reward.fine_ease
+        assert cfg.reward.fine_sasrecs == 0
 
 
 def _numeric_fields(cls=PageLLMConfig, prefix=""):
