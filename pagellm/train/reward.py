@@ -252,7 +252,11 @@ def fit_collaborative_fine(cfg: PageLLMConfig, data_dir: Path, vocab, out: Path)
     # when it ends, its best validation epoch, as the Ray Train fits print a line per epoch
     budget = {"patience": cfg.eval.baseline_patience, "progress": False, **epochs}
     vaes = [train_multivae(val, seed=cfg.train.seed + k, val=val, **budget) for k in range(cfg.reward.fine_vaes)]
-    sasrecs = [train_sasrec(val, seed=cfg.train.seed + k, val=val, **budget) for k in range(cfg.reward.fine_sasrecs)]
+    batch = cfg.reward.fine_sasrec_batch_size
+    sasrecs = [
+        train_sasrec(val, seed=cfg.train.seed + k, val=val, batch_size=batch, **budget)
+        for k in range(cfg.reward.fine_sasrecs)
+    ]
     lo, pooling = vocab.item_id_range[0], cfg.reward.fine_pooling
     prompts = [[lo + j for j in history] for history in val.users.history]
 
