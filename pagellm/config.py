@@ -430,7 +430,8 @@ class RewardConfig:
     fine_sasrecs: int = opt(
         0,
         "with fine_model=multivae: SASRec seeds (train.seed, train.seed + 1, ...; trained as the sasrec "
-        "baseline) whose mean log-softmax after the history read in order joins R_f, its weight chosen "
+        "baseline, on fine_sasrec_batch_size targets a step) whose mean log-softmax after the history "
+        "read in order joins R_f, its weight chosen "
         "jointly with ItemKNN's and EASE's on R_f's own validation NDCG@100; 0 leaves the sequential "
         "view out (ours: the set views are blind to order)",
         ge=0,
