@@ -163,6 +163,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({report['wall_seconds'] / 60:.1f} min)")
         return 0
     if args.kind == "merge":
+        if args.overrides or args.config or args.profile:
+            # nothing is trained again, so a configuration could change nothing: a stray word (a report
+            # directory after --out) would otherwise vanish without a trace
+            extra = [*args.overrides, *(f"--config {c}" for c in args.config or []), *(args.profile or [])]
+            raise ConfigError(
+                f"experiment merge takes no configuration, got {' '.join(extra)!r} (reports go after --reports)"
+            )
         report = run_merge(args.reports, args.out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
         print((Path(args.out) / "compare.md").read_text())
         print(f"wrote {args.out} ({len(report['mean_sd'])} rows from {len(args.reports)} reports)")

@@ -90,6 +90,14 @@ def test_bad_override_exits_2_naming_key(tmp_path):
     assert proc.returncode == 2 and "data.categry_cap" in proc.stderr
 
 
+def test_merge_with_a_stray_word_exits_2_naming_it(tmp_path):
+    """A report directory typed after --out is not a report to merge: exit 2 naming it, no report."""
+    stray = str(tmp_path / "report_b")
+    proc = pagellm("experiment", "merge", "--reports", str(tmp_path / "a"), "--out", str(tmp_path / "m"), stray)
+    assert proc.returncode == 2 and stray in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_sft_on_a_directory_that_is_not_data_output_exits_2(tmp_path):
     proc = pagellm("sft", "--data", str(tmp_path), "--out", str(tmp_path / "sft"))
     assert proc.returncode == 2 and "not a data-stage output" in proc.stderr
