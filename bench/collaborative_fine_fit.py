@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -37,9 +39,7 @@ def main() -> None:
         fit = fit_collaborative_fine(cfg, Path(args.data), load_codec(args.sft).vocab, Path(args.out))
     fit.pop("view_weights_ndcg", None)
     report = {
-        "command": "python bench/collaborative_fine_fit.py "
-        + " ".join([*(f"--config {c}" for c in args.config), *args.overrides])
-        + f" --data {args.data} --sft {args.sft} --out {args.out}",
+        "command": shlex.join(["python", *sys.argv]),
         "fit": fit,
         "seconds": round(time.time() - start, 1),
     }

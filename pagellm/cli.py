@@ -163,13 +163,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({report['wall_seconds'] / 60:.1f} min)")
         return 0
     if args.kind == "merge":
-        if args.overrides or args.config or args.profile:
-            # nothing is trained again, so a configuration could change nothing: a stray word (a report
-            # directory after --out) would otherwise vanish without a trace
-            extra = [*args.overrides, *(f"--config {c}" for c in args.config or []), *(args.profile or [])]
-            raise ConfigError(
-                f"experiment merge takes no configuration, got {' '.join(extra)!r} (reports go after --reports)"
-            )
         report = run_merge(args.reports, args.out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
         print((Path(args.out) / "compare.md").read_text())
         print(f"wrote {args.out} ({len(report['mean_sd'])} rows from {len(args.reports)} reports)")
@@ -404,9 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def verbose(p: argparse.ArgumentParser) -> None:
         # after the command too (`pagellm sft ... -v`); SUPPRESS keeps a `pagellm -v sft` from being reset
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        verbose(p)
         p.add_argument(
             "--profile",
             action="append",
@@ -529,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = kinds.add_parser("merge", help="compare reports made on the same split as one report (checked user by user)")
     q.add_argument("--reports", nargs="+", required=True, metavar="DIR", help="compare report directories")
     q.add_argument("--out", required=True, help="report directory of the merged report")
-    common(q)
+    verbose(q)  # nothing is trained again: no configuration, so a stray word is an error, not an override
     q.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("tune", help="Ray Tune over beta and lambda (the `tune` config section; sweeps in tuning/)")
