@@ -500,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if kind != "ablation":
             q.add_argument(
-                "--baselines", nargs="+", default=["popularity", "itemknn", "bprmf", "sasrec", "multivae", "ease"]
+                "--baselines",
+                nargs="+",
+                default=["popularity", "itemknn", "userknn", "bprmf", "sasrec", "multivae", "ease"],
             )
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--split", choices=("val", "test"), default="test")

@@ -671,7 +671,7 @@ class EvalConfig:
     num_gpus: float = opt(0.0, "GPUs per actor", ge=0.0)
     seed: int = opt(0, "seed of sampled decoding", ge=0)
     report_baselines: list[str] = opt(
-        ["popularity", "itemknn", "multivae", "sasrec", "ease"],
+        ["popularity", "itemknn", "userknn", "multivae", "sasrec", "ease"],
         "in-house baselines (docs/baselines.md; epoch or neighbourhood chosen on validation) that "
         "`pagellm run` scores on the test split beside SFT and PPO in its report",
     )

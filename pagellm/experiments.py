@@ -39,6 +39,7 @@ VARIANTS = {"sft": None, "coarse": "coarse", "fine": "fine", "coarse+fine": "bot
 DETERMINISTIC = {
     "popularity",
     "itemknn",
+    "userknn",
     "ease",
     "recbole:Pop",
     "recbole:ItemKNN",

@@ -20,6 +20,7 @@ from pagellm.eval.baselines import (
     load_protocol,
     pages_from_scores,
     popularity_scores,
+    userknn_scores,
 )
 from pagellm.experiments import run_compare, run_merge
 
@@ -47,6 +48,19 @@ def test_itemknn_cosine_by_hand():
     # item columns: a = {u1, u2, u3}, b = {u1}, c = {u2}: cos(a, b) = 1 / sqrt(3)
     assert sim[0, 1] == pytest.approx(1 / np.sqrt(3)) and sim[1, 2] == 0.0 and sim[0, 0] == 0.0
     assert baseline_pages("itemknn", p, k=1)[1] in (["b"], ["c"])
+
+
+def test_userknn_scores_by_hand_and_leaves_the_user_out():
+    """u3's history {a} against the training users: u1 = {a, b} and u2 = {a, c} at cosine
+    1 / sqrt(2) each, u3's own row (the same {a}) left out. u1's history {a, b}: u2 at 1 / 2, u3 at
+    1 / sqrt(2), u1 itself left out; with one neighbour only u3 counts."""
+    p = toy()
+    scores = userknn_scores(p, neighbours=10)
+    half = 1 / np.sqrt(2)
+    assert scores[1] == pytest.approx([2 * half, half, half, 0.0])
+    assert scores[0] == pytest.approx([0.5 + half, 0.0, 0.5, 0.0])
+    assert baseline_pages("userknn", p, k=1)[0] == ["c"]  # a and b seen; c from u2
+    assert userknn_scores(p, neighbours=1)[0] == pytest.approx([half, 0.0, 0.0, 0.0])
 
 
 def test_ease_weights_solve_the_constrained_ridge_regression(tiny_stages):

@@ -8,6 +8,9 @@ is masked (full ranking over the catalogue). Pages are the top ``k`` items by sc
 popularity  items by their number of training positives
 itemknn     item-item cosine similarity of the training positives (top ``neighbours`` per item);
             a user's score for an item is the sum of its similarities to the user's history
+userknn     user-user cosine similarity of the history to every training user's positives (top
+            ``neighbours``, the user's own row left out); a user's score for an item is the sum
+            of the similarities of the neighbours who have it
 bprmf       matrix factorisation with the BPR loss (Rendle et al., 2009)
 sasrec      self-attentive sequential model (Kang & McAuley, 2018) as RecBole builds it: causal
             Transformer over the positive history, every prefix a sample, full softmax over items
@@ -41,7 +44,7 @@ from pagellm.model.multivae import MultiVAE
 from pagellm.model.sasrec import SASRec, right_pad
 
 log = logging.getLogger(__name__)
-BASELINES = ("popularity", "itemknn", "bprmf", "sasrec", "multivae", "ease")
+BASELINES = ("popularity", "itemknn", "userknn", "bprmf", "sasrec", "multivae", "ease")
 
 
 @dataclass
@@ -123,9 +126,14 @@ def popularity_scores(p: Protocol) -> np.ndarray:
     return np.bincount(p.train_pos.item.to_numpy(), minlength=len(p.items)).astype(np.float64)
 
 
+def _training_users(p: Protocol) -> dict[str, int]:
+    """Row of each user with a training positive in ``_user_item_matrix``."""
+    return {u: k for k, u in enumerate(p.train_pos.user_id.unique())}
+
+
 def _user_item_matrix(p: Protocol, dtype=np.float32) -> np.ndarray:
     """The binary training-positive matrix [users with a positive, items]."""
-    users = {u: k for k, u in enumerate(p.train_pos.user_id.unique())}
+    users = _training_users(p)
     x = np.zeros((len(users), len(p.items)), dtype=dtype)
     x[p.train_pos.user_id.map(users).to_numpy(), p.train_pos.item.to_numpy()] = 1.0
     return x
@@ -141,6 +149,28 @@ def itemknn_similarity(p: Protocol, neighbours: int = 100) -> np.ndarray:
         cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
         sim = np.where(sim >= cut, sim, 0.0)
     return sim
+
+
+def userknn_scores(p: Protocol, neighbours: int = 100) -> np.ndarray:
+    """Scores [users of ``p``, items]: each user's history (binary) against every training user's
+    positives by cosine, the ``neighbours`` most similar kept (not the user's own training row,
+    whose items the history already holds), and an item's score the sum of the similarities of
+    the kept neighbours who have it."""
+    x = _user_item_matrix(p)
+    history = np.zeros((len(p.users), len(p.items)), dtype=np.float32)
+    for r, h in enumerate(p.users.history):
+        history[r, h] = 1.0
+    sim = (history / np.sqrt(np.maximum(history.sum(1, keepdims=True), 1.0))) @ (
+        x / np.sqrt(np.maximum(x.sum(1, keepdims=True), 1.0))
+    ).T
+    own = _training_users(p)
+    rows = [(r, own[u]) for r, u in enumerate(p.users.user_id) if u in own]
+    if rows:
+        sim[tuple(zip(*rows))] = 0.0
+    if neighbours < sim.shape[1]:
+        cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
+        sim = np.where(sim >= cut, sim, 0.0)
+    return sim @ x
 
 
 def _item_item_scores(sim: np.ndarray, q: Protocol) -> np.ndarray:
@@ -171,7 +201,7 @@ def ease_weights(p: Protocol, l2: float) -> np.ndarray:
 
 def validation_ndcg(scores: np.ndarray, val: Protocol, k: int = 100) -> float:
     """Mean NDCG@k of full-ranking pages from ``scores`` [val users, items] on the validation
-    split: the number every trained baseline selects its epoch (or ItemKNN its neighbourhood) by."""
+    split: the number every trained baseline selects its epoch (or ItemKNN, UserKNN their neighbourhood) by."""
     return float(
         np.mean(
             [
@@ -424,6 +454,14 @@ def best_itemknn_neighbours(p: Protocol, val: Protocol) -> int:
     return neighbours
 
 
+def best_userknn_neighbours(val: Protocol) -> int:
+    """The ``ITEMKNN_NEIGHBOURS`` size whose UserKNN (the training positives, read from ``val``,
+    the validation split's protocol) scores best on validation NDCG@100."""
+    neighbours = max(ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(userknn_scores(val, n), val))
+    log.info("userknn: %d neighbours (best validation NDCG@100)", neighbours)
+    return neighbours
+
+
 EASE_L2 = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)  # candidates when a validation protocol is given
 
 
@@ -445,7 +483,7 @@ def baseline_scores(
     """Scores [users of ``p``, items] of one baseline. With ``val`` (the validation split's
     protocol) trained baselines keep their best epoch by validation NDCG@100 (stopping after
     ``patience`` epochs without a better one, at most ``epochs``, 0: the model's own default) and
-    ItemKNN its neighbourhood size, EASE its L2 penalty that score best there; without it, the
+    ItemKNN and UserKNN their neighbourhood size, EASE its L2 penalty that score best there; without it, the
     fixed defaults (every epoch, 100 neighbours, L2 500)."""
     budget = {"patience": patience, **({"epochs": epochs} if epochs else {})}
     if name == "popularity":
@@ -453,6 +491,8 @@ def baseline_scores(
     if name == "itemknn":
         neighbours = best_itemknn_neighbours(p, val) if val is not None else 100
         return _item_item_scores(itemknn_similarity(p, neighbours), p)
+    if name == "userknn":
+        return userknn_scores(p, best_userknn_neighbours(val) if val is not None else 100)
     if name == "ease":
         weights = best_ease(p, val)[1] if val is not None else ease_weights(p, 500.0)
         return _item_item_scores(weights, p)
