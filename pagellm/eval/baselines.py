@@ -145,32 +145,40 @@ def itemknn_similarity(p: Protocol, neighbours: int = 100) -> np.ndarray:
     norms = np.sqrt(x.sum(0)) + 1e-12
     sim = (x.T @ x) / norms[:, None] / norms[None, :]
     np.fill_diagonal(sim, 0.0)
-    if neighbours < sim.shape[1]:
-        cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
-        sim = np.where(sim >= cut, sim, 0.0)
-    return sim
+    return _nearest(sim, neighbours)
 
 
-def userknn_scores(p: Protocol, neighbours: int = 100) -> np.ndarray:
-    """Scores [users of ``p``, items]: each user's history (binary) against every training user's
-    positives by cosine, the ``neighbours`` most similar kept (not the user's own training row,
-    whose items the history already holds), and an item's score the sum of the similarities of
-    the kept neighbours who have it."""
+def _nearest(sim: np.ndarray, neighbours: int) -> np.ndarray:
+    """``sim`` with each row's ``neighbours`` largest entries kept (ties at the cut kept too), 0 elsewhere."""
+    if neighbours >= sim.shape[1]:
+        return sim
+    cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
+    return np.where(sim >= cut, sim, 0.0)
+
+
+def _userknn_similarity(p: Protocol) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of each user's history (binary) against every training user's positives [users of
+    ``p``, training users], the user's own training row 0 (its items the history already holds),
+    and the training matrix the neighbours' items come from."""
     x = _user_item_matrix(p)
-    history = np.zeros((len(p.users), len(p.items)), dtype=np.float32)
-    for r, h in enumerate(p.users.history):
-        history[r, h] = 1.0
-    sim = (history / np.sqrt(np.maximum(history.sum(1, keepdims=True), 1.0))) @ (
-        x / np.sqrt(np.maximum(x.sum(1, keepdims=True), 1.0))
-    ).T
+    history = _binary_rows(list(p.users.history), len(p.items)).numpy()
+
+    def unit(m: np.ndarray) -> np.ndarray:  # binary rows to unit length
+        return m / np.sqrt(np.maximum(m.sum(1, keepdims=True), 1.0))
+
+    sim = unit(history) @ unit(x).T
     own = _training_users(p)
     rows = [(r, own[u]) for r, u in enumerate(p.users.user_id) if u in own]
     if rows:
         sim[tuple(zip(*rows))] = 0.0
-    if neighbours < sim.shape[1]:
-        cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
-        sim = np.where(sim >= cut, sim, 0.0)
-    return sim @ x
+    return sim, x
+
+
+def userknn_scores(p: Protocol, neighbours: int = 100) -> np.ndarray:
+    """Scores [users of ``p``, items]: the ``neighbours`` training users most similar to each user
+    (``_userknn_similarity``), an item's score the sum of the similarities of those who have it."""
+    sim, x = _userknn_similarity(p)
+    return _nearest(sim, neighbours) @ x
 
 
 def _item_item_scores(sim: np.ndarray, q: Protocol) -> np.ndarray:
@@ -457,7 +465,8 @@ def best_itemknn_neighbours(p: Protocol, val: Protocol) -> int:
 def best_userknn_neighbours(val: Protocol) -> int:
     """The ``ITEMKNN_NEIGHBOURS`` size whose UserKNN (the training positives, read from ``val``,
     the validation split's protocol) scores best on validation NDCG@100."""
-    neighbours = max(ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(userknn_scores(val, n), val))
+    sim, x = _userknn_similarity(val)  # once for every candidate size
+    neighbours = max(ITEMKNN_NEIGHBOURS, key=lambda n: validation_ndcg(_nearest(sim, n) @ x, val))
     log.info("userknn: %d neighbours (best validation NDCG@100)", neighbours)
     return neighbours
 
