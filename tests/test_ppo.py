@@ -25,15 +25,21 @@ from pagellm.rl.ppo import run_ppo
 PPO_QUICK = ["ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.eval_max_users=24", "ppo.lr=1e-4", "ppo.critic_lr=1e-4"]
 
 
-def test_ppo_with_sharded_role_actors(tiny_stages, tmp_path):
+def test_ppo_with_sharded_role_actors_validates_as_pagellm_evaluate(tiny_stages, tmp_path):
+    """Two policy and two critic workers (dense reward placement, k3 KL) train and log every
+    statistic; the logged validation metrics are `pagellm evaluate --split val` of the same
+    weights: the SFT policy at iteration 0, the saved checkpoint at iteration 2 (one protocol, one
+    code path, whichever replica wrote the pages)."""
     root = tiny_stages["root"]
     cfg = load_config(
         overrides=[
             *tiny_stages["overrides"],
             *PPO_QUICK,
-            "ppo.max_iterations=3",
-            "ppo.eval_every=3",
-            "ppo.checkpoint_every=3",
+            "ppo.eval_max_users=null",
+            "eval.page_items=20",
+            "ppo.max_iterations=2",
+            "ppo.eval_every=2",
+            "ppo.checkpoint_every=2",
             "ppo.policy.num_workers=2",
             "ppo.critic.num_workers=2",
             "ppo.policy.num_cpus=0.2",
@@ -42,9 +48,10 @@ def test_ppo_with_sharded_role_actors(tiny_stages, tmp_path):
             "ppo.kl_estimator=k3",
         ]
     )
-    last = run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [0, 1, 2, 3]
+    out = tmp_path / "ppo"
+    last = run_ppo(cfg, root / "data", root / "sft", root / "reward", out)
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [0, 1, 2]
     for key in (
         "reward_coarse",
         "reward_fine",
@@ -63,33 +70,17 @@ def test_ppo_with_sharded_role_actors(tiny_stages, tmp_path):
     assert all(r["kl"] >= 0 for r in records[1:])  # k3 is never negative
     assert records[-1]["time_sync"] > 0  # two policy replicas were compared after each update
     assert "val_ndcg@100" in records[0] and "val_ndcg@100" in last and "holdout_reward_total" in last
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy")
     sft = AutoModelForCausalLM.from_pretrained(root / "sft")
     moved = sum((a - b).abs().sum().item() for a, b in zip(policy.parameters(), sft.parameters()))
     assert moved > 0, "the policy was updated"
-    assert (tmp_path / "policy" / "tokenizer.json").exists() and (tmp_path / "ppo_curves.png").stat().st_size > 0
-    state = json.loads((tmp_path / "checkpoints" / "iter_000003" / "state.json").read_text())
-    assert state["iteration"] == 3 and state["normalizer"]["count"] == 3 * 16
+    assert (out / "policy" / "tokenizer.json").exists() and (out / "ppo_curves.png").stat().st_size > 0
+    state = json.loads((out / "checkpoints" / "iter_000002" / "state.json").read_text())
+    assert state["iteration"] == 2 and state["normalizer"]["count"] == 2 * 16
 
-
-def test_ppo_validation_equals_pagellm_evaluate_on_the_checkpoint(tiny_stages, tmp_path):
-    """The logged validation metrics are `pagellm evaluate --split val` of the same weights: the
-    SFT policy at iteration 0, the saved checkpoint at iteration 2 (one protocol, one code path)."""
-    root = tiny_stages["root"]
-    overrides = [
-        *tiny_stages["overrides"],
-        *PPO_QUICK,
-        "ppo.eval_max_users=null",
-        "eval.page_items=20",
-        "ppo.max_iterations=2",
-        "ppo.eval_every=2",
-        "ppo.checkpoint_every=2",
-    ]
-    cfg = load_config(overrides=overrides)
-    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path / "ppo")
-    logged = {r["iteration"]: r for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl") if "val_ndcg@100" in r}
+    logged = {r["iteration"]: r for r in records if "val_ndcg@100" in r}
     assert sorted(logged) == [0, 2]
-    for iteration, model in ((0, root / "sft"), (2, tmp_path / "ppo" / "checkpoints" / "iter_000002" / "policy")):
+    for iteration, model in ((0, root / "sft"), (2, out / "checkpoints" / "iter_000002" / "policy")):
         evaluated = run_evaluate(cfg, model, root / "data", "val", tmp_path / f"eval_{iteration}")
         assert logged[iteration]["val_users"] == evaluated["users"] > 100
         for key in METRICS:
@@ -364,11 +355,14 @@ def test_ablation_pairs_each_variant_with_sft_and_both_heads_and_rebuilds_its_re
         run_ablation(*args, tmp_path, [0, 1], report_only=True)
 
 
-def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_stages, tmp_path):
+def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_stages, tmp_path, caplog):
     """sft.members=2: SFT trains two LMs (seeds train.seed and train.seed + 1) into
-    SFT_DIR/members/k; SFT_DIR ranks with their mean log-softmax, and the validation NDCG@100 that
-    metrics.json gives it is `pagellm evaluate`'s. PPO trains the ensemble as one policy: both
-    members move, and PPO_DIR/policy is an ensemble again."""
+    SFT_DIR/members/k, side by side on a Ray with the CPUs for both; SFT_DIR ranks with their mean
+    log-softmax, and the validation NDCG@100 that metrics.json gives it is `pagellm evaluate`'s.
+    PPO trains the ensemble as one policy: both members move, and PPO_DIR/policy is an ensemble
+    again."""
+    import logging
+
     from safetensors.torch import load_file
 
     from pagellm.model.ensemble import lm_dirs
@@ -387,7 +381,9 @@ def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_
     ]
     cfg = load_config(overrides=overrides)
     sft_dir = tmp_path / "sft"
-    metrics = run_sft(cfg, root / "data", sft_dir)
+    with caplog.at_level(logging.INFO, logger="pagellm.train.sft"):
+        metrics = run_sft(cfg, root / "data", sft_dir)
+    assert "SFT: 2 members side by side" in caplog.messages  # two 1-worker fits on the session's 2 CPUs
     members = lm_dirs(sft_dir)
     assert members == [sft_dir / "members" / "0", sft_dir / "members" / "1"]
     assert [m["golden_ft"]["epoch"] for m in metrics["members"]] == [1, 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -24,6 +25,10 @@ from pagellm.errors import ConfigError
 from pagellm.model.multivae import MultiVAE
 from pagellm.model.sasrec import SASRec
 from pagellm.model.vocab import Vocab
+
+# torch's global generator is one per process: fits side by side (``train.side_by_side``) build
+# their models from driver threads, and a seed set by one thread must not be drawn from by another
+GLOBAL_RNG = threading.Lock()
 
 RATING_HEAD_FILE = "rating_head.safetensors"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -64,7 +69,7 @@ def cooccurrence_item_vectors(user_items: Iterable[np.ndarray], n_items: int, di
         check_invariants=True,
     ).coalesce()
     rank = min(dim, n_items)
-    with torch.random.fork_rng():  # svd_lowrank draws its sketch from the global generator
+    with GLOBAL_RNG, torch.random.fork_rng():  # svd_lowrank draws its sketch from the global generator
         torch.manual_seed(seed)
         u, s, _ = torch.svd_lowrank(matrix, q=rank, niter=4)
     out[:, :rank] = (u * s.sqrt()).numpy()
@@ -89,41 +94,42 @@ def build_lm(
     resized embeddings, or the embedded small GPT-2; optional LoRA (base frozen). New rows are
     P5-initialised; ``item_vectors`` (one row per item token, ``collaborative_item_vectors``)
     then replace the item rows that are not zero, rescaled to the P5 rows' std."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    if model_cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=model_cfg.max_seq_len,
-            n_embd=model_cfg.n_embd,
-            n_layer=model_cfg.n_layer,
-            n_head=model_cfg.n_head,
-            resid_pdrop=model_cfg.dropout,
-            embd_pdrop=model_cfg.dropout,
-            attn_pdrop=model_cfg.dropout,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    p5_init_new_embeddings(model, base_size, gen)
-    if item_vectors is not None:
-        lo, hi = Vocab.from_tokenizer(tokenizer).item_id_range
-        weight, vectors = model.get_input_embeddings().weight, torch.as_tensor(item_vectors, dtype=torch.float32)
-        known = vectors.norm(dim=1) > 0
-        if len(vectors) != hi - lo:
-            raise ValueError(f"item_vectors has {len(vectors)} rows for {hi - lo} item tokens")
-        if known.any():
-            with torch.no_grad():
-                std = weight[base_size:].float().std()
-                block = weight[lo:hi]
-                block[known] = (vectors[known] * (std / vectors[known].std())).to(weight.dtype)
-    if model_cfg.lora_rank > 0:
-        model = apply_lora(model, model_cfg, list(range(base_size, len(tokenizer))))
-    return model
+    with GLOBAL_RNG:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        if model_cfg.name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        else:
+            config = GPT2Config(
+                vocab_size=len(tokenizer),
+                n_positions=model_cfg.max_seq_len,
+                n_embd=model_cfg.n_embd,
+                n_layer=model_cfg.n_layer,
+                n_head=model_cfg.n_head,
+                resid_pdrop=model_cfg.dropout,
+                embd_pdrop=model_cfg.dropout,
+                attn_pdrop=model_cfg.dropout,
+                bos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            model = GPT2LMHeadModel(config)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        p5_init_new_embeddings(model, base_size, gen)
+        if item_vectors is not None:
+            lo, hi = Vocab.from_tokenizer(tokenizer).item_id_range
+            weight, vectors = model.get_input_embeddings().weight, torch.as_tensor(item_vectors, dtype=torch.float32)
+            known = vectors.norm(dim=1) > 0
+            if len(vectors) != hi - lo:
+                raise ValueError(f"item_vectors has {len(vectors)} rows for {hi - lo} item tokens")
+            if known.any():
+                with torch.no_grad():
+                    std = weight[base_size:].float().std()
+                    block = weight[lo:hi]
+                    block[known] = (vectors[known] * (std / vectors[known].std())).to(weight.dtype)
+        if model_cfg.lora_rank > 0:
+            model = apply_lora(model, model_cfg, list(range(base_size, len(tokenizer))))
+        return model
 
 
 # the attention projections LoRA adapts by default, per Hugging Face model_type (the LoRA paper's q, v)

@@ -368,9 +368,12 @@ def train_loop(config: dict) -> None:
 
 
 def fits_side_by_side(train_cfg: TrainConfig, fits: int) -> bool:
-    """Whether the cluster has the CPUs (and GPUs) for ``fits`` worker groups at once now."""
+    """Whether ``fits`` worker groups run at once: ``train.side_by_side`` and the cluster has the
+    CPUs (and GPUs) for all of them now."""
     import ray
 
+    if not train_cfg.side_by_side or fits < 2:
+        return False
     free = ray.available_resources()
     need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker * fits}
     if train_cfg.use_gpu:

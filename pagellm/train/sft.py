@@ -9,9 +9,11 @@ under SFT_DIR/members/ (``pagellm.model.ensemble``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -36,7 +38,7 @@ from pagellm.model.modeling import (
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer
 from pagellm.outputs import figure, read_jsonl
-from pagellm.train.loop import FitSpec, fit
+from pagellm.train.loop import FitSpec, fit, fits_side_by_side
 
 log = logging.getLogger(__name__)
 META_DIR, NEXT_ITEM_DIR, SFT_LOGS = "meta", "next_item", "logs"
@@ -491,18 +493,27 @@ def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage
     """``sft.members`` > 1: the whole SFT once per member, ``train.seed`` + k, each into
     OUT/members/k (a policy directory of its own; from ``pretrained``'s member k under Tune),
     then OUT becomes their ensemble (``pagellm.model.ensemble``); metrics.json holds each
-    member's and the ensemble's validation NDCG@100 (the fits' own measure)."""
+    member's and the ensemble's validation NDCG@100 (the fits' own measure). Members train side by
+    side when the cluster holds all their worker groups (``train.side_by_side``): each member's
+    fits are its own, so only their start-up, shut-down and driver work overlap the others'."""
     from pagellm.model.ensemble import MEMBERS_DIR, member_dir, write_ensemble_meta
 
     write_config(cfg, out)
-    members = []
-    for k in range(cfg.sft.members):
+    together = fits_side_by_side(cfg.train, cfg.sft.members)
+    log.info("SFT: %d members %s", cfg.sft.members, "side by side" if together else "one after the other")
+
+    def train_member(k: int) -> dict:
         seed = cfg.train.seed + k
         log.info("SFT member %d of %d (train.seed %d)", k + 1, cfg.sft.members, seed)
         member_cfg = replace(cfg, train=replace(cfg.train, seed=seed), sft=replace(cfg.sft, members=1))
         storage = f"{storage_path}/{MEMBERS_DIR}/{k}" if storage_path else None
         source = member_dir(pretrained, k) if pretrained else None
-        members.append(_train_policy(member_cfg, data, tokenizer, member_dir(out, k), storage, source))
+        # a fast tokenizer is not safe to call from two threads at once: each member its own copy
+        own = copy.deepcopy(tokenizer) if together else tokenizer
+        return _train_policy(member_cfg, data, own, member_dir(out, k), storage, source)
+
+    with ThreadPoolExecutor(max_workers=cfg.sft.members if together else 1) as pool:
+        members = list(pool.map(train_member, range(cfg.sft.members)))
     tokenizer.save_pretrained(out)
     write_ensemble_meta(out, cfg.sft.members)
     return ensemble_metrics(cfg, data, out, members)
