@@ -89,6 +89,11 @@ def test_ppo_with_sharded_role_actors_validates_as_pagellm_evaluate(tiny_stages,
 
 
 def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_path):
+    """`pagellm ppo` killed (SIGKILL, with everything it started) after its first checkpoint, then
+    run again with --resume on the same cluster (the session's Ray, joined as `ray job submit`
+    joins one: its actors die with the driver's job, the cluster stays)."""
+    import ray
+
     root = tiny_stages["root"]
     args = [
         sys.executable,
@@ -108,10 +113,8 @@ def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_pat
         "ppo.max_iterations=4",
         "ppo.checkpoint_every=2",
         "ppo.eval_every=100",
-        "ray.num_cpus=2",
     ]
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -383,7 +386,7 @@ def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_
     sft_dir = tmp_path / "sft"
     with caplog.at_level(logging.INFO, logger="pagellm.train.sft"):
         metrics = run_sft(cfg, root / "data", sft_dir)
-    assert "SFT: 2 members side by side" in caplog.messages  # two 1-worker fits on the session's 2 CPUs
+    assert "SFT: 2 members, 2 side by side" in caplog.messages  # two 1-worker fits on the session's 2 CPUs
     members = lm_dirs(sft_dir)
     assert members == [sft_dir / "members" / "0", sft_dir / "members" / "1"]
     assert [m["golden_ft"]["epoch"] for m in metrics["members"]] == [1, 1]

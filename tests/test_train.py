@@ -18,7 +18,7 @@ from pagellm.config import ModelConfig, TrainConfig
 from pagellm.model.modeling import PolicyLM, build_lm
 from pagellm.model.vocab import Vocab, add_entity_tokens, train_bpe_tokenizer
 from pagellm.outputs import read_jsonl
-from pagellm.train.loop import WEIGHTS_FILE, FitSpec, dashboard_up, fit, load_module, trainer_class
+from pagellm.train.loop import WEIGHTS_FILE, FitSpec, dashboard_up, fit, fits_at_once, load_module, trainer_class
 from pagellm.train.sft import collate_lm
 
 
@@ -119,6 +119,20 @@ def test_no_placement_group_cleaner_without_a_dashboard(ray_session):
     assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names
     default = [type(c).__name__ for c in TorchTrainer(lambda config: None)._create_default_callbacks()]
     assert "PlacementGroupCleanerCallback" in default  # this Ray has one to leave out
+
+
+def test_independent_fits_run_as_many_at_once_as_the_free_cpus_hold(ray_session):
+    """train.side_by_side: SFT members and reward heads run as many worker groups at once as the
+    session's free CPUs (2 here, nothing else running) hold, capped by the fits there are."""
+    deadline = time.time() + 60  # an earlier test's placement groups go back asynchronously
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources()["CPU"] == 2
+    assert fits_at_once(TrainConfig(num_workers=1), 3) == 2
+    assert fits_at_once(TrainConfig(num_workers=1, cpus_per_worker=0.5), 3) == 3
+    assert fits_at_once(TrainConfig(num_workers=2), 3) == 1  # one group takes both CPUs
+    assert fits_at_once(TrainConfig(num_workers=1, side_by_side=False), 3) == 1
+    assert fits_at_once(TrainConfig(num_workers=1, use_gpu=True), 2) == 1  # no GPU here: one at a time
 
 
 @pytest.mark.parametrize("deepspeed", [True, False], ids=["deepspeed", "ddp"])

@@ -367,18 +367,18 @@ def train_loop(config: dict) -> None:
         worker.wandb_run.finish()
 
 
-def fits_side_by_side(train_cfg: TrainConfig, fits: int) -> bool:
-    """Whether ``fits`` worker groups run at once: ``train.side_by_side`` and the cluster has the
-    CPUs (and GPUs) for all of them now."""
+def fits_at_once(train_cfg: TrainConfig, fits: int) -> int:
+    """How many of ``fits`` independent worker groups to run at the same time: 1 with
+    ``train.side_by_side`` off, else as many as the cluster's free CPUs (and GPUs) hold now."""
     import ray
 
     if not train_cfg.side_by_side or fits < 2:
-        return False
+        return 1
     free = ray.available_resources()
-    need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker * fits}
+    need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
-        need["GPU"] = train_cfg.num_workers * fits
-    return all(free.get(name, 0.0) >= amount for name, amount in need.items())
+        need["GPU"] = train_cfg.num_workers
+    return max(1, min(fits, *(int(free.get(name, 0.0) // amount) for name, amount in need.items())))
 
 
 def dashboard_up() -> bool:

@@ -27,7 +27,7 @@ from pagellm.model.artifact import load_codec, load_policy
 from pagellm.model.modeling import CollaborativeReward, RewardModel, load_reward_head, pad_batch, score_lists
 from pagellm.model.prompts import PromptCodec, encode_list
 from pagellm.outputs import figure, read_jsonl
-from pagellm.train.loop import FitSpec, fit, fits_side_by_side
+from pagellm.train.loop import FitSpec, fit, fits_at_once
 
 log = logging.getLogger(__name__)
 KINDS = ("coarse", "fine")
@@ -371,12 +371,9 @@ def run_reward(
     # cluster holds both worker groups at once (each fit's start-up and shut-down, ~40 s on a
     # small machine, then overlaps), one after the other otherwise
     lm_kinds = KINDS if cfg.reward.fine_model == "lm" else ("coarse",)
-    together = fits_side_by_side(cfg.train, len(lm_kinds))
-    log.info(
-        "reward heads: %s",
-        "coarse and fine side by side" if together and len(lm_kinds) > 1 else ", then ".join(lm_kinds),
-    )
-    with ThreadPoolExecutor(max_workers=len(lm_kinds) if together else 1) as pool:
+    at_once = fits_at_once(cfg.train, len(lm_kinds))
+    log.info("reward heads: %s", "coarse and fine side by side" if at_once > 1 else ", then ".join(lm_kinds))
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         running = {kind: pool.submit(fit_head, kind) for kind in lm_kinds}
     fit_metrics = {kind: job.result() for kind, job in running.items()}
     if cfg.reward.fine_model == "multivae":

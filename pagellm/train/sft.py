@@ -38,7 +38,7 @@ from pagellm.model.modeling import (
 from pagellm.model.prompts import PromptCodec
 from pagellm.model.vocab import Vocab, build_tokenizer
 from pagellm.outputs import figure, read_jsonl
-from pagellm.train.loop import FitSpec, fit, fits_side_by_side
+from pagellm.train.loop import FitSpec, fit, fits_at_once
 
 log = logging.getLogger(__name__)
 META_DIR, NEXT_ITEM_DIR, SFT_LOGS = "meta", "next_item", "logs"
@@ -494,13 +494,13 @@ def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage
     OUT/members/k (a policy directory of its own; from ``pretrained``'s member k under Tune),
     then OUT becomes their ensemble (``pagellm.model.ensemble``); metrics.json holds each
     member's and the ensemble's validation NDCG@100 (the fits' own measure). Members train side by
-    side when the cluster holds all their worker groups (``train.side_by_side``): each member's
-    fits are its own, so only their start-up, shut-down and driver work overlap the others'."""
+    side, as many at once as the cluster holds worker groups for (``train.side_by_side``): each
+    member's fits are its own, and the results are the same either way."""
     from pagellm.model.ensemble import MEMBERS_DIR, member_dir, write_ensemble_meta
 
     write_config(cfg, out)
-    together = fits_side_by_side(cfg.train, cfg.sft.members)
-    log.info("SFT: %d members %s", cfg.sft.members, "side by side" if together else "one after the other")
+    at_once = fits_at_once(cfg.train, cfg.sft.members)
+    log.info("SFT: %d members, %s", cfg.sft.members, f"{at_once} side by side" if at_once > 1 else "one at a time")
 
     def train_member(k: int) -> dict:
         seed = cfg.train.seed + k
@@ -509,10 +509,10 @@ def _train_members(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage
         storage = f"{storage_path}/{MEMBERS_DIR}/{k}" if storage_path else None
         source = member_dir(pretrained, k) if pretrained else None
         # a fast tokenizer is not safe to call from two threads at once: each member its own copy
-        own = copy.deepcopy(tokenizer) if together else tokenizer
+        own = copy.deepcopy(tokenizer) if at_once > 1 else tokenizer
         return _train_policy(member_cfg, data, own, member_dir(out, k), storage, source)
 
-    with ThreadPoolExecutor(max_workers=cfg.sft.members if together else 1) as pool:
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         members = list(pool.map(train_member, range(cfg.sft.members)))
     tokenizer.save_pretrained(out)
     write_ensemble_meta(out, cfg.sft.members)
