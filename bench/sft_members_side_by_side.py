@@ -1,8 +1,8 @@
 """SFT with ``sft.members=2``: the members side by side against one after the other, in one Ray
 session, and whether both give the same weights.
 
-``train.side_by_side`` (default on) lets ``pagellm sft`` train its members at the same time when
-the cluster has the CPUs for every member's worker group; each member's fits (meta, next-item,
+``train.side_by_side`` (default on) lets ``pagellm sft`` train as many members at once as the
+cluster's free CPUs hold worker groups for (``fits_at_once``); each member's fits (meta, next-item,
 golden-list) are its own Ray Train fits, so side by side their start-up, shut-down and driver
 work (tokenising, greedy validation pages) overlap the other member's.
 

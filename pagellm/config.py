@@ -295,9 +295,9 @@ class TrainConfig:
     max_failures: int = opt(2, "worker deaths survived by resuming from the latest checkpoint", ge=-1)
     side_by_side: bool = opt(
         True,
-        "independent fits (the coarse and fine reward heads, SFT members) run at the same time when the cluster "
-        "has the CPUs and GPUs for all their workers now, each fit's start-up and shut-down overlapping the "
-        "others' work; false: one after the other",
+        "independent fits (the coarse and fine reward heads, SFT members) run at the same time, as many as the "
+        "cluster's free CPUs and GPUs hold worker groups for now, each fit's start-up and shut-down overlapping "
+        "the others' work; false: one after the other",
     )
     weight_decay: float = opt(0.01, "AdamW weight decay (torch's default)", ge=0.0)
     lr_schedule: str = opt(
