@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pagellm.ray_utils import init_ray
     from pagellm.serve.ab import parse_split
-    from pagellm.serve.app import DIRECT_INGRESS_ENV, AppArgs, build_app, direct_ingress_targets
+    from pagellm.serve.app import DIRECT_INGRESS_ENV, DRAIN_ENV, AppArgs, build_app, direct_ingress_targets
 
     arms = {}
     for spec in args.arm:
@@ -240,6 +240,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not name or not directory:
             raise ConfigError(f"--arm must be NAME=POLICY_DIR, got {spec!r}")
         arms[name] = directory
+    if args.drain_s < 0:
+        raise ConfigError(f"--drain-s must be >= 0 seconds, got {args.drain_s}")
     cfg = _config(args)
     try:
         app_args = AppArgs(
@@ -261,6 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # inherited by the Ray this command starts
+        os.environ[DRAIN_ENV] = str(args.drain_s)
     init_ray(cfg.ray)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pagellm", route_prefix="/", blocking=False)
@@ -562,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the router's replicas also answer HTTP on their own ports, skipping the proxy (Ray Serve's "
         "RAY_SERVE_THROUGHPUT_OPTIMIZED; with --colocate the lowest latency, docs/serving.md)",
+    )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=0.0,
+        help="--direct-ingress: seconds a stopping router replica keeps answering on its port so that a load "
+        "balancer in front can deregister it (Ray Serve's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, "
+        "default 30 there); 0: Ctrl-C stops at once",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

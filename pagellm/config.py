@@ -585,6 +585,12 @@ class PPOConfig:
         "pack the i-th worker of every role into one bundle (one GPU shared by fractions); false: "
         "every actor its own bundle",
     )
+    roles_in_driver: bool = opt(
+        False,
+        "every role in the driver process, one worker each, no Ray actors: quick runs of small models on "
+        "one machine (a laptop, CI), where five actors' start-up outweighs the training; the roles' "
+        "resources, workers and colocate are then unused",
+    )
     policy: RoleConfig = section(RoleConfig, "the trainable policy's actors")
     reference: RoleConfig = section(RoleConfig, "the frozen SFT policy's actors")
     critic: RoleConfig = section(RoleConfig, "the critic's actors (initialised from the coarse reward model)")

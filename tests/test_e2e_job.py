@@ -61,6 +61,9 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         "WANDB_MODE": "offline",
         "RAY_agent_register_timeout_ms": "120000",
         "RAY_raylet_start_wait_time_s": "120",
+        # a throwaway head: stop at SIGTERM without draining the node first (Ray waits up to 30 s for
+        # Serve's replicas, which never finish on their own)
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     env.pop("RAY_ADDRESS", None)
     # every port the head binds is free (other Ray instances on this machine hold the defaults,
@@ -250,8 +253,12 @@ def test_ray_job_submit_pipeline_then_serve_deploy(tmp_path):
         health = requests.get(f"{url}/healthz", timeout=30).json()
         assert set(health["arms"]) == {"A", "B"} and health["ranker"]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        head.terminate()  # `ray start --block` stops the processes it started
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of the head's still running
+        except ProcessLookupError:
+            pass

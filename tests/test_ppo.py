@@ -23,6 +23,7 @@ from pagellm.outputs import read_jsonl
 from pagellm.rl.ppo import run_ppo
 
 PPO_QUICK = ["ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.eval_max_users=24", "ppo.lr=1e-4", "ppo.critic_lr=1e-4"]
+IN_DRIVER = "ppo.roles_in_driver=true"  # every role in the test process, no actors (start-up: CI time)
 
 
 def test_ppo_with_sharded_role_actors_validates_as_pagellm_evaluate(tiny_stages, tmp_path):
@@ -163,9 +164,10 @@ def test_final_policy_best_val_keeps_the_best_evaluated_checkpoint(tiny_stages, 
             "ppo.eval_every=2",
             "ppo.checkpoint_every=2",
             "ppo.final_policy=best_val",
+            IN_DRIVER,
         ]
     )
-    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
+    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path)
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val_ndcg@100" in r]
     assert [r["iteration"] for r in evals] == [0, 2, 4, 6]
     best = max(evals, key=lambda r: r["val_ndcg@100"])  # iteration 0, the SFT policy, is a candidate
@@ -202,9 +204,10 @@ def test_group_relative_advantages_train_without_the_critic(tiny_stages, tmp_pat
             "ppo.max_iterations=2",
             "ppo.advantage=group",
             "ppo.group_size=4",
+            IN_DRIVER,
         ]
     )
-    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path, local=True)
+    run_ppo(cfg, root / "data", root / "sft", root / "reward", tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if r["iteration"] > 0]
     assert len(trained) == 2 and all("policy_loss" in r and "value_loss" not in r for r in trained), trained[0]
@@ -252,7 +255,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     from pagellm.train.reward import fit_collaborative_fine
 
     root = tiny_stages["root"]
-    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "reward.fine_model=multivae"]
+    overrides = [*tiny_stages["overrides"], *PPO_QUICK, IN_DRIVER, "ppo.max_iterations=1", "reward.fine_model=multivae"]
     cfg = load_config(overrides=overrides)
     shutil.copytree(root / "reward" / "coarse", tmp_path / "reward" / "coarse")
     vocab = load_codec(root / "sft").vocab
@@ -285,7 +288,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     assert validation_ndcg(saved, val) == pytest.approx(ens["valid_ndcg@100"])
     assert not torch.equal(ensemble.vaes[0].decoder[-1].weight, ensemble.vaes[1].decoder[-1].weight)
 
-    run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo", local=True)
+    run_ppo(cfg, root / "data", root / "sft", tmp_path / "reward", tmp_path / "ppo")
     records = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
     trained = [r for r in records if r["iteration"] > 0]
     assert len(trained) == 1 and "value_loss" in trained[0] and "expected_loss" not in trained[0]
@@ -293,7 +296,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
 
     # ppo.fine_objective=expected: R_f trains the policy through every action's score
     exact = load_config(overrides=[*overrides, "ppo.fine_objective=expected"])
-    run_ppo(exact, root / "data", root / "sft", tmp_path / "reward", tmp_path / "exact", local=True)
+    run_ppo(exact, root / "data", root / "sft", tmp_path / "reward", tmp_path / "exact")
     trained = [r for r in read_jsonl(tmp_path / "exact" / "metrics.jsonl") if r["iteration"] > 0]
     assert len(trained) == 1 and math.isfinite(trained[0]["expected_loss"]) and trained[0]["expected_reward_fine"] != 0
     before = load_file(root / "sft" / "model.safetensors")
@@ -301,7 +304,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     # an LM fine head cannot score every item at once: a clear error naming the head's file
     with pytest.raises(InputError, match=r"fine/reward_head.json: ppo.fine_objective=expected"):
-        run_ppo(exact, root / "data", root / "sft", root / "reward", tmp_path / "lm", local=True)
+        run_ppo(exact, root / "data", root / "sft", root / "reward", tmp_path / "lm")
 
     # ppo.fine_objective=closed_form: R_f leaves training and tilts the pages the policy writes by
     # fine_weight / kl_beta; the exported policy carries the tilt, and what PPO validated is what
@@ -313,7 +316,7 @@ def test_ppo_with_a_collaborative_fine_reward(tiny_stages, tmp_path):
         load_config(overrides=["ppo.fine_objective=closed_form", "ppo.kl_adaptive=true"])
     closed_overrides = ["ppo.fine_objective=closed_form", "ppo.eval_every=1", "ppo.final_policy=last"]
     closed = load_config(overrides=[*overrides, *closed_overrides, "ppo.eval_max_users=null", "eval.page_items=20"])
-    run_ppo(closed, root / "data", root / "sft", tmp_path / "reward", tmp_path / "closed", local=True)
+    run_ppo(closed, root / "data", root / "sft", tmp_path / "reward", tmp_path / "closed")
     records = read_jsonl(tmp_path / "closed" / "metrics.jsonl")
     assert "expected_loss" not in records[-1] and records[-1]["reward_fine"] != 0  # logged, not trained on
     policy = tmp_path / "closed" / "policy"
@@ -337,7 +340,7 @@ def test_ablation_pairs_each_variant_with_sft_and_both_heads_and_rebuilds_its_re
     from pagellm.experiments import VARIANTS, run_ablation
 
     root = tiny_stages["root"]
-    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=1", "eval.page_items=20"]
+    overrides = [*tiny_stages["overrides"], *PPO_QUICK, IN_DRIVER, "ppo.max_iterations=1", "eval.page_items=20"]
     args = (load_config(overrides=overrides), None, overrides, root / "data", root / "sft", root / "reward")
     report = run_ablation(*args, tmp_path, [0])
     assert list(report["mean_sd"]) == list(VARIANTS)
@@ -381,6 +384,7 @@ def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_
         "sft.ft_epochs=1",
         "eval.page_mode=score",
         "ppo.max_iterations=2",
+        IN_DRIVER,
     ]
     cfg = load_config(overrides=overrides)
     sft_dir = tmp_path / "sft"
@@ -397,7 +401,7 @@ def test_sft_members_make_one_ensemble_policy_that_evaluation_and_ppo_read(tiny_
     assert metrics["ensemble_valid_ndcg@100"] != pytest.approx(metrics["member_valid_ndcg@100"][0], abs=1e-6)
     assert 0.0 <= metrics["valid_page_rate"] <= 1.0  # what `pagellm sft` and Tune report
 
-    run_ppo(cfg, root / "data", sft_dir, root / "reward", tmp_path / "ppo", local=True)
+    run_ppo(cfg, root / "data", sft_dir, root / "reward", tmp_path / "ppo")
     policy = lm_dirs(tmp_path / "ppo" / "policy")
     assert len(policy) == 2
     for before, saved in zip(weights, policy):

@@ -214,7 +214,7 @@ def test_colocated_arms_write_the_same_pages_in_one_replica(served):
 def test_direct_ingress_answers_on_the_replica_port(served):
     """`pagellm serve --colocate --direct-ingress` on a Ray of its own prints the router
     replica's port, which answers pages itself (no proxy hop), the same as the proxy does and as
-    the split application's arm A does for its users."""
+    the split application's arm A does for its users; Ctrl-C stops it cleanly."""
     url, data, root, args = served["url"], served["data"], served["root"], served["args"]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -247,13 +247,18 @@ def test_direct_ingress_answers_on_the_replica_port(served):
             assert page["items"] == _page(url, user_id=user, k=10).json()["items"]
         assert requests.get(f"http://127.0.0.1:{direct}/healthz", timeout=30).json()["colocated"]
         assert _page(f"http://127.0.0.1:{direct}", user_id="u", k=0).status_code == 422
+        # Ctrl-C: the router stops without Ray Serve's 30-s direct-ingress drain (--drain-s 0)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=90) == 0 and "failed to shut down" not in rest, rest[-3000:]
     finally:
         watchdog.cancel()
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ranker_orders_candidates_by_coarse_reward(served):

@@ -526,13 +526,13 @@ def run_ppo(
     reward_dir,
     out_dir,
     resume: bool = False,
-    local: bool = False,
     on_evaluation: Optional[Callable[[dict], None]] = None,
     placement_group=None,
     first_bundle: int = 0,
     storage: Optional[str] = None,
 ) -> dict:
-    """Run PPO; returns the last iteration's record. ``local`` keeps every role in this process.
+    """Run PPO; returns the last iteration's record (``ppo.roles_in_driver``: every role in this
+    process).
     ``sft_dir``/``reward_dir`` may be URIs (this process and every role actor read their own
     copy); ``storage``: the run's URI, where the role actors write their checkpoints and the
     driver the metrics that go with them, so that nodes share nothing but it (None: ``out_dir``).
@@ -548,6 +548,7 @@ def run_ppo(
     sft_at, reward_at = (str(d) if is_uri(d) else str(Path(d).resolve()) for d in (sft_dir, reward_dir))
     sft_dir, reward_dir = fetch(sft_dir).resolve(), fetch(reward_dir).resolve()
     check_inputs(cfg.ppo, sft_dir, reward_dir)
+    local = cfg.ppo.roles_in_driver
     if not local:
         from pagellm.ray_utils import init_ray
 

@@ -346,6 +346,8 @@ class ABRouter:
 
 
 DIRECT_INGRESS_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # Ray Serve's switch, read when Ray starts
+# how long a stopping direct-ingress replica keeps answering (Ray Serve: 30 s), read when Ray starts
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 def direct_ingress_targets(app_name: str) -> list[tuple[str, int]]:
