@@ -115,12 +115,13 @@ def upstream_events(root: Path) -> list[dict]:
 
 
 def trial_resources(cfg: PageLLMConfig):
-    """The trial's placement group: its driver, then the PPO roles' bundles."""
+    """The trial's placement group: its driver, then the PPO roles' bundles (none when the roles
+    run in the trial's own process, ``ppo.roles_in_driver``)."""
     from ray import tune
 
     from pagellm.rl.groups import role_bundles
 
-    bundles, _ = role_bundles(cfg.ppo, PPO_ROLES)
+    bundles = [] if cfg.ppo.roles_in_driver else role_bundles(cfg.ppo, PPO_ROLES)[0]
     return tune.PlacementGroupFactory([{"CPU": cfg.tune.driver_cpus}, *bundles], strategy="PACK")
 
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from pagellm.config import PPO_ROLES, load_config
 from pagellm.errors import ConfigError
 from pagellm.rl.groups import role_bundles
-from pagellm.tune import pretraining_key, upstream_events, upstream_key
+from pagellm.tune import pretraining_key, trial_resources, upstream_events, upstream_key
 
 SWEEP = [
     *TINY_STAGES,
@@ -63,6 +63,10 @@ def test_trial_bundles_follow_role_resources():
     assert where[("policy", 1)] == 1 and where[("fine", 0)] == 0
     apart, where = role_bundles(load_config(overrides=["ppo.colocate=false"]).ppo, PPO_ROLES)
     assert len(apart) == 5 and sorted(where.values()) == list(range(5))
+    # a trial: its driver's bundle first, then the roles'; none when the roles run in its process
+    assert trial_resources(cfg).bundles == [{"CPU": cfg.tune.driver_cpus}, *bundles]
+    in_driver = load_config(overrides=["ppo.roles_in_driver=true", "ppo.policy.num_workers=2"])
+    assert trial_resources(in_driver).bundles == [{"CPU": in_driver.tune.driver_cpus}]
     with pytest.raises(ConfigError, match="tune.search"):
         load_config(overrides=["tune.search=bayes"])
     with pytest.raises(ConfigError, match="log-uniformly"):
@@ -81,9 +85,10 @@ def _start(out: Path, address: str, *extra: str) -> subprocess.Popen:
     log = open(out.parent / f"tune_{len(list(out.parent.glob('tune_*.log')))}.log", "w")
     return subprocess.Popen(
         # two PPO iterations per trial (one evaluation after updates): CI time; the four of
-        # SWEEP, with ASHA's rung at two, are test_optuna_searcher_with_asha's
+        # SWEEP, with ASHA's rung at two, are test_optuna_searcher_with_asha's, and so are the
+        # roles as actors in the trial's placement group (here they run in the trial's process)
         [sys.executable, "-m", "pagellm.cli", "tune", "--out", str(out), *extra, *SWEEP, "tune.betas=[0.05]"]
-        + ["ppo.max_iterations=2"],
+        + ["ppo.max_iterations=2", "ppo.roles_in_driver=true"],
         cwd=REPO,
         env=env,
         stdout=log,
