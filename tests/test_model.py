@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from pagellm.config import ModelConfig
 from pagellm.data.schema import build_items
@@ -22,6 +22,7 @@ from pagellm.model.modeling import (
     collaborative_item_vectors,
     cooccurrence_item_vectors,
     item_weights,
+    load_pretrained,
     load_reward_head,
     p5_init_new_embeddings,
     pad_batch,
@@ -502,6 +503,26 @@ def test_rating_head_on_a_lora_model(tokenizer, vocab, meta_data):
 def test_unwrap_lm_leaves_plain_model_alone(tokenizer, vocab):
     model = build_lm(tiny_cfg(), tokenizer, vocab.base_size)
     assert unwrap_lm(model) is model
+
+
+def test_loads_from_two_threads_leave_every_later_model_tied(tmp_path):
+    """Members and reward heads fit side by side from driver threads, each loading models;
+    transformers swaps PreTrainedModel.tie_weights for a no-op during a load, so two unguarded
+    loads at once (reliably within 2 x 20 tiny loads) leave it swapped and every later model of the
+    process untied (a CI run's serve and checkpoint tests failed so)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tie_weights = PreTrainedModel.tie_weights
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            loaded = list(pool.map(lambda _: load_pretrained(AutoModelForCausalLM, tmp_path), range(40)))
+        assert PreTrainedModel.tie_weights is tie_weights
+        for model in (loaded[-1], GPT2LMHeadModel(config)):
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    finally:
+        PreTrainedModel.tie_weights = tie_weights  # a failure here must not break the rest of the suite
 
 
 def test_greedy_pages_same_with_and_without_left_padding(codec, policy_dir):

@@ -109,5 +109,7 @@ def load_lm(directory: str | Path) -> nn.Module:
     """The causal LM of a policy directory: one LM, or its members as a ``MemberEnsemble``."""
     from transformers import AutoModelForCausalLM
 
-    lms = [AutoModelForCausalLM.from_pretrained(d) for d in lm_dirs(directory)]
+    from pagellm.model.modeling import load_pretrained
+
+    lms = [load_pretrained(AutoModelForCausalLM, d) for d in lm_dirs(directory)]
     return lms[0] if len(lms) == 1 else MemberEnsemble(lms)

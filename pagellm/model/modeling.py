@@ -26,9 +26,12 @@ from pagellm.model.multivae import MultiVAE
 from pagellm.model.sasrec import SASRec
 from pagellm.model.vocab import Vocab
 
-# torch's global generator is one per process: fits side by side (``train.side_by_side``) build
-# their models from driver threads, and a seed set by one thread must not be drawn from by another
-GLOBAL_RNG = threading.Lock()
+# Fits side by side (``train.side_by_side``) build and load models from driver threads, and two
+# things are one per process: torch's global generator (a seed set by one thread must not be
+# drawn from by another) and transformers' loading, which swaps PreTrainedModel.tie_weights and
+# torch's init functions for no-ops while it runs: two loads at once leave them swapped for good,
+# and every later model of the process has an untied LM head. Re-entrant: build_lm loads.
+BUILD_LOCK = threading.RLock()
 
 RATING_HEAD_FILE = "rating_head.safetensors"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -69,7 +72,7 @@ def cooccurrence_item_vectors(user_items: Iterable[np.ndarray], n_items: int, di
         check_invariants=True,
     ).coalesce()
     rank = min(dim, n_items)
-    with GLOBAL_RNG, torch.random.fork_rng():  # svd_lowrank draws its sketch from the global generator
+    with BUILD_LOCK, torch.random.fork_rng():  # svd_lowrank draws its sketch from the global generator
         torch.manual_seed(seed)
         u, s, _ = torch.svd_lowrank(matrix, q=rank, niter=4)
     out[:, :rank] = (u * s.sqrt()).numpy()
@@ -87,6 +90,13 @@ def collaborative_item_vectors(train, vocab, positive_threshold: float, dim: int
     return cooccurrence_item_vectors(groups.tolist(), hi - lo, dim, seed)
 
 
+def load_pretrained(auto_class, directory: str | Path) -> PreTrainedModel:
+    """``auto_class.from_pretrained(directory)`` under ``BUILD_LOCK``: every model load of the
+    package goes through here."""
+    with BUILD_LOCK:
+        return auto_class.from_pretrained(directory)
+
+
 def build_lm(
     model_cfg: ModelConfig, tokenizer, base_size: int, seed: int = 0, item_vectors: Optional[np.ndarray] = None
 ) -> PreTrainedModel:
@@ -94,11 +104,11 @@ def build_lm(
     resized embeddings, or the embedded small GPT-2; optional LoRA (base frozen). New rows are
     P5-initialised; ``item_vectors`` (one row per item token, ``collaborative_item_vectors``)
     then replace the item rows that are not zero, rescaled to the P5 rows' std."""
-    with GLOBAL_RNG:
+    with BUILD_LOCK:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         if model_cfg.name_or_path:
-            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path)
+            model = load_pretrained(AutoModelForCausalLM, model_cfg.name_or_path)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         else:
             config = GPT2Config(
@@ -421,7 +431,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> "RewardModel":
         directory = Path(directory)
         meta = json.loads((directory / REWARD_META_FILE).read_text())
-        model = cls(AutoModel.from_pretrained(directory), meta["kind"], meta.get("pooling", "mean"))
+        model = cls(load_pretrained(AutoModel, directory), meta["kind"], meta.get("pooling", "mean"))
         model.head.load_state_dict(load_file(str(directory / REWARD_HEAD_FILE)))
         return model
 
@@ -431,7 +441,7 @@ class RewardModel(nn.Module):
         policy, its first member's)."""
         from pagellm.model.ensemble import lm_dirs
 
-        return cls(AutoModel.from_pretrained(lm_dirs(policy_dir)[0]), kind, pooling)
+        return cls(load_pretrained(AutoModel, lm_dirs(policy_dir)[0]), kind, pooling)
 
 
 class CollaborativeReward(nn.Module):

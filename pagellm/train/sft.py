@@ -32,6 +32,7 @@ from pagellm.model.modeling import (
     PolicyWithRatingHead,
     build_lm,
     collaborative_item_vectors,
+    load_pretrained,
     pad_batch,
     unwrap_lm,
 )
@@ -332,7 +333,7 @@ def _load_lm(directory: Path, model_cfg, tokenizer, base_size: int):
 
     from pagellm.model.modeling import apply_lora
 
-    lm = AutoModelForCausalLM.from_pretrained(directory)
+    lm = load_pretrained(AutoModelForCausalLM, directory)
     if model_cfg.lora_rank > 0:
         lm = apply_lora(lm, model_cfg, list(range(base_size, len(tokenizer))))
     return lm
@@ -568,7 +569,7 @@ def _train_policy(cfg: PageLLMConfig, data: dict, tokenizer, out: Path, storage_
 
     val = data["val"]
     pages = greedy_pages(
-        AutoModelForCausalLM.from_pretrained(out),
+        load_pretrained(AutoModelForCausalLM, out),
         codec,
         list(val.user_id),
         list(val.prompt_items),
