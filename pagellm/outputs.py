@@ -118,20 +118,16 @@ class EpochLines:
 
 @contextmanager
 def figure(path: Path, ncols: int = 1, panel_size: tuple[float, float] = (5.0, 3.5), figsize=None) -> Iterator[tuple]:
-    """A matplotlib figure of ``ncols`` panels (no display needed), saved to ``path`` and
-    closed when the block ends. Yields (figure, list of axes)."""
-    import matplotlib
+    """A matplotlib figure of ``ncols`` panels, saved to ``path`` when the block ends. Yields
+    (figure, list of axes). A bare ``Figure``, not pyplot: no display, and no process-wide figure
+    registry, since SFT members and reward heads plot from driver threads side by side."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=figsize or (panel_size[0] * ncols, panel_size[1]), squeeze=False)
-    try:
-        yield fig, list(axes[0])
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=figsize or (panel_size[0] * ncols, panel_size[1]))
+    axes = fig.subplots(1, ncols, squeeze=False)
+    yield fig, list(axes[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def bar_chart(
