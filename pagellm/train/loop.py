@@ -12,8 +12,11 @@ trainer state and a Hugging Face export. After a worker dies Ray Train restarts 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -147,15 +150,22 @@ class ModelOptimizer:
         )
         self.engine = None
         if train_cfg.deepspeed:
+            on_gpu = torch.device(device).type == "cuda"
+            # the accelerator DeepSpeed would pick, named: unnamed, its import warns that it fell
+            # back to the CPU (console noise where PPO's roles run in the driver)
+            os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
             import deepspeed
 
             module.to(device)
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=module,
-                optimizer=self.optimizer,
-                config=_deepspeed_config(train_cfg, micro_batch, torch.device(device).type == "cuda"),
-                dist_init_required=False,
-            )
+            # its first engine on a CPU prints that it built its shared-memory op: kept off the
+            # console unless -v
+            with contextlib.nullcontext() if verbose_console() else contextlib.redirect_stdout(io.StringIO()):
+                self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                    model=module,
+                    optimizer=self.optimizer,
+                    config=_deepspeed_config(train_cfg, micro_batch, on_gpu),
+                    dist_init_required=False,
+                )
             self.forward = self.engine
         else:
             module.to(device)
