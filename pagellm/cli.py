@@ -18,7 +18,7 @@ from pagellm.config import (
 )
 from pagellm.data.layout import DataDir
 from pagellm.errors import ConfigError, InputError
-from pagellm.ray_utils import VERBOSE_ENV, quiet_libraries
+from pagellm.ray_utils import VERBOSE_ENV, quiet_libraries, verbose_console
 from pagellm.storage import fetch, is_uri, output, train_storage
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -265,6 +265,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # inherited by the Ray this command starts
         os.environ[DRAIN_ENV] = str(args.drain_s)
     init_ray(cfg.ray)
+    if not verbose_console():
+        # Ray Serve's start-up infos ("Connecting to existing Serve app ... New http_options will
+        # not be applied", serve.run's own doing after serve.start) say less than our line below
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pagellm", route_prefix="/", blocking=False)
     print(

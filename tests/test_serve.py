@@ -214,7 +214,8 @@ def test_colocated_arms_write_the_same_pages_in_one_replica(served):
 def test_direct_ingress_answers_on_the_replica_port(served):
     """`pagellm serve --colocate --direct-ingress` on a Ray of its own prints the router
     replica's port, which answers pages itself (no proxy hop), the same as the proxy does and as
-    the split application's arm A does for its users; Ctrl-C stops it cleanly."""
+    the split application's arm A does for its users; Ctrl-C stops it cleanly. Its console: our
+    lines, not Ray Serve's start-up infos."""
     url, data, root, args = served["url"], served["data"], served["root"], served["args"]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -238,6 +239,9 @@ def test_direct_ingress_answers_on_the_replica_port(served):
             if line.startswith("direct ingress (no proxy hop): "):
                 break
         assert lines and lines[-1].startswith("direct ingress"), "".join(lines)[-3000:]
+        # our start-up line, not Ray Serve's infos (serve.run's "New http_options will not be applied")
+        assert any(line.startswith("pagellm serve: listening") for line in lines)
+        assert not [line for line in lines if "Serve app" in line or "is ready at" in line], lines
         direct = int(lines[-1].split("port ")[1].split()[0])
         assert direct != port
         users = [u for u, items in data.history.items() if items and assign(u, args.split, args.salt) == "A"][:20]
