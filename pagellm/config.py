@@ -589,7 +589,8 @@ class PPOConfig:
         False,
         "every role in the driver process, one worker each, no Ray actors: quick runs of small models on "
         "one machine (a laptop, CI), where five actors' start-up outweighs the training; the roles' "
-        "resources, workers and colocate are then unused (a Tune trial reserves only tune.driver_cpus)",
+        "workers and colocate are then unused (a Tune trial still reserves the roles' CPUs and GPUs, in its own "
+        "bundle)",
     )
     policy: RoleConfig = section(RoleConfig, "the trainable policy's actors")
     reference: RoleConfig = section(RoleConfig, "the frozen SFT policy's actors")

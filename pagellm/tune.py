@@ -115,14 +115,21 @@ def upstream_events(root: Path) -> list[dict]:
 
 
 def trial_resources(cfg: PageLLMConfig):
-    """The trial's placement group: its driver, then the PPO roles' bundles (none when the roles
-    run in the trial's own process, ``ppo.roles_in_driver``)."""
+    """The trial's placement group: its driver, then the PPO roles' bundles. With
+    ``ppo.roles_in_driver`` the roles' resources join the driver's bundle: where the roles run
+    changes, not what the trial holds (a quarter-CPU trial doing all five roles' work would let
+    Tune pack eight onto two CPUs)."""
     from ray import tune
 
     from pagellm.rl.groups import role_bundles
 
-    bundles = [] if cfg.ppo.roles_in_driver else role_bundles(cfg.ppo, PPO_ROLES)[0]
-    return tune.PlacementGroupFactory([{"CPU": cfg.tune.driver_cpus}, *bundles], strategy="PACK")
+    driver, bundles = {"CPU": cfg.tune.driver_cpus}, role_bundles(cfg.ppo, PPO_ROLES)[0]
+    if cfg.ppo.roles_in_driver:
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                driver[name] = driver.get(name, 0.0) + amount
+        bundles = []
+    return tune.PlacementGroupFactory([driver, *bundles], strategy="PACK")
 
 
 def ppo_trial(params: dict, config_paths: list, overrides: list, upstream: dict) -> None:

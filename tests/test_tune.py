@@ -50,23 +50,23 @@ def test_upstream_key_follows_lambda_not_beta():
 
 
 def test_trial_bundles_follow_role_resources():
-    cfg = load_config(
-        overrides=[
-            "ppo.policy.num_workers=2",
-            "ppo.critic.num_workers=2",
-            "ppo.policy.num_gpus=0.5",
-            "ppo.fine.num_cpus=0.5",
-        ]
-    )
+    overrides = [
+        "ppo.policy.num_workers=2",
+        "ppo.critic.num_workers=2",
+        "ppo.policy.num_gpus=0.5",
+        "ppo.fine.num_cpus=0.5",
+    ]
+    cfg = load_config(overrides=overrides)
     bundles, where = role_bundles(cfg.ppo, PPO_ROLES)
     assert bundles == [{"CPU": 0.25 * 4 + 0.5, "GPU": 0.5}, {"CPU": 0.5, "GPU": 0.5}]
     assert where[("policy", 1)] == 1 and where[("fine", 0)] == 0
     apart, where = role_bundles(load_config(overrides=["ppo.colocate=false"]).ppo, PPO_ROLES)
     assert len(apart) == 5 and sorted(where.values()) == list(range(5))
-    # a trial: its driver's bundle first, then the roles'; none when the roles run in its process
+    # a trial: its driver's bundle first, then the roles'; the roles in its process: their
+    # resources in its one bundle (Tune packs as many trials either way)
     assert trial_resources(cfg).bundles == [{"CPU": cfg.tune.driver_cpus}, *bundles]
-    in_driver = load_config(overrides=["ppo.roles_in_driver=true", "ppo.policy.num_workers=2"])
-    assert trial_resources(in_driver).bundles == [{"CPU": in_driver.tune.driver_cpus}]
+    in_driver = load_config(overrides=[*overrides, "ppo.roles_in_driver=true"])
+    assert trial_resources(in_driver).bundles == [{"CPU": cfg.tune.driver_cpus + 0.25 * 4 + 0.5 * 2, "GPU": 1.0}]
     with pytest.raises(ConfigError, match="tune.search"):
         load_config(overrides=["tune.search=bayes"])
     with pytest.raises(ConfigError, match="log-uniformly"):
@@ -81,7 +81,7 @@ def _trial_events(sweep: Path) -> dict[str, list[dict]]:
 
 
 def _start(out: Path, address: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     log = open(out.parent / f"tune_{len(list(out.parent.glob('tune_*.log')))}.log", "w")
     return subprocess.Popen(
         # two PPO iterations per trial (one evaluation after updates): CI time; the four of
@@ -112,13 +112,14 @@ def test_sweep_interrupted_then_resumed(tiny_stages, tmp_path):
     first = _start(out, address)
     deadline = time.time() + 900
     while time.time() < deadline and first.poll() is None:
-        trials = _trial_events(out / "sweep")
-        # one trial finished and Tune has moved on to the next (one trial at a time)
-        if any(e[-1]["event"] == "finished" for e in trials.values()) and any(
-            e[-1]["event"] == "start" for e in trials.values()
-        ):
+        # one trial finished and Tune has started the next (one at a time). Tune's own lines, not
+        # the trials' event files: a trial writes into Ray's staging directory (its working
+        # directory), which Tune copies into --out when the trial ends; two trials of ~4 s each
+        # both ended before the second one's events reached --out
+        log0 = (tmp_path / "tune_0.log").read_text()
+        if log0.count(" completed after ") == 1 and log0.count(" started with configuration") == 2:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     log0 = (tmp_path / "tune_0.log").read_text()
     assert first.poll() is None, f"the sweep ended before it was interrupted:\n{log0[-3000:]}"
     os.killpg(first.pid, signal.SIGINT)
