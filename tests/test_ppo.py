@@ -89,33 +89,25 @@ def test_ppo_with_sharded_role_actors_validates_as_pagellm_evaluate(tiny_stages,
     assert logged[0]["val_ndcg@100"] != logged[2]["val_ndcg@100"]  # the update changed the pages
 
 
+def _pagellm_ppo(tiny_stages, out, *overrides: str) -> tuple[list[str], dict]:
+    """`pagellm ppo` on the tiny stages into ``out`` as a user runs it, and its environment: the
+    session's Ray, joined as `ray job submit` joins one."""
+    import ray
+
+    root = tiny_stages["root"]
+    dirs = ["--data", str(root / "data"), "--sft", str(root / "sft"), "--reward", str(root / "reward")]
+    args = [sys.executable, "-m", "pagellm.cli", "ppo", *dirs, "--out", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+    return [*args, *tiny_stages["overrides"], *PPO_QUICK, *overrides], env
+
+
 def test_driver_killed_mid_run_resumes_with_same_normaliser(tiny_stages, tmp_path):
     """`pagellm ppo` killed (SIGKILL, with everything it started) after its first checkpoint, then
     run again with --resume on the same cluster (the session's Ray, joined as `ray job submit`
     joins one: its actors die with the driver's job, the cluster stays)."""
-    import ray
-
-    root = tiny_stages["root"]
-    args = [
-        sys.executable,
-        "-m",
-        "pagellm.cli",
-        "ppo",
-        "--data",
-        str(root / "data"),
-        "--sft",
-        str(root / "sft"),
-        "--reward",
-        str(root / "reward"),
-        "--out",
-        str(tmp_path),
-        *tiny_stages["overrides"],
-        *PPO_QUICK,
-        "ppo.max_iterations=4",
-        "ppo.checkpoint_every=2",
-        "ppo.eval_every=100",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+    args, env = _pagellm_ppo(
+        tiny_stages, tmp_path, "ppo.max_iterations=4", "ppo.checkpoint_every=2", "ppo.eval_every=100"
+    )
     proc = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -196,21 +188,12 @@ def test_group_relative_advantages_train_without_the_critic(tiny_stages, tmp_pat
     it: each iteration samples group_size pages for batch_size / group_size prompts, trains the
     policy only (no critic statistics), and the policy moves. The console holds our few lines:
     none of DeepSpeed's (its CPU fallback warning, its shared-memory op's build line)."""
-    import ray
     from safetensors.torch import load_file
 
     root = tiny_stages["root"]
-    args = [sys.executable, "-m", "pagellm.cli", "ppo", "--data", str(root / "data"), "--sft", str(root / "sft")]
-    overrides = [*tiny_stages["overrides"], *PPO_QUICK, "ppo.max_iterations=2", "ppo.advantage=group"]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*args, "--reward", str(root / "reward"), "--out", str(tmp_path), *overrides, "ppo.group_size=4", IN_DRIVER],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    group = ["ppo.max_iterations=2", "ppo.advantage=group", "ppo.group_size=4", IN_DRIVER]
+    args, env = _pagellm_ppo(tiny_stages, tmp_path, *group)
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     console = done.stdout + done.stderr
     assert "DeepSpeed" not in console and "WARNING" not in console, console
